@@ -1,0 +1,510 @@
+//! Typed, validated configuration. The YAML file is read here and nowhere else.
+//!
+//! Every struct denies unknown keys, so a misspelt option is an error rather than a silent
+//! default. [`Config::load`] parses, then [`Config::validate`] checks what serde cannot
+//! (files readable, ranges sane, references between sections resolve) and names the
+//! offending field path in its message, the way `nginx -t` does.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Which environment this gateway serves; `production` forbids development shortcuts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    #[default]
+    Development,
+    Integration,
+    Production,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub environment: Environment,
+    pub listeners: Vec<ListenerConfig>,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub identity_headers: IdentityHeaders,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM: the server leaf first, then any intermediates to send.
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub trust_bundles: Vec<TrustBundleConfig>,
+    #[serde(default)]
+    pub revocation: RevocationConfig,
+    /// Longest chain accepted from a client, leaf included.
+    #[serde(default = "default_verify_depth")]
+    pub verify_depth: usize,
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+fn default_verify_depth() -> usize {
+    4
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A named set of CA certificates, e.g. the NHS INT or PROD Root CA + SubCA.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustBundleConfig {
+    pub name: String,
+    /// PEM files with the Root CA and SubCA certificates of this chain.
+    pub ca_files: Vec<PathBuf>,
+    /// PEM or DER CRLs published by the CAs of this chain.
+    #[serde(default)]
+    pub crl_files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationScope {
+    /// Check every certificate of the chain (needs a CRL from each issuing CA).
+    #[default]
+    Chain,
+    /// Check only the client's leaf certificate.
+    EndEntity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownRevocation {
+    /// A certificate with no CRL from its issuer is refused (fail closed).
+    #[default]
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RevocationConfig {
+    pub scope: RevocationScope,
+    pub unknown_status: UnknownRevocation,
+    /// Refuse clients when a CRL is past its nextUpdate.
+    pub enforce_crl_expiry: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: u64,
+    pub max_connections: usize,
+    pub max_concurrent_streams: u32,
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_body_bytes: 10 * 1024 * 1024,
+            max_connections: 10_000,
+            max_concurrent_streams: 100,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of the internal FHIR endpoint; its path is prefixed to every request path.
+    pub url: String,
+    /// PEM CA bundle to verify an `https` upstream.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) the gateway presents to an `https` upstream.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed until the upstream's response headers arrive.
+    #[serde(default = "default_response_timeout", with = "humantime_serde")]
+    pub response_timeout: Duration,
+    #[serde(default = "default_pool_idle", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle_per_host: usize,
+    /// Speak HTTP/2 (prior knowledge for http, ALPN for https) to the upstream.
+    #[serde(default)]
+    pub http2: bool,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_pool_idle() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_pool_max_idle() -> usize {
+    64
+}
+
+/// Names of the headers that carry the verified client certificate upstream. Any header of
+/// these names sent by a client is removed before the gateway sets its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityHeaders {
+    pub subject: String,
+    pub issuer: String,
+    pub fingerprint: String,
+    pub serial: String,
+    pub common_name: String,
+    pub bundle: String,
+}
+
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        IdentityHeaders {
+            subject: "X-Client-Cert-Subject".into(),
+            issuer: "X-Client-Cert-Issuer".into(),
+            fingerprint: "X-Client-Cert-Fingerprint".into(),
+            serial: "X-Client-Cert-Serial".into(),
+            common_name: "X-Client-Cert-CN".into(),
+            bundle: "X-Client-Cert-Bundle".into(),
+        }
+    }
+}
+
+impl IdentityHeaders {
+    pub fn names(&self) -> [&str; 6] {
+        [
+            &self.subject,
+            &self.issuer,
+            &self.fingerprint,
+            &self.serial,
+            &self.common_name,
+            &self.bundle,
+        ]
+    }
+}
+
+/// A path prefix and who may use it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Matched on whole path segments: `/Patient` matches `/Patient/1`, not `/Patients`.
+    pub path_prefix: String,
+    /// Trust bundles whose clients may use this route; empty means every bundle.
+    #[serde(default)]
+    pub bundles: Vec<String>,
+    /// Glob patterns (`*`, `?`) on the RFC 4514 subject DN.
+    #[serde(default)]
+    pub allow_subjects: Vec<String>,
+    /// Glob patterns on the DNS subject alternative names (case-insensitive).
+    #[serde(default)]
+    pub allow_sans: Vec<String>,
+}
+
+/// A configuration error: the dotted path of the field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative paths inside it are resolved
+    /// against the file's directory, so the gateway can be started from anywhere.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(path.display().to_string(), format!("cannot read: {e}")))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_yaml(&text, base)
+    }
+
+    /// Parses and validates YAML text; relative paths are resolved against `base`.
+    pub fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config =
+            serde_saphyr::from_str(text).map_err(|e| err("(yaml)", e.to_string()))?;
+        cfg.resolve_paths(base);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.tls.server_cert);
+        fix(&mut self.tls.server_key);
+        for b in &mut self.tls.trust_bundles {
+            b.ca_files.iter_mut().for_each(fix);
+            b.crl_files.iter_mut().for_each(fix);
+        }
+        for p in [
+            &mut self.upstream.ca_file,
+            &mut self.upstream.client_cert,
+            &mut self.upstream.client_key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+    }
+
+    /// Checks everything serde cannot. File contents are parsed later by `tls`, which
+    /// reports failures with the same field paths.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listeners.is_empty() {
+            return Err(err("listeners", "at least one listener is required"));
+        }
+        let tls = &self.tls;
+        readable("tls.server_cert", &tls.server_cert)?;
+        readable("tls.server_key", &tls.server_key)?;
+        if tls.trust_bundles.is_empty() {
+            return Err(err(
+                "tls.trust_bundles",
+                "at least one trust bundle is required: clients must chain to a configured CA",
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, b) in tls.trust_bundles.iter().enumerate() {
+            let f = format!("tls.trust_bundles[{i}]");
+            if b.name.trim().is_empty() {
+                return Err(err(format!("{f}.name"), "must not be empty"));
+            }
+            if !names.insert(b.name.as_str()) {
+                return Err(err(format!("{f}.name"), format!("duplicate bundle name {:?}", b.name)));
+            }
+            if b.ca_files.is_empty() {
+                return Err(err(format!("{f}.ca_files"), "at least one CA file is required"));
+            }
+            for (j, p) in b.ca_files.iter().enumerate() {
+                readable(&format!("{f}.ca_files[{j}]"), p)?;
+            }
+            for (j, p) in b.crl_files.iter().enumerate() {
+                readable(&format!("{f}.crl_files[{j}]"), p)?;
+            }
+        }
+        if !(1..=10).contains(&tls.verify_depth) {
+            return Err(err("tls.verify_depth", "must be between 1 and 10"));
+        }
+        nonzero("tls.handshake_timeout", tls.handshake_timeout)?;
+
+        let l = &self.limits;
+        nonzero("limits.header_read_timeout", l.header_read_timeout)?;
+        nonzero("limits.idle_timeout", l.idle_timeout)?;
+        // hyper refuses a read buffer below 8 KiB.
+        if !(8192..=1024 * 1024).contains(&l.max_header_bytes) {
+            return Err(err("limits.max_header_bytes", "must be between 8192 and 1048576"));
+        }
+        if !(8..=1000).contains(&l.max_headers) {
+            return Err(err("limits.max_headers", "must be between 8 and 1000"));
+        }
+        if l.max_body_bytes == 0 {
+            return Err(err("limits.max_body_bytes", "must be greater than 0"));
+        }
+        if l.max_connections == 0 {
+            return Err(err("limits.max_connections", "must be greater than 0"));
+        }
+        if l.max_concurrent_streams == 0 {
+            return Err(err("limits.max_concurrent_streams", "must be greater than 0"));
+        }
+
+        let u = &self.upstream;
+        let uri: http::Uri = u
+            .url
+            .parse()
+            .map_err(|e| err("upstream.url", format!("not a valid URL: {e}")))?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => return Err(err("upstream.url", "scheme must be http or https")),
+        }
+        if uri.authority().is_none() {
+            return Err(err("upstream.url", "must include a host"));
+        }
+        if uri.query().is_some() {
+            return Err(err("upstream.url", "must not include a query"));
+        }
+        if let Some(p) = &u.ca_file {
+            readable("upstream.ca_file", p)?;
+        }
+        match (&u.client_cert, &u.client_key) {
+            (Some(c), Some(k)) => {
+                readable("upstream.client_cert", c)?;
+                readable("upstream.client_key", k)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err(err("upstream.client_key", "required with client_cert")),
+            (None, Some(_)) => return Err(err("upstream.client_cert", "required with client_key")),
+        }
+        if uri.scheme_str() == Some("http") && (u.ca_file.is_some() || u.client_cert.is_some()) {
+            return Err(err(
+                "upstream.url",
+                "ca_file/client_cert are set but the upstream is plain http",
+            ));
+        }
+        nonzero("upstream.connect_timeout", u.connect_timeout)?;
+        nonzero("upstream.response_timeout", u.response_timeout)?;
+
+        let mut seen = HashSet::new();
+        for (i, n) in self.identity_headers.names().iter().enumerate() {
+            let f = format!("identity_headers.{}", IDENTITY_FIELDS[i]);
+            if http::HeaderName::from_bytes(n.as_bytes()).is_err() {
+                return Err(err(f, format!("{n:?} is not a valid header name")));
+            }
+            if !seen.insert(n.to_ascii_lowercase()) {
+                return Err(err(f, format!("{n:?} is used twice")));
+            }
+        }
+
+        if self.routes.is_empty() {
+            return Err(err("routes", "at least one route is required (no route means no access)"));
+        }
+        let mut route_names = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let f = format!("routes[{i}]");
+            if !route_names.insert(r.name.as_str()) {
+                return Err(err(format!("{f}.name"), format!("duplicate route name {:?}", r.name)));
+            }
+            if !r.path_prefix.starts_with('/') {
+                return Err(err(format!("{f}.path_prefix"), "must start with '/'"));
+            }
+            if r.path_prefix.len() > 1 && r.path_prefix.ends_with('/') {
+                return Err(err(format!("{f}.path_prefix"), "must not end with '/'"));
+            }
+            if r.path_prefix.contains(['?', '#', '%', '*']) || r.path_prefix.contains("/.") {
+                return Err(err(
+                    format!("{f}.path_prefix"),
+                    "must be a plain path (no '?', '#', '%', '*' or dot segments)",
+                ));
+            }
+            for (j, b) in r.bundles.iter().enumerate() {
+                if !names.contains(b.as_str()) {
+                    return Err(err(
+                        format!("{f}.bundles[{j}]"),
+                        format!("unknown trust bundle {b:?}"),
+                    ));
+                }
+            }
+            for (j, p) in r.allow_subjects.iter().enumerate() {
+                if p.is_empty() {
+                    return Err(err(format!("{f}.allow_subjects[{j}]"), "must not be empty"));
+                }
+            }
+            for (j, p) in r.allow_sans.iter().enumerate() {
+                if p.is_empty() {
+                    return Err(err(format!("{f}.allow_sans[{j}]"), "must not be empty"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A short human summary of the effective configuration (for `fhirgate check`).
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        use fmt::Write;
+        let _ = writeln!(s, "environment: {:?}", self.environment);
+        for l in &self.listeners {
+            let _ = writeln!(s, "listener: https://{}", l.address);
+        }
+        let _ = writeln!(s, "server certificate: {}", self.tls.server_cert.display());
+        for b in &self.tls.trust_bundles {
+            let _ = writeln!(
+                s,
+                "trust bundle {:?}: {} CA file(s), {} CRL file(s)",
+                b.name,
+                b.ca_files.len(),
+                b.crl_files.len()
+            );
+        }
+        let _ = writeln!(
+            s,
+            "revocation: scope={:?} unknown_status={:?} enforce_crl_expiry={}",
+            self.tls.revocation.scope,
+            self.tls.revocation.unknown_status,
+            self.tls.revocation.enforce_crl_expiry
+        );
+        let _ = writeln!(s, "upstream: {}", self.upstream.url);
+        for r in &self.routes {
+            let _ = writeln!(
+                s,
+                "route {:?}: {} bundles={:?} subjects={:?} sans={:?}",
+                r.name, r.path_prefix, r.bundles, r.allow_subjects, r.allow_sans
+            );
+        }
+        s
+    }
+}
+
+const IDENTITY_FIELDS: [&str; 6] = [
+    "subject",
+    "issuer",
+    "fingerprint",
+    "serial",
+    "common_name",
+    "bundle",
+];
+
+fn readable(field: &str, p: &Path) -> Result<(), ConfigError> {
+    std::fs::File::open(p)
+        .map(|_| ())
+        .map_err(|e| err(field, format!("cannot read {}: {e}", p.display())))
+}
+
+fn nonzero(field: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        Err(err(field, "must be greater than zero"))
+    } else {
+        Ok(())
+    }
+}

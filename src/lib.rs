@@ -1,0 +1,18 @@
+//! fhirgate: a mutual-TLS security gateway for NHS FHIR APIs.
+//!
+//! A request flows through one module per stage:
+//! [`listener`] (TCP + TLS handshake) → [`identity`] (verified client certificate) →
+//! [`policy`] (route policy) → [`forward`] (upstream) → response; every refusal becomes
+//! a FHIR `OperationOutcome` in [`outcome`]. [`config`] is the only reader of YAML.
+
+pub mod config;
+pub mod devstack;
+pub mod forward;
+pub mod gateway;
+pub mod identity;
+pub mod listener;
+pub mod outcome;
+pub mod pki;
+pub mod policy;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,236 @@
+//! The one place that turns a refusal into a FHIR `OperationOutcome` response.
+//!
+//! Every stage returns a [`Rejection`]; nothing else in the gateway builds an error body.
+//! Codes come from the NHS `http-error-codes` code system used by BaRS (see the BaRS
+//! "Failure scenarios" page: REC_* codes are those a receiver, or a gateway on its
+//! behalf, returns). The `diagnostics` text is ours, never an echo of client input.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+
+/// Response body type used throughout the gateway.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// NHS code system for HTTP error codes (BaRS core, error handling).
+pub const NHS_ERROR_SYSTEM: &str = "https://fhir.nhs.uk/CodeSystem/http-error-codes";
+
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+/// Why a request was refused. Each variant maps to one status, one NHS code and one
+/// FHIR issue type, so clients and dashboards can tell refusals apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: StatusCode,
+    /// FHIR `OperationOutcome.issue.code` (issue-type value set).
+    pub issue: &'static str,
+    /// Code from [`NHS_ERROR_SYSTEM`].
+    pub nhs_code: &'static str,
+    /// Human-readable explanation sent to the client. Must not contain secrets or raw
+    /// client input.
+    pub diagnostics: String,
+    /// Optional `WWW-Authenticate` header (RFC 6750) for token refusals.
+    pub www_authenticate: Option<String>,
+    /// Short machine-friendly reason for logs and metrics.
+    pub reason: &'static str,
+}
+
+impl Rejection {
+    fn new(
+        status: StatusCode,
+        issue: &'static str,
+        nhs_code: &'static str,
+        reason: &'static str,
+        diagnostics: impl Into<String>,
+    ) -> Self {
+        Rejection {
+            status,
+            issue,
+            nhs_code,
+            diagnostics: diagnostics.into(),
+            www_authenticate: None,
+            reason,
+        }
+    }
+
+    /// Path is malformed or tries to escape a route (dot segments, encoded slashes).
+    pub fn bad_path(diag: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid", "REC_BAD_REQUEST", "bad_path", diag)
+    }
+
+    /// Request shape the gateway does not forward (e.g. CONNECT).
+    pub fn method_not_allowed(diag: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not-supported",
+            "REC_METHOD_NOT_ALLOWED",
+            "method_not_allowed",
+            diag,
+        )
+    }
+
+    /// No route covers the path: default deny.
+    pub fn no_route() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "REC_FORBIDDEN",
+            "no_route",
+            "No route of this gateway permits this path",
+        )
+    }
+
+    /// The client certificate is valid but not allowed on this route.
+    pub fn route_forbidden(route: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "REC_FORBIDDEN",
+            "route_forbidden",
+            format!("The client certificate is not permitted to use route '{route}'"),
+        )
+    }
+
+    pub fn body_too_large(limit: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-long",
+            "REC_BAD_REQUEST",
+            "body_too_large",
+            format!("Request body exceeds the limit of {limit} bytes"),
+        )
+    }
+
+    pub fn bad_request_body() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "REC_BAD_REQUEST",
+            "bad_body",
+            "The request body could not be read",
+        )
+    }
+
+    pub fn upstream_unavailable() -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "transient",
+            "REC_SERVICE_UNAVAILABLE",
+            "upstream_unavailable",
+            "The FHIR service behind this gateway could not be reached",
+        )
+    }
+
+    pub fn upstream_timeout() -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            "REC_TIMEOUT",
+            "upstream_timeout",
+            "The FHIR service behind this gateway did not answer in time",
+        )
+    }
+
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            "REC_SERVER_ERROR",
+            "internal",
+            "Unexpected error in the gateway",
+        )
+    }
+
+    /// Builds a rejection from parts supplied by a stage's own error type.
+    pub fn from_parts(
+        status: u16,
+        issue: &'static str,
+        nhs_code: &'static str,
+        reason: &'static str,
+        diagnostics: impl Into<String>,
+    ) -> Self {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Self::new(status, issue, nhs_code, reason, diagnostics)
+    }
+
+    pub fn with_www_authenticate(mut self, value: Option<String>) -> Self {
+        self.www_authenticate = value;
+        self
+    }
+
+    /// The `OperationOutcome` JSON document.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "resourceType": "OperationOutcome",
+            "meta": {
+                "profile": ["https://fhir.hl7.org.uk/StructureDefinition/UKCore-OperationOutcome"]
+            },
+            "issue": [{
+                "severity": "error",
+                "code": self.issue,
+                "details": {
+                    "coding": [{
+                        "system": NHS_ERROR_SYSTEM,
+                        "code": self.nhs_code,
+                        "display": format!("{} - {}", self.status.as_u16(), self.nhs_code),
+                    }]
+                },
+                "diagnostics": self.diagnostics,
+            }]
+        })
+    }
+
+    /// The full HTTP response.
+    pub fn into_response(self) -> Response<Body> {
+        let body = Bytes::from(self.to_json().to_string());
+        let mut resp = Response::new(full(body));
+        *resp.status_mut() = self.status;
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+        if let Some(v) = self.www_authenticate.and_then(|v| HeaderValue::try_from(v).ok()) {
+            resp.headers_mut().insert(WWW_AUTHENTICATE, v);
+        }
+        resp
+    }
+}
+
+/// A complete in-memory body.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_has_nhs_coding_and_status() {
+        let r = Rejection::upstream_timeout();
+        let j = r.to_json();
+        assert_eq!(j["resourceType"], "OperationOutcome");
+        assert_eq!(j["issue"][0]["code"], "timeout");
+        assert_eq!(j["issue"][0]["details"]["coding"][0]["system"], NHS_ERROR_SYSTEM);
+        assert_eq!(j["issue"][0]["details"]["coding"][0]["code"], "REC_TIMEOUT");
+        let resp = r.into_response();
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(resp.headers()[CONTENT_TYPE], FHIR_JSON);
+    }
+
+    #[test]
+    fn www_authenticate_is_set_only_when_given() {
+        let r = Rejection::no_route();
+        assert!(r.clone().into_response().headers().get(WWW_AUTHENTICATE).is_none());
+        let r = r.with_www_authenticate(Some("Bearer realm=\"fhirgate\"".into()));
+        assert_eq!(
+            r.into_response().headers()[WWW_AUTHENTICATE],
+            "Bearer realm=\"fhirgate\""
+        );
+    }
+
+    #[test]
+    fn from_parts_maps_bad_status_to_500() {
+        let r = Rejection::from_parts(42, "invalid", "REC_BAD_REQUEST", "x", "d");
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}

@@ -1,0 +1,216 @@
+//! Route policy: which verified clients may use which paths.
+//!
+//! Pure functions over the request path and the [`ClientIdentity`]; no I/O. Paths are
+//! matched as sent, so anything that could be decoded into a different path by the
+//! upstream (dot segments, encoded dots or slashes, backslashes) is refused outright
+//! rather than normalised: a security gateway and its upstream must never disagree about
+//! which resource a request names.
+
+use wildmatch::WildMatch;
+
+use crate::config::RouteConfig;
+use crate::identity::ClientIdentity;
+use crate::outcome::Rejection;
+
+/// A compiled route.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub path_prefix: String,
+    bundles: Vec<String>,
+    subjects: Vec<WildMatch>,
+    sans: Vec<WildMatch>,
+}
+
+impl Route {
+    pub fn from_config(c: &RouteConfig) -> Self {
+        Route {
+            name: c.name.clone(),
+            path_prefix: c.path_prefix.clone(),
+            bundles: c.bundles.clone(),
+            subjects: c.allow_subjects.iter().map(|p| WildMatch::new(p)).collect(),
+            sans: c
+                .allow_sans
+                .iter()
+                .map(|p| WildMatch::new(&p.to_ascii_lowercase()))
+                .collect(),
+        }
+    }
+
+    /// Whether `path` lies under this route's prefix, on a segment boundary.
+    fn covers(&self, path: &str) -> bool {
+        if self.path_prefix == "/" {
+            return true;
+        }
+        match path.strip_prefix(self.path_prefix.as_str()) {
+            Some(rest) => rest.is_empty() || rest.starts_with('/'),
+            None => false,
+        }
+    }
+
+    /// Whether this client may use the route. With no subject or SAN patterns, any client
+    /// of an allowed bundle may; otherwise one pattern must match.
+    pub fn permits(&self, id: &ClientIdentity) -> bool {
+        if !self.bundles.is_empty() && !self.bundles.iter().any(|b| *b == id.bundle) {
+            return false;
+        }
+        if self.subjects.is_empty() && self.sans.is_empty() {
+            return true;
+        }
+        self.subjects.iter().any(|p| p.matches(&id.subject))
+            || self
+                .sans
+                .iter()
+                .any(|p| id.dns_sans.iter().any(|s| p.matches(s)))
+    }
+}
+
+/// All routes, longest prefix first.
+#[derive(Debug)]
+pub struct RoutePolicy {
+    routes: Vec<Route>,
+}
+
+impl RoutePolicy {
+    pub fn new(configs: &[RouteConfig]) -> Self {
+        let mut routes: Vec<Route> = configs.iter().map(Route::from_config).collect();
+        routes.sort_by(|a, b| b.path_prefix.len().cmp(&a.path_prefix.len()));
+        RoutePolicy { routes }
+    }
+
+    /// The route for `path`, if the client may use it.
+    pub fn decide(&self, path: &str, id: &ClientIdentity) -> Result<&Route, Rejection> {
+        check_path(path)?;
+        let route = self
+            .routes
+            .iter()
+            .find(|r| r.covers(path))
+            .ok_or_else(Rejection::no_route)?;
+        if route.permits(id) {
+            Ok(route)
+        } else {
+            Err(Rejection::route_forbidden(&route.name))
+        }
+    }
+}
+
+/// Refuses paths whose meaning could change when decoded or normalised downstream.
+pub fn check_path(path: &str) -> Result<(), Rejection> {
+    if !path.starts_with('/') {
+        return Err(Rejection::bad_path("The request path must start with '/'"));
+    }
+    if path.contains('\\') {
+        return Err(Rejection::bad_path("Backslashes are not allowed in the path"));
+    }
+    let lower = path.to_ascii_lowercase();
+    for enc in ["%2e", "%2f", "%5c", "%00", "%25"] {
+        if lower.contains(enc) {
+            return Err(Rejection::bad_path(
+                "Encoded dots, slashes, backslashes, NULs or percent signs are not allowed in the path",
+            ));
+        }
+    }
+    for seg in path.split('/').skip(1) {
+        if seg == "." || seg == ".." {
+            return Err(Rejection::bad_path("Dot segments are not allowed in the path"));
+        }
+    }
+    if path.contains("//") {
+        return Err(Rejection::bad_path("Empty path segments are not allowed"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    fn id(subject: &str, sans: &[&str], bundle: &str) -> ClientIdentity {
+        ClientIdentity {
+            subject: subject.into(),
+            common_name: None,
+            issuer: "CN=SubCA".into(),
+            dns_sans: sans.iter().map(|s| s.to_string()).collect(),
+            serial: "01".into(),
+            fingerprint_sha256: "00".into(),
+            not_after: 0,
+            bundle: bundle.into(),
+        }
+    }
+
+    fn route(name: &str, prefix: &str, bundles: &[&str], subj: &[&str], sans: &[&str]) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            path_prefix: prefix.into(),
+            bundles: bundles.iter().map(|s| s.to_string()).collect(),
+            allow_subjects: subj.iter().map(|s| s.to_string()).collect(),
+            allow_sans: sans.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn policy() -> RoutePolicy {
+        RoutePolicy::new(&[
+            route("metadata", "/metadata", &[], &[], &[]),
+            route("patient", "/Patient", &["nhs-int"], &[], &["bars-x26.*.nhs.uk"]),
+            route("admin", "/admin", &["nhs-prod"], &["*CN=ops.example.nhs.uk*"], &[]),
+            route("messaging", "/$process-message", &["nhs-int"], &[], &[]),
+        ])
+    }
+
+    #[test]
+    fn route_table() {
+        let p = policy();
+        let x26 = id("C=GB, CN=BaRS-X26.a.nhs.uk", &["bars-x26.a.nhs.uk"], "nhs-int");
+        let other = id("C=GB, CN=BaRS-Y.b.nhs.uk", &["bars-y.b.nhs.uk"], "nhs-int");
+        let prod = id("C=GB, CN=ops.example.nhs.uk", &[], "nhs-prod");
+        let cases: &[(&str, &ClientIdentity, Result<&str, StatusCode>)] = &[
+            ("/metadata", &x26, Ok("metadata")),
+            ("/metadata", &prod, Ok("metadata")),
+            ("/Patient/1", &x26, Ok("patient")),
+            ("/Patient", &x26, Ok("patient")),
+            ("/Patient/1", &other, Err(StatusCode::FORBIDDEN)),
+            ("/Patient/1", &prod, Err(StatusCode::FORBIDDEN)),
+            ("/Patients", &x26, Err(StatusCode::FORBIDDEN)),
+            ("/admin/x", &prod, Ok("admin")),
+            ("/admin/x", &x26, Err(StatusCode::FORBIDDEN)),
+            ("/$process-message", &other, Ok("messaging")),
+            ("/Observation", &x26, Err(StatusCode::FORBIDDEN)),
+            ("/metadata/../Patient", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/%2e%2e/Patient", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata%2FPatient", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/./x", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata\\..\\Patient", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("//metadata", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata%252e", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("*", &x26, Err(StatusCode::BAD_REQUEST)),
+        ];
+        for (path, who, want) in cases {
+            let got = p.decide(path, who).map(|r| r.name.as_str()).map_err(|r| r.status);
+            assert_eq!(&got, want, "path {path} for {}", who.subject);
+        }
+    }
+
+    #[test]
+    fn longest_prefix_wins_and_root_route_catches_rest() {
+        let p = RoutePolicy::new(&[
+            route("all", "/", &[], &["*CN=any*"], &[]),
+            route("meta", "/metadata", &[], &[], &[]),
+        ]);
+        let c = id("CN=someone", &[], "b");
+        assert_eq!(p.decide("/metadata", &c).map(|r| r.name.as_str()), Ok("meta"));
+        assert_eq!(
+            p.decide("/Patient", &c).map(|r| r.name.as_str()).map_err(|r| r.reason),
+            Err("route_forbidden")
+        );
+        let any = id("CN=anyone", &[], "b");
+        assert_eq!(p.decide("/Patient", &any).map(|r| r.name.as_str()), Ok("all"));
+    }
+
+    #[test]
+    fn no_route_is_default_deny() {
+        let p = RoutePolicy::new(&[route("meta", "/metadata", &[], &[], &[])]);
+        let r = p.decide("/Patient", &id("CN=x", &[], "b")).map(|r| r.name.clone());
+        assert_eq!(r.map_err(|e| e.reason), Err("no_route"));
+    }
+}
