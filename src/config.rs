@@ -322,10 +322,16 @@ impl Config {
                 return Err(err(format!("{f}.name"), "must not be empty"));
             }
             if !names.insert(b.name.as_str()) {
-                return Err(err(format!("{f}.name"), format!("duplicate bundle name {:?}", b.name)));
+                return Err(err(
+                    format!("{f}.name"),
+                    format!("duplicate bundle name {:?}", b.name),
+                ));
             }
             if b.ca_files.is_empty() {
-                return Err(err(format!("{f}.ca_files"), "at least one CA file is required"));
+                return Err(err(
+                    format!("{f}.ca_files"),
+                    "at least one CA file is required",
+                ));
             }
             for (j, p) in b.ca_files.iter().enumerate() {
                 readable(&format!("{f}.ca_files[{j}]"), p)?;
@@ -344,7 +350,10 @@ impl Config {
         nonzero("limits.idle_timeout", l.idle_timeout)?;
         // hyper refuses a read buffer below 8 KiB.
         if !(8192..=1024 * 1024).contains(&l.max_header_bytes) {
-            return Err(err("limits.max_header_bytes", "must be between 8192 and 1048576"));
+            return Err(err(
+                "limits.max_header_bytes",
+                "must be between 8192 and 1048576",
+            ));
         }
         if !(8..=1000).contains(&l.max_headers) {
             return Err(err("limits.max_headers", "must be between 8 and 1000"));
@@ -356,7 +365,10 @@ impl Config {
             return Err(err("limits.max_connections", "must be greater than 0"));
         }
         if l.max_concurrent_streams == 0 {
-            return Err(err("limits.max_concurrent_streams", "must be greater than 0"));
+            return Err(err(
+                "limits.max_concurrent_streams",
+                "must be greater than 0",
+            ));
         }
 
         let u = &self.upstream;
@@ -374,8 +386,15 @@ impl Config {
         if uri.query().is_some() {
             return Err(err("upstream.url", "must not include a query"));
         }
-        if let Some(p) = &u.ca_file {
-            readable("upstream.ca_file", p)?;
+        match &u.ca_file {
+            Some(p) => readable("upstream.ca_file", p)?,
+            None if uri.scheme_str() == Some("https") => {
+                return Err(err(
+                    "upstream.ca_file",
+                    "required for an https upstream (no public CAs are trusted by default)",
+                ))
+            }
+            None => {}
         }
         match (&u.client_cert, &u.client_key) {
             (Some(c), Some(k)) => {
@@ -407,13 +426,19 @@ impl Config {
         }
 
         if self.routes.is_empty() {
-            return Err(err("routes", "at least one route is required (no route means no access)"));
+            return Err(err(
+                "routes",
+                "at least one route is required (no route means no access)",
+            ));
         }
         let mut route_names = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
             let f = format!("routes[{i}]");
             if !route_names.insert(r.name.as_str()) {
-                return Err(err(format!("{f}.name"), format!("duplicate route name {:?}", r.name)));
+                return Err(err(
+                    format!("{f}.name"),
+                    format!("duplicate route name {:?}", r.name),
+                ));
             }
             if !r.path_prefix.starts_with('/') {
                 return Err(err(format!("{f}.path_prefix"), "must start with '/'"));

@@ -79,7 +79,11 @@ mod tests {
         let der = CertificateDer::from_pem_slice(pki.client.cert.as_bytes()).expect("pem");
         let id = ClientIdentity::from_der(&der, "nhs-int").expect("parse");
         assert_eq!(id.common_name.as_deref(), Some(DEV_CLIENT_CN));
-        assert!(id.subject.contains(&format!("CN={DEV_CLIENT_CN}")), "{}", id.subject);
+        assert!(
+            id.subject.contains(&format!("CN={DEV_CLIENT_CN}")),
+            "{}",
+            id.subject
+        );
         assert!(id.issuer.contains("CN=fhirgate DEV SubCA"), "{}", id.issuer);
         assert_eq!(id.dns_sans, vec![DEV_CLIENT_CN.to_ascii_lowercase()]);
         assert_eq!(id.serial, "20:01");

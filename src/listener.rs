@@ -1,0 +1,349 @@
+//! Accept loop, TLS handshake and HTTP connection serving.
+//!
+//! Handshakes run in their own task under a timeout, so a stalled client never blocks
+//! the accept loop. A semaphore caps open connections: when it is exhausted the gateway
+//! stops accepting and lets the kernel backlog absorb the burst. Idle connections (no
+//! bytes either way and no request in flight) are closed gracefully.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, ConfigError, Limits};
+use crate::gateway::{ConnInfo, Gateway};
+use crate::identity::ClientIdentity;
+use crate::tls::{handshake_failure_kind, server_tls, BundleVerifier};
+
+/// Everything a listener needs, built once from the config.
+pub struct Server {
+    gateway: Arc<Gateway>,
+    acceptor: TlsAcceptor,
+    verifier: Arc<BundleVerifier>,
+    limits: Limits,
+    handshake_timeout: Duration,
+    http: auto::Builder<TokioExecutor>,
+    connections: Arc<Semaphore>,
+}
+
+impl Server {
+    pub fn from_config(cfg: &Config) -> Result<Arc<Self>, ConfigError> {
+        let tls = server_tls(&cfg.tls)?;
+        let gateway = Arc::new(Gateway::from_config(cfg)?);
+        let limits = cfg.limits.clone();
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes)
+            .max_headers(limits.max_headers)
+            .keep_alive(true);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(256));
+        Ok(Arc::new(Server {
+            gateway,
+            acceptor: TlsAcceptor::from(tls.config),
+            verifier: tls.verifier,
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            handshake_timeout: cfg.tls.handshake_timeout,
+            limits,
+            http,
+        }))
+    }
+
+    /// Accepts connections on `listener` until `shutdown` turns true.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            let permit = tokio::select! {
+                p = self.connections.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = shutdown.changed() => return,
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = shutdown.changed() => return,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    let server = self.clone();
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move {
+                        server.connection(tcp, peer, permit, shutdown).await;
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Waits until every connection has closed, or `timeout` passes. Returns the number of
+    /// connections still open at the end.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        let total = self.limits.max_connections;
+        let all = u32::try_from(total).unwrap_or(u32::MAX);
+        match tokio::time::timeout(timeout, self.connections.acquire_many(all)).await {
+            Ok(_) => 0,
+            Err(_) => total - self.connections.available_permits(),
+        }
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        _permit: OwnedSemaphorePermit,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(target: "fhirgate::tls", %peer, kind = handshake_failure_kind(&e), error = %e, "handshake refused");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(target: "fhirgate::tls", %peer, kind = "timeout", "handshake timed out");
+                return;
+            }
+        };
+        let identity = {
+            let session = tls.get_ref().1;
+            let Some((leaf, intermediates)) =
+                session.peer_certificates().and_then(|c| c.split_first())
+            else {
+                // The verifier makes a certificate mandatory; this is defence in depth.
+                tracing::warn!(target: "fhirgate::tls", %peer, kind = "no_cert", "no client certificate after handshake");
+                return;
+            };
+            let Some(bundle) = self.verifier.bundle_of(leaf, intermediates) else {
+                tracing::warn!(target: "fhirgate::tls", %peer, kind = "unknown_ca", "verified chain matches no bundle");
+                return;
+            };
+            match ClientIdentity::from_der(leaf, bundle) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::warn!(target: "fhirgate::tls", %peer, kind = "bad_certificate", error = %e, "client certificate unreadable");
+                    return;
+                }
+            }
+        };
+        tracing::debug!(target: "fhirgate::tls", %peer, subject = %identity.subject, bundle = %identity.bundle, "handshake ok");
+
+        let conn = Arc::new(ConnInfo { identity, peer });
+        let activity = Arc::new(Activity::new());
+        let io = TokioIo::new(TrackedIo {
+            inner: tls,
+            activity: activity.clone(),
+        });
+        let gateway = self.gateway.clone();
+        let svc_activity = activity.clone();
+        let svc = service_fn(move |req| {
+            let gateway = gateway.clone();
+            let conn = conn.clone();
+            let guard = InFlight::new(svc_activity.clone());
+            async move {
+                let resp = gateway.handle(req, &conn).await;
+                drop(guard);
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let served = self.http.serve_connection(io, svc);
+        tokio::pin!(served);
+        let idle = self.limits.idle_timeout;
+        let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                res = served.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(%peer, error = %e, "connection ended with error");
+                    }
+                    break;
+                }
+                _ = tick.tick(), if !closing => {
+                    if activity.in_flight() == 0 && activity.idle_for() >= idle {
+                        served.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+                _ = shutdown.changed(), if !closing => {
+                    served.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Last I/O time and requests in flight on one connection.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(a: Arc<Activity>) -> Self {
+        a.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(a)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An I/O wrapper that records when bytes last moved.
+    struct TrackedIo<T> {
+        #[pin]
+        inner: T,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for TrackedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for TrackedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// A running gateway: bound listeners and the means to stop them.
+pub struct Running {
+    pub addrs: Vec<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    server: Arc<Server>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, asks open connections to finish, and waits for them up to
+    /// `drain`. Returns how many connections were still open.
+    pub async fn shutdown(self, drain: Duration) -> usize {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.server.drain(drain).await
+    }
+}
+
+/// Binds every configured listener and starts serving.
+pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
+    let server = Server::from_config(cfg)?;
+    let (tx, rx) = watch::channel(false);
+    let mut addrs = Vec::new();
+    let mut tasks = Vec::new();
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        let listener = TcpListener::bind(l.address).await.map_err(|e| {
+            anyhow::anyhow!("listeners[{i}].address: cannot bind {}: {e}", l.address)
+        })?;
+        addrs.push(listener.local_addr()?);
+        tasks.push(tokio::spawn(server.clone().serve(listener, rx.clone())));
+    }
+    Ok(Running {
+        addrs,
+        shutdown: tx,
+        server,
+        tasks,
+    })
+}

@@ -56,7 +56,13 @@ impl Rejection {
 
     /// Path is malformed or tries to escape a route (dot segments, encoded slashes).
     pub fn bad_path(diag: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid", "REC_BAD_REQUEST", "bad_path", diag)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "REC_BAD_REQUEST",
+            "bad_path",
+            diag,
+        )
     }
 
     /// Request shape the gateway does not forward (e.g. CONNECT).
@@ -188,7 +194,10 @@ impl Rejection {
         *resp.status_mut() = self.status;
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
-        if let Some(v) = self.www_authenticate.and_then(|v| HeaderValue::try_from(v).ok()) {
+        if let Some(v) = self
+            .www_authenticate
+            .and_then(|v| HeaderValue::try_from(v).ok())
+        {
             resp.headers_mut().insert(WWW_AUTHENTICATE, v);
         }
         resp
@@ -210,7 +219,10 @@ mod tests {
         let j = r.to_json();
         assert_eq!(j["resourceType"], "OperationOutcome");
         assert_eq!(j["issue"][0]["code"], "timeout");
-        assert_eq!(j["issue"][0]["details"]["coding"][0]["system"], NHS_ERROR_SYSTEM);
+        assert_eq!(
+            j["issue"][0]["details"]["coding"][0]["system"],
+            NHS_ERROR_SYSTEM
+        );
         assert_eq!(j["issue"][0]["details"]["coding"][0]["code"], "REC_TIMEOUT");
         let resp = r.into_response();
         assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
@@ -220,7 +232,12 @@ mod tests {
     #[test]
     fn www_authenticate_is_set_only_when_given() {
         let r = Rejection::no_route();
-        assert!(r.clone().into_response().headers().get(WWW_AUTHENTICATE).is_none());
+        assert!(r
+            .clone()
+            .into_response()
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .is_none());
         let r = r.with_www_authenticate(Some("Bearer realm=\"fhirgate\"".into()));
         assert_eq!(
             r.into_response().headers()[WWW_AUTHENTICATE],

@@ -117,7 +117,11 @@ struct LeafSpec<'a> {
     not_after: OffsetDateTime,
 }
 
-fn leaf(spec: LeafSpec<'_>, issuer: &Ca, alg: &'static SignatureAlgorithm) -> Result<Pem, rcgen::Error> {
+fn leaf(
+    spec: LeafSpec<'_>,
+    issuer: &Ca,
+    alg: &'static SignatureAlgorithm,
+) -> Result<Pem, rcgen::Error> {
     let mut p = CertificateParams::new(spec.sans)?;
     p.distinguished_name = dn(spec.cn);
     p.is_ca = IsCa::ExplicitNoCa;
@@ -289,7 +293,10 @@ impl DevPki {
             ("foreign-client.key", &self.foreign_client.key),
             ("server-only-client.key", &self.server_only_client.key),
         ];
-        fs::write(dir.join("server-only-client.crt"), &self.server_only_client.cert)?;
+        fs::write(
+            dir.join("server-only-client.crt"),
+            &self.server_only_client.cert,
+        )?;
         for (name, pem) in keys {
             write_private(&dir.join(name), pem)?;
         }

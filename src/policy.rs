@@ -100,7 +100,9 @@ pub fn check_path(path: &str) -> Result<(), Rejection> {
         return Err(Rejection::bad_path("The request path must start with '/'"));
     }
     if path.contains('\\') {
-        return Err(Rejection::bad_path("Backslashes are not allowed in the path"));
+        return Err(Rejection::bad_path(
+            "Backslashes are not allowed in the path",
+        ));
     }
     let lower = path.to_ascii_lowercase();
     for enc in ["%2e", "%2f", "%5c", "%00", "%25"] {
@@ -112,7 +114,9 @@ pub fn check_path(path: &str) -> Result<(), Rejection> {
     }
     for seg in path.split('/').skip(1) {
         if seg == "." || seg == ".." {
-            return Err(Rejection::bad_path("Dot segments are not allowed in the path"));
+            return Err(Rejection::bad_path(
+                "Dot segments are not allowed in the path",
+            ));
         }
     }
     if path.contains("//") {
@@ -139,7 +143,13 @@ mod tests {
         }
     }
 
-    fn route(name: &str, prefix: &str, bundles: &[&str], subj: &[&str], sans: &[&str]) -> RouteConfig {
+    fn route(
+        name: &str,
+        prefix: &str,
+        bundles: &[&str],
+        subj: &[&str],
+        sans: &[&str],
+    ) -> RouteConfig {
         RouteConfig {
             name: name.into(),
             path_prefix: prefix.into(),
@@ -152,8 +162,20 @@ mod tests {
     fn policy() -> RoutePolicy {
         RoutePolicy::new(&[
             route("metadata", "/metadata", &[], &[], &[]),
-            route("patient", "/Patient", &["nhs-int"], &[], &["bars-x26.*.nhs.uk"]),
-            route("admin", "/admin", &["nhs-prod"], &["*CN=ops.example.nhs.uk*"], &[]),
+            route(
+                "patient",
+                "/Patient",
+                &["nhs-int"],
+                &[],
+                &["bars-x26.*.nhs.uk"],
+            ),
+            route(
+                "admin",
+                "/admin",
+                &["nhs-prod"],
+                &["*CN=ops.example.nhs.uk*"],
+                &[],
+            ),
             route("messaging", "/$process-message", &["nhs-int"], &[], &[]),
         ])
     }
@@ -161,7 +183,11 @@ mod tests {
     #[test]
     fn route_table() {
         let p = policy();
-        let x26 = id("C=GB, CN=BaRS-X26.a.nhs.uk", &["bars-x26.a.nhs.uk"], "nhs-int");
+        let x26 = id(
+            "C=GB, CN=BaRS-X26.a.nhs.uk",
+            &["bars-x26.a.nhs.uk"],
+            "nhs-int",
+        );
         let other = id("C=GB, CN=BaRS-Y.b.nhs.uk", &["bars-y.b.nhs.uk"], "nhs-int");
         let prod = id("C=GB, CN=ops.example.nhs.uk", &[], "nhs-prod");
         let cases: &[(&str, &ClientIdentity, Result<&str, StatusCode>)] = &[
@@ -177,7 +203,11 @@ mod tests {
             ("/$process-message", &other, Ok("messaging")),
             ("/Observation", &x26, Err(StatusCode::FORBIDDEN)),
             ("/metadata/../Patient", &x26, Err(StatusCode::BAD_REQUEST)),
-            ("/metadata/%2e%2e/Patient", &x26, Err(StatusCode::BAD_REQUEST)),
+            (
+                "/metadata/%2e%2e/Patient",
+                &x26,
+                Err(StatusCode::BAD_REQUEST),
+            ),
             ("/metadata%2FPatient", &x26, Err(StatusCode::BAD_REQUEST)),
             ("/metadata/./x", &x26, Err(StatusCode::BAD_REQUEST)),
             ("/metadata\\..\\Patient", &x26, Err(StatusCode::BAD_REQUEST)),
@@ -186,7 +216,10 @@ mod tests {
             ("*", &x26, Err(StatusCode::BAD_REQUEST)),
         ];
         for (path, who, want) in cases {
-            let got = p.decide(path, who).map(|r| r.name.as_str()).map_err(|r| r.status);
+            let got = p
+                .decide(path, who)
+                .map(|r| r.name.as_str())
+                .map_err(|r| r.status);
             assert_eq!(&got, want, "path {path} for {}", who.subject);
         }
     }
@@ -198,19 +231,29 @@ mod tests {
             route("meta", "/metadata", &[], &[], &[]),
         ]);
         let c = id("CN=someone", &[], "b");
-        assert_eq!(p.decide("/metadata", &c).map(|r| r.name.as_str()), Ok("meta"));
         assert_eq!(
-            p.decide("/Patient", &c).map(|r| r.name.as_str()).map_err(|r| r.reason),
+            p.decide("/metadata", &c).map(|r| r.name.as_str()),
+            Ok("meta")
+        );
+        assert_eq!(
+            p.decide("/Patient", &c)
+                .map(|r| r.name.as_str())
+                .map_err(|r| r.reason),
             Err("route_forbidden")
         );
         let any = id("CN=anyone", &[], "b");
-        assert_eq!(p.decide("/Patient", &any).map(|r| r.name.as_str()), Ok("all"));
+        assert_eq!(
+            p.decide("/Patient", &any).map(|r| r.name.as_str()),
+            Ok("all")
+        );
     }
 
     #[test]
     fn no_route_is_default_deny() {
         let p = RoutePolicy::new(&[route("meta", "/metadata", &[], &[], &[])]);
-        let r = p.decide("/Patient", &id("CN=x", &[], "b")).map(|r| r.name.clone());
+        let r = p
+            .decide("/Patient", &id("CN=x", &[], "b"))
+            .map(|r| r.name.clone());
         assert_eq!(r.map_err(|e| e.reason), Err("no_route"));
     }
 }

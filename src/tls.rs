@@ -20,8 +20,8 @@ use rustls::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 
-use crate::config::{RevocationScope, TlsConfig, UnknownRevocation};
 use crate::config::ConfigError;
+use crate::config::{RevocationScope, TlsConfig, UnknownRevocation};
 
 fn cfg_err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError {
@@ -42,14 +42,21 @@ pub fn load_certs(field: &str, path: &Path) -> Result<Vec<CertificateDer<'static
         .collect::<Result<_, _>>()
         .map_err(|e| cfg_err(field, format!("{}: bad PEM: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(cfg_err(field, format!("{}: no CERTIFICATE found", path.display())));
+        return Err(cfg_err(
+            field,
+            format!("{}: no CERTIFICATE found", path.display()),
+        ));
     }
     Ok(certs)
 }
 
 pub fn load_key(field: &str, path: &Path) -> Result<PrivateKeyDer<'static>, ConfigError> {
-    PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| cfg_err(field, format!("{}: no usable private key: {e}", path.display())))
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        cfg_err(
+            field,
+            format!("{}: no usable private key: {e}", path.display()),
+        )
+    })
 }
 
 /// Reads CRLs from a PEM file (one or more `X509 CRL` blocks) or a single DER file.
@@ -57,7 +64,8 @@ pub fn load_crls(
     field: &str,
     path: &Path,
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, ConfigError> {
-    let bytes = std::fs::read(path).map_err(|e| cfg_err(field, format!("{}: {e}", path.display())))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| cfg_err(field, format!("{}: {e}", path.display())))?;
     if bytes.first() == Some(&0x30) {
         return Ok(vec![CertificateRevocationListDer::from(bytes)]);
     }
@@ -65,7 +73,10 @@ pub fn load_crls(
         .collect::<Result<_, _>>()
         .map_err(|e| cfg_err(field, format!("{}: bad PEM: {e}", path.display())))?;
     if crls.is_empty() {
-        return Err(cfg_err(field, format!("{}: no X509 CRL found", path.display())));
+        return Err(cfg_err(
+            field,
+            format!("{}: no X509 CRL found", path.display()),
+        ));
     }
     Ok(crls)
 }
@@ -95,7 +106,10 @@ impl fmt::Debug for BundleVerifier {
 }
 
 impl BundleVerifier {
-    pub fn from_config(cfg: &TlsConfig, provider: &Arc<CryptoProvider>) -> Result<Self, ConfigError> {
+    pub fn from_config(
+        cfg: &TlsConfig,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, ConfigError> {
         let mut bundles = Vec::new();
         let mut hints = Vec::new();
         for (i, b) in cfg.trust_bundles.iter().enumerate() {
@@ -104,9 +118,9 @@ impl BundleVerifier {
             for (j, p) in b.ca_files.iter().enumerate() {
                 let field = format!("{f}.ca_files[{j}]");
                 for c in load_certs(&field, p)? {
-                    roots
-                        .add(c)
-                        .map_err(|e| cfg_err(&field, format!("{}: not a usable CA: {e}", p.display())))?;
+                    roots.add(c).map_err(|e| {
+                        cfg_err(&field, format!("{}: not a usable CA: {e}", p.display()))
+                    })?;
                 }
             }
             let mut crls = Vec::new();
@@ -143,14 +157,22 @@ impl BundleVerifier {
 
     /// Name of the bundle a (verified) chain belongs to. With one bundle this is free;
     /// with several, the chain is verified again per bundle, once per connection.
-    pub fn bundle_of(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Option<&str> {
+    pub fn bundle_of(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Option<&str> {
         if let [only] = self.bundles.as_slice() {
             return Some(&only.name);
         }
         let now = UnixTime::now();
         self.bundles
             .iter()
-            .find(|b| b.verifier.verify_client_cert(end_entity, intermediates, now).is_ok())
+            .find(|b| {
+                b.verifier
+                    .verify_client_cert(end_entity, intermediates, now)
+                    .is_ok()
+            })
             .map(|b| b.name.as_str())
     }
 
@@ -178,7 +200,10 @@ impl ClientCertVerifier for BundleVerifier {
         }
         let mut best: Option<rustls::Error> = None;
         for b in &self.bundles {
-            match b.verifier.verify_client_cert(end_entity, intermediates, now) {
+            match b
+                .verifier
+                .verify_client_cert(end_entity, intermediates, now)
+            {
                 Ok(v) => return Ok(v),
                 // "Unknown issuer" from one bundle says nothing; a revoked or expired
                 // verdict from the bundle that knows the issuer is the one to report.
@@ -251,7 +276,12 @@ pub fn server_tls(cfg: &TlsConfig) -> Result<ServerTls, ConfigError> {
         .map_err(|e| cfg_err("tls", e.to_string()))?
         .with_client_cert_verifier(verifier.clone())
         .with_single_cert(chain, key)
-        .map_err(|e| cfg_err("tls.server_key", format!("does not match tls.server_cert: {e}")))?;
+        .map_err(|e| {
+            cfg_err(
+                "tls.server_key",
+                format!("does not match tls.server_cert: {e}"),
+            )
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.ticketer = rustls::crypto::ring::Ticketer::new()
         .map_err(|e| cfg_err("tls", format!("cannot create session ticketer: {e}")))?;
@@ -264,7 +294,10 @@ pub fn server_tls(cfg: &TlsConfig) -> Result<ServerTls, ConfigError> {
 /// Short, stable label for a failed handshake, for logs and metrics.
 pub fn handshake_failure_kind(err: &std::io::Error) -> &'static str {
     use rustls::Error as E;
-    let Some(inner) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+    let Some(inner) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
         return match err.kind() {
             std::io::ErrorKind::UnexpectedEof => "eof",
             std::io::ErrorKind::InvalidData => "bad_record",

@@ -1,0 +1,185 @@
+//! The pooled client to the internal FHIR endpoint.
+//!
+//! One hyper-util client per gateway: keep-alive pooling, a connect timeout in the
+//! connector, and a response-header timeout around each request. TLS to the upstream uses
+//! only the CA bundle named in the config (internal services rarely chain to public CAs).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+
+use crate::config::{ConfigError, UpstreamConfig};
+use crate::outcome::Rejection;
+use crate::tls::{load_certs, load_key, provider};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Body of a request sent upstream: the client's body, streamed through a size limit.
+pub type UpstreamBody = BoxBody<Bytes, BoxError>;
+
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    scheme: Scheme,
+    authority: http::uri::Authority,
+    /// Path of the configured base URL without trailing '/', e.g. `/fhir` or ``.
+    base_path: String,
+    response_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn from_config(cfg: &UpstreamConfig) -> Result<Self, ConfigError> {
+        let err = |field: &str, reason: String| ConfigError {
+            field: field.into(),
+            reason,
+        };
+        let uri: Uri = cfg
+            .url
+            .parse()
+            .map_err(|e| err("upstream.url", format!("not a valid URL: {e}")))?;
+        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| err("upstream.url", "must include a host".into()))?;
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+
+        let mut roots = RootCertStore::empty();
+        if let Some(p) = &cfg.ca_file {
+            for c in load_certs("upstream.ca_file", p)? {
+                roots
+                    .add(c)
+                    .map_err(|e| err("upstream.ca_file", format!("not a usable CA: {e}")))?;
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| err("upstream", e.to_string()))?
+            .with_root_certificates(roots);
+        let tls = match (&cfg.client_cert, &cfg.client_key) {
+            (Some(c), Some(k)) => builder
+                .with_client_auth_cert(
+                    load_certs("upstream.client_cert", c)?,
+                    load_key("upstream.client_key", k)?,
+                )
+                .map_err(|e| err("upstream.client_key", e.to_string()))?,
+            _ => builder.with_no_client_auth(),
+        };
+
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        // hyper-rustls sets ALPN itself from the enabled versions.
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http();
+        let https = if cfg.http2 {
+            https.enable_http2().wrap_connector(http)
+        } else {
+            https.enable_http1().wrap_connector(http)
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(cfg.http2)
+            .build(https);
+        Ok(Upstream {
+            client,
+            scheme,
+            authority,
+            base_path,
+            response_timeout: cfg.response_timeout,
+        })
+    }
+
+    /// The upstream URI for a request path (+ query) as the client sent it.
+    pub fn target(&self, pq: Option<&PathAndQuery>) -> Result<Uri, Rejection> {
+        let pq = pq.map(PathAndQuery::as_str).unwrap_or("/");
+        let joined = format!("{}{}", self.base_path, pq);
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(joined)
+            .build()
+            .map_err(|_| Rejection::bad_path("The request target cannot be forwarded"))
+    }
+
+    /// Sends a request and waits for the response headers, mapping failures to the
+    /// refusal a client should see: timeouts are 504, a body over the limit is 413, any
+    /// other failure to reach the upstream is 502.
+    pub async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+        body_limit: u64,
+    ) -> Result<Response<Incoming>, (Rejection, String)> {
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Err(_) => Err((Rejection::upstream_timeout(), "response timeout".into())),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                let detail = error_chain(&e);
+                let rejection = if chain_has::<http_body_util::LengthLimitError>(&e) {
+                    Rejection::body_too_large(body_limit)
+                } else if chain_any(&e, |c| {
+                    c.downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+                }) {
+                    Rejection::upstream_timeout()
+                } else if chain_has::<hyper::Error>(&e) && !e.is_connect() && client_body_failed(&e)
+                {
+                    Rejection::bad_request_body()
+                } else {
+                    Rejection::upstream_unavailable()
+                };
+                Err((rejection, detail))
+            }
+        }
+    }
+}
+
+/// Whether the failure came from reading the client's request body.
+fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+    chain_any(e, |c| {
+        c.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_user() || h.is_body_write_aborted())
+    })
+}
+
+fn chain_any(
+    e: &(dyn std::error::Error + 'static),
+    mut f: impl FnMut(&(dyn std::error::Error + 'static)) -> bool,
+) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if f(c) {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
+}
+
+fn chain_has<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    chain_any(e, |c| c.is::<T>())
+}
+
+/// The error and its causes on one line, for logs.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
