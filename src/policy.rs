@@ -51,7 +51,7 @@ impl Route {
     /// Whether this client may use the route. With no subject or SAN patterns, any client
     /// of an allowed bundle may; otherwise one pattern must match.
     pub fn permits(&self, id: &ClientIdentity) -> bool {
-        if !self.bundles.is_empty() && !self.bundles.iter().any(|b| *b == id.bundle) {
+        if !self.bundles.is_empty() && !self.bundles.contains(&id.bundle) {
             return false;
         }
         if self.subjects.is_empty() && self.sans.is_empty() {
@@ -74,7 +74,7 @@ pub struct RoutePolicy {
 impl RoutePolicy {
     pub fn new(configs: &[RouteConfig]) -> Self {
         let mut routes: Vec<Route> = configs.iter().map(Route::from_config).collect();
-        routes.sort_by(|a, b| b.path_prefix.len().cmp(&a.path_prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
         RoutePolicy { routes }
     }
 
