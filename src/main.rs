@@ -60,7 +60,12 @@ enum PkiCmd {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FHIRGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Logs go to stderr; colour only on a terminal, so files and journald stay greppable.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if json {
         builder.json().flatten_event(true).init();
     } else {

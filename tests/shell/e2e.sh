@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# End-to-end check with real third-party clients (curl, openssl s_client) against the
+# fhirgate binary running the shipped config.yaml on the built-in development stack.
+# Run by tests/shell.rs, which passes FHIRGATE, GW_PORT and UP_PORT.
+set -u
+: "${FHIRGATE:?path to the fhirgate binary}" "${GW_PORT:?}" "${UP_PORT:?}"
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+T=$(mktemp -d)
+GW_PID=
+cleanup() { [ -n "$GW_PID" ] && kill "$GW_PID" 2>/dev/null; rm -rf "$T"; }
+trap cleanup EXIT
+
+pass=0 fail=0
+ok()  { pass=$((pass+1)); echo "ok   - $1"; }
+bad() { fail=$((fail+1)); echo "FAIL - $1"; }
+check() { local name=$1; shift; if "$@"; then ok "$name"; else bad "$name"; fi; }
+
+sed -e "s/127.0.0.1:8443/127.0.0.1:$GW_PORT/" -e "s#http://127.0.0.1:8081#http://127.0.0.1:$UP_PORT#" \
+    "$ROOT/config.yaml" > "$T/config.yaml"
+"$FHIRGATE" demo --config "$T/config.yaml" > "$T/gw.log" 2>&1 &
+GW_PID=$!
+for _ in $(seq 1 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$GW_PORT") 2>/dev/null && break
+  sleep 0.1
+done
+D=$T/certs/dev
+URL=https://localhost:$GW_PORT
+C=(curl -sS --max-time 10 --cacert "$D/root-ca.crt")
+
+# curl with a valid client certificate: forwarded, identity visible upstream.
+body=$("${C[@]}" --cert "$D/client.crt" --key "$D/client.key" "$URL/metadata")
+check "curl --cert valid client gets the CapabilityStatement" grep -q '"resourceType":"CapabilityStatement"' <<<"$body"
+body=$("${C[@]}" --cert "$D/client.crt" --key "$D/client.key" -H 'X-Client-Cert-Subject: CN=spoof' "$URL/Patient/1")
+check "upstream sees the verified subject" grep -q 'x-client-cert-subject.*CN=BaRS-X26' <<<"$body"
+check "spoofed subject never reaches the upstream" bash -c '! grep -q spoof <<<"$1"' _ "$body"
+code=$("${C[@]}" --http2 -o /dev/null -w '%{http_version}' --cert "$D/client.crt" --key "$D/client.key" "$URL/metadata")
+check "curl negotiates HTTP/2" test "$code" = 2
+code=$("${C[@]}" -o "$T/out" -w '%{http_code}' --path-as-is --cert "$D/client.crt" --key "$D/client.key" "$URL/metadata/../Patient/1")
+check "dot-segment path gets 400" test "$code" = 400
+check "400 body is an OperationOutcome" grep -q '"resourceType":"OperationOutcome"' "$T/out"
+
+# Refused certificates: curl fails, nothing is served.
+for who in revoked-client expired-client foreign-client; do
+  check "curl with $who is refused" bash -c '! "$@" >/dev/null 2>&1' _ "${C[@]}" --cert "$D/$who.crt" --key "$D/$who.key" "$URL/metadata"
+done
+check "curl without a client certificate is refused" bash -c '! "$@" >/dev/null 2>&1' _ "${C[@]}" "$URL/metadata"
+
+# openssl s_client: handshake details.
+S=(openssl s_client -connect "127.0.0.1:$GW_PORT" -servername localhost -CAfile "$D/root-ca.crt" -verify_return_error)
+out=$(timeout 10 "${S[@]}" -cert "$D/client.crt" -key "$D/client.key" -alpn h2,http/1.1 </dev/null 2>&1)
+check "s_client: valid client verifies the server chain" grep -q 'Verify return code: 0 (ok)' <<<"$out"
+check "s_client: ALPN selects h2" grep -q 'ALPN protocol: h2' <<<"$out"
+out=$(timeout 10 "${S[@]}" -tls1_2 -cert "$D/revoked-client.crt" -key "$D/revoked-client.key" </dev/null 2>&1)
+check "s_client: revoked client gets a 'certificate revoked' alert" grep -qi 'certificate revoked' <<<"$out"
+out=$(timeout 10 "${S[@]}" -tls1_2 -cert "$D/foreign-client.crt" -key "$D/foreign-client.key" </dev/null 2>&1)
+check "s_client: foreign client gets an 'unknown ca' alert" grep -qi 'unknown ca' <<<"$out"
+out=$(timeout 10 "${S[@]}" -tls1_1 -cert "$D/client.crt" -key "$D/client.key" </dev/null 2>&1)
+check "s_client: TLS 1.1 is refused" bash -c '! grep -q "Cipher is" <<<"$1" || grep -q "Cipher is (NONE)" <<<"$1"' _ "$out"
+out=$(timeout 10 "${S[@]}" -tls1_2 -cert "$D/client.crt" -key "$D/client.key" -brief </dev/null 2>&1)
+check "s_client: TLS 1.2 with a valid client works" grep -q 'Protocol version: TLSv1.2' <<<"$out"
+
+# Handshake refusals are logged with their reason, and the process stops cleanly.
+check "gateway log names the revocation" grep -q 'kind="revoked"' "$T/gw.log"
+kill -TERM "$GW_PID"; wait "$GW_PID"; rc=$?; GW_PID=
+check "SIGTERM stops the gateway with exit 0" test "$rc" = 0
+
+echo "shell: $pass passed, $fail failed"
+[ "$fail" = 0 ]
