@@ -339,3 +339,64 @@ async fn stalled_handshakes_and_garbage_are_dropped_without_blocking_others() {
     assert_eq!(ok.unwrap().status, StatusCode::OK);
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test]
+async fn tls_sessions_resume() {
+    let pki = Pki::new();
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let client = tls_client(&pki, Some("client"), H1);
+    let first = send(&client, addr, get("/metadata")).await.unwrap();
+    assert!(!first.resumed);
+    let second = send(&client, addr, get("/metadata")).await.unwrap();
+    assert_eq!(second.status, StatusCode::OK);
+    assert!(
+        second.resumed,
+        "second connection should resume the TLS session"
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_busy_ones_kept() {
+    let pki = Pki::new();
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.limits = "  max_connections: 2\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let client = tls_client(&pki, Some("client"), H1);
+
+    // Two connections fill max_connections; a third waits in the backlog...
+    let (mut a, a_task) = open_h1(&client, addr).await.unwrap();
+    let (mut b, _b_task) = open_h1(&client, addr).await.unwrap();
+    let third = tokio::spawn({
+        let client = client.clone();
+        async move { send(&client, addr, get("/metadata")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !third.is_finished(),
+        "third connection must wait for a free slot"
+    );
+    // ...until one is released.
+    drop(b.send_request(h1_get("/metadata")).await.unwrap());
+    drop(b);
+    let got = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+
+    // The 5s idle timeout closes a connection that does nothing.
+    assert_eq!(
+        a.send_request(h1_get("/metadata")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    tokio::time::timeout(Duration::from_secs(15), a_task)
+        .await
+        .expect("idle connection must be closed by the gateway")
+        .unwrap();
+    assert!(a.is_closed() || a.send_request(h1_get("/metadata")).await.is_err());
+    gw.shutdown(Duration::from_secs(2)).await;
+}

@@ -222,6 +222,8 @@ pub struct Got {
     pub version: http::Version,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Whether the TLS session was resumed rather than fully negotiated.
+    pub resumed: bool,
 }
 
 impl Got {
@@ -274,6 +276,7 @@ where
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let io = TokioIo::new(tls);
     let mut req = req;
     let pq = req
@@ -315,6 +318,7 @@ where
         version: parts.version,
         headers: parts.headers,
         body,
+        resumed,
     })
 }
 
@@ -327,3 +331,38 @@ pub fn get(path: &str) -> Request<Full<Bytes>> {
 
 pub const H1: &[&[u8]] = &[b"http/1.1"];
 pub const H2: &[&[u8]] = &[b"h2"];
+
+/// An open HTTP/1.1 connection over mTLS, for tests that need to hold one.
+pub async fn open_h1(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        tokio::task::JoinHandle<()>,
+    ),
+    String,
+> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("h1 handshake: {e}"))?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((tx, task))
+}
+
+pub fn h1_get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .expect("request")
+}
