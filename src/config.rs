@@ -36,6 +36,32 @@ pub struct Config {
     #[serde(default)]
     pub identity_headers: IdentityHeaders,
     pub routes: Vec<RouteConfig>,
+    /// Plain-HTTP listener for /healthz, /readyz and /metrics; off when absent.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line (audit pipelines, journald with a JSON parser).
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{header, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use crate::config::{Config, ConfigError, IdentityHeaders};
 use crate::forward;
 use crate::identity::ClientIdentity;
+use crate::metrics::Metrics;
 use crate::outcome::{Body, Rejection};
 use crate::policy::RoutePolicy;
 use crate::upstream::Upstream;
@@ -30,6 +31,7 @@ pub struct Gateway {
     upstream: Upstream,
     identity_headers: IdentityHeaders,
     max_body_bytes: u64,
+    metrics: Arc<Metrics>,
 }
 
 /// Outcome of the pipeline, before logging.
@@ -38,15 +40,17 @@ struct Handled {
     route: Option<String>,
     rejection: Option<&'static str>,
     upstream_status: Option<u16>,
+    upstream_time: Option<Duration>,
 }
 
 impl Gateway {
-    pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
+    pub fn from_config(cfg: &Config, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
         Ok(Gateway {
             policy: RoutePolicy::new(&cfg.routes),
             upstream: Upstream::from_config(&cfg.upstream)?,
             identity_headers: cfg.identity_headers.clone(),
             max_body_bytes: cfg.limits.max_body_bytes,
+            metrics,
         })
     }
 
@@ -61,6 +65,12 @@ impl Gateway {
         let request_id = log_safe(req.headers().get("x-request-id"));
         let h = self.process(req, conn).await;
         let status = h.response.status().as_u16();
+        let route = h.route.as_deref().unwrap_or("-");
+        self.metrics
+            .request(route, status, start.elapsed(), h.upstream_time);
+        if let Some(kind) = h.rejection {
+            self.metrics.rejection(kind);
+        }
         tracing::info!(
             target: "fhirgate::access",
             method = %method,
@@ -71,7 +81,7 @@ impl Gateway {
             client_fingerprint = %conn.identity.fingerprint_sha256,
             bundle = %conn.identity.bundle,
             peer = %conn.peer,
-            route = h.route.as_deref().unwrap_or("-"),
+            route,
             upstream_status = h.upstream_status.unwrap_or(0),
             rejection = h.rejection.unwrap_or("-"),
             request_id = %request_id,
@@ -82,18 +92,24 @@ impl Gateway {
 
     async fn process(&self, req: Request<Incoming>, conn: &ConnInfo) -> Handled {
         let mut route_name = None;
-        match self.forward(req, conn, &mut route_name).await {
+        let mut upstream_time = None;
+        match self
+            .forward(req, conn, &mut route_name, &mut upstream_time)
+            .await
+        {
             Ok(response) => Handled {
                 upstream_status: Some(response.status().as_u16()),
                 response,
                 route: route_name,
                 rejection: None,
+                upstream_time,
             },
             Err(r) => Handled {
                 rejection: Some(r.reason),
                 response: r.into_response(),
                 route: route_name,
                 upstream_status: None,
+                upstream_time,
             },
         }
     }
@@ -103,6 +119,7 @@ impl Gateway {
         req: Request<Incoming>,
         conn: &ConnInfo,
         route_name: &mut Option<String>,
+        upstream_time: &mut Option<Duration>,
     ) -> Result<Response<Body>, Rejection> {
         if req.method() == Method::CONNECT {
             return Err(Rejection::method_not_allowed("CONNECT is not supported"));
@@ -143,14 +160,14 @@ impl Gateway {
         let body = Limited::new(body, limit).boxed();
         let upstream_req = Request::from_parts(parts, body);
 
-        let resp = self
-            .upstream
-            .send(upstream_req, self.max_body_bytes)
-            .await
-            .map_err(|(rejection, detail)| {
-                tracing::warn!(target: "fhirgate::upstream", error = %detail, reason = rejection.reason, "upstream request failed");
-                rejection
-            })?;
+        let sent = Instant::now();
+        let result = self.upstream.send(upstream_req, self.max_body_bytes).await;
+        *upstream_time = Some(sent.elapsed());
+        let resp = result.map_err(|(rejection, detail)| {
+            tracing::warn!(target: "fhirgate::upstream", error = %detail, reason = rejection.reason, "upstream request failed");
+            self.metrics.upstream_error(rejection.reason);
+            rejection
+        })?;
         let (mut parts, body) = resp.into_parts();
         forward::client_response_headers(&mut parts.headers);
         Ok(Response::from_parts(parts, body.boxed()))

@@ -5,12 +5,14 @@
 //! [`policy`] (route policy) → [`forward`] (upstream) → response; every refusal becomes
 //! a FHIR `OperationOutcome` in [`outcome`]. [`config`] is the only reader of YAML.
 
+pub mod admin;
 pub mod config;
 pub mod devstack;
 pub mod forward;
 pub mod gateway;
 pub mod identity;
 pub mod listener;
+pub mod metrics;
 pub mod outcome;
 pub mod pki;
 pub mod policy;

@@ -18,29 +18,31 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, ConfigError, Limits};
 use crate::gateway::{ConnInfo, Gateway};
 use crate::identity::ClientIdentity;
+use crate::metrics::{FileLabel, Metrics};
 use crate::tls::{handshake_failure_kind, server_tls, BundleVerifier};
+use arc_swap::ArcSwap;
 
-/// Everything a listener needs, built once from the config.
-pub struct Server {
+/// Everything built from one version of the config. A reload builds a new snapshot and
+/// swaps it in: new connections use it, open connections keep the one they started with.
+pub struct Snapshot {
     gateway: Arc<Gateway>,
     acceptor: TlsAcceptor,
     verifier: Arc<BundleVerifier>,
     limits: Limits,
     handshake_timeout: Duration,
     http: auto::Builder<TokioExecutor>,
-    connections: Arc<Semaphore>,
 }
 
-impl Server {
-    pub fn from_config(cfg: &Config) -> Result<Arc<Self>, ConfigError> {
+impl Snapshot {
+    pub fn build(cfg: &Config, metrics: &Arc<Metrics>) -> Result<Self, ConfigError> {
         let tls = server_tls(&cfg.tls)?;
-        let gateway = Arc::new(Gateway::from_config(cfg)?);
+        let gateway = Arc::new(Gateway::from_config(cfg, metrics.clone())?);
         let limits = cfg.limits.clone();
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
@@ -55,15 +57,60 @@ impl Server {
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(256));
-        Ok(Arc::new(Server {
+        if let Some(t) = tls.server_not_after {
+            metrics.server_cert_not_after.set(t);
+        }
+        for (file, next) in &tls.crl_next_updates {
+            metrics
+                .crl_next_update
+                .get_or_create(&FileLabel { file: file.clone() })
+                .set(*next);
+        }
+        Ok(Snapshot {
             gateway,
             acceptor: TlsAcceptor::from(tls.config),
             verifier: tls.verifier,
-            connections: Arc::new(Semaphore::new(limits.max_connections)),
             handshake_timeout: cfg.tls.handshake_timeout,
             limits,
             http,
+        })
+    }
+}
+
+/// The serving state shared by all listeners.
+pub struct Server {
+    current: ArcSwap<Snapshot>,
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Server {
+    pub fn from_config(cfg: &Config, metrics: Arc<Metrics>) -> Result<Arc<Self>, ConfigError> {
+        let snapshot = Snapshot::build(cfg, &metrics)?;
+        Ok(Arc::new(Server {
+            current: ArcSwap::from_pointee(snapshot),
+            connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            max_connections: cfg.limits.max_connections,
+            metrics,
         }))
+    }
+
+    /// Swaps in a new configuration. Listener addresses and `limits.max_connections` are
+    /// fixed at start; everything else (certificates, trust bundles, CRLs, routes,
+    /// upstream, limits) takes effect for new connections.
+    pub fn reload(&self, cfg: &Config) -> Result<(), ConfigError> {
+        let result = Snapshot::build(cfg, &self.metrics);
+        self.metrics.reload(result.is_ok());
+        self.current.store(Arc::new(result?));
+        if cfg.limits.max_connections != self.max_connections {
+            tracing::warn!("limits.max_connections changes take effect only after a restart");
+        }
+        Ok(())
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Accepts connections on `listener` until `shutdown` turns true.
@@ -86,10 +133,14 @@ impl Server {
             };
             match accepted {
                 Ok((tcp, peer)) => {
-                    let server = self.clone();
+                    let snapshot = self.current.load_full();
+                    let metrics = self.metrics.clone();
                     let shutdown = shutdown.clone();
                     tokio::spawn(async move {
-                        server.connection(tcp, peer, permit, shutdown).await;
+                        metrics.open_connections.inc();
+                        snapshot.connection(tcp, peer, &metrics, shutdown).await;
+                        metrics.open_connections.dec();
+                        drop(permit);
                     });
                 }
                 Err(e) => {
@@ -104,19 +155,20 @@ impl Server {
     /// Waits until every connection has closed, or `timeout` passes. Returns the number of
     /// connections still open at the end.
     pub async fn drain(&self, timeout: Duration) -> usize {
-        let total = self.limits.max_connections;
-        let all = u32::try_from(total).unwrap_or(u32::MAX);
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
         match tokio::time::timeout(timeout, self.connections.acquire_many(all)).await {
             Ok(_) => 0,
-            Err(_) => total - self.connections.available_permits(),
+            Err(_) => self.max_connections - self.connections.available_permits(),
         }
     }
+}
 
+impl Snapshot {
     async fn connection(
-        self: Arc<Self>,
+        &self,
         tcp: TcpStream,
         peer: SocketAddr,
-        _permit: OwnedSemaphorePermit,
+        metrics: &Metrics,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let _ = tcp.set_nodelay(true);
@@ -125,10 +177,13 @@ impl Server {
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                tracing::warn!(target: "fhirgate::tls", %peer, kind = handshake_failure_kind(&e), error = %e, "handshake refused");
+                let kind = handshake_failure_kind(&e);
+                metrics.handshake(kind);
+                tracing::warn!(target: "fhirgate::tls", %peer, kind, error = %e, "handshake refused");
                 return;
             }
             Err(_) => {
+                metrics.handshake("timeout");
                 tracing::warn!(target: "fhirgate::tls", %peer, kind = "timeout", "handshake timed out");
                 return;
             }
@@ -139,21 +194,25 @@ impl Server {
                 session.peer_certificates().and_then(|c| c.split_first())
             else {
                 // The verifier makes a certificate mandatory; this is defence in depth.
+                metrics.handshake("no_cert");
                 tracing::warn!(target: "fhirgate::tls", %peer, kind = "no_cert", "no client certificate after handshake");
                 return;
             };
             let Some(bundle) = self.verifier.bundle_of(leaf, intermediates) else {
+                metrics.handshake("unknown_ca");
                 tracing::warn!(target: "fhirgate::tls", %peer, kind = "unknown_ca", "verified chain matches no bundle");
                 return;
             };
             match ClientIdentity::from_der(leaf, bundle) {
                 Ok(id) => id,
                 Err(e) => {
+                    metrics.handshake("bad_certificate");
                     tracing::warn!(target: "fhirgate::tls", %peer, kind = "bad_certificate", error = %e, "client certificate unreadable");
                     return;
                 }
             }
         };
+        metrics.handshake("ok");
         tracing::debug!(target: "fhirgate::tls", %peer, subject = %identity.subject, bundle = %identity.bundle, "handshake ok");
 
         let conn = Arc::new(ConnInfo { identity, peer });
@@ -316,6 +375,10 @@ pub struct Running {
 }
 
 impl Running {
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
+    }
+
     /// Stops accepting, asks open connections to finish, and waits for them up to
     /// `drain`. Returns how many connections were still open.
     pub async fn shutdown(self, drain: Duration) -> usize {
@@ -329,7 +392,7 @@ impl Running {
 
 /// Binds every configured listener and starts serving.
 pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
-    let server = Server::from_config(cfg)?;
+    let server = Server::from_config(cfg, Arc::new(Metrics::new()))?;
     let (tx, rx) = watch::channel(false);
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();

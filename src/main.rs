@@ -4,9 +4,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use clap::{Parser, Subcommand};
-use fhirgate::config::Config;
-use fhirgate::{devstack, listener, pki};
+use fhirgate::config::{Config, LogFormat};
+use fhirgate::{admin, devstack, listener, pki};
+use sd_notify::NotifyState;
 
 #[derive(Parser)]
 #[command(
@@ -75,7 +79,15 @@ fn init_logging(json: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    // The config may ask for JSON logs; read it (cheaply) before logging starts.
+    let json = cli.log_json
+        || match &cli.cmd {
+            Cmd::Run { config } | Cmd::Demo { config } => Config::load(config)
+                .map(|c| c.logging.format == LogFormat::Json)
+                .unwrap_or(false),
+            _ => false,
+        };
+    init_logging(json);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -112,7 +124,7 @@ fn main() -> ExitCode {
 fn check(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     // Parse certificates, keys and CRLs too, as `run` would.
-    fhirgate::listener::Server::from_config(&cfg)?;
+    fhirgate::listener::Snapshot::build(&cfg, &Default::default())?;
     print!("{}", cfg.summary());
     println!("configuration {} is valid", path.display());
     Ok(())
@@ -120,17 +132,52 @@ fn check(path: &Path) -> anyhow::Result<()> {
 
 async fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
-    serve(&cfg).await
+    serve(&cfg, path).await
 }
 
-async fn serve(cfg: &Config) -> anyhow::Result<()> {
+/// Runs the gateway until SIGTERM/SIGINT; SIGHUP reloads `path`.
+async fn serve(cfg: &Config, path: &Path) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+
     let running = listener::start(cfg).await?;
     for a in &running.addrs {
         tracing::info!(address = %a, "listening (TLS-MA)");
     }
-    wait_for_signal().await;
+    let ready = Arc::new(admin::Readiness::default());
+    let (admin_stop, admin_rx) = tokio::sync::watch::channel(false);
+    if let Some(a) = &cfg.admin {
+        let metrics = running.server().metrics().clone();
+        let addr = admin::start(a.address, ready.clone(), metrics, admin_rx).await?;
+        tracing::info!(address = %addr, "admin listener (healthz, readyz, metrics)");
+    }
+    ready.serving.store(true, Ordering::Relaxed);
+    // READY=1 only now: listeners bound, TLS loaded, admin up.
+    let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        // Pinged from the runtime: a wedged runtime stops the pings and systemd restarts us.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+            }
+        });
+    }
+
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => reload(&running, path),
+        }
+    }
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    ready.draining.store(true, Ordering::Relaxed);
     tracing::info!("shutting down: no new connections, draining");
     let left = running.shutdown(cfg.limits.drain_timeout).await;
+    let _ = admin_stop.send(true);
     if left > 0 {
         tracing::warn!(
             open = left,
@@ -140,19 +187,21 @@ async fn serve(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
+/// Re-reads the config; on any error the running configuration stays in force.
+fn reload(running: &listener::Running, path: &Path) {
+    let _ = sd_notify::notify(&[NotifyState::Reloading]);
+    let result = Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|cfg| running.server().reload(&cfg).map_err(|e| e.to_string()));
+    match result {
+        Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
+        Err(e) => tracing::error!(
+            config = %path.display(),
+            error = %e,
+            "reload refused; previous configuration still serving"
+        ),
     }
-    let _ = tokio::signal::ctrl_c().await;
+    let _ = sd_notify::notify(&[NotifyState::Ready]);
 }
 
 async fn demo(path: &Path) -> anyhow::Result<()> {
@@ -188,5 +237,5 @@ async fn demo(path: &Path) -> anyhow::Result<()> {
     );
     // Give pending log lines a moment so the banner is not interleaved.
     tokio::time::sleep(Duration::from_millis(10)).await;
-    serve(&cfg).await
+    serve(&cfg, path).await
 }

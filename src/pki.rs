@@ -28,6 +28,9 @@ pub struct DevPki {
     pub sub_ca: Pem,
     /// CRL signed by the SubCA; revokes [`DevPki::revoked_client`].
     pub sub_ca_crl: String,
+    /// A later CRL from the SubCA that also revokes [`DevPki::second_client`]: lets tests
+    /// and operators rehearse a CRL update followed by a reload.
+    pub sub_ca_crl_update: String,
     /// CRL signed by the root (empty), so a whole-chain revocation check can succeed.
     pub root_crl: String,
     /// Server leaf for `localhost`, `127.0.0.1` and `::1`; `cert` holds leaf + SubCA.
@@ -229,6 +232,7 @@ impl DevPki {
             valid.1,
         )?;
         let sub_ca_crl = crl(&sub, &[0x2003])?;
+        let sub_ca_crl_update = crl(&sub, &[0x2003, 0x2002])?;
         let root_crl = crl(&root, &[])?;
 
         let foreign = new_root("Foreign Root CA", a)?;
@@ -253,6 +257,7 @@ impl DevPki {
             root: root.pem,
             sub_ca: sub.pem,
             sub_ca_crl,
+            sub_ca_crl_update,
             root_crl,
             client,
             second_client,
@@ -268,7 +273,8 @@ impl DevPki {
     /// Private keys are written with mode 0600.
     pub fn write_to(&self, dir: &Path) -> std::io::Result<()> {
         fs::create_dir_all(dir)?;
-        let certs: [(&str, &str); 11] = [
+        let certs: [(&str, &str); 12] = [
+            ("sub-ca-update.crl", &self.sub_ca_crl_update),
             ("root-ca.crt", &self.root.cert),
             ("sub-ca.crt", &self.sub_ca.cert),
             ("sub-ca.crl", &self.sub_ca_crl),

@@ -60,23 +60,42 @@ pub fn load_key(field: &str, path: &Path) -> Result<PrivateKeyDer<'static>, Conf
 }
 
 /// Reads CRLs from a PEM file (one or more `X509 CRL` blocks) or a single DER file.
+/// Each CRL is parsed here so that a corrupt file is reported with its own field path.
 pub fn load_crls(
     field: &str,
     path: &Path,
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, ConfigError> {
     let bytes =
         std::fs::read(path).map_err(|e| cfg_err(field, format!("{}: {e}", path.display())))?;
-    if bytes.first() == Some(&0x30) {
-        return Ok(vec![CertificateRevocationListDer::from(bytes)]);
-    }
-    let crls: Vec<_> = CertificateRevocationListDer::pem_slice_iter(&bytes)
-        .collect::<Result<_, _>>()
-        .map_err(|e| cfg_err(field, format!("{}: bad PEM: {e}", path.display())))?;
+    let crls: Vec<CertificateRevocationListDer<'static>> = if bytes.first() == Some(&0x30) {
+        vec![CertificateRevocationListDer::from(bytes)]
+    } else {
+        CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<_, _>>()
+            .map_err(|e| cfg_err(field, format!("{}: bad PEM: {e}", path.display())))?
+    };
     if crls.is_empty() {
         return Err(cfg_err(
             field,
             format!("{}: no X509 CRL found", path.display()),
         ));
+    }
+    for crl in &crls {
+        match x509_parser::parse_x509_crl(crl) {
+            Ok((rest, _)) if rest.is_empty() => {}
+            Ok(_) => {
+                return Err(cfg_err(
+                    field,
+                    format!("{}: trailing data after CRL", path.display()),
+                ))
+            }
+            Err(e) => {
+                return Err(cfg_err(
+                    field,
+                    format!("{}: not a valid CRL: {e}", path.display()),
+                ))
+            }
+        }
     }
     Ok(crls)
 }
@@ -93,6 +112,8 @@ pub struct BundleVerifier {
     bundles: Vec<Bundle>,
     hints: Vec<DistinguishedName>,
     max_depth: usize,
+    /// nextUpdate of every loaded CRL: (file, Unix seconds).
+    pub crl_next_updates: Vec<(String, i64)>,
 }
 
 impl fmt::Debug for BundleVerifier {
@@ -112,6 +133,7 @@ impl BundleVerifier {
     ) -> Result<Self, ConfigError> {
         let mut bundles = Vec::new();
         let mut hints = Vec::new();
+        let mut crl_next_updates = Vec::new();
         for (i, b) in cfg.trust_bundles.iter().enumerate() {
             let f = format!("tls.trust_bundles[{i}]");
             let mut roots = RootCertStore::empty();
@@ -125,7 +147,14 @@ impl BundleVerifier {
             }
             let mut crls = Vec::new();
             for (j, p) in b.crl_files.iter().enumerate() {
-                crls.extend(load_crls(&format!("{f}.crl_files[{j}]"), p)?);
+                for crl in load_crls(&format!("{f}.crl_files[{j}]"), p)? {
+                    if let Ok((_, c)) = x509_parser::parse_x509_crl(&crl) {
+                        if let Some(next) = c.next_update() {
+                            crl_next_updates.push((p.display().to_string(), next.timestamp()));
+                        }
+                    }
+                    crls.push(crl);
+                }
             }
             hints.extend(roots.subjects());
             let mut builder =
@@ -152,6 +181,7 @@ impl BundleVerifier {
             bundles,
             hints,
             max_depth: cfg.verify_depth,
+            crl_next_updates,
         })
     }
 
@@ -262,6 +292,10 @@ impl std::error::Error for ChainTooDeep {}
 pub struct ServerTls {
     pub config: Arc<ServerConfig>,
     pub verifier: Arc<BundleVerifier>,
+    /// notAfter of the server leaf (Unix seconds), for expiry alerts.
+    pub server_not_after: Option<i64>,
+    /// nextUpdate of every CRL (file path, Unix seconds), for expiry alerts.
+    pub crl_next_updates: Vec<(String, i64)>,
 }
 
 /// Builds the server configuration: TLS 1.2 + 1.3, mandatory client certificates, ALPN
@@ -270,6 +304,12 @@ pub fn server_tls(cfg: &TlsConfig) -> Result<ServerTls, ConfigError> {
     let provider = provider();
     let verifier = Arc::new(BundleVerifier::from_config(cfg, &provider)?);
     let chain = load_certs("tls.server_cert", &cfg.server_cert)?;
+    let server_not_after = chain.first().and_then(|c| {
+        x509_parser::parse_x509_certificate(c)
+            .ok()
+            .map(|(_, x)| x.validity().not_after.timestamp())
+    });
+    let crl_next_updates = verifier.crl_next_updates.clone();
     let key = load_key("tls.server_key", &cfg.server_key)?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -288,6 +328,8 @@ pub fn server_tls(cfg: &TlsConfig) -> Result<ServerTls, ConfigError> {
     Ok(ServerTls {
         config: Arc::new(config),
         verifier,
+        server_not_after,
+        crl_next_updates,
     })
 }
 

@@ -1,0 +1,117 @@
+//! Admin listener: plain HTTP for probes and scraping, meant for loopback or a pod-local
+//! port. `/healthz` says the process is alive, `/readyz` whether it should get traffic,
+//! `/metrics` is Prometheus text.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+
+/// What `/readyz` reports.
+#[derive(Default)]
+pub struct Readiness {
+    /// Listeners bound and the first TLS configuration loaded.
+    pub serving: AtomicBool,
+    /// Set when shutdown begins, so load balancers stop sending traffic during the drain.
+    pub draining: AtomicBool,
+}
+
+impl Readiness {
+    /// `(ready, explanation)`; the explanation lists each check.
+    pub fn report(&self) -> (bool, String) {
+        let serving = self.serving.load(Ordering::Relaxed);
+        let draining = self.draining.load(Ordering::Relaxed);
+        let text = format!(
+            "listeners_bound_and_tls_loaded: {}\ndraining: {}\n",
+            if serving { "ok" } else { "no" },
+            if draining { "yes" } else { "no" },
+        );
+        (serving && !draining, text)
+    }
+}
+
+fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn route(req: &Request<Incoming>, ready: &Readiness, metrics: &Metrics) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET only\n".into(),
+            "text/plain",
+        );
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        "/readyz" => {
+            let (ok, body) = ready.report();
+            let status = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(status, body, "text/plain")
+        }
+        "/metrics" => text(
+            StatusCode::OK,
+            metrics.encode(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
+    }
+}
+
+/// Binds the admin listener and serves it until `shutdown` turns true.
+pub async fn start(
+    addr: SocketAddr,
+    ready: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    if !local.ip().is_loopback() {
+        tracing::warn!(address = %local, "admin listener is not on loopback: restrict it with a firewall");
+    }
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = shutdown.changed() => return,
+            };
+            let Ok((tcp, _)) = accepted else { continue };
+            let ready = ready.clone();
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let r = route(&req, &ready, &metrics);
+                    async move { Ok::<_, Infallible>(r) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(5))
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}

@@ -1,0 +1,258 @@
+//! Prometheus metrics. One registry per process; stages record through [`Metrics`].
+//!
+//! Label values are always from small fixed sets (route names from config, status codes,
+//! refusal kinds), never from client input, so cardinality stays bounded.
+
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FileLabel {
+    pub file: String,
+}
+
+fn latency() -> Histogram {
+    // 0.1 ms .. ~26 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub rejections: Family<KindLabel, Counter>,
+    pub request_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    pub gateway_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    pub upstream_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    pub upstream_errors: Family<KindLabel, Counter>,
+    pub handshakes: Family<ResultLabel, Counter>,
+    pub open_connections: Gauge,
+    pub reloads: Family<ResultLabel, Counter>,
+    pub server_cert_not_after: Gauge<i64, AtomicI64>,
+    pub crl_next_update: Family<FileLabel, Gauge<i64, AtomicI64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("fhirgate");
+        let m = Metrics {
+            requests: Family::default(),
+            rejections: Family::default(),
+            request_seconds: Family::new_with_constructor(latency),
+            gateway_seconds: Family::new_with_constructor(latency),
+            upstream_seconds: Family::new_with_constructor(latency),
+            upstream_errors: Family::default(),
+            handshakes: Family::default(),
+            open_connections: Gauge::default(),
+            reloads: Family::default(),
+            server_cert_not_after: Gauge::default(),
+            crl_next_update: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "HTTP requests by route and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "rejections",
+            "Requests refused by the gateway, by reason",
+            m.rejections.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Total time to response headers, by route",
+            m.request_seconds.clone(),
+        );
+        registry.register(
+            "gateway_duration_seconds",
+            "Time spent in the gateway itself (total minus upstream), by route",
+            m.gateway_seconds.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Upstream time to response headers, by route",
+            m.upstream_seconds.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Failed upstream requests by kind",
+            m.upstream_errors.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes by result",
+            m.handshakes.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Client connections currently open",
+            m.open_connections.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Configuration reloads by result",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "server_cert_not_after_seconds",
+            "notAfter of the server certificate, Unix seconds",
+            m.server_cert_not_after.clone(),
+        );
+        registry.register(
+            "crl_next_update_seconds",
+            "nextUpdate of each configured CRL, Unix seconds",
+            m.crl_next_update.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Registers more metrics (e.g. token cache counters) under the same prefix.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    pub fn handshake(&self, result: &str) {
+        self.handshakes
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn request(&self, route: &str, status: u16, total: Duration, upstream: Option<Duration>) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                status,
+            })
+            .inc();
+        let r = RouteLabel {
+            route: route.to_owned(),
+        };
+        self.request_seconds
+            .get_or_create(&r)
+            .observe(total.as_secs_f64());
+        let own = total.saturating_sub(upstream.unwrap_or_default());
+        self.gateway_seconds
+            .get_or_create(&r)
+            .observe(own.as_secs_f64());
+        if let Some(u) = upstream {
+            self.upstream_seconds
+                .get_or_create(&r)
+                .observe(u.as_secs_f64());
+        }
+    }
+
+    pub fn rejection(&self, kind: &str) {
+        self.rejections
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn upstream_error(&self, kind: &str) {
+        self.upstream_errors
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.reloads
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        if prometheus_client::encoding::text::encode(&mut s, &self.registry).is_err() {
+            s.clear();
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_counters_histograms_and_gauges() {
+        let m = Metrics::new();
+        m.request(
+            "fhir",
+            200,
+            Duration::from_millis(3),
+            Some(Duration::from_millis(2)),
+        );
+        m.handshake("revoked");
+        m.rejection("no_route");
+        m.reload(false);
+        m.server_cert_not_after.set(1_900_000_000);
+        let text = m.encode();
+        assert!(
+            text.contains("fhirgate_requests_total{route=\"fhir\",status=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fhirgate_tls_handshakes_total{result=\"revoked\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fhirgate_rejections_total{kind=\"no_route\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fhirgate_reloads_total{result=\"error\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fhirgate_upstream_duration_seconds_count{route=\"fhir\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fhirgate_server_cert_not_after_seconds 1900000000"),
+            "{text}"
+        );
+    }
+}
