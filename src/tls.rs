@@ -82,7 +82,7 @@ pub fn load_crls(
     }
     for crl in &crls {
         match x509_parser::parse_x509_crl(crl) {
-            Ok((rest, _)) if rest.is_empty() => {}
+            Ok(([], _)) => {}
             Ok(_) => {
                 return Err(cfg_err(
                     field,
