@@ -400,3 +400,26 @@ async fn idle_connections_are_closed_and_busy_ones_kept() {
     assert!(a.is_closed() || a.send_request(h1_get("/metadata")).await.is_err());
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() {
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Slow(Duration::from_millis(800))).await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let client = tls_client(&pki, Some("client"), H2);
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        async move { send(&client, addr, get("/metadata")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let open = gw.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(open, 0, "every connection closed within the drain timeout");
+    let got = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request completes");
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(seen.count(), 1);
+    // After shutdown nothing is accepted any more.
+    assert!(send(&client, addr, get("/metadata")).await.is_err());
+}
