@@ -3,7 +3,7 @@
 # fhirgate binary running the shipped config.yaml on the built-in development stack.
 # Run by tests/shell.rs, which passes FHIRGATE, GW_PORT and UP_PORT.
 set -u
-: "${FHIRGATE:?path to the fhirgate binary}" "${GW_PORT:?}" "${UP_PORT:?}"
+: "${FHIRGATE:?path to the fhirgate binary}" "${GW_PORT:?}" "${UP_PORT:?}" "${ADMIN_PORT:?}"
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 T=$(mktemp -d)
 GW_PID=
@@ -16,6 +16,7 @@ bad() { fail=$((fail+1)); echo "FAIL - $1"; }
 check() { local name=$1; shift; if "$@"; then ok "$name"; else bad "$name"; fi; }
 
 sed -e "s/127.0.0.1:8443/127.0.0.1:$GW_PORT/" -e "s#http://127.0.0.1:8081#http://127.0.0.1:$UP_PORT#" \
+    -e "s/127.0.0.1:9901/127.0.0.1:$ADMIN_PORT/" \
     "$ROOT/config.yaml" > "$T/config.yaml"
 "$FHIRGATE" demo --config "$T/config.yaml" > "$T/gw.log" 2>&1 &
 GW_PID=$!
@@ -58,6 +59,12 @@ out=$(timeout 10 "${S[@]}" -tls1_1 -cert "$D/client.crt" -key "$D/client.key" </
 check "s_client: TLS 1.1 is refused" bash -c '! grep -q "Cipher is" <<<"$1" || grep -q "Cipher is (NONE)" <<<"$1"' _ "$out"
 out=$(timeout 10 "${S[@]}" -tls1_2 -cert "$D/client.crt" -key "$D/client.key" -brief </dev/null 2>&1)
 check "s_client: TLS 1.2 with a valid client works" grep -q 'Protocol version: TLSv1.2' <<<"$out"
+
+# Admin listener: probes and Prometheus metrics with the refusals counted.
+check "readyz is 200" test "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$ADMIN_PORT/readyz")" = 200
+metrics=$(curl -s "http://127.0.0.1:$ADMIN_PORT/metrics")
+check "metrics count revoked handshakes" grep -q 'fhirgate_tls_handshakes_total{result="revoked"}' <<<"$metrics"
+check "metrics count requests by route" grep -q 'fhirgate_requests_total{route="capabilities",status="200"}' <<<"$metrics"
 
 # Handshake refusals are logged with their reason, and the process stops cleanly.
 check "gateway log names the revocation" grep -q 'kind="revoked"' "$T/gw.log"
