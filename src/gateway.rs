@@ -63,6 +63,7 @@ impl Gateway {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let request_id = log_safe(req.headers().get("x-request-id"));
+        let correlation_id = log_safe(req.headers().get("x-correlation-id"));
         let h = self.process(req, conn).await;
         let status = h.response.status().as_u16();
         let route = h.route.as_deref().unwrap_or("-");
@@ -83,8 +84,10 @@ impl Gateway {
             peer = %conn.peer,
             route,
             upstream_status = h.upstream_status.unwrap_or(0),
+            upstream_ms = h.upstream_time.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
             rejection = h.rejection.unwrap_or("-"),
             request_id = %request_id,
+            correlation_id = %correlation_id,
             "request"
         );
         h.response
