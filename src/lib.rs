@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod identity;
 pub mod listener;
 pub mod metrics;
+pub mod nhsd;
 pub mod outcome;
 pub mod pki;
 pub mod policy;
