@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::nhsd::NhsdPolicy;
+
 /// Which environment this gateway serves; `production` forbids development shortcuts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -41,6 +43,31 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// BaRS NHSD-* header checks; off when absent.
+    #[serde(default)]
+    pub nhsd: Option<NhsdConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NhsdConfig {
+    /// Paths (and their sub-paths) that carry no NHSD headers.
+    #[serde(default = "default_nhsd_exempt")]
+    pub exempt_paths: Vec<String>,
+    /// Set `X-Fhirgate-Ods-Code`, `-Software-Name`, … upstream from verified headers.
+    #[serde(default = "default_true")]
+    pub forward_facts: bool,
+    /// Default header policy; a route may override it with its own `nhsd` block.
+    #[serde(default)]
+    pub headers: NhsdPolicy,
+}
+
+fn default_nhsd_exempt() -> Vec<String> {
+    vec!["/metadata".into(), "/MessageDefinition".into()]
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,6 +286,9 @@ pub struct RouteConfig {
     /// Glob patterns on the DNS subject alternative names (case-insensitive).
     #[serde(default)]
     pub allow_sans: Vec<String>,
+    /// NHSD header policy for this route, replacing `nhsd.headers`.
+    #[serde(default)]
+    pub nhsd: Option<NhsdPolicy>,
 }
 
 /// A configuration error: the dotted path of the field and what is wrong with it.
@@ -448,6 +478,32 @@ impl Config {
             }
             if !seen.insert(n.to_ascii_lowercase()) {
                 return Err(err(f, format!("{n:?} is used twice")));
+            }
+        }
+
+        if let Some(n) = &self.nhsd {
+            for (i, p) in n.exempt_paths.iter().enumerate() {
+                if !p.starts_with('/') || (p.len() > 1 && p.ends_with('/')) {
+                    return Err(err(
+                        format!("nhsd.exempt_paths[{i}]"),
+                        "must start with '/' and not end with '/'",
+                    ));
+                }
+            }
+            n.headers
+                .validate("nhsd.headers")
+                .map_err(|(f, r)| err(f, r))?;
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if let Some(p) = &r.nhsd {
+                if self.nhsd.is_none() {
+                    return Err(err(
+                        format!("routes[{i}].nhsd"),
+                        "set, but NHSD checks are off (no top-level nhsd section)",
+                    ));
+                }
+                p.validate(&format!("routes[{i}].nhsd"))
+                    .map_err(|(f, r)| err(f, r))?;
             }
         }
 

@@ -1,4 +1,4 @@
-//! Per-request pipeline: route policy → (token, NHSD headers: later stages) → forward.
+//! Per-request pipeline: route policy → NHSD headers → forward.
 //!
 //! [`Gateway::handle`] never fails: every refusal is a [`Rejection`] turned into an
 //! `OperationOutcome` by [`crate::outcome`], and every request produces one access line.
@@ -7,16 +7,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{header, Method, Request, Response};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::config::{Config, ConfigError, IdentityHeaders};
+use crate::config::{Config, ConfigError, IdentityHeaders, NhsdConfig};
 use crate::forward;
 use crate::identity::ClientIdentity;
-use crate::metrics::Metrics;
+use crate::metrics::{HeaderLabel, Metrics};
+use crate::nhsd;
 use crate::outcome::{Body, Rejection};
-use crate::policy::RoutePolicy;
+use crate::policy::{prefix_covers, Route, RoutePolicy};
 use crate::upstream::Upstream;
 
 /// What the listener learnt about a connection; shared by its requests.
@@ -30,18 +31,23 @@ pub struct Gateway {
     policy: RoutePolicy,
     upstream: Upstream,
     identity_headers: IdentityHeaders,
+    nhsd: Option<NhsdConfig>,
     max_body_bytes: u64,
     metrics: Arc<Metrics>,
 }
 
-/// Outcome of the pipeline, before logging.
-struct Handled {
-    response: Response<Body>,
+/// What the pipeline learnt about one request, for the access line and metrics.
+#[derive(Default)]
+struct Trace {
     route: Option<String>,
     rejection: Option<&'static str>,
     upstream_status: Option<u16>,
     upstream_time: Option<Duration>,
+    ods_code: Option<String>,
 }
+
+/// Transaction-id headers echoed on every response, refusals included (BaRS).
+const ECHOED: [&str; 2] = ["x-request-id", "x-correlation-id"];
 
 impl Gateway {
     pub fn from_config(cfg: &Config, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
@@ -49,6 +55,7 @@ impl Gateway {
             policy: RoutePolicy::new(&cfg.routes),
             upstream: Upstream::from_config(&cfg.upstream)?,
             identity_headers: cfg.identity_headers.clone(),
+            nhsd: cfg.nhsd.clone(),
             max_body_bytes: cfg.limits.max_body_bytes,
             metrics,
         })
@@ -61,21 +68,44 @@ impl Gateway {
     ) -> Response<Body> {
         let start = Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let request_id = log_safe(req.headers().get("x-request-id"));
-        let correlation_id = log_safe(req.headers().get("x-correlation-id"));
-        let h = self.process(req, conn).await;
-        let status = h.response.status().as_u16();
-        let route = h.route.as_deref().unwrap_or("-");
+        let path = log_safe_str(req.uri().path());
+        let echoed: Vec<(&str, HeaderValue)> = ECHOED
+            .iter()
+            .filter_map(|n| echoable(req.headers(), n).map(|v| (*n, v)))
+            .collect();
+        let mut trace = Trace::default();
+        let mut response = match self.forward(req, conn, &mut trace).await {
+            Ok(r) => {
+                trace.upstream_status = Some(r.status().as_u16());
+                r
+            }
+            Err(r) => {
+                trace.rejection = Some(r.reason);
+                r.into_response()
+            }
+        };
+        for (name, value) in &echoed {
+            response.headers_mut().insert(*name, value.clone());
+        }
+
+        let status = response.status().as_u16();
+        let route = trace.route.as_deref().unwrap_or("-");
         self.metrics
-            .request(route, status, start.elapsed(), h.upstream_time);
-        if let Some(kind) = h.rejection {
+            .request(route, status, start.elapsed(), trace.upstream_time);
+        if let Some(kind) = trace.rejection {
             self.metrics.rejection(kind);
         }
+        let id = |n: &str| {
+            echoed
+                .iter()
+                .find(|(k, _)| *k == n)
+                .and_then(|(_, v)| v.to_str().ok())
+                .unwrap_or("-")
+        };
         tracing::info!(
             target: "fhirgate::access",
             method = %method,
-            path = %log_safe_str(&path),
+            path = %path,
             status,
             latency_ms = start.elapsed().as_secs_f64() * 1000.0,
             client_subject = %conn.identity.subject,
@@ -83,52 +113,55 @@ impl Gateway {
             bundle = %conn.identity.bundle,
             peer = %conn.peer,
             route,
-            upstream_status = h.upstream_status.unwrap_or(0),
-            upstream_ms = h.upstream_time.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
-            rejection = h.rejection.unwrap_or("-"),
-            request_id = %request_id,
-            correlation_id = %correlation_id,
+            ods_code = trace.ods_code.as_deref().unwrap_or("-"),
+            upstream_status = trace.upstream_status.unwrap_or(0),
+            upstream_ms = trace.upstream_time.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+            rejection = trace.rejection.unwrap_or("-"),
+            request_id = id("x-request-id"),
+            correlation_id = id("x-correlation-id"),
             "request"
         );
-        h.response
+        response
     }
 
-    async fn process(&self, req: Request<Incoming>, conn: &ConnInfo) -> Handled {
-        let mut route_name = None;
-        let mut upstream_time = None;
-        match self
-            .forward(req, conn, &mut route_name, &mut upstream_time)
-            .await
-        {
-            Ok(response) => Handled {
-                upstream_status: Some(response.status().as_u16()),
-                response,
-                route: route_name,
-                rejection: None,
-                upstream_time,
-            },
-            Err(r) => Handled {
-                rejection: Some(r.reason),
-                response: r.into_response(),
-                route: route_name,
-                upstream_status: None,
-                upstream_time,
-            },
+    /// NHSD stage: the route's policy (or the default) unless the path is exempt.
+    fn check_nhsd(
+        &self,
+        route: &Route,
+        req: &Request<Incoming>,
+    ) -> Result<Option<nhsd::NhsdFacts>, Rejection> {
+        let Some(cfg) = &self.nhsd else {
+            return Ok(None);
+        };
+        let path = req.uri().path();
+        if cfg.exempt_paths.iter().any(|p| prefix_covers(p, path)) {
+            return Ok(None);
         }
+        let policy = route.nhsd.as_ref().unwrap_or(&cfg.headers);
+        nhsd::check(req.headers(), policy).map(Some).map_err(|e| {
+            self.metrics
+                .nhsd_rejections
+                .get_or_create(&HeaderLabel {
+                    header: e.header().to_owned(),
+                })
+                .inc();
+            Rejection::from(&e)
+        })
     }
 
     async fn forward(
         &self,
         req: Request<Incoming>,
         conn: &ConnInfo,
-        route_name: &mut Option<String>,
-        upstream_time: &mut Option<Duration>,
+        trace: &mut Trace,
     ) -> Result<Response<Body>, Rejection> {
         if req.method() == Method::CONNECT {
             return Err(Rejection::method_not_allowed("CONNECT is not supported"));
         }
         let route = self.policy.decide(req.uri().path(), &conn.identity)?;
-        *route_name = Some(route.name.clone());
+        trace.route = Some(route.name.clone());
+        let facts = self.check_nhsd(route, &req)?;
+        trace.ods_code = facts.as_ref().and_then(|f| f.ods_code.clone());
 
         if let Some(len) = content_length(req.headers()) {
             if len > self.max_body_bytes {
@@ -156,8 +189,15 @@ impl Gateway {
             conn.peer,
             original_host.as_deref(),
         );
+        if let (Some(f), Some(cfg)) = (&facts, &self.nhsd) {
+            if cfg.forward_facts {
+                for (name, value) in nhsd::upstream_fact_headers(f) {
+                    parts.headers.insert(name, forward::header_value(value));
+                }
+            }
+        }
         parts.uri = uri;
-        // The upstream speaks its own protocol version; let the client pick it.
+        // The upstream connection has its own protocol version.
         parts.version = http::Version::HTTP_11;
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
         let body = Limited::new(body, limit).boxed();
@@ -165,7 +205,7 @@ impl Gateway {
 
         let sent = Instant::now();
         let result = self.upstream.send(upstream_req, self.max_body_bytes).await;
-        *upstream_time = Some(sent.elapsed());
+        trace.upstream_time = Some(sent.elapsed());
         let resp = result.map_err(|(rejection, detail)| {
             tracing::warn!(target: "fhirgate::upstream", error = %detail, reason = rejection.reason, "upstream request failed");
             self.metrics.upstream_error(rejection.reason);
@@ -177,7 +217,7 @@ impl Gateway {
     }
 }
 
-fn content_length(h: &http::HeaderMap) -> Option<u64> {
+fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?
         .to_str()
         .ok()?
@@ -186,14 +226,18 @@ fn content_length(h: &http::HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// A header value as it may appear in a log line: printable ASCII, at most 128 chars.
-fn log_safe(v: Option<&http::HeaderValue>) -> String {
-    match v.and_then(|v| v.to_str().ok()) {
-        Some(s) => log_safe_str(s),
-        None => "-".into(),
+/// A transaction id worth echoing: one value, printable ASCII, at most 128 bytes. Anything
+/// else is not reflected back (the NHSD stage reports it as invalid).
+fn echoable(h: &HeaderMap, name: &str) -> Option<HeaderValue> {
+    let mut all = h.get_all(name).iter();
+    let v = all.next()?;
+    if all.next().is_some() || v.len() > 128 || !v.as_bytes().iter().all(|b| b.is_ascii_graphic()) {
+        return None;
     }
+    Some(v.clone())
 }
 
+/// Text as it may appear in a log line: printable ASCII, at most 128 chars.
 fn log_safe_str(s: &str) -> String {
     s.chars()
         .take(128)

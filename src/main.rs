@@ -49,6 +49,30 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PkiCmd,
     },
+    /// Build and inspect BaRS NHSD-* headers.
+    Nhsd {
+        #[command(subcommand)]
+        cmd: NhsdCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum NhsdCmd {
+    /// Base64-encode a FHIR resource (JSON file, or - for stdin) as header NAME, checking
+    /// it the way the gateway will.
+    Encode {
+        #[arg(long)]
+        header: String,
+        file: PathBuf,
+    },
+    /// Decode header NAME's VALUE to pretty JSON and say whether the gateway accepts it.
+    Decode {
+        #[arg(long)]
+        header: String,
+        value: String,
+    },
+    /// Print a complete valid set of BaRS headers, one `Name: value` per line.
+    Example,
 }
 
 #[derive(Subcommand)]
@@ -103,6 +127,7 @@ fn main() -> ExitCode {
             Cmd::Run { config } => run(&config).await,
             Cmd::Check { config } => check(&config),
             Cmd::Demo { config } => demo(&config).await,
+            Cmd::Nhsd { cmd } => nhsd_cmd(cmd),
             Cmd::Pki {
                 cmd: PkiCmd::Dev { out },
             } => {
@@ -119,6 +144,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn nhsd_cmd(cmd: NhsdCmd) -> anyhow::Result<()> {
+    use fhirgate::nhsd;
+    match cmd {
+        NhsdCmd::Encode { header, file } => {
+            let json = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file)?
+            };
+            println!(
+                "{}",
+                nhsd::encode_header(&header, &json).map_err(anyhow::Error::msg)?
+            );
+        }
+        NhsdCmd::Decode { header, value } => {
+            println!(
+                "{}",
+                nhsd::decode_header(&header, &value).map_err(anyhow::Error::msg)?
+            );
+        }
+        NhsdCmd::Example => {
+            for (name, value) in nhsd::example_headers() {
+                println!("{name}: {value}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {
@@ -230,10 +284,21 @@ async fn demo(path: &Path) -> anyhow::Result<()> {
         .map(|l| l.address.port())
         .unwrap_or(8443);
     let d = dir.display();
+    let curl = format!("curl --cacert {d}/root-ca.crt --cert {d}/client.crt --key {d}/client.key");
+    let nhsd_args: String = fhirgate::nhsd::example_headers()
+        .iter()
+        .map(|(k, v)| format!(" \\\n    -H '{k}: {v}'"))
+        .collect();
     println!(
-        "\nfhirgate demo is up. Try:\n  \
-         curl --cacert {d}/root-ca.crt --cert {d}/client.crt --key {d}/client.key https://localhost:{gw}/metadata\n  \
-         curl --cacert {d}/root-ca.crt --cert {d}/revoked-client.crt --key {d}/revoked-client.key https://localhost:{gw}/metadata   # refused in the handshake\n"
+        "\nfhirgate demo is up (DEVELOPMENT ONLY). Try:\n\n\
+         # capability statement (exempt from NHSD headers)\n\
+         {curl} https://localhost:{gw}/metadata\n\n\
+         # a BaRS request with NHSD headers: the upstream echoes the identity it was given\n\
+         {curl} https://localhost:{gw}/Patient/1{nhsd_args}\n\n\
+         # the same without NHSD headers: 400 OperationOutcome\n\
+         {curl} https://localhost:{gw}/Patient/1\n\n\
+         # a revoked client certificate: refused in the TLS handshake\n\
+         curl --cacert {d}/root-ca.crt --cert {d}/revoked-client.crt --key {d}/revoked-client.key https://localhost:{gw}/metadata\n"
     );
     // Give pending log lines a moment so the banner is not interleaved.
     tokio::time::sleep(Duration::from_millis(10)).await;

@@ -30,6 +30,11 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HeaderLabel {
+    pub header: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
 }
@@ -52,6 +57,7 @@ pub struct Metrics {
     pub gateway_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
     pub upstream_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
     pub upstream_errors: Family<KindLabel, Counter>,
+    pub nhsd_rejections: Family<HeaderLabel, Counter>,
     pub handshakes: Family<ResultLabel, Counter>,
     pub open_connections: Gauge,
     pub reloads: Family<ResultLabel, Counter>,
@@ -75,6 +81,7 @@ impl Metrics {
             gateway_seconds: Family::new_with_constructor(latency),
             upstream_seconds: Family::new_with_constructor(latency),
             upstream_errors: Family::default(),
+            nhsd_rejections: Family::default(),
             handshakes: Family::default(),
             open_connections: Gauge::default(),
             reloads: Family::default(),

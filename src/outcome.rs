@@ -204,6 +204,18 @@ impl Rejection {
     }
 }
 
+impl From<&crate::nhsd::NhsdError> for Rejection {
+    fn from(e: &crate::nhsd::NhsdError) -> Self {
+        Rejection::from_parts(
+            e.status(),
+            e.fhir_issue_code(),
+            e.nhs_code(),
+            e.reason(),
+            e.to_string(),
+        )
+    }
+}
+
 /// A complete in-memory body.
 pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()

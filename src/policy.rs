@@ -10,6 +10,7 @@ use wildmatch::WildMatch;
 
 use crate::config::RouteConfig;
 use crate::identity::ClientIdentity;
+use crate::nhsd::NhsdPolicy;
 use crate::outcome::Rejection;
 
 /// A compiled route.
@@ -20,6 +21,8 @@ pub struct Route {
     bundles: Vec<String>,
     subjects: Vec<WildMatch>,
     sans: Vec<WildMatch>,
+    /// Route-specific NHSD header policy, if any.
+    pub nhsd: Option<NhsdPolicy>,
 }
 
 impl Route {
@@ -34,18 +37,12 @@ impl Route {
                 .iter()
                 .map(|p| WildMatch::new(&p.to_ascii_lowercase()))
                 .collect(),
+            nhsd: c.nhsd.clone(),
         }
     }
 
-    /// Whether `path` lies under this route's prefix, on a segment boundary.
     fn covers(&self, path: &str) -> bool {
-        if self.path_prefix == "/" {
-            return true;
-        }
-        match path.strip_prefix(self.path_prefix.as_str()) {
-            Some(rest) => rest.is_empty() || rest.starts_with('/'),
-            None => false,
-        }
+        prefix_covers(&self.path_prefix, path)
     }
 
     /// Whether this client may use the route. With no subject or SAN patterns, any client
@@ -62,6 +59,18 @@ impl Route {
                 .sans
                 .iter()
                 .any(|p| id.dns_sans.iter().any(|s| p.matches(s)))
+    }
+}
+
+/// Whether `path` lies under `prefix`, on a segment boundary: `/Patient` covers
+/// `/Patient` and `/Patient/1`, not `/Patients`.
+pub fn prefix_covers(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
     }
 }
 
@@ -156,6 +165,7 @@ mod tests {
             bundles: bundles.iter().map(|s| s.to_string()).collect(),
             allow_subjects: subj.iter().map(|s| s.to_string()).collect(),
             allow_sans: sans.iter().map(|s| s.to_string()).collect(),
+            nhsd: None,
         }
     }
 

@@ -31,9 +31,16 @@ C=(curl -sS --max-time 10 --cacert "$D/root-ca.crt")
 # curl with a valid client certificate: forwarded, identity visible upstream.
 body=$("${C[@]}" --cert "$D/client.crt" --key "$D/client.key" "$URL/metadata")
 check "curl --cert valid client gets the CapabilityStatement" grep -q '"resourceType":"CapabilityStatement"' <<<"$body"
-body=$("${C[@]}" --cert "$D/client.crt" --key "$D/client.key" -H 'X-Client-Cert-Subject: CN=spoof' "$URL/Patient/1")
+NH=()
+while IFS= read -r line; do NH+=(-H "$line"); done < <("$FHIRGATE" nhsd example)
+check "nhsd example prints six headers" test "${#NH[@]}" = 12
+code=$("${C[@]}" -o "$T/out" -w '%{http_code}' --cert "$D/client.crt" --key "$D/client.key" "$URL/Patient/1")
+check "missing NHSD headers get 400" test "$code" = 400
+check "400 names the missing header" grep -q 'X-Request-ID' "$T/out"
+body=$("${C[@]}" --cert "$D/client.crt" --key "$D/client.key" "${NH[@]}" -H 'X-Client-Cert-Subject: CN=spoof' -H 'X-Fhirgate-Ods-Code: SPOOF' "$URL/Patient/1")
+check "upstream sees the verified ODS code" grep -q 'x-fhirgate-ods-code.*A1001' <<<"$body"
 check "upstream sees the verified subject" grep -q 'x-client-cert-subject.*CN=BaRS-X26' <<<"$body"
-check "spoofed subject never reaches the upstream" bash -c '! grep -q spoof <<<"$1"' _ "$body"
+check "spoofed headers never reach the upstream" bash -c '! grep -qi spoof <<<"$1"' _ "$body"
 code=$("${C[@]}" --http2 -o /dev/null -w '%{http_version}' --cert "$D/client.crt" --key "$D/client.key" "$URL/metadata")
 check "curl negotiates HTTP/2" test "$code" = 2
 code=$("${C[@]}" -o "$T/out" -w '%{http_code}' --path-as-is --cert "$D/client.crt" --key "$D/client.key" "$URL/metadata/../Patient/1")

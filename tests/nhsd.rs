@@ -1,0 +1,187 @@
+//! NHSD-* header enforcement through the running gateway over real mTLS.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use fhirgate::nhsd::{self, example_headers};
+use http::{Request, StatusCode};
+use http_body_util::Full;
+
+const NHSD: &str = "nhsd:\n  exempt_paths: [/metadata, /MessageDefinition]\n";
+
+fn routes() -> String {
+    [
+        "  - name: capabilities",
+        "    path_prefix: /metadata",
+        "  - name: definitions",
+        "    path_prefix: /MessageDefinition",
+        "  - name: booking",
+        "    path_prefix: /Slot",
+        "    nhsd:",
+        "      end_user_organisation: required",
+        "      requesting_software: optional",
+        "      target_identifier: ignored",
+        "      allowed_ods_codes: [RYG]",
+        "  - name: fhir",
+        "    path_prefix: /",
+        "",
+    ]
+    .join("\n")
+}
+
+fn request(path: &str, skip: &[&str], extra: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut b = Request::get(path);
+    for (k, v) in example_headers() {
+        if !skip.contains(&k) {
+            b = b.header(k, v);
+        }
+    }
+    for (k, v) in extra {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test]
+async fn nhsd_headers_are_enforced_forwarded_and_echoed() {
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.routes = format!("{}{NHSD}", routes());
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H2);
+
+    // Exempt paths need no headers.
+    for p in ["/metadata", "/MessageDefinition/abc"] {
+        assert_eq!(
+            send(&c, addr, get(p)).await.unwrap().status,
+            StatusCode::OK,
+            "{p}"
+        );
+    }
+
+    // A full valid set is forwarded unchanged, with the verified facts added and any
+    // client-sent fact header replaced.
+    let got = send(
+        &c,
+        addr,
+        request(
+            "/$process-message",
+            &[],
+            &[("x-fhirgate-ods-code", "SPOOF")],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(
+        got.headers["x-request-id"],
+        "c1ab3fba-6bae-4ba4-b257-5a87c44d4a91"
+    );
+    assert_eq!(
+        got.headers["x-correlation-id"],
+        "9562466f-c982-4bd5-bb0e-255e9f5e6689"
+    );
+    let (_, h, _) = seen.last();
+    assert_eq!(h["x-fhirgate-ods-code"], "A1001");
+    assert_eq!(h["x-fhirgate-software-name"], "Supplier product name");
+    assert_eq!(h["x-fhirgate-software-version"], "1.0.0");
+    assert_eq!(h["x-fhirgate-target-identifier"], "2000011147");
+    let original = example_headers()
+        .into_iter()
+        .find(|(k, _)| *k == nhsd::END_USER_ORGANISATION)
+        .unwrap()
+        .1;
+    assert_eq!(
+        h[nhsd::END_USER_ORGANISATION],
+        original.as_str(),
+        "original header forwarded"
+    );
+
+    // Each missing required header is named in a 400 OperationOutcome; ids are echoed.
+    let before = seen.count();
+    for missing in [
+        nhsd::TARGET_IDENTIFIER,
+        nhsd::END_USER_ORGANISATION,
+        nhsd::REQUESTING_SOFTWARE,
+        nhsd::CORRELATION_ID,
+    ] {
+        let got = send(&c, addr, request("/Patient/1", &[missing], &[]))
+            .await
+            .unwrap();
+        got.assert_outcome(400, "REC_BAD_REQUEST");
+        let j = got.json();
+        assert_eq!(j["issue"][0]["code"], "required");
+        let diag = j["issue"][0]["diagnostics"].as_str().unwrap();
+        assert!(diag.contains(missing), "{diag}");
+        assert_eq!(
+            got.headers["x-request-id"],
+            "c1ab3fba-6bae-4ba4-b257-5a87c44d4a91"
+        );
+    }
+
+    // Malformed values: named, never echoed.
+    let evil = "PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg"; // unpadded Base64 of "<script>alert(1)</script>"
+    let got = send(
+        &c,
+        addr,
+        request(
+            "/Patient/1",
+            &[nhsd::END_USER_ORGANISATION],
+            &[(nhsd::END_USER_ORGANISATION, evil)],
+        ),
+    )
+    .await
+    .unwrap();
+    got.assert_outcome(400, "REC_BAD_REQUEST");
+    let body = String::from_utf8_lossy(&got.body).to_string();
+    assert!(
+        body.contains(nhsd::END_USER_ORGANISATION) && !body.contains(evil),
+        "{body}"
+    );
+    let got = send(
+        &c,
+        addr,
+        request(
+            "/Patient/1",
+            &[nhsd::REQUEST_ID],
+            &[(nhsd::REQUEST_ID, "1234")],
+        ),
+    )
+    .await
+    .unwrap();
+    got.assert_outcome(400, "REC_BAD_REQUEST");
+    assert_eq!(got.json()["issue"][0]["code"], "value");
+    assert_eq!(
+        seen.count(),
+        before,
+        "refused requests never reach the upstream"
+    );
+
+    // Per-route policy: /Slot ignores the target, requires an allowed ODS code.
+    let got = send(&c, addr, request("/Slot", &[nhsd::TARGET_IDENTIFIER], &[]))
+        .await
+        .unwrap();
+    got.assert_outcome(403, "REC_FORBIDDEN");
+    assert!(got.json()["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("ODS code"));
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn without_an_nhsd_section_headers_are_not_required() {
+    let pki = Pki::new();
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    assert_eq!(
+        send(&c, addr, get("/Patient/1")).await.unwrap().status,
+        StatusCode::OK
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
+}
