@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::AuthConfig;
 use crate::nhsd::NhsdPolicy;
 
 /// Which environment this gateway serves; `production` forbids development shortcuts.
@@ -43,6 +44,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// Bearer-token checks. Required: `mode: development` must be chosen explicitly.
+    pub auth: AuthConfig,
     /// BaRS NHSD-* header checks; off when absent.
     #[serde(default)]
     pub nhsd: Option<NhsdConfig>,
@@ -286,9 +289,23 @@ pub struct RouteConfig {
     /// Glob patterns on the DNS subject alternative names (case-insensitive).
     #[serde(default)]
     pub allow_sans: Vec<String>,
+    /// `required` (default): a valid bearer token; `none`: no token (e.g. /metadata).
+    #[serde(default)]
+    pub token: TokenRequirement,
+    /// Scopes the token must list verbatim, on top of the SMART interaction check.
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
     /// NHSD header policy for this route, replacing `nhsd.headers`.
     #[serde(default)]
     pub nhsd: Option<NhsdPolicy>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenRequirement {
+    #[default]
+    Required,
+    None,
 }
 
 /// A configuration error: the dotted path of the field and what is wrong with it.
@@ -481,6 +498,8 @@ impl Config {
             }
         }
 
+        self.auth
+            .validate(self.environment == Environment::Production)?;
         if let Some(n) = &self.nhsd {
             for (i, p) in n.exempt_paths.iter().enumerate() {
                 if !p.starts_with('/') || (p.len() > 1 && p.ends_with('/')) {
@@ -582,11 +601,21 @@ impl Config {
             self.tls.revocation.enforce_crl_expiry
         );
         let _ = writeln!(s, "upstream: {}", self.upstream.url);
+        let _ = writeln!(
+            s,
+            "auth: {:?}{}",
+            self.auth.mode,
+            match (&self.auth.issuer, &self.auth.introspection_endpoint) {
+                (_, Some(e)) => format!(" via {e}"),
+                (Some(i), None) => format!(" via discovery from {i}"),
+                _ => " (NO TOKEN CHECKS)".into(),
+            }
+        );
         for r in &self.routes {
             let _ = writeln!(
                 s,
-                "route {:?}: {} bundles={:?} subjects={:?} sans={:?}",
-                r.name, r.path_prefix, r.bundles, r.allow_subjects, r.allow_sans
+                "route {:?}: {} bundles={:?} subjects={:?} sans={:?} token={:?}",
+                r.name, r.path_prefix, r.bundles, r.allow_subjects, r.allow_sans, r.token
             );
         }
         s

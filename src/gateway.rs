@@ -1,4 +1,8 @@
-//! Per-request pipeline: route policy → NHSD headers → forward.
+//! Per-request pipeline: route policy → bearer token → NHSD headers → forward.
+//!
+//! The route is matched first because it decides which later checks apply; a client
+//! whose certificate may not use the route is refused before it can cost an
+//! introspection call.
 //!
 //! [`Gateway::handle`] never fails: every refusal is a [`Rejection`] turned into an
 //! `OperationOutcome` by [`crate::outcome`], and every request produces one access line.
@@ -11,7 +15,8 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::config::{Config, ConfigError, IdentityHeaders, NhsdConfig};
+use crate::auth::{self, scope, Authoriser};
+use crate::config::{Config, ConfigError, IdentityHeaders, NhsdConfig, TokenRequirement};
 use crate::forward;
 use crate::identity::ClientIdentity;
 use crate::metrics::{HeaderLabel, Metrics};
@@ -32,6 +37,7 @@ pub struct Gateway {
     upstream: Upstream,
     identity_headers: IdentityHeaders,
     nhsd: Option<NhsdConfig>,
+    auth: Authoriser,
     max_body_bytes: u64,
     metrics: Arc<Metrics>,
 }
@@ -44,6 +50,8 @@ struct Trace {
     upstream_status: Option<u16>,
     upstream_time: Option<Duration>,
     ods_code: Option<String>,
+    client_id: Option<String>,
+    token_hash: Option<String>,
 }
 
 /// Transaction-id headers echoed on every response, refusals included (BaRS).
@@ -56,6 +64,13 @@ impl Gateway {
             upstream: Upstream::from_config(&cfg.upstream)?,
             identity_headers: cfg.identity_headers.clone(),
             nhsd: cfg.nhsd.clone(),
+            auth: {
+                let a = Authoriser::new(&cfg.auth, metrics.clone())?;
+                if a.is_development() {
+                    tracing::warn!(target: "fhirgate::auth", "auth.mode is development: NO BEARER TOKEN CHECKS. Never use this outside development.");
+                }
+                a
+            },
             max_body_bytes: cfg.limits.max_body_bytes,
             metrics,
         })
@@ -114,6 +129,9 @@ impl Gateway {
             peer = %conn.peer,
             route,
             ods_code = trace.ods_code.as_deref().unwrap_or("-"),
+            client_id = trace.client_id.as_deref().unwrap_or("-"),
+            token_hash = trace.token_hash.as_deref().unwrap_or("-"),
+            auth = if self.auth.is_development() { "DEVELOPMENT-NO-TOKEN-CHECK" } else { "checked" },
             upstream_status = trace.upstream_status.unwrap_or(0),
             upstream_ms = trace.upstream_time.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
             rejection = trace.rejection.unwrap_or("-"),
@@ -160,6 +178,20 @@ impl Gateway {
         }
         let route = self.policy.decide(req.uri().path(), &conn.identity)?;
         trace.route = Some(route.name.clone());
+        let token = match route.token {
+            TokenRequirement::None => None,
+            TokenRequirement::Required => {
+                let need = scope::classify(req.method(), req.uri().path());
+                let facts = self
+                    .auth
+                    .authorise(req.headers(), &need, &route.required_scopes)
+                    .await
+                    .map_err(|e| e.rejection(self.auth.config()))?;
+                trace.client_id = facts.client_id.clone();
+                trace.token_hash = Some(facts.token_hash.clone()).filter(|h| !h.is_empty());
+                Some(facts)
+            }
+        };
         let facts = self.check_nhsd(route, &req)?;
         trace.ods_code = facts.as_ref().and_then(|f| f.ods_code.clone());
 
@@ -189,6 +221,11 @@ impl Gateway {
             conn.peer,
             original_host.as_deref(),
         );
+        if let Some(t) = &token {
+            for (name, value) in auth::upstream_headers(t) {
+                parts.headers.insert(name, forward::header_value(value));
+            }
+        }
         if let (Some(f), Some(cfg)) = (&facts, &self.nhsd) {
             if cfg.forward_facts {
                 for (name, value) in nhsd::upstream_fact_headers(f) {

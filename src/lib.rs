@@ -6,6 +6,7 @@
 //! a FHIR `OperationOutcome` in [`outcome`]. [`config`] is the only reader of YAML.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod devstack;
 pub mod forward;

@@ -8,7 +8,7 @@
 
 use wildmatch::WildMatch;
 
-use crate::config::RouteConfig;
+use crate::config::{RouteConfig, TokenRequirement};
 use crate::identity::ClientIdentity;
 use crate::nhsd::NhsdPolicy;
 use crate::outcome::Rejection;
@@ -23,6 +23,8 @@ pub struct Route {
     sans: Vec<WildMatch>,
     /// Route-specific NHSD header policy, if any.
     pub nhsd: Option<NhsdPolicy>,
+    pub token: TokenRequirement,
+    pub required_scopes: Vec<String>,
 }
 
 impl Route {
@@ -38,6 +40,8 @@ impl Route {
                 .map(|p| WildMatch::new(&p.to_ascii_lowercase()))
                 .collect(),
             nhsd: c.nhsd.clone(),
+            token: c.token,
+            required_scopes: c.required_scopes.clone(),
         }
     }
 
@@ -166,6 +170,8 @@ mod tests {
             allow_subjects: subj.iter().map(|s| s.to_string()).collect(),
             allow_sans: sans.iter().map(|s| s.to_string()).collect(),
             nhsd: None,
+            token: TokenRequirement::Required,
+            required_scopes: vec![],
         }
     }
 

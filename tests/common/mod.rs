@@ -129,6 +129,8 @@ pub async fn dead_port() -> SocketAddr {
 
 pub struct Opts {
     pub upstream: SocketAddr,
+    /// The `auth:` section (default: development mode, no token checks).
+    pub auth: String,
     pub extra_bundle: bool,
     pub routes: String,
     pub limits: String,
@@ -140,6 +142,7 @@ impl Opts {
     pub fn new(upstream: SocketAddr) -> Self {
         Opts {
             upstream,
+            auth: "auth:\n  mode: development\n".into(),
             extra_bundle: false,
             routes: "  - name: all\n    path_prefix: /\n".into(),
             limits: String::new(),
@@ -165,6 +168,7 @@ listeners:\n  - address: 127.0.0.1:0\n\
 tls:\n  server_cert: {sc}\n  server_key: {sk}\n  handshake_timeout: 2s\n{tls_extra}  trust_bundles:\n    - name: nhs-int\n      ca_files: [{root}, {sub}]\n      crl_files: [{crl}, {rcrl}]\n{extra}\
 limits:\n  idle_timeout: 5s\n{limits}\
 upstream:\n  url: http://{up}\n  connect_timeout: 1s\n  response_timeout: 2s\n{up_extra}\
+{auth}\
 routes:\n{routes}",
         sc = p("server.crt"),
         sk = p("server.key"),
@@ -176,6 +180,7 @@ routes:\n{routes}",
         limits = o.limits,
         up = o.upstream,
         up_extra = o.upstream_extra,
+        auth = o.auth,
         routes = o.routes,
     )
 }

@@ -1,0 +1,160 @@
+//! Token cache: keyed by SHA-256 of the token, one introspection per token per TTL.
+//!
+//! Positive entries live until `min(exp, now + max_ttl)`; negative ones for
+//! `negative_ttl`; errors are not cached. Concurrent misses for one token share a single
+//! introspection (moka's `try_get_with`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use moka::future::Cache;
+use moka::Expiry;
+use sha2::{Digest, Sha256};
+
+use super::introspect::{IntrospectError, Introspection};
+use super::{AuthConfig, CacheConfig, TokenFacts};
+
+pub type TokenKey = [u8; 32];
+
+pub fn token_key(token: &str) -> TokenKey {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A cached verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CachedToken {
+    Active { facts: TokenFacts, ttl: Duration },
+    Inactive,
+}
+
+/// How long a positive result may be cached: up to `exp` (never past it), at most
+/// `max_ttl`; with no `exp`, `max_ttl`. `None` when the token is already expired.
+pub fn positive_ttl(exp: Option<i64>, now: i64, max_ttl: Duration) -> Option<Duration> {
+    match exp {
+        None => Some(max_ttl),
+        Some(exp) if exp <= now => None,
+        Some(exp) => {
+            let left = Duration::from_secs(u64::try_from(exp - now).unwrap_or(0));
+            Some(left.min(max_ttl))
+        }
+    }
+}
+
+/// Allowed clock difference with the authorisation server for `nbf`.
+const NBF_LEEWAY_SECS: i64 = 30;
+
+/// Turns an introspection response into a verdict, applying the local checks.
+pub fn entry_from(i: &Introspection, cfg: &AuthConfig, now: i64) -> CachedToken {
+    if !i.active {
+        return CachedToken::Inactive;
+    }
+    if i.nbf.is_some_and(|nbf| nbf > now + NBF_LEEWAY_SECS) {
+        return CachedToken::Inactive;
+    }
+    if let Some(want) = &cfg.expected_issuer {
+        if i.iss.as_deref() != Some(want.as_str()) {
+            return CachedToken::Inactive;
+        }
+    }
+    if let Some(want) = &cfg.expected_audience {
+        if !i.aud.iter().any(|a| a == want) {
+            return CachedToken::Inactive;
+        }
+    }
+    match positive_ttl(i.exp, now, cfg.cache.max_ttl) {
+        None => CachedToken::Inactive,
+        Some(ttl) => CachedToken::Active {
+            facts: TokenFacts {
+                client_id: i.client_id.clone(),
+                sub: i.sub.clone(),
+                scope: i.scope.clone().unwrap_or_default(),
+                token_hash: String::new(),
+                exp: i.exp,
+                development: false,
+            },
+            ttl,
+        },
+    }
+}
+
+struct PerEntry {
+    negative: Duration,
+}
+
+impl Expiry<TokenKey, Arc<CachedToken>> for PerEntry {
+    fn expire_after_create(
+        &self,
+        _k: &TokenKey,
+        v: &Arc<CachedToken>,
+        _at: Instant,
+    ) -> Option<Duration> {
+        Some(match &**v {
+            CachedToken::Active { ttl, .. } => *ttl,
+            CachedToken::Inactive => self.negative,
+        })
+    }
+}
+
+pub struct TokenCache {
+    inner: Cache<TokenKey, Arc<CachedToken>>,
+}
+
+impl TokenCache {
+    pub fn new(cfg: &CacheConfig) -> Self {
+        TokenCache {
+            inner: Cache::builder()
+                .max_capacity(cfg.max_capacity)
+                .expire_after(PerEntry {
+                    negative: cfg.negative_ttl,
+                })
+                .build(),
+        }
+    }
+
+    pub async fn get(&self, key: &TokenKey) -> Option<Arc<CachedToken>> {
+        self.inner.get(key).await
+    }
+
+    /// Returns the cached verdict or runs `fetch` once for all concurrent callers.
+    pub async fn get_or_fetch(
+        &self,
+        key: TokenKey,
+        fetch: impl std::future::Future<Output = Result<Arc<CachedToken>, IntrospectError>>,
+    ) -> Result<Arc<CachedToken>, Arc<IntrospectError>> {
+        self.inner.try_get_with(key, fetch).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_arithmetic() {
+        let max = Duration::from_secs(300);
+        let now = 1_000_000;
+        assert_eq!(
+            positive_ttl(Some(now - 1), now, max),
+            None,
+            "exp in the past"
+        );
+        assert_eq!(positive_ttl(Some(now), now, max), None, "exp now");
+        assert_eq!(
+            positive_ttl(Some(now + 60), now, max),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            positive_ttl(Some(now + 3600), now, max),
+            Some(max),
+            "exp beyond max_ttl"
+        );
+        assert_eq!(positive_ttl(None, now, max), Some(max), "missing exp");
+    }
+}

@@ -1,0 +1,340 @@
+//! RFC 7662 introspection and RFC 8414 / OpenID discovery, over a pooled client.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::{header, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use serde::{Deserialize, Deserializer};
+
+use super::client_auth::ClientCredential;
+use super::AuthConfig;
+use crate::config::ConfigError;
+use crate::tls::{load_certs, provider};
+
+/// Largest response body read from the authorisation server.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IntrospectError {
+    #[error("introspection endpoint not known yet (discovery pending)")]
+    NoEndpoint,
+    #[error("too many introspections in flight")]
+    Busy,
+    #[error("authorisation server timed out")]
+    Timeout,
+    #[error("authorisation server unreachable: {0}")]
+    Transport(String),
+    #[error("authorisation server answered HTTP {0}")]
+    Status(u16),
+    #[error("authorisation server answered malformed JSON: {0}")]
+    Malformed(String),
+    #[error("discovery failed: {0}")]
+    Discovery(String),
+    #[error("{0}")]
+    Credential(String),
+}
+
+impl IntrospectError {
+    fn retryable(&self) -> bool {
+        matches!(self, IntrospectError::Transport(_))
+            || matches!(self, IntrospectError::Status(s) if *s >= 500)
+    }
+}
+
+/// The RFC 7662 response members the gateway uses.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Introspection {
+    pub active: bool,
+    #[serde(default)]
+    pub scope: Option<String>,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub sub: Option<String>,
+    #[serde(default, deserialize_with = "numeric_date")]
+    pub exp: Option<i64>,
+    #[serde(default, deserialize_with = "numeric_date")]
+    pub iat: Option<i64>,
+    #[serde(default, deserialize_with = "numeric_date")]
+    pub nbf: Option<i64>,
+    #[serde(default)]
+    pub iss: Option<String>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub aud: Vec<String>,
+}
+
+/// NumericDate: seconds, possibly with a fraction (RFC 7519 §2).
+fn numeric_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let v: Option<f64> = Option::deserialize(d)?;
+    Ok(v.filter(|f| f.is_finite()).map(|f| f.floor() as i64))
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    })
+}
+
+/// Parses an introspection response body. `active` must be present and boolean.
+pub fn parse_introspection(body: &[u8]) -> Result<Introspection, IntrospectError> {
+    serde_json::from_slice(body).map_err(|e| IntrospectError::Malformed(e.to_string()))
+}
+
+#[derive(Debug, Deserialize)]
+struct Metadata {
+    issuer: String,
+    #[serde(default)]
+    introspection_endpoint: Option<String>,
+}
+
+/// Client for the authorisation server.
+#[derive(Clone)]
+pub struct AsClient {
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    credential: Arc<ClientCredential>,
+    issuer: Option<String>,
+    timeout: Duration,
+    retries: u32,
+    backoff: Duration,
+}
+
+impl AsClient {
+    pub fn new(cfg: &AuthConfig) -> Result<Self, ConfigError> {
+        let credential = match &cfg.client_auth {
+            Some(c) => ClientCredential::from_config(c)?,
+            None => {
+                return Err(ConfigError {
+                    field: "auth.client_auth".into(),
+                    reason: "required".into(),
+                })
+            }
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(p) = &cfg.ca_file {
+            for c in load_certs("auth.ca_file", p)? {
+                roots.add(c).map_err(|e| ConfigError {
+                    field: "auth.ca_file".into(),
+                    reason: format!("not a usable CA: {e}"),
+                })?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError {
+                field: "auth".into(),
+                reason: e.to_string(),
+            })?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(cfg.timeout));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
+            .build(https);
+        Ok(AsClient {
+            http,
+            credential: Arc::new(credential),
+            issuer: cfg.issuer.clone(),
+            timeout: cfg.timeout,
+            retries: cfg.retries,
+            backoff: cfg.retry_backoff,
+        })
+    }
+
+    /// Introspects `token`, retrying transport errors and 5xx with backoff, all within
+    /// the configured timeout.
+    pub async fn introspect(
+        &self,
+        endpoint: &str,
+        token: &str,
+    ) -> Result<Introspection, IntrospectError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut attempt = 0;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let result = match tokio::time::timeout(left, self.post(endpoint, token)).await {
+                Ok(r) => r,
+                Err(_) => Err(IntrospectError::Timeout),
+            };
+            match result {
+                Err(e) if e.retryable() && attempt < self.retries => {
+                    attempt += 1;
+                    let wait = self.backoff * 2u32.saturating_pow(attempt - 1);
+                    if Instant::now() + wait >= deadline {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn post(&self, endpoint: &str, token: &str) -> Result<Introspection, IntrospectError> {
+        let (auth, extra) = self
+            .credential
+            .apply(endpoint, self.issuer.as_deref())
+            .map_err(IntrospectError::Credential)?;
+        // Built in one expression: the serializer is not Send and must not live across
+        // an await.
+        let form = {
+            let mut f = form_urlencoded::Serializer::new(String::new());
+            f.append_pair("token", token);
+            f.append_pair("token_type_hint", "access_token");
+            for (k, v) in &extra {
+                f.append_pair(k, v);
+            }
+            f.finish()
+        };
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(endpoint)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::ACCEPT, "application/json");
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(form)))
+            .map_err(|e| IntrospectError::Transport(e.to_string()))?;
+        let body = self.send(req).await?;
+        parse_introspection(&body)
+    }
+
+    async fn send(&self, req: Request<Full<Bytes>>) -> Result<Bytes, IntrospectError> {
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| IntrospectError::Transport(crate::upstream::error_chain(&e)))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| IntrospectError::Transport(e.to_string()))?
+            .to_bytes();
+        if status != StatusCode::OK {
+            return Err(IntrospectError::Status(status.as_u16()));
+        }
+        Ok(body)
+    }
+
+    /// ITI-103: reads `{issuer}/.well-known/openid-configuration` and returns the
+    /// introspection endpoint. The metadata's `issuer` must equal the configured one.
+    pub async fn discover(&self, issuer: &str) -> Result<String, IntrospectError> {
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            issuer.trim_end_matches('/')
+        );
+        let req = Request::get(url)
+            .header(header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| IntrospectError::Discovery(e.to_string()))?;
+        let body = tokio::time::timeout(self.timeout, self.send(req))
+            .await
+            .map_err(|_| IntrospectError::Timeout)??;
+        let meta: Metadata =
+            serde_json::from_slice(&body).map_err(|e| IntrospectError::Discovery(e.to_string()))?;
+        if meta.issuer.trim_end_matches('/') != issuer.trim_end_matches('/') {
+            return Err(IntrospectError::Discovery(format!(
+                "metadata issuer {:?} differs from the configured issuer",
+                meta.issuer
+            )));
+        }
+        meta.introspection_endpoint.ok_or_else(|| {
+            IntrospectError::Discovery("no introspection_endpoint in metadata".into())
+        })
+    }
+}
+
+/// Runs discovery until it succeeds (every 2 s at first, backing off to 60 s), then
+/// refreshes every `refresh`. Stops when the owning authoriser is dropped (on reload).
+pub fn spawn_discovery(
+    client: AsClient,
+    issuer: String,
+    refresh: Duration,
+    target: Weak<ArcSwapOption<String>>,
+) {
+    tokio::spawn(async move {
+        let mut retry = Duration::from_secs(2);
+        loop {
+            let result = client.discover(&issuer).await;
+            let Some(slot) = target.upgrade() else { return };
+            let wait = match result {
+                Ok(endpoint) => {
+                    if slot.load().as_deref() != Some(&endpoint) {
+                        tracing::info!(target: "fhirgate::auth", %issuer, %endpoint, "discovered introspection endpoint");
+                    }
+                    slot.store(Some(Arc::new(endpoint)));
+                    retry = Duration::from_secs(2);
+                    refresh
+                }
+                Err(e) => {
+                    // Keep the last good endpoint (if any) and try again soon.
+                    tracing::warn!(target: "fhirgate::auth", %issuer, error = %e, "discovery failed");
+                    let w = retry;
+                    retry = (retry * 2).min(Duration::from_secs(60));
+                    w
+                }
+            };
+            drop(slot);
+            tokio::time::sleep(wait).await;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rfc7662_responses() {
+        let i = parse_introspection(
+            br#"{"active":true,"scope":"system/*.* openid","client_id":"c1","sub":"s","exp":1900000000.5,"iat":1,"nbf":1,"iss":"https://as","aud":"fhir"}"#,
+        )
+        .unwrap();
+        assert!(i.active);
+        assert_eq!(i.exp, Some(1_900_000_000));
+        assert_eq!(i.aud, vec!["fhir".to_string()]);
+        let i = parse_introspection(br#"{"active":true,"aud":["a","b"]}"#).unwrap();
+        assert_eq!(i.aud.len(), 2);
+        assert!(!parse_introspection(br#"{"active":false}"#).unwrap().active);
+        for bad in [
+            &b"{}"[..],
+            b"{\"active\":\"true\"}",
+            b"not json",
+            b"[]",
+            b"{\"active\":true,\"exp\":\"soon\"}",
+            b"{\"active\":true,\"aud\":5}",
+        ] {
+            assert!(
+                matches!(parse_introspection(bad), Err(IntrospectError::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

@@ -1,0 +1,586 @@
+//! Bearer tokens: RFC 6750 extraction, RFC 7662 introspection (IHE IUA ITI-102) with
+//! discovery (ITI-103), a cache, and SMART on FHIR scope checks.
+//!
+//! Fail closed: a token the gateway cannot verify right now (authorisation server down,
+//! slow, or answering nonsense) is refused with 503; only tokens already verified and
+//! cached keep working. Tokens are never logged or used as cache keys: both use a SHA-256
+//! of the token.
+
+pub mod bearer;
+pub mod cache;
+pub mod client_auth;
+pub mod introspect;
+pub mod scope;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::HeaderMap;
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+
+use crate::config::ConfigError;
+use crate::metrics::Metrics;
+use crate::outcome::Rejection;
+use cache::{CachedToken, TokenCache};
+use introspect::{AsClient, Introspection};
+use scope::{Context, Requirement};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Every request needs a token the authorisation server says is active.
+    Introspection,
+    /// No token checks at all (the regional guide's "unrestricted access" development
+    /// mode). Refused when `environment: production`; logged loudly.
+    Development,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMethod {
+    /// RFC 6749 §2.3.1: HTTP Basic with the form-encoded client id and secret.
+    ClientSecretBasic,
+    /// RFC 7523: a short-lived JWT signed with the gateway's private key.
+    PrivateKeyJwt,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthConfig {
+    pub method: ClientAuthMethod,
+    pub client_id: String,
+    /// File holding the client secret (first line); preferred over the environment.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Environment variable holding the client secret.
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// PEM (PKCS#8) private key for `private_key_jwt`.
+    #[serde(default)]
+    pub private_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// `ES256` (default), `RS256` or `PS256`.
+    #[serde(default = "default_alg")]
+    pub algorithm: String,
+}
+
+fn default_alg() -> String {
+    "ES256".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub max_capacity: u64,
+    /// Longest a positive result is trusted, even if the token lives longer.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// How long an `active: false` answer is remembered.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_capacity: 100_000,
+            max_ttl: Duration::from_secs(300),
+            negative_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// Issuer URL: endpoints are discovered from `{issuer}/.well-known/openid-configuration`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Explicit introspection endpoint (instead of, or overriding, discovery).
+    #[serde(default)]
+    pub introspection_endpoint: Option<String>,
+    /// PEM CA bundle for HTTPS to the authorisation server.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_auth: Option<ClientAuthConfig>,
+    /// When set, the introspection `iss` must equal it.
+    #[serde(default)]
+    pub expected_issuer: Option<String>,
+    /// When set, the introspection `aud` must contain it.
+    #[serde(default)]
+    pub expected_audience: Option<String>,
+    /// Status for invalid, inactive or expired tokens: 403 (regional IUA guide) or 401.
+    #[serde(default = "default_invalid_status")]
+    pub invalid_token_status: u16,
+    /// Status when a token cannot be verified because the authorisation server failed.
+    #[serde(default = "default_unavailable_status")]
+    pub unavailable_status: u16,
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    /// Scope contexts that count (`system` for application-restricted BaRS).
+    #[serde(default = "default_contexts")]
+    pub contexts: Vec<String>,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Extra attempts after a transport error or 5xx, within `timeout`.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    #[serde(default = "default_backoff", with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Introspection calls in flight at once; further callers wait up to `timeout`.
+    #[serde(default = "default_concurrency")]
+    pub max_concurrent_introspections: usize,
+    #[serde(default = "default_discovery_refresh", with = "humantime_serde")]
+    pub discovery_refresh: Duration,
+}
+
+fn default_invalid_status() -> u16 {
+    403
+}
+fn default_unavailable_status() -> u16 {
+    503
+}
+fn default_realm() -> String {
+    "fhirgate".into()
+}
+fn default_contexts() -> Vec<String> {
+    vec!["system".into()]
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_backoff() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_concurrency() -> usize {
+    64
+}
+fn default_discovery_refresh() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+impl AuthConfig {
+    pub fn validate(&self, production: bool) -> Result<(), ConfigError> {
+        if self.mode == AuthMode::Development {
+            if production {
+                return Err(err(
+                    "auth.mode",
+                    "development (no token checks) is refused when environment is production",
+                ));
+            }
+            return Ok(());
+        }
+        if self.issuer.is_none() && self.introspection_endpoint.is_none() {
+            return Err(err(
+                "auth.issuer",
+                "set issuer (discovery) or introspection_endpoint",
+            ));
+        }
+        for (field, url) in [
+            ("auth.issuer", &self.issuer),
+            ("auth.introspection_endpoint", &self.introspection_endpoint),
+        ] {
+            if let Some(u) = url {
+                let uri: http::Uri = u
+                    .parse()
+                    .map_err(|e| err(field, format!("not a URL: {e}")))?;
+                match uri.scheme_str() {
+                    Some("https") => {}
+                    // Plain http only where nothing can listen in: loopback.
+                    Some("http") if is_loopback(&uri) => {}
+                    Some("http") => {
+                        return Err(err(
+                            field,
+                            "must be https (http is allowed on loopback only)",
+                        ))
+                    }
+                    _ => return Err(err(field, "must be an http(s) URL")),
+                }
+            }
+        }
+        let ca = self.ca_file.as_ref();
+        if let Some(p) = ca {
+            std::fs::File::open(p)
+                .map_err(|e| err("auth.ca_file", format!("{}: {e}", p.display())))?;
+        }
+        let Some(c) = &self.client_auth else {
+            return Err(err(
+                "auth.client_auth",
+                "required: the gateway authenticates itself to the introspection endpoint",
+            ));
+        };
+        if c.client_id.trim().is_empty() {
+            return Err(err("auth.client_auth.client_id", "must not be empty"));
+        }
+        match c.method {
+            ClientAuthMethod::ClientSecretBasic => {
+                if c.client_secret_file.is_none() && c.client_secret_env.is_none() {
+                    return Err(err(
+                        "auth.client_auth.client_secret_file",
+                        "set client_secret_file or client_secret_env (secrets are never inline)",
+                    ));
+                }
+            }
+            ClientAuthMethod::PrivateKeyJwt => {
+                let Some(p) = &c.private_key_file else {
+                    return Err(err(
+                        "auth.client_auth.private_key_file",
+                        "required for private_key_jwt",
+                    ));
+                };
+                std::fs::File::open(p).map_err(|e| {
+                    err(
+                        "auth.client_auth.private_key_file",
+                        format!("{}: {e}", p.display()),
+                    )
+                })?;
+                if !matches!(c.algorithm.as_str(), "ES256" | "RS256" | "PS256") {
+                    return Err(err(
+                        "auth.client_auth.algorithm",
+                        "must be ES256, RS256 or PS256",
+                    ));
+                }
+            }
+        }
+        if !matches!(self.invalid_token_status, 401 | 403) {
+            return Err(err("auth.invalid_token_status", "must be 401 or 403"));
+        }
+        if !(500..=599).contains(&self.unavailable_status) {
+            return Err(err("auth.unavailable_status", "must be a 5xx status"));
+        }
+        if self.realm.contains('"') || self.realm.contains('\\') {
+            return Err(err("auth.realm", "must not contain quotes or backslashes"));
+        }
+        if self.contexts.is_empty() {
+            return Err(err(
+                "auth.contexts",
+                "at least one of system, user, patient",
+            ));
+        }
+        for (i, c) in self.contexts.iter().enumerate() {
+            if Context::parse(c).is_none() {
+                return Err(err(
+                    format!("auth.contexts[{i}]"),
+                    "must be system, user or patient",
+                ));
+            }
+        }
+        if self.timeout.is_zero() {
+            return Err(err("auth.timeout", "must be greater than zero"));
+        }
+        if self.max_concurrent_introspections == 0 {
+            return Err(err(
+                "auth.max_concurrent_introspections",
+                "must be greater than zero",
+            ));
+        }
+        if self.cache.max_ttl.is_zero() {
+            return Err(err("auth.cache.max_ttl", "must be greater than zero"));
+        }
+        Ok(())
+    }
+}
+
+fn is_loopback(uri: &http::Uri) -> bool {
+    match uri.host() {
+        Some("localhost") => true,
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
+/// What a verified token says, forwarded upstream and logged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenFacts {
+    pub client_id: Option<String>,
+    pub sub: Option<String>,
+    pub scope: String,
+    /// First 16 hex digits of the token's SHA-256: safe to log, useful to correlate.
+    pub token_hash: String,
+    /// Unix seconds, when the server said.
+    pub exp: Option<i64>,
+    /// Development mode: nothing was checked.
+    pub development: bool,
+}
+
+/// Headers set upstream from a verified token (all under the reserved `x-fhirgate-`
+/// prefix, so client copies are stripped first).
+pub fn upstream_headers(f: &TokenFacts) -> Vec<(&'static str, &str)> {
+    let mut v: Vec<(&'static str, &str)> = Vec::new();
+    if f.development {
+        v.push(("x-fhirgate-auth", "development"));
+        return v;
+    }
+    if let Some(c) = &f.client_id {
+        v.push(("x-fhirgate-client-id", c));
+    }
+    if let Some(s) = &f.sub {
+        v.push(("x-fhirgate-sub", s));
+    }
+    if !f.scope.is_empty() {
+        v.push(("x-fhirgate-scopes", &f.scope));
+    }
+    v
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("No bearer token was presented")]
+    Missing,
+    #[error("The bearer token is not valid: {0}")]
+    InvalidToken(&'static str),
+    #[error("The token does not grant the scope this request needs ({needed})")]
+    InsufficientScope { needed: String },
+    #[error("The token could not be verified now; try again later")]
+    Unavailable(String),
+}
+
+impl AuthError {
+    /// The refusal as an OperationOutcome, with `WWW-Authenticate` per RFC 6750 §3.
+    pub fn rejection(&self, cfg: &AuthConfig) -> Rejection {
+        let realm = &cfg.realm;
+        match self {
+            AuthError::Missing => Rejection::from_parts(
+                401,
+                "login",
+                "REC_UNAUTHORIZED",
+                "token_missing",
+                self.to_string(),
+            )
+            .with_www_authenticate(Some(format!("Bearer realm=\"{realm}\""))),
+            AuthError::InvalidToken(_) => {
+                let (issue, code) = if cfg.invalid_token_status == 401 {
+                    ("login", "REC_UNAUTHORIZED")
+                } else {
+                    ("forbidden", "REC_FORBIDDEN")
+                };
+                Rejection::from_parts(
+                    cfg.invalid_token_status,
+                    issue,
+                    code,
+                    "token_invalid",
+                    self.to_string(),
+                )
+                .with_www_authenticate(Some(format!(
+                    "Bearer realm=\"{realm}\", error=\"invalid_token\""
+                )))
+            }
+            AuthError::InsufficientScope { needed } => Rejection::from_parts(
+                403,
+                "forbidden",
+                "REC_FORBIDDEN",
+                "token_scope",
+                self.to_string(),
+            )
+            .with_www_authenticate(Some(format!(
+                "Bearer realm=\"{realm}\", error=\"insufficient_scope\", scope=\"{needed}\""
+            ))),
+            AuthError::Unavailable(_) => Rejection::from_parts(
+                cfg.unavailable_status,
+                "transient",
+                "REC_SERVICE_UNAVAILABLE",
+                "token_unverifiable",
+                self.to_string(),
+            ),
+        }
+    }
+}
+
+/// The token stage.
+pub struct Authoriser {
+    cfg: AuthConfig,
+    contexts: Vec<Context>,
+    client: Option<AsClient>,
+    /// Introspection URL once known (explicit, or discovered).
+    endpoint: Arc<ArcSwapOption<String>>,
+    cache: TokenCache,
+    permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+impl Authoriser {
+    /// Builds the stage. With `issuer` set and no explicit endpoint, discovery runs in the
+    /// background (retrying until it works, then refreshing); until then requests fail
+    /// closed with 503.
+    pub fn new(cfg: &AuthConfig, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
+        let contexts = cfg
+            .contexts
+            .iter()
+            .filter_map(|c| Context::parse(c))
+            .collect();
+        let endpoint = Arc::new(ArcSwapOption::from(
+            cfg.introspection_endpoint.clone().map(Arc::new),
+        ));
+        let client = match cfg.mode {
+            AuthMode::Development => None,
+            AuthMode::Introspection => Some(AsClient::new(cfg)?),
+        };
+        let a = Authoriser {
+            cache: TokenCache::new(&cfg.cache),
+            permits: Arc::new(Semaphore::new(cfg.max_concurrent_introspections.max(1))),
+            cfg: cfg.clone(),
+            contexts,
+            client,
+            endpoint,
+            metrics,
+        };
+        if cfg.mode == AuthMode::Introspection && cfg.introspection_endpoint.is_none() {
+            if let (Some(issuer), Some(client)) = (&cfg.issuer, &a.client) {
+                introspect::spawn_discovery(
+                    client.clone(),
+                    issuer.clone(),
+                    cfg.discovery_refresh,
+                    Arc::downgrade(&a.endpoint),
+                );
+            }
+        }
+        Ok(a)
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.cfg
+    }
+
+    pub fn is_development(&self) -> bool {
+        self.cfg.mode == AuthMode::Development
+    }
+
+    /// Whether the introspection endpoint is known (for readiness).
+    pub fn endpoint_known(&self) -> bool {
+        self.is_development() || self.endpoint.load().is_some()
+    }
+
+    /// Checks the request's bearer token and its scopes against `need`.
+    pub async fn authorise(
+        &self,
+        headers: &HeaderMap,
+        need: &Requirement,
+        required_scopes: &[String],
+    ) -> Result<TokenFacts, AuthError> {
+        let Some(client) = &self.client else {
+            return Ok(TokenFacts {
+                development: true,
+                ..TokenFacts::default()
+            });
+        };
+        let token = bearer::extract(headers)?;
+        let key = cache::token_key(token);
+        let hash = hex::encode(&key[..8]);
+
+        let now = cache::unix_now();
+        let entry = match self.cache.get(&key).await {
+            Some(e) => {
+                self.metrics
+                    .token_cache
+                    .get_or_create(&crate::metrics::ResultLabel {
+                        result: "hit".into(),
+                    })
+                    .inc();
+                e
+            }
+            None => {
+                self.metrics
+                    .token_cache
+                    .get_or_create(&crate::metrics::ResultLabel {
+                        result: "miss".into(),
+                    })
+                    .inc();
+                let fetch = self.introspect_once(client, token);
+                // Concurrent misses for one token share this single call.
+                self.cache
+                    .get_or_fetch(key, fetch)
+                    .await
+                    .map_err(|e| {
+                        tracing::warn!(target: "fhirgate::auth", token_hash = %hash, error = %e, "token could not be verified");
+                        AuthError::Unavailable(e.to_string())
+                    })?
+            }
+        };
+        let facts = match &*entry {
+            CachedToken::Inactive => {
+                return Err(AuthError::InvalidToken("inactive, expired or unknown"))
+            }
+            CachedToken::Active { facts, .. } => facts,
+        };
+        // The cache never outlives `exp`, but check again at the moment of use.
+        if facts.exp.is_some_and(|exp| exp <= now) {
+            return Err(AuthError::InvalidToken("expired"));
+        }
+        let granted = scope::parse_scope_list(&facts.scope);
+        if !scope::permits(&granted, need, &self.contexts) {
+            return Err(AuthError::InsufficientScope {
+                needed: need.hint(),
+            });
+        }
+        let tokens: Vec<&str> = facts.scope.split(' ').collect();
+        if let Some(missing) = required_scopes
+            .iter()
+            .find(|s| !tokens.contains(&s.as_str()))
+        {
+            return Err(AuthError::InsufficientScope {
+                needed: missing.clone(),
+            });
+        }
+        Ok(TokenFacts {
+            token_hash: hash,
+            ..facts.clone()
+        })
+    }
+
+    /// One introspection (with retries), turned into a cache entry.
+    async fn introspect_once(
+        &self,
+        client: &AsClient,
+        token: &str,
+    ) -> Result<Arc<CachedToken>, introspect::IntrospectError> {
+        let Some(endpoint) = self.endpoint.load_full() else {
+            return Err(introspect::IntrospectError::NoEndpoint);
+        };
+        let permit = tokio::time::timeout(self.cfg.timeout, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| introspect::IntrospectError::Busy)?
+            .map_err(|_| introspect::IntrospectError::Busy)?;
+        let started = std::time::Instant::now();
+        let result = client.introspect(&endpoint, token).await;
+        drop(permit);
+        self.metrics
+            .introspection_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .introspections
+            .get_or_create(&crate::metrics::ResultLabel {
+                result: label.into(),
+            })
+            .inc();
+        let i: Introspection = result?;
+        Ok(Arc::new(cache::entry_from(
+            &i,
+            &self.cfg,
+            cache::unix_now(),
+        )))
+    }
+}

@@ -1,0 +1,521 @@
+//! SMART on FHIR scopes (v1 and v2) and the FHIR interaction each request needs.
+//!
+//! Both versions are reduced to the v2 permission letters, so one comparison serves:
+//! v1 `read` = `rs`, v1 `write` = `cud`, v1 `*` = `cruds`. v2 `?query` constraints are
+//! parsed but such a scope never grants anything here: the gateway cannot evaluate
+//! them against a request, and granting more than the token says would be worse than
+//! granting less.
+
+use http::Method;
+
+/// Which actor a scope is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Context {
+    Patient,
+    User,
+    System,
+}
+
+impl Context {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "patient" => Some(Context::Patient),
+            "user" => Some(Context::User),
+            "system" => Some(Context::System),
+            _ => None,
+        }
+    }
+}
+
+/// v2 permission letters as a bit set: c r u d s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Perms(u8);
+
+impl Perms {
+    pub const C: Perms = Perms(1);
+    pub const R: Perms = Perms(2);
+    pub const U: Perms = Perms(4);
+    pub const D: Perms = Perms(8);
+    pub const S: Perms = Perms(16);
+    pub const ALL: Perms = Perms(31);
+
+    pub const fn union(self, o: Perms) -> Perms {
+        Perms(self.0 | o.0)
+    }
+    pub fn contains(self, o: Perms) -> bool {
+        self.0 & o.0 == o.0
+    }
+
+    /// v2 letters; they must appear in `cruds` order, each at most once.
+    fn parse_v2(s: &str) -> Option<Perms> {
+        let order = [
+            ('c', Perms::C),
+            ('r', Perms::R),
+            ('u', Perms::U),
+            ('d', Perms::D),
+            ('s', Perms::S),
+        ];
+        let mut next = 0;
+        let mut p = Perms::default();
+        for ch in s.chars() {
+            let i = order[next..].iter().position(|(c, _)| *c == ch)? + next;
+            p = p.union(order[i].1);
+            next = i + 1;
+        }
+        (p != Perms::default()).then_some(p)
+    }
+}
+
+/// One parsed scope such as `system/Patient.read` or `system/*.cruds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub context: Context,
+    /// Resource type, or `*`.
+    pub resource: String,
+    pub perms: Perms,
+    /// v2 `?query` constraint present (such scopes grant nothing here; see module docs).
+    pub constrained: bool,
+}
+
+impl Scope {
+    /// Parses a SMART resource scope; `None` for anything else (`openid`, `launch`, …).
+    pub fn parse(s: &str) -> Option<Scope> {
+        let (context, rest) = s.split_once('/')?;
+        let context = Context::parse(context)?;
+        let (rest, constrained) = match rest.split_once('?') {
+            Some((r, q)) => (r, !q.is_empty()),
+            None => (rest, false),
+        };
+        let (resource, perms) = rest.rsplit_once('.')?;
+        if resource != "*" && !valid_resource_type(resource) {
+            return None;
+        }
+        let perms = match perms {
+            "read" => Perms::R.union(Perms::S),
+            "write" => Perms::C.union(Perms::U).union(Perms::D),
+            "*" => Perms::ALL,
+            v2 => Perms::parse_v2(v2)?,
+        };
+        Some(Scope {
+            context,
+            resource: resource.to_owned(),
+            perms,
+            constrained,
+        })
+    }
+}
+
+/// FHIR resource type names: an upper-case letter then letters and digits.
+fn valid_resource_type(s: &str) -> bool {
+    let mut b = s.bytes();
+    matches!(b.next(), Some(c) if c.is_ascii_uppercase())
+        && b.all(|c| c.is_ascii_alphanumeric())
+        && s.len() <= 64
+}
+
+/// FHIR RESTful interactions the gateway tells apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interaction {
+    Capabilities,
+    Read,
+    Vread,
+    Search,
+    History,
+    Create,
+    Update,
+    Patch,
+    Delete,
+    /// `$name`, at system, type or instance level.
+    Operation(String),
+    /// `POST /` with a batch or transaction Bundle.
+    BatchOrTransaction,
+    /// Not a FHIR interaction (unknown method or shape): refused by scope checks.
+    Unknown,
+}
+
+/// What a request needs from the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requirement {
+    pub interaction: Interaction,
+    /// Resource type, or `*` when the request is not limited to one type.
+    pub resource: String,
+    pub perms: Perms,
+}
+
+impl Requirement {
+    /// Nothing to check (capability statement).
+    pub fn none() -> Self {
+        Requirement {
+            interaction: Interaction::Capabilities,
+            resource: "*".into(),
+            perms: Perms::default(),
+        }
+    }
+
+    /// The smallest v1-style scope that would satisfy this requirement, for
+    /// `WWW-Authenticate: … scope="…"`.
+    pub fn hint(&self) -> String {
+        let access = if Perms::R.union(Perms::S).contains(self.perms) {
+            "read"
+        } else if Perms::C
+            .union(Perms::U)
+            .union(Perms::D)
+            .contains(self.perms)
+        {
+            "write"
+        } else {
+            "*"
+        };
+        format!("system/{}.{access}", self.resource)
+    }
+}
+
+/// Maps a request to its FHIR interaction and the permissions that needs.
+pub fn classify(method: &Method, path: &str) -> Requirement {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let typ = |s: &str| valid_resource_type(s).then(|| s.to_owned());
+    let req = |interaction, resource: String, perms| Requirement {
+        interaction,
+        resource,
+        perms,
+    };
+    let read_like = |m: &Method| *m == Method::GET || *m == Method::HEAD;
+    let unknown = || req(Interaction::Unknown, "*".into(), Perms::ALL);
+    let op_perms = |m: &Method| {
+        if read_like(m) {
+            Perms::R
+        } else {
+            Perms::C.union(Perms::U)
+        }
+    };
+
+    match segs.as_slice() {
+        [] if *method == Method::POST => {
+            req(Interaction::BatchOrTransaction, "*".into(), Perms::ALL)
+        }
+        ["metadata"] if read_like(method) => Requirement::none(),
+        ["_history"] if read_like(method) => req(Interaction::History, "*".into(), Perms::S),
+        [op] if op.starts_with('$') => req(
+            Interaction::Operation(op[1..].to_owned()),
+            "*".into(),
+            op_perms(method),
+        ),
+        [t] => match typ(t) {
+            Some(t) if read_like(method) => req(Interaction::Search, t, Perms::S),
+            Some(t) if *method == Method::POST => req(Interaction::Create, t, Perms::C),
+            // Conditional update / patch / delete act on whatever matches the search.
+            Some(t) if *method == Method::PUT => {
+                req(Interaction::Update, t, Perms::U.union(Perms::S))
+            }
+            Some(t) if *method == Method::PATCH => {
+                req(Interaction::Patch, t, Perms::U.union(Perms::S))
+            }
+            Some(t) if *method == Method::DELETE => {
+                req(Interaction::Delete, t, Perms::D.union(Perms::S))
+            }
+            _ => unknown(),
+        },
+        [t, "_search"] if *method == Method::POST => match typ(t) {
+            Some(t) => req(Interaction::Search, t, Perms::S),
+            None => unknown(),
+        },
+        [t, "_history"] if read_like(method) => match typ(t) {
+            Some(t) => req(Interaction::History, t, Perms::S),
+            None => unknown(),
+        },
+        [t, op] if op.starts_with('$') => match typ(t) {
+            Some(t) => req(
+                Interaction::Operation(op[1..].to_owned()),
+                t,
+                op_perms(method),
+            ),
+            None => unknown(),
+        },
+        [t, _id] => match typ(t) {
+            Some(t) if read_like(method) => req(Interaction::Read, t, Perms::R),
+            Some(t) if *method == Method::PUT => req(Interaction::Update, t, Perms::U),
+            Some(t) if *method == Method::PATCH => req(Interaction::Patch, t, Perms::U),
+            Some(t) if *method == Method::DELETE => req(Interaction::Delete, t, Perms::D),
+            _ => unknown(),
+        },
+        [t, _id, op] if op.starts_with('$') => match typ(t) {
+            Some(t) => req(
+                Interaction::Operation(op[1..].to_owned()),
+                t,
+                op_perms(method),
+            ),
+            None => unknown(),
+        },
+        [t, _id, "_history"] if read_like(method) => match typ(t) {
+            Some(t) => req(Interaction::History, t, Perms::R),
+            None => unknown(),
+        },
+        [t, _id, "_history", _vid] if read_like(method) => match typ(t) {
+            Some(t) => req(Interaction::Vread, t, Perms::R),
+            None => unknown(),
+        },
+        _ => unknown(),
+    }
+}
+
+/// Whether the granted scopes cover the requirement. Only scopes of an allowed context
+/// count; a `*` requirement needs a `*` scope.
+pub fn permits(granted: &[Scope], need: &Requirement, contexts: &[Context]) -> bool {
+    if need.perms == Perms::default() {
+        return true;
+    }
+    // Permissions may come from several scopes (e.g. `Patient.r` and `Patient.s`).
+    let mut have = Perms::default();
+    for s in granted {
+        if s.constrained || !contexts.contains(&s.context) {
+            continue;
+        }
+        if s.resource == "*" || (need.resource != "*" && s.resource == need.resource) {
+            have = have.union(s.perms);
+        }
+    }
+    have.contains(need.perms)
+}
+
+/// Splits an RFC 6749 `scope` string and keeps the SMART resource scopes.
+pub fn parse_scope_list(scope: &str) -> Vec<Scope> {
+    scope.split(' ').filter_map(Scope::parse).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_grammar_v1_and_v2() {
+        let ok: &[(&str, Context, &str, Perms)] = &[
+            ("system/*.*", Context::System, "*", Perms::ALL),
+            (
+                "system/Patient.read",
+                Context::System,
+                "Patient",
+                Perms::R.union(Perms::S),
+            ),
+            ("user/*.read", Context::User, "*", Perms::R.union(Perms::S)),
+            (
+                "patient/Observation.write",
+                Context::Patient,
+                "Observation",
+                Perms::C.union(Perms::U).union(Perms::D),
+            ),
+            (
+                "system/Patient.rs",
+                Context::System,
+                "Patient",
+                Perms::R.union(Perms::S),
+            ),
+            ("system/*.cruds", Context::System, "*", Perms::ALL),
+            ("system/Slot.s", Context::System, "Slot", Perms::S),
+            (
+                "system/ServiceRequest.cu",
+                Context::System,
+                "ServiceRequest",
+                Perms::C.union(Perms::U),
+            ),
+        ];
+        for (s, ctx, res, perms) in ok {
+            let p = Scope::parse(s).unwrap_or_else(|| panic!("{s} should parse"));
+            assert_eq!(
+                (p.context, p.resource.as_str(), p.perms, p.constrained),
+                (*ctx, *res, *perms, false),
+                "{s}"
+            );
+        }
+        for bad in [
+            "openid",
+            "launch/patient",
+            "system",
+            "system/",
+            "system/Patient",
+            "system/Patient.",
+            "admin/Patient.read",
+            "system/patient.read",
+            "system/Patient.sr",
+            "system/Patient.rr",
+            "system/Patient.x",
+            "system/Pat-ient.read",
+            "system/*.readwrite",
+            "",
+        ] {
+            assert_eq!(Scope::parse(bad), None, "{bad} must not parse");
+        }
+        let c = Scope::parse("system/Observation.rs?category=laboratory").unwrap();
+        assert!(c.constrained);
+    }
+
+    #[test]
+    fn interaction_mapping_table() {
+        use Interaction as I;
+        let g = Method::GET;
+        let cases: Vec<(Method, &str, Interaction, &str, Perms)> = vec![
+            (
+                g.clone(),
+                "/metadata",
+                I::Capabilities,
+                "*",
+                Perms::default(),
+            ),
+            (
+                g.clone(),
+                "/Patient/9000000009",
+                I::Read,
+                "Patient",
+                Perms::R,
+            ),
+            (
+                g.clone(),
+                "/Patient/1/_history/2",
+                I::Vread,
+                "Patient",
+                Perms::R,
+            ),
+            (
+                g.clone(),
+                "/Patient/1/_history",
+                I::History,
+                "Patient",
+                Perms::R,
+            ),
+            (
+                g.clone(),
+                "/Patient/_history",
+                I::History,
+                "Patient",
+                Perms::S,
+            ),
+            (g.clone(), "/_history", I::History, "*", Perms::S),
+            (g.clone(), "/Patient", I::Search, "Patient", Perms::S),
+            (
+                Method::POST,
+                "/Patient/_search",
+                I::Search,
+                "Patient",
+                Perms::S,
+            ),
+            (Method::POST, "/Patient", I::Create, "Patient", Perms::C),
+            (Method::PUT, "/Patient/1", I::Update, "Patient", Perms::U),
+            (
+                Method::PUT,
+                "/Patient",
+                I::Update,
+                "Patient",
+                Perms::U.union(Perms::S),
+            ),
+            (Method::PATCH, "/Patient/1", I::Patch, "Patient", Perms::U),
+            (Method::DELETE, "/Patient/1", I::Delete, "Patient", Perms::D),
+            (
+                Method::DELETE,
+                "/Patient",
+                I::Delete,
+                "Patient",
+                Perms::D.union(Perms::S),
+            ),
+            (Method::POST, "/", I::BatchOrTransaction, "*", Perms::ALL),
+            (
+                Method::POST,
+                "/$process-message",
+                I::Operation("process-message".into()),
+                "*",
+                Perms::C.union(Perms::U),
+            ),
+            (
+                g.clone(),
+                "/Patient/1/$everything",
+                I::Operation("everything".into()),
+                "Patient",
+                Perms::R,
+            ),
+            (
+                Method::POST,
+                "/Patient/$match",
+                I::Operation("match".into()),
+                "Patient",
+                Perms::C.union(Perms::U),
+            ),
+            (g.clone(), "/patient/1", I::Unknown, "*", Perms::ALL),
+            (Method::OPTIONS, "/Patient/1", I::Unknown, "*", Perms::ALL),
+            (g.clone(), "/a/b/c/d/e", I::Unknown, "*", Perms::ALL),
+        ];
+        for (m, p, i, r, perms) in cases {
+            let got = classify(&m, p);
+            assert_eq!(
+                (got.interaction, got.resource.as_str(), got.perms),
+                (i, r, perms),
+                "{m} {p}"
+            );
+        }
+    }
+
+    #[test]
+    fn permits_table() {
+        let sys = [Context::System];
+        let need = |m: Method, p: &str| classify(&m, p);
+        let s = |list: &str| parse_scope_list(list);
+        let cases: &[(&str, Method, &str, bool)] = &[
+            ("system/*.*", Method::GET, "/Patient/1", true),
+            ("system/*.*", Method::POST, "/$process-message", true),
+            ("system/*.*", Method::POST, "/", true),
+            ("system/Patient.read", Method::GET, "/Patient/1", true),
+            ("system/Patient.read", Method::GET, "/Patient", true),
+            ("system/Patient.read", Method::POST, "/Patient", false),
+            ("system/Patient.read", Method::GET, "/Observation/1", false),
+            (
+                "system/Patient.read",
+                Method::POST,
+                "/$process-message",
+                false,
+            ),
+            ("system/Patient.rs", Method::GET, "/Patient", true),
+            ("system/Patient.r", Method::GET, "/Patient", false),
+            (
+                "system/Patient.r system/Patient.s",
+                Method::GET,
+                "/Patient",
+                true,
+            ),
+            ("system/*.cud", Method::POST, "/$process-message", true),
+            ("system/*.write", Method::DELETE, "/Slot/1", true),
+            ("system/Patient.*", Method::POST, "/", false),
+            ("user/*.*", Method::GET, "/Patient/1", false),
+            ("patient/*.read", Method::GET, "/Patient/1", false),
+            (
+                "system/Observation.rs?category=lab",
+                Method::GET,
+                "/Observation",
+                false,
+            ),
+            ("openid profile", Method::GET, "/Patient/1", false),
+            ("", Method::GET, "/metadata", true),
+            ("system/*.*", Method::OPTIONS, "/Patient/1", true),
+            ("system/Patient.*", Method::OPTIONS, "/Patient/1", false),
+        ];
+        for (granted, m, p, want) in cases {
+            assert_eq!(
+                permits(&s(granted), &need(m.clone(), p), &sys),
+                *want,
+                "{granted:?} {m} {p}"
+            );
+        }
+        // Allowing the user context makes user scopes count.
+        assert!(permits(
+            &s("user/*.read"),
+            &need(Method::GET, "/Patient/1"),
+            &[Context::System, Context::User]
+        ));
+    }
+
+    #[test]
+    fn hint_names_the_scope_to_ask_for() {
+        assert_eq!(
+            classify(&Method::GET, "/Patient/1").hint(),
+            "system/Patient.read"
+        );
+        assert_eq!(classify(&Method::POST, "/Slot").hint(), "system/Slot.write");
+        assert_eq!(classify(&Method::POST, "/").hint(), "system/*.*");
+    }
+}
