@@ -1,0 +1,496 @@
+//! Bearer-token stage through the running gateway, against an in-process stub
+//! authorisation server on 127.0.0.1 that can be made to misbehave.
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum AsMode {
+    Normal,
+    Error500,
+    Malformed,
+    Slow,
+}
+
+#[derive(Clone)]
+struct StubAs {
+    addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    mode: Arc<Mutex<AsMode>>,
+    last_auth: Arc<Mutex<Option<String>>>,
+    last_form: Arc<Mutex<HashMap<String, String>>>,
+    task: Arc<tokio::task::JoinHandle<()>>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The stub's token table: token → introspection response.
+fn answer(token: &str) -> serde_json::Value {
+    let exp = now() + 3600;
+    match token {
+        "good-token" | "good-token-2" | "good-token-3" => serde_json::json!({
+            "active": true, "scope": "system/*.* openid", "client_id": "bars-sender-1",
+            "sub": "bars-sender-1", "exp": exp, "iss": "https://as.example", "aud": "fhirgate"
+        }),
+        "readonly-token" => serde_json::json!({
+            "active": true, "scope": "system/Patient.read", "client_id": "reader", "exp": exp
+        }),
+        "expired-token" => {
+            serde_json::json!({"active": true, "scope": "system/*.*", "exp": now() - 10})
+        }
+        "other-aud-token" => serde_json::json!({
+            "active": true, "scope": "system/*.*", "exp": exp, "aud": ["someone-else"]
+        }),
+        _ => serde_json::json!({"active": false}),
+    }
+}
+
+impl StubAs {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mode = Arc::new(Mutex::new(AsMode::Normal));
+        let last_auth = Arc::new(Mutex::new(None));
+        let last_form = Arc::new(Mutex::new(HashMap::new()));
+        let (c, m, la, lf) = (
+            calls.clone(),
+            mode.clone(),
+            last_auth.clone(),
+            last_form.clone(),
+        );
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (c, m, la, lf) = (c.clone(), m.clone(), la.clone(), lf.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (c, m, la, lf) = (c.clone(), m.clone(), la.clone(), lf.clone());
+                        async move {
+                            let path = req.uri().path().to_owned();
+                            if path == "/.well-known/openid-configuration" {
+                                let base = format!("http://{addr}");
+                                let meta = serde_json::json!({
+                                    "issuer": base,
+                                    "token_endpoint": format!("{base}/token"),
+                                    "introspection_endpoint": format!("{base}/introspect"),
+                                });
+                                return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                                    meta.to_string(),
+                                ))));
+                            }
+                            c.fetch_add(1, Ordering::SeqCst);
+                            *la.lock().unwrap() = req
+                                .headers()
+                                .get("authorization")
+                                .map(|v| v.to_str().unwrap_or("").to_owned());
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let form: HashMap<String, String> =
+                                form_urlencoded::parse(&body).into_owned().collect();
+                            let token = form.get("token").cloned().unwrap_or_default();
+                            *lf.lock().unwrap() = form;
+                            let mode = *m.lock().unwrap();
+                            let mut r = match mode {
+                                AsMode::Normal => Response::new(Full::new(Bytes::from(
+                                    answer(&token).to_string(),
+                                ))),
+                                AsMode::Malformed => {
+                                    Response::new(Full::new(Bytes::from_static(b"{\"active\":")))
+                                }
+                                AsMode::Error500 => {
+                                    let mut r =
+                                        Response::new(Full::new(Bytes::from_static(b"oops")));
+                                    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                                    r
+                                }
+                                AsMode::Slow => {
+                                    tokio::time::sleep(Duration::from_secs(5)).await;
+                                    Response::new(Full::new(Bytes::from(
+                                        answer(&token).to_string(),
+                                    )))
+                                }
+                            };
+                            r.headers_mut()
+                                .insert("content-type", "application/json".parse().unwrap());
+                            Ok(r)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        StubAs {
+            addr,
+            calls,
+            mode,
+            last_auth,
+            last_form,
+            task: Arc::new(task),
+        }
+    }
+
+    fn set(&self, m: AsMode) {
+        *self.mode.lock().unwrap() = m;
+    }
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+fn basic_auth(stub: &StubAs, pki: &Pki, extra: &str) -> String {
+    let secret = pki.path("client-secret");
+    std::fs::write(&secret, "s3cret:with+chars\n").unwrap();
+    format!(
+        "auth:\n  mode: introspection\n  introspection_endpoint: http://{}/introspect\n  \
+         client_auth:\n    method: client_secret_basic\n    client_id: fhirgate-gw\n    client_secret_file: {}\n  \
+         timeout: 1s\n  retries: 1\n  retry_backoff: 50ms\n{extra}",
+        stub.addr,
+        secret.display()
+    )
+}
+
+const ROUTES: &str = "  - name: capabilities\n    path_prefix: /metadata\n    token: none\n  - name: all\n    path_prefix: /\n";
+
+fn with_token(method: http::Method, path: &str, token: Option<&str>) -> Request<Full<Bytes>> {
+    let mut b = Request::builder().method(method).uri(path);
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test]
+async fn tokens_are_introspected_checked_and_forwarded() {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = basic_auth(&stub, &pki, "");
+    o.routes = ROUTES.into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    let get = |t: Option<&'static str>| with_token(http::Method::GET, "/Patient/1", t);
+
+    // Exempt route: no token needed, no introspection.
+    let got = send(&c, addr, with_token(http::Method::GET, "/metadata", None))
+        .await
+        .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+
+    // Missing: 401 with a bare Bearer challenge.
+    let got = send(&c, addr, get(None)).await.unwrap();
+    got.assert_outcome(401, "REC_UNAUTHORIZED");
+    assert_eq!(got.headers["www-authenticate"], "Bearer realm=\"fhirgate\"");
+    // Another scheme counts as no bearer token.
+    let req = Request::get("/Patient/1")
+        .header("authorization", "Basic dTpw")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(&c, addr, req)
+        .await
+        .unwrap()
+        .assert_outcome(401, "REC_UNAUTHORIZED");
+    assert_eq!(stub.calls(), 0);
+
+    // Valid: forwarded with the verified facts; the gateway authenticated with Basic.
+    let got = send(&c, addr, get(Some("good-token"))).await.unwrap();
+    assert_eq!(
+        got.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&got.body)
+    );
+    let (_, h, _) = seen.last();
+    assert_eq!(h["x-fhirgate-client-id"], "bars-sender-1");
+    assert_eq!(h["x-fhirgate-scopes"], "system/*.* openid");
+    assert_eq!(h["x-fhirgate-sub"], "bars-sender-1");
+    let auth = stub.last_auth.lock().unwrap().clone().unwrap();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(auth.strip_prefix("Basic ").unwrap())
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(decoded).unwrap(),
+        "fhirgate-gw:s3cret%3Awith%2Bchars"
+    );
+    let form = stub.last_form.lock().unwrap().clone();
+    assert_eq!(form["token"], "good-token");
+    assert_eq!(form["token_type_hint"], "access_token");
+
+    // Cached: no second introspection.
+    let calls = stub.calls();
+    assert_eq!(
+        send(&c, addr, get(Some("good-token")))
+            .await
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(stub.calls(), calls);
+
+    // Inactive / unknown / expired: 403 invalid_token (regional IUA rule).
+    for t in ["garbage", "expired-token"] {
+        let got = send(&c, addr, get(Some(t))).await.unwrap();
+        got.assert_outcome(403, "REC_FORBIDDEN");
+        assert_eq!(
+            got.headers["www-authenticate"],
+            "Bearer realm=\"fhirgate\", error=\"invalid_token\""
+        );
+    }
+    // Malformed bearer syntax is refused without asking the server.
+    let calls = stub.calls();
+    let req = Request::get("/Patient/1")
+        .header("authorization", "Bearer a b")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(&c, addr, req)
+        .await
+        .unwrap()
+        .assert_outcome(403, "REC_FORBIDDEN");
+    assert_eq!(stub.calls(), calls);
+
+    // Scope: read-only token may read, not create.
+    assert_eq!(
+        send(&c, addr, get(Some("readonly-token")))
+            .await
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
+    let got = send(
+        &c,
+        addr,
+        with_token(http::Method::POST, "/Patient", Some("readonly-token")),
+    )
+    .await
+    .unwrap();
+    got.assert_outcome(403, "REC_FORBIDDEN");
+    assert_eq!(
+        got.headers["www-authenticate"],
+        "Bearer realm=\"fhirgate\", error=\"insufficient_scope\", scope=\"system/Patient.write\""
+    );
+    // A client cannot smuggle token facts upstream.
+    let req = Request::get("/Patient/1")
+        .header("authorization", "Bearer readonly-token")
+        .header("x-fhirgate-client-id", "admin")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&c, addr, req).await.unwrap().status, StatusCode::OK);
+    assert_eq!(seen.last().1["x-fhirgate-client-id"], "reader");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn one_introspection_for_200_concurrent_requests() {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    stub.set(AsMode::Normal);
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = basic_auth(&stub, &pki, "");
+    o.routes = ROUTES.into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H2);
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            send(
+                &c,
+                addr,
+                with_token(http::Method::GET, "/Patient/1", Some("good-token-2")),
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(seen.count(), 200);
+    assert_eq!(
+        stub.calls(),
+        1,
+        "200 concurrent requests with one new token cost one introspection"
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn authorisation_server_faults_fail_closed_but_cached_tokens_work() {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = basic_auth(&stub, &pki, "");
+    o.routes = ROUTES.into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    let get = |t: &'static str| with_token(http::Method::GET, "/Patient/1", Some(t));
+
+    // Warm the cache with a good token.
+    assert_eq!(
+        send(&c, addr, get("good-token")).await.unwrap().status,
+        StatusCode::OK
+    );
+
+    // 500s are retried once (retries: 1); malformed answers and timeouts are not.
+    for (mode, calls) in [
+        (AsMode::Error500, 2),
+        (AsMode::Malformed, 1),
+        (AsMode::Slow, 1),
+    ] {
+        stub.set(mode);
+        let before = stub.calls();
+        let got = send(&c, addr, get("good-token-3")).await.unwrap();
+        got.assert_outcome(503, "REC_SERVICE_UNAVAILABLE");
+        assert_eq!(stub.calls() - before, calls, "{mode:?}");
+        assert!(got.headers.get("www-authenticate").is_none());
+        // Errors are not cached as verdicts, and the cached token still works.
+        assert_eq!(
+            send(&c, addr, get("good-token")).await.unwrap().status,
+            StatusCode::OK,
+            "{mode:?}"
+        );
+    }
+    // Down: nothing listening any more.
+    stub.task.abort();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got = send(&c, addr, get("good-token-3")).await.unwrap();
+    got.assert_outcome(503, "REC_SERVICE_UNAVAILABLE");
+    assert_eq!(
+        send(&c, addr, get("good-token")).await.unwrap().status,
+        StatusCode::OK
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn discovery_audience_and_status_options() {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    // Discovery instead of an explicit endpoint; 401 for invalid tokens; audience check.
+    o.auth = basic_auth(
+        &stub,
+        &pki,
+        "  invalid_token_status: 401\n  expected_audience: fhirgate\n",
+    )
+    .replace(
+        &format!("introspection_endpoint: http://{}/introspect", stub.addr),
+        &format!("issuer: http://{}", stub.addr),
+    );
+    o.routes = ROUTES.into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    let get = |t: &'static str| with_token(http::Method::GET, "/Patient/1", Some(t));
+    let mut ok = false;
+    for _ in 0..50 {
+        if send(&c, addr, get("good-token")).await.unwrap().status == StatusCode::OK {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "discovered endpoint never became usable");
+    let got = send(&c, addr, get("other-aud-token")).await.unwrap();
+    got.assert_outcome(401, "REC_UNAUTHORIZED");
+    assert!(got.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("invalid_token"));
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn private_key_jwt_client_assertion_is_signed_and_fresh() {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    std::fs::write(pki.path("gw-jwt.key"), key.serialize_pem()).unwrap();
+    let mut o = Opts::new(up);
+    o.auth = format!(
+        "auth:\n  mode: introspection\n  introspection_endpoint: http://{}/introspect\n  \
+         client_auth:\n    method: private_key_jwt\n    client_id: fhirgate-gw\n    private_key_file: {}\n    key_id: gw-key-1\n",
+        stub.addr,
+        pki.path("gw-jwt.key").display()
+    );
+    o.routes = ROUTES.into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    let mut jtis = Vec::new();
+    for t in ["good-token", "good-token-2"] {
+        assert_eq!(
+            send(
+                &c,
+                addr,
+                with_token(http::Method::GET, "/Patient/1", Some(t))
+            )
+            .await
+            .unwrap()
+            .status,
+            StatusCode::OK
+        );
+        assert!(
+            stub.last_auth.lock().unwrap().is_none(),
+            "no Basic header with private_key_jwt"
+        );
+        let form = stub.last_form.lock().unwrap().clone();
+        assert_eq!(
+            form["client_assertion_type"],
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+        );
+        let jwt = &form["client_assertion"];
+        let header = jsonwebtoken::decode_header(jwt).unwrap();
+        assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
+        assert_eq!(header.kid.as_deref(), Some("gw-key-1"));
+        let decoding =
+            jsonwebtoken::DecodingKey::from_ec_pem(key.public_key_pem().as_bytes()).unwrap();
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        v.set_audience(&[format!("http://{}/introspect", stub.addr)]);
+        v.set_issuer(&["fhirgate-gw"]);
+        let claims = jsonwebtoken::decode::<serde_json::Value>(jwt, &decoding, &v)
+            .expect("valid signature")
+            .claims;
+        assert_eq!(claims["sub"], "fhirgate-gw");
+        let lifetime = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
+        assert!(lifetime <= 60, "short-lived assertion");
+        jtis.push(claims["jti"].as_str().unwrap().to_owned());
+    }
+    assert_ne!(jtis[0], jtis[1], "jti is unique per assertion");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[test]
+fn development_mode_is_refused_in_production() {
+    let pki = Pki::new();
+    let o = Opts::new("127.0.0.1:9".parse().unwrap());
+    let yaml = config_yaml(&pki, &o).replace("environment: development", "environment: production");
+    let e = fhirgate::config::Config::from_yaml(&yaml, std::path::Path::new("/")).unwrap_err();
+    assert_eq!(e.field, "auth.mode");
+}
