@@ -1,0 +1,318 @@
+//! The token stage against a real OpenID provider: panva's `oidc-provider` from npm
+//! (tests/oidc/provider.mjs), with tokens obtained by client credentials exactly as a
+//! BaRS sender would, introspected by the gateway with Basic or private_key_jwt.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+const OIDC_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oidc");
+
+struct Provider {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+type PlainClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+fn plain_client() -> PlainClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn post_form(
+    c: &PlainClient,
+    url: &str,
+    basic: (&str, &str),
+    form: &str,
+) -> (StatusCode, serde_json::Value) {
+    let creds =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", basic.0, basic.1));
+    let req = Request::post(url)
+        .header("authorization", format!("Basic {creds}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(form.to_owned())))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+impl Provider {
+    /// Installs the npm package if needed, then starts the provider and waits for it.
+    async fn start(jwks_path: &std::path::Path) -> Provider {
+        if !std::path::Path::new(OIDC_DIR)
+            .join("node_modules/oidc-provider")
+            .exists()
+        {
+            let ok = Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(OIDC_DIR)
+                .status()
+                .expect("npm is required for the oidc-provider tests");
+            assert!(ok.success(), "npm ci failed in tests/oidc");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("node")
+            .arg("provider.mjs")
+            .current_dir(OIDC_DIR)
+            .env("PORT", port.to_string())
+            .env("GW_JWKS", jwks_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node is required for the oidc-provider tests");
+        let p = Provider {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let c = plain_client();
+        for _ in 0..100 {
+            let url = format!("{}/.well-known/openid-configuration", p.base);
+            if let Ok(r) = c.get(url.parse().unwrap()).await {
+                if r.status() == StatusCode::OK {
+                    return p;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("oidc-provider did not start");
+    }
+
+    async fn token(&self, client: &str, secret: &str, scope: &str) -> String {
+        let form = format!(
+            "grant_type=client_credentials&scope={}",
+            form_urlencoded::byte_serialize(scope.as_bytes()).collect::<String>()
+        );
+        let (status, j) = post_form(
+            &plain_client(),
+            &format!("{}/token", self.base),
+            (client, secret),
+            &form,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{j}");
+        j["access_token"].as_str().expect("access_token").to_owned()
+    }
+
+    async fn revoke(&self, client: &str, secret: &str, token: &str) {
+        let (status, _) = post_form(
+            &plain_client(),
+            &format!("{}/token/revocation", self.base),
+            (client, secret),
+            &format!("token={token}"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    async fn introspections(&self) -> u64 {
+        let r = plain_client()
+            .get(
+                format!("{}/test/introspections", self.base)
+                    .parse()
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        j["count"].as_u64().unwrap()
+    }
+}
+
+/// The gateway's signing key and its public JWKS (P-256, uncompressed point).
+fn gateway_key(pki: &Pki) -> std::path::PathBuf {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    std::fs::write(pki.path("gw-jwt.key"), key.serialize_pem()).unwrap();
+    let raw = key.public_key_raw();
+    assert_eq!((raw.len(), raw[0]), (65, 4));
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = serde_json::json!({"keys": [{
+        "kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
+        "kid": "gw-key-1", "use": "sig", "alg": "ES256"
+    }]});
+    let path = pki.path("gw-jwks.json");
+    std::fs::write(&path, jwks.to_string()).unwrap();
+    path
+}
+
+fn auth_basic(p: &Provider, pki: &Pki) -> String {
+    std::fs::write(pki.path("gw-secret"), "gw-secret\n").unwrap();
+    format!(
+        "auth:\n  mode: introspection\n  issuer: {}\n  client_auth:\n    method: client_secret_basic\n    client_id: fhirgate-gw\n    client_secret_file: {}\n  expected_issuer: {}\n",
+        p.base,
+        pki.path("gw-secret").display(),
+        p.base
+    )
+}
+
+fn req(method: Method, path: &str, token: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+async fn wait_ready(c: &tokio_rustls::TlsConnector, addr: SocketAddr, token: &str) {
+    // Discovery runs in the background right after start.
+    for _ in 0..100 {
+        if send(c, addr, req(Method::GET, "/Patient/1", token))
+            .await
+            .unwrap()
+            .status
+            == StatusCode::OK
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("gateway never accepted a valid token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_openid_provider_tokens_through_the_gateway() {
+    let pki = Pki::new();
+    let provider = Provider::start(&gateway_key(&pki)).await;
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = auth_basic(&provider, &pki);
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H2);
+
+    let good = provider
+        .token("bars-sender", "sender-secret", "system/*.*")
+        .await;
+    wait_ready(&c, addr, &good).await;
+    let (_, h, _) = seen.last();
+    assert_eq!(h["x-fhirgate-client-id"], "bars-sender");
+    assert_eq!(h["x-fhirgate-scopes"], "system/*.*");
+    let got = send(&c, addr, req(Method::POST, "/$process-message", &good))
+        .await
+        .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+
+    // Garbage and revoked tokens: 403 invalid_token.
+    send(&c, addr, req(Method::GET, "/Patient/1", "not-a-real-token"))
+        .await
+        .unwrap()
+        .assert_outcome(403, "REC_FORBIDDEN");
+    let revoked = provider
+        .token("bars-sender", "sender-secret", "system/*.*")
+        .await;
+    provider
+        .revoke("bars-sender", "sender-secret", &revoked)
+        .await;
+    let got = send(&c, addr, req(Method::GET, "/Patient/1", &revoked))
+        .await
+        .unwrap();
+    got.assert_outcome(403, "REC_FORBIDDEN");
+    assert!(got.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("invalid_token"));
+
+    // Wrong scope: a read-only sender may read but not post a message.
+    let reader = provider
+        .token("bars-reader", "reader-secret", "system/Patient.read")
+        .await;
+    assert_eq!(
+        send(&c, addr, req(Method::GET, "/Patient/1", &reader))
+            .await
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
+    let got = send(&c, addr, req(Method::POST, "/$process-message", &reader))
+        .await
+        .unwrap();
+    got.assert_outcome(403, "REC_FORBIDDEN");
+    assert!(got.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("insufficient_scope"));
+
+    // Expired: a 2-second token works, then is refused once its exp passes, even though
+    // it was cached (the cache never outlives exp).
+    let short = provider
+        .token("bars-short", "short-secret", "system/*.*")
+        .await;
+    assert_eq!(
+        send(&c, addr, req(Method::GET, "/Patient/1", &short))
+            .await
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    send(&c, addr, req(Method::GET, "/Patient/1", &short))
+        .await
+        .unwrap()
+        .assert_outcome(403, "REC_FORBIDDEN");
+
+    // 200 concurrent requests with one new token: exactly one introspection.
+    let fresh = provider
+        .token("bars-sender", "sender-secret", "system/*.*")
+        .await;
+    let before = provider.introspections().await;
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (c, t) = (c.clone(), fresh.clone());
+        tasks.push(tokio::spawn(async move {
+            send(&c, addr, req(Method::GET, "/Patient/1", &t)).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(
+        provider.introspections().await - before,
+        1,
+        "one introspection for 200 concurrent requests"
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
+
+    // The same provider, the gateway authenticating with a signed client assertion.
+    let mut o = Opts::new(up);
+    o.auth = format!(
+        "auth:\n  mode: introspection\n  issuer: {}\n  client_auth:\n    method: private_key_jwt\n    client_id: fhirgate-gw-jwt\n    private_key_file: {}\n    key_id: gw-key-1\n",
+        provider.base,
+        pki.path("gw-jwt.key").display()
+    );
+    let (gw, addr) = gateway(&pki, &o).await;
+    let token = provider
+        .token("bars-sender", "sender-secret", "system/*.*")
+        .await;
+    wait_ready(&c, addr, &token).await;
+    send(&c, addr, req(Method::GET, "/Patient/1", "unknown-token"))
+        .await
+        .unwrap()
+        .assert_outcome(403, "REC_FORBIDDEN");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
