@@ -18,6 +18,9 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 
+/// A named readiness check: `(ok, detail)`.
+pub type Check = Box<dyn Fn() -> (bool, String) + Send + Sync>;
+
 /// What `/readyz` reports.
 #[derive(Default)]
 pub struct Readiness {
@@ -25,19 +28,38 @@ pub struct Readiness {
     pub serving: AtomicBool,
     /// Set when shutdown begins, so load balancers stop sending traffic during the drain.
     pub draining: AtomicBool,
+    checks: std::sync::Mutex<Vec<(&'static str, Check)>>,
 }
 
 impl Readiness {
-    /// `(ready, explanation)`; the explanation lists each check.
+    /// Adds a check evaluated on every `/readyz`.
+    pub fn add_check(&self, name: &'static str, check: Check) {
+        if let Ok(mut c) = self.checks.lock() {
+            c.push((name, check));
+        }
+    }
+
+    /// `(ready, explanation)`; the explanation lists each check and its state.
     pub fn report(&self) -> (bool, String) {
         let serving = self.serving.load(Ordering::Relaxed);
         let draining = self.draining.load(Ordering::Relaxed);
-        let text = format!(
+        let mut ready = serving && !draining;
+        let mut text = format!(
             "listeners_bound_and_tls_loaded: {}\ndraining: {}\n",
             if serving { "ok" } else { "no" },
             if draining { "yes" } else { "no" },
         );
-        (serving && !draining, text)
+        if let Ok(checks) = self.checks.lock() {
+            for (name, check) in checks.iter() {
+                let (ok, detail) = check();
+                ready &= ok;
+                text.push_str(&format!(
+                    "{name}: {} ({detail})\n",
+                    if ok { "ok" } else { "no" }
+                ));
+            }
+        }
+        (ready, text)
     }
 }
 

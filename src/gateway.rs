@@ -142,6 +142,20 @@ impl Gateway {
         response
     }
 
+    /// Whether tokens can be verified: `(ok, detail)`, for `/readyz` and start-up.
+    pub fn auth_status(&self) -> (bool, String) {
+        if self.auth.is_development() {
+            (true, "development mode: NO token checks".into())
+        } else if self.auth.endpoint_known() {
+            (true, "introspection endpoint known".into())
+        } else {
+            (
+                false,
+                "introspection endpoint not discovered yet; unknown tokens get 503".into(),
+            )
+        }
+    }
+
     /// NHSD stage: the route's policy (or the default) unless the path is exempt.
     fn check_nhsd(
         &self,

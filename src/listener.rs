@@ -113,6 +113,11 @@ impl Server {
         &self.metrics
     }
 
+    /// Whether the current configuration can verify tokens: `(ok, detail)`.
+    pub fn auth_status(&self) -> (bool, String) {
+        self.current.load().gateway.auth_status()
+    }
+
     /// Accepts connections on `listener` until `shutdown` turns true.
     pub async fn serve(
         self: Arc<Self>,

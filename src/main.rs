@@ -206,8 +206,22 @@ async fn serve(cfg: &Config, path: &Path) -> anyhow::Result<()> {
         let addr = admin::start(a.address, ready.clone(), metrics, admin_rx).await?;
         tracing::info!(address = %addr, "admin listener (healthz, readyz, metrics)");
     }
+    let server = running.server().clone();
+    ready.add_check("token_verification", Box::new(move || server.auth_status()));
     ready.serving.store(true, Ordering::Relaxed);
-    // READY=1 only now: listeners bound, TLS loaded, admin up.
+    // READY=1 only once listeners are bound, TLS is loaded and discovery has run. If the
+    // authorisation server stays unreachable, report ready after a minute anyway (below
+    // systemd's default start timeout, as a restart would not help): requests with
+    // unknown tokens are refused with 503 until discovery succeeds.
+    let waited = std::time::Instant::now();
+    while !running.server().auth_status().0 && waited.elapsed() < Duration::from_secs(60) {
+        let _ = sd_notify::notify(&[NotifyState::Status("waiting for OAuth discovery")]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (auth_ok, detail) = running.server().auth_status();
+    if !auth_ok {
+        tracing::warn!(%detail, "starting without a discovered introspection endpoint");
+    }
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
     if let Some(interval) = sd_notify::watchdog_enabled() {
         // Pinged from the runtime: a wedged runtime stops the pings and systemd restarts us.

@@ -69,6 +69,8 @@ check "s_client: TLS 1.2 with a valid client works" grep -q 'Protocol version: T
 
 # Admin listener: probes and Prometheus metrics with the refusals counted.
 check "readyz is 200" test "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$ADMIN_PORT/readyz")" = 200
+check "readyz says which token check applies" grep -q 'token_verification: ok (development mode' <<<"$(curl -s "http://127.0.0.1:$ADMIN_PORT/readyz")"
+check "development mode is flagged on every access line" grep -q 'auth="DEVELOPMENT-NO-TOKEN-CHECK"' "$T/gw.log"
 metrics=$(curl -s "http://127.0.0.1:$ADMIN_PORT/metrics")
 check "metrics count revoked handshakes" grep -q 'fhirgate_tls_handshakes_total{result="revoked"}' <<<"$metrics"
 check "metrics count requests by route" grep -q 'fhirgate_requests_total{route="capabilities",status="200"}' <<<"$metrics"
