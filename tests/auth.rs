@@ -36,6 +36,9 @@ struct StubAs {
     last_auth: Arc<Mutex<Option<String>>>,
     last_form: Arc<Mutex<HashMap<String, String>>>,
     task: Arc<tokio::task::JoinHandle<()>>,
+    /// JWKS served at /jwks, and how often it was fetched.
+    jwks: Arc<Mutex<serde_json::Value>>,
+    jwks_fetches: Arc<AtomicUsize>,
 }
 
 fn now() -> u64 {
@@ -74,29 +77,42 @@ impl StubAs {
         let mode = Arc::new(Mutex::new(AsMode::Normal));
         let last_auth = Arc::new(Mutex::new(None));
         let last_form = Arc::new(Mutex::new(HashMap::new()));
+        let jwks = Arc::new(Mutex::new(serde_json::json!({"keys": []})));
+        let jwks_fetches = Arc::new(AtomicUsize::new(0));
         let (c, m, la, lf) = (
             calls.clone(),
             mode.clone(),
             last_auth.clone(),
             last_form.clone(),
         );
+        let (jw, jf) = (jwks.clone(), jwks_fetches.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
                 let (c, m, la, lf) = (c.clone(), m.clone(), la.clone(), lf.clone());
+                let (jw, jf) = (jw.clone(), jf.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let (c, m, la, lf) = (c.clone(), m.clone(), la.clone(), lf.clone());
+                        let (jw, jf) = (jw.clone(), jf.clone());
                         async move {
                             let path = req.uri().path().to_owned();
+                            if path == "/jwks" {
+                                jf.fetch_add(1, Ordering::SeqCst);
+                                let body = jw.lock().unwrap().to_string();
+                                return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                                    body,
+                                ))));
+                            }
                             if path == "/.well-known/openid-configuration" {
                                 let base = format!("http://{addr}");
                                 let meta = serde_json::json!({
                                     "issuer": base,
                                     "token_endpoint": format!("{base}/token"),
                                     "introspection_endpoint": format!("{base}/introspect"),
+                                    "jwks_uri": format!("{base}/jwks"),
                                 });
                                 return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
                                     meta.to_string(),
@@ -151,6 +167,8 @@ impl StubAs {
             last_auth,
             last_form,
             task: Arc::new(task),
+            jwks,
+            jwks_fetches,
         }
     }
 
@@ -168,7 +186,7 @@ fn basic_auth(stub: &StubAs, pki: &Pki, extra: &str) -> String {
     format!(
         "auth:\n  mode: introspection\n  introspection_endpoint: http://{}/introspect\n  \
          client_auth:\n    method: client_secret_basic\n    client_id: fhirgate-gw\n    client_secret_file: {}\n  \
-         timeout: 1s\n  retries: 1\n  retry_backoff: 50ms\n{extra}",
+         retries: 1\n  retry_backoff: 50ms\n{extra}",
         stub.addr,
         secret.display()
     )
@@ -304,7 +322,7 @@ async fn tokens_are_introspected_checked_and_forwarded() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_introspection_for_200_concurrent_requests() {
     let pki = Pki::new();
     let stub = StubAs::start().await;
@@ -345,7 +363,8 @@ async fn authorisation_server_faults_fail_closed_but_cached_tokens_work() {
     let stub = StubAs::start().await;
     let (up, _) = upstream(UpstreamMode::Echo).await;
     let mut o = Opts::new(up);
-    o.auth = basic_auth(&stub, &pki, "");
+    // The stub's slow mode answers after 5 s: well past this timeout.
+    o.auth = basic_auth(&stub, &pki, "  timeout: 1s\n");
     o.routes = ROUTES.into();
     let (gw, addr) = gateway(&pki, &o).await;
     let c = tls_client(&pki, Some("client"), H1);
@@ -493,4 +512,151 @@ fn development_mode_is_refused_in_production() {
     let yaml = config_yaml(&pki, &o).replace("environment: development", "environment: production");
     let e = fhirgate::config::Config::from_yaml(&yaml, std::path::Path::new("/")).unwrap_err();
     assert_eq!(e.field, "auth.mode");
+}
+
+/// An ES256 key and its public JWK.
+fn es256_key(kid: &str) -> (rcgen::KeyPair, serde_json::Value) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = key.public_key_raw().to_vec();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": kid, "alg": "ES256", "use": "sig"});
+    (key, jwk)
+}
+
+fn mint(key: &rcgen::KeyPair, kid: &str, claims: serde_json::Value) -> String {
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = Some(kid.into());
+    let k = jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+    jsonwebtoken::encode(&h, &claims, &k).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_mode_validates_locally_with_jwks_rotation() {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    let (k1, jwk1) = es256_key("k1");
+    let (k2, jwk2) = es256_key("k2");
+    let (evil, _) = es256_key("k1");
+    *stub.jwks.lock().unwrap() = serde_json::json!({"keys": [jwk1.clone()]});
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = format!(
+        "auth:\n  mode: jwt\n  issuer: http://{}\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n  jwks_min_refetch: 1s\n",
+        stub.addr
+    );
+    o.routes = ROUTES.into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    let exp = now() + 600;
+    let claims = |iss: &str, aud: &str, exp: u64, scope: &str| serde_json::json!({"iss": iss, "aud": aud, "exp": exp, "iat": now(), "client_id": "bars-jwt", "sub": "bars-jwt", "scope": scope});
+    let good = mint(
+        &k1,
+        "k1",
+        claims("https://as.example", "fhirgate", exp, "system/*.*"),
+    );
+    let get = |t: String| {
+        with_token(
+            http::Method::GET,
+            "/Patient/1",
+            Some(Box::leak(t.into_boxed_str())),
+        )
+    };
+    let mut ok = false;
+    for _ in 0..50 {
+        if send(&c, addr, get(good.clone())).await.unwrap().status == StatusCode::OK {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "valid JWT never accepted");
+    assert_eq!(seen.last().1["x-fhirgate-client-id"], "bars-jwt");
+    assert_eq!(stub.calls(), 0, "jwt mode never calls introspection");
+
+    let bad = [
+        mint(
+            &k1,
+            "k1",
+            claims("https://as.example", "fhirgate", now() - 120, "system/*.*"),
+        ),
+        mint(
+            &k1,
+            "k1",
+            claims("https://evil.example", "fhirgate", exp, "system/*.*"),
+        ),
+        mint(
+            &k1,
+            "k1",
+            claims("https://as.example", "someone-else", exp, "system/*.*"),
+        ),
+        mint(
+            &evil,
+            "k1",
+            claims("https://as.example", "fhirgate", exp, "system/*.*"),
+        ),
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims("https://as.example", "fhirgate", exp, "system/*.*"),
+            &jsonwebtoken::EncodingKey::from_secret(b"guessable"),
+        )
+        .unwrap(),
+        "aaa.bbb.ccc".to_string(),
+    ];
+    for t in bad {
+        send(&c, addr, get(t))
+            .await
+            .unwrap()
+            .assert_outcome(403, "REC_FORBIDDEN");
+    }
+    let reader = mint(
+        &k1,
+        "k1",
+        claims("https://as.example", "fhirgate", exp, "system/Patient.read"),
+    );
+    let got = send(
+        &c,
+        addr,
+        with_token(
+            http::Method::POST,
+            "/Patient",
+            Some(Box::leak(reader.into_boxed_str())),
+        ),
+    )
+    .await
+    .unwrap();
+    got.assert_outcome(403, "REC_FORBIDDEN");
+    assert!(got.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("insufficient_scope"));
+
+    // Key rotation: a token from a new key makes the gateway fetch the JWKS again (once
+    // the 1 s minimum between fetches has passed).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fetches = stub.jwks_fetches.load(Ordering::SeqCst);
+    *stub.jwks.lock().unwrap() = serde_json::json!({"keys": [jwk1, jwk2]});
+    let rotated = mint(
+        &k2,
+        "k2",
+        claims("https://as.example", "fhirgate", exp, "system/*.*"),
+    );
+    assert_eq!(
+        send(&c, addr, get(rotated)).await.unwrap().status,
+        StatusCode::OK
+    );
+    assert_eq!(stub.jwks_fetches.load(Ordering::SeqCst), fetches + 1);
+    // Unknown kids right after a fetch do not trigger more fetches (rate limit).
+    for i in 0..5 {
+        let t = mint(
+            &k2,
+            &format!("unknown-{i}"),
+            claims("https://as.example", "fhirgate", exp, "system/*.*"),
+        );
+        send(&c, addr, get(t))
+            .await
+            .unwrap()
+            .assert_outcome(403, "REC_FORBIDDEN");
+    }
+    assert_eq!(stub.jwks_fetches.load(Ordering::SeqCst), fetches + 1);
+    gw.shutdown(Duration::from_secs(2)).await;
 }

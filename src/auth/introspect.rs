@@ -100,13 +100,23 @@ struct Metadata {
     issuer: String,
     #[serde(default)]
     introspection_endpoint: Option<String>,
+    #[serde(default)]
+    jwks_uri: Option<String>,
+}
+
+/// Endpoints learnt from discovery (or configured).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    pub introspection: Option<String>,
+    pub jwks_uri: Option<String>,
 }
 
 /// Client for the authorisation server.
 #[derive(Clone)]
 pub struct AsClient {
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
-    credential: Arc<ClientCredential>,
+    /// The gateway's own client credential; not needed for JWKS-only (`jwt`) mode.
+    credential: Option<Arc<ClientCredential>>,
     issuer: Option<String>,
     timeout: Duration,
     retries: u32,
@@ -116,13 +126,8 @@ pub struct AsClient {
 impl AsClient {
     pub fn new(cfg: &AuthConfig) -> Result<Self, ConfigError> {
         let credential = match &cfg.client_auth {
-            Some(c) => ClientCredential::from_config(c)?,
-            None => {
-                return Err(ConfigError {
-                    field: "auth.client_auth".into(),
-                    reason: "required".into(),
-                })
-            }
+            Some(c) => Some(Arc::new(ClientCredential::from_config(c)?)),
+            None => None,
         };
         let mut roots = rustls::RootCertStore::empty();
         if let Some(p) = &cfg.ca_file {
@@ -156,7 +161,7 @@ impl AsClient {
             .build(https);
         Ok(AsClient {
             http,
-            credential: Arc::new(credential),
+            credential,
             issuer: cfg.issuer.clone(),
             timeout: cfg.timeout,
             retries: cfg.retries,
@@ -194,8 +199,11 @@ impl AsClient {
     }
 
     async fn post(&self, endpoint: &str, token: &str) -> Result<Introspection, IntrospectError> {
-        let (auth, extra) = self
+        let credential = self
             .credential
+            .as_ref()
+            .ok_or_else(|| IntrospectError::Credential("no client_auth configured".into()))?;
+        let (auth, extra) = credential
             .apply(endpoint, self.issuer.as_deref())
             .map_err(IntrospectError::Credential)?;
         // Built in one expression: the serializer is not Send and must not live across
@@ -242,9 +250,20 @@ impl AsClient {
         Ok(body)
     }
 
-    /// ITI-103: reads `{issuer}/.well-known/openid-configuration` and returns the
-    /// introspection endpoint. The metadata's `issuer` must equal the configured one.
-    pub async fn discover(&self, issuer: &str) -> Result<String, IntrospectError> {
+    /// GETs a JSON document (JWKS), bounded in size and time.
+    pub async fn get_json(&self, url: &str) -> Result<Bytes, IntrospectError> {
+        let req = Request::get(url)
+            .header(header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| IntrospectError::Transport(e.to_string()))?;
+        tokio::time::timeout(self.timeout, self.send(req))
+            .await
+            .map_err(|_| IntrospectError::Timeout)?
+    }
+
+    /// ITI-103: reads `{issuer}/.well-known/openid-configuration`. The metadata's
+    /// `issuer` must equal the configured one.
+    pub async fn discover(&self, issuer: &str) -> Result<Endpoints, IntrospectError> {
         let url = format!(
             "{}/.well-known/openid-configuration",
             issuer.trim_end_matches('/')
@@ -264,8 +283,9 @@ impl AsClient {
                 meta.issuer
             )));
         }
-        meta.introspection_endpoint.ok_or_else(|| {
-            IntrospectError::Discovery("no introspection_endpoint in metadata".into())
+        Ok(Endpoints {
+            introspection: meta.introspection_endpoint,
+            jwks_uri: meta.jwks_uri,
         })
     }
 }
@@ -276,7 +296,7 @@ pub fn spawn_discovery(
     client: AsClient,
     issuer: String,
     refresh: Duration,
-    target: Weak<ArcSwapOption<String>>,
+    target: Weak<ArcSwapOption<Endpoints>>,
 ) {
     tokio::spawn(async move {
         let mut retry = Duration::from_secs(2);
@@ -284,11 +304,11 @@ pub fn spawn_discovery(
             let result = client.discover(&issuer).await;
             let Some(slot) = target.upgrade() else { return };
             let wait = match result {
-                Ok(endpoint) => {
-                    if slot.load().as_deref() != Some(&endpoint) {
-                        tracing::info!(target: "fhirgate::auth", %issuer, %endpoint, "discovered introspection endpoint");
+                Ok(found) => {
+                    if slot.load().as_deref() != Some(&found) {
+                        tracing::info!(target: "fhirgate::auth", %issuer, introspection = ?found.introspection, jwks_uri = ?found.jwks_uri, "discovered authorisation server endpoints");
                     }
-                    slot.store(Some(Arc::new(endpoint)));
+                    slot.store(Some(Arc::new(found)));
                     retry = Duration::from_secs(2);
                     refresh
                 }

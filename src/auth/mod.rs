@@ -10,6 +10,7 @@ pub mod bearer;
 pub mod cache;
 pub mod client_auth;
 pub mod introspect;
+pub mod jwt;
 pub mod scope;
 
 use std::path::PathBuf;
@@ -25,7 +26,8 @@ use crate::config::ConfigError;
 use crate::metrics::Metrics;
 use crate::outcome::Rejection;
 use cache::{CachedToken, TokenCache};
-use introspect::{AsClient, Introspection};
+use introspect::{AsClient, Endpoints, Introspection};
+use jwt::JwtVerifier;
 use scope::{Context, Requirement};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -33,6 +35,8 @@ use scope::{Context, Requirement};
 pub enum AuthMode {
     /// Every request needs a token the authorisation server says is active.
     Introspection,
+    /// JWT access tokens validated locally against the server's JWKS.
+    Jwt,
     /// No token checks at all (the regional guide's "unrestricted access" development
     /// mode). Refused when `environment: production`; logged loudly.
     Development,
@@ -104,6 +108,15 @@ pub struct AuthConfig {
     /// Explicit introspection endpoint (instead of, or overriding, discovery).
     #[serde(default)]
     pub introspection_endpoint: Option<String>,
+    /// Explicit JWKS URL for `jwt` mode (instead of discovery).
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// Shortest time between two JWKS fetches triggered by unknown `kid`s.
+    #[serde(default = "default_min_refetch", with = "humantime_serde")]
+    pub jwks_min_refetch: Duration,
+    /// Signature algorithms accepted in `jwt` mode.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
     /// PEM CA bundle for HTTPS to the authorisation server.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -142,6 +155,15 @@ pub struct AuthConfig {
     pub discovery_refresh: Duration,
 }
 
+fn default_min_refetch() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_algorithms() -> Vec<String> {
+    jwt::DEFAULT_ALGORITHMS
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
 fn default_invalid_status() -> u16 {
     403
 }
@@ -188,15 +210,28 @@ impl AuthConfig {
             }
             return Ok(());
         }
-        if self.issuer.is_none() && self.introspection_endpoint.is_none() {
+        let explicit = match self.mode {
+            AuthMode::Jwt => &self.jwks_uri,
+            _ => &self.introspection_endpoint,
+        };
+        if self.issuer.is_none() && explicit.is_none() {
             return Err(err(
                 "auth.issuer",
-                "set issuer (discovery) or introspection_endpoint",
+                "set issuer (discovery) or the endpoint itself (introspection_endpoint / jwks_uri)",
             ));
+        }
+        for (i, a) in self.algorithms.iter().enumerate() {
+            if jwt::parse_algorithm(a).is_none() {
+                return Err(err(
+                    format!("auth.algorithms[{i}]"),
+                    format!("{a:?} is not an accepted asymmetric algorithm (RS/PS/ES*, EdDSA)"),
+                ));
+            }
         }
         for (field, url) in [
             ("auth.issuer", &self.issuer),
             ("auth.introspection_endpoint", &self.introspection_endpoint),
+            ("auth.jwks_uri", &self.jwks_uri),
         ] {
             if let Some(u) = url {
                 let uri: http::Uri = u
@@ -222,6 +257,9 @@ impl AuthConfig {
                 .map_err(|e| err("auth.ca_file", format!("{}: {e}", p.display())))?;
         }
         let Some(c) = &self.client_auth else {
+            if self.mode == AuthMode::Jwt {
+                return self.validate_common();
+            }
             return Err(err(
                 "auth.client_auth",
                 "required: the gateway authenticates itself to the introspection endpoint",
@@ -260,6 +298,10 @@ impl AuthConfig {
                 }
             }
         }
+        self.validate_common()
+    }
+
+    fn validate_common(&self) -> Result<(), ConfigError> {
         if !matches!(self.invalid_token_status, 401 | 403) {
             return Err(err("auth.invalid_token_status", "must be 401 or 403"));
         }
@@ -414,8 +456,9 @@ pub struct Authoriser {
     cfg: AuthConfig,
     contexts: Vec<Context>,
     client: Option<AsClient>,
-    /// Introspection URL once known (explicit, or discovered).
-    endpoint: Arc<ArcSwapOption<String>>,
+    /// Endpoints once known (explicit, or discovered).
+    endpoints: Arc<ArcSwapOption<Endpoints>>,
+    jwt: Option<JwtVerifier>,
     cache: TokenCache,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
@@ -431,29 +474,51 @@ impl Authoriser {
             .iter()
             .filter_map(|c| Context::parse(c))
             .collect();
-        let endpoint = Arc::new(ArcSwapOption::from(
-            cfg.introspection_endpoint.clone().map(Arc::new),
+        let explicit = Endpoints {
+            introspection: cfg.introspection_endpoint.clone(),
+            jwks_uri: cfg.jwks_uri.clone(),
+        };
+        let needed_known = match cfg.mode {
+            AuthMode::Jwt => explicit.jwks_uri.is_some(),
+            _ => explicit.introspection.is_some(),
+        };
+        let endpoints = Arc::new(ArcSwapOption::from(
+            needed_known.then(|| Arc::new(explicit)),
         ));
         let client = match cfg.mode {
             AuthMode::Development => None,
-            AuthMode::Introspection => Some(AsClient::new(cfg)?),
+            AuthMode::Introspection | AuthMode::Jwt => Some(AsClient::new(cfg)?),
         };
+        let jwt = (cfg.mode == AuthMode::Jwt).then(|| {
+            let algs = cfg
+                .algorithms
+                .iter()
+                .filter_map(|a| jwt::parse_algorithm(a))
+                .collect();
+            JwtVerifier::new(
+                algs,
+                cfg.expected_issuer.clone(),
+                cfg.expected_audience.clone(),
+                cfg.jwks_min_refetch,
+            )
+        });
         let a = Authoriser {
             cache: TokenCache::new(&cfg.cache),
             permits: Arc::new(Semaphore::new(cfg.max_concurrent_introspections.max(1))),
             cfg: cfg.clone(),
             contexts,
             client,
-            endpoint,
+            endpoints,
+            jwt,
             metrics,
         };
-        if cfg.mode == AuthMode::Introspection && cfg.introspection_endpoint.is_none() {
+        if !needed_known {
             if let (Some(issuer), Some(client)) = (&cfg.issuer, &a.client) {
                 introspect::spawn_discovery(
                     client.clone(),
                     issuer.clone(),
                     cfg.discovery_refresh,
-                    Arc::downgrade(&a.endpoint),
+                    Arc::downgrade(&a.endpoints),
                 );
             }
         }
@@ -468,9 +533,19 @@ impl Authoriser {
         self.cfg.mode == AuthMode::Development
     }
 
-    /// Whether the introspection endpoint is known (for readiness).
+    /// Whether the endpoint this mode needs is known (for readiness).
     pub fn endpoint_known(&self) -> bool {
-        self.is_development() || self.endpoint.load().is_some()
+        self.is_development() || self.endpoint().is_some()
+    }
+
+    /// The introspection endpoint or JWKS URL, whichever this mode uses.
+    fn endpoint(&self) -> Option<String> {
+        let e = self.endpoints.load();
+        let e = e.as_ref()?;
+        match self.cfg.mode {
+            AuthMode::Jwt => e.jwks_uri.clone(),
+            _ => e.introspection.clone(),
+        }
     }
 
     /// Checks the request's bearer token and its scopes against `need`.
@@ -556,7 +631,7 @@ impl Authoriser {
         client: &AsClient,
         token: &str,
     ) -> Result<Arc<CachedToken>, introspect::IntrospectError> {
-        let Some(endpoint) = self.endpoint.load_full() else {
+        let Some(endpoint) = self.endpoint() else {
             return Err(introspect::IntrospectError::NoEndpoint);
         };
         let permit = tokio::time::timeout(self.cfg.timeout, self.permits.clone().acquire_owned())
@@ -564,7 +639,10 @@ impl Authoriser {
             .map_err(|_| introspect::IntrospectError::Busy)?
             .map_err(|_| introspect::IntrospectError::Busy)?;
         let started = std::time::Instant::now();
-        let result = client.introspect(&endpoint, token).await;
+        let result = match &self.jwt {
+            Some(v) => v.verify(client, &endpoint, token).await,
+            None => client.introspect(&endpoint, token).await,
+        };
         drop(permit);
         self.metrics
             .introspection_seconds

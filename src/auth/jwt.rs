@@ -1,0 +1,185 @@
+//! `jwt` mode: JWT access tokens validated locally with the authorisation server's JWKS.
+//!
+//! Keys are fetched from `jwks_uri` (configured or discovered), kept in memory, and
+//! fetched again when a token names an unknown `kid`, at most once per
+//! `auth.jwks_min_refetch` (10 s by default) so a stream of junk tokens cannot turn the
+//! gateway into a JWKS load generator.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use super::introspect::{AsClient, IntrospectError, Introspection};
+
+/// Algorithms accepted in `jwt` mode unless configured otherwise. Never `none`, never
+/// HMAC (a shared secret would let anyone holding it mint tokens).
+pub const DEFAULT_ALGORITHMS: [&str; 4] = ["RS256", "PS256", "ES256", "ES384"];
+
+pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
+    match name {
+        "RS256" => Some(Algorithm::RS256),
+        "RS384" => Some(Algorithm::RS384),
+        "RS512" => Some(Algorithm::RS512),
+        "PS256" => Some(Algorithm::PS256),
+        "PS384" => Some(Algorithm::PS384),
+        "PS512" => Some(Algorithm::PS512),
+        "ES256" => Some(Algorithm::ES256),
+        "ES384" => Some(Algorithm::ES384),
+        "EdDSA" => Some(Algorithm::EdDSA),
+        _ => None,
+    }
+}
+
+/// Claims read from an access token (RFC 9068 names, with common alternatives).
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(default)]
+    scope: Option<ScopeClaim>,
+    #[serde(default)]
+    scp: Option<ScopeClaim>,
+    #[serde(default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    azp: Option<String>,
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    exp: Option<i64>,
+    #[serde(default)]
+    iss: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ScopeClaim {
+    Text(String),
+    List(Vec<String>),
+}
+
+impl ScopeClaim {
+    fn joined(self) -> String {
+        match self {
+            ScopeClaim::Text(s) => s,
+            ScopeClaim::List(v) => v.join(" "),
+        }
+    }
+}
+
+pub struct JwtVerifier {
+    keys: ArcSwap<HashMap<String, DecodingKey>>,
+    last_fetch: Mutex<Option<Instant>>,
+    min_refetch: Duration,
+    algorithms: Vec<Algorithm>,
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+impl JwtVerifier {
+    pub fn new(
+        algorithms: Vec<Algorithm>,
+        issuer: Option<String>,
+        audience: Option<String>,
+        min_refetch: Duration,
+    ) -> Self {
+        JwtVerifier {
+            keys: ArcSwap::from_pointee(HashMap::new()),
+            last_fetch: Mutex::new(None),
+            min_refetch,
+            algorithms,
+            issuer,
+            audience,
+        }
+    }
+
+    /// Fetches the JWKS unless one was fetched less than `min_refetch` ago.
+    async fn refresh(&self, client: &AsClient, jwks_uri: &str) -> Result<(), IntrospectError> {
+        let mut last = self.last_fetch.lock().await;
+        if last.is_some_and(|t| t.elapsed() < self.min_refetch) {
+            return Ok(());
+        }
+        *last = Some(Instant::now());
+        let body = client.get_json(jwks_uri).await?;
+        let set: JwkSet = serde_json::from_slice(&body)
+            .map_err(|e| IntrospectError::Malformed(format!("JWKS: {e}")))?;
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            let (Some(kid), Ok(key)) = (jwk.common.key_id.clone(), DecodingKey::from_jwk(jwk))
+            else {
+                continue;
+            };
+            keys.insert(kid, key);
+        }
+        tracing::info!(target: "fhirgate::auth", keys = keys.len(), "JWKS loaded");
+        self.keys.store(Arc::new(keys));
+        Ok(())
+    }
+
+    /// Verifies a JWT access token. A bad token yields an inactive result (cached like
+    /// an `active: false` answer); failing to get the keys is an error (503).
+    pub async fn verify(
+        &self,
+        client: &AsClient,
+        jwks_uri: &str,
+        token: &str,
+    ) -> Result<Introspection, IntrospectError> {
+        let inactive = Introspection {
+            active: false,
+            scope: None,
+            client_id: None,
+            sub: None,
+            exp: None,
+            iat: None,
+            nbf: None,
+            iss: None,
+            aud: Vec::new(),
+        };
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return Ok(inactive);
+        };
+        if !self.algorithms.contains(&header.alg) {
+            return Ok(inactive);
+        }
+        let Some(kid) = header.kid else {
+            return Ok(inactive);
+        };
+        if !self.keys.load().contains_key(&kid) {
+            self.refresh(client, jwks_uri).await?;
+        }
+        let keys = self.keys.load();
+        let Some(key) = keys.get(&kid) else {
+            return Ok(inactive);
+        };
+        let mut v = Validation::new(header.alg);
+        v.leeway = 30;
+        v.validate_nbf = true;
+        if let Some(i) = &self.issuer {
+            v.set_issuer(&[i]);
+        }
+        match &self.audience {
+            Some(a) => v.set_audience(&[a]),
+            None => v.validate_aud = false,
+        }
+        let Ok(data) = jsonwebtoken::decode::<Claims>(token, key, &v) else {
+            return Ok(inactive);
+        };
+        let c = data.claims;
+        Ok(Introspection {
+            active: true,
+            scope: c.scope.or(c.scp).map(ScopeClaim::joined),
+            client_id: c.client_id.or(c.azp),
+            sub: c.sub,
+            exp: c.exp,
+            iat: None,
+            nbf: None,
+            iss: c.iss,
+            // Already checked by the signature validation above.
+            aud: self.audience.iter().cloned().collect(),
+        })
+    }
+}
