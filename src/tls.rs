@@ -100,6 +100,56 @@ pub fn load_crls(
     Ok(crls)
 }
 
+/// An outbound HTTP(S) connector (to the upstream or the authorisation server) that
+/// trusts only the CAs in `ca_file` (no public roots: these are internal services) and
+/// optionally presents a client certificate. `field` names the config section in errors.
+pub fn client_connector(
+    field: &str,
+    ca_file: Option<&Path>,
+    client_cert: Option<(&Path, &Path)>,
+    connect_timeout: std::time::Duration,
+    http2: bool,
+) -> Result<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    ConfigError,
+> {
+    let mut roots = RootCertStore::empty();
+    if let Some(p) = ca_file {
+        let f = format!("{field}.ca_file");
+        for c in load_certs(&f, p)? {
+            roots
+                .add(c)
+                .map_err(|e| cfg_err(&f, format!("not a usable CA: {e}")))?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| cfg_err(field, e.to_string()))?
+        .with_root_certificates(roots);
+    let tls = match client_cert {
+        Some((c, k)) => builder
+            .with_client_auth_cert(
+                load_certs(&format!("{field}.client_cert"), c)?,
+                load_key(&format!("{field}.client_key"), k)?,
+            )
+            .map_err(|e| cfg_err(format!("{field}.client_key"), e.to_string()))?,
+        None => builder.with_no_client_auth(),
+    };
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    // hyper-rustls sets ALPN itself from the enabled versions.
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    Ok(if http2 {
+        https.enable_http2().wrap_connector(http)
+    } else {
+        https.enable_http1().wrap_connector(http)
+    })
+}
+
 /// One trust bundle's verifier.
 struct Bundle {
     name: String,

@@ -15,11 +15,10 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::RootCertStore;
 
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::outcome::Rejection;
-use crate::tls::{load_certs, load_key, provider};
+use crate::tls::client_connector;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of a request sent upstream: the client's body, streamed through a size limit.
@@ -51,41 +50,17 @@ impl Upstream {
             .ok_or_else(|| err("upstream.url", "must include a host".into()))?;
         let base_path = uri.path().trim_end_matches('/').to_owned();
 
-        let mut roots = RootCertStore::empty();
-        if let Some(p) = &cfg.ca_file {
-            for c in load_certs("upstream.ca_file", p)? {
-                roots
-                    .add(c)
-                    .map_err(|e| err("upstream.ca_file", format!("not a usable CA: {e}")))?;
-            }
-        }
-        let builder = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| err("upstream", e.to_string()))?
-            .with_root_certificates(roots);
-        let tls = match (&cfg.client_cert, &cfg.client_key) {
-            (Some(c), Some(k)) => builder
-                .with_client_auth_cert(
-                    load_certs("upstream.client_cert", c)?,
-                    load_key("upstream.client_key", k)?,
-                )
-                .map_err(|e| err("upstream.client_key", e.to_string()))?,
-            _ => builder.with_no_client_auth(),
+        let client_cert = match (&cfg.client_cert, &cfg.client_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
         };
-
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(cfg.connect_timeout));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        // hyper-rustls sets ALPN itself from the enabled versions.
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http();
-        let https = if cfg.http2 {
-            https.enable_http2().wrap_connector(http)
-        } else {
-            https.enable_http1().wrap_connector(http)
-        };
+        let https = client_connector(
+            "upstream",
+            cfg.ca_file.as_deref(),
+            client_cert,
+            cfg.connect_timeout,
+            cfg.http2,
+        )?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host)

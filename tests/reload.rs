@@ -14,8 +14,7 @@ use std::time::Duration;
 use common::*;
 use fhirgate::pki::DevPki;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tokio::net::TcpStream;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -93,11 +92,7 @@ async fn server_cert_of(
     c: &tokio_rustls::TlsConnector,
     addr: SocketAddr,
 ) -> Result<Vec<u8>, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let tls = c
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tls = connect(c, addr).await?;
     let certs = tls
         .get_ref()
         .1

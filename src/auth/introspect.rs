@@ -16,7 +16,7 @@ use serde::{Deserialize, Deserializer};
 use super::client_auth::ClientCredential;
 use super::AuthConfig;
 use crate::config::ConfigError;
-use crate::tls::{load_certs, provider};
+use crate::tls::client_connector;
 
 /// Largest response body read from the authorisation server.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -129,32 +129,7 @@ impl AsClient {
             Some(c) => Some(Arc::new(ClientCredential::from_config(c)?)),
             None => None,
         };
-        let mut roots = rustls::RootCertStore::empty();
-        if let Some(p) = &cfg.ca_file {
-            for c in load_certs("auth.ca_file", p)? {
-                roots.add(c).map_err(|e| ConfigError {
-                    field: "auth.ca_file".into(),
-                    reason: format!("not a usable CA: {e}"),
-                })?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ConfigError {
-                field: "auth".into(),
-                reason: e.to_string(),
-            })?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(cfg.timeout));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let https = client_connector("auth", cfg.ca_file.as_deref(), None, cfg.timeout, false)?;
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())

@@ -261,6 +261,21 @@ impl Got {
     }
 }
 
+/// TCP connect and TLS handshake to the gateway as `localhost`.
+pub async fn connect(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))
+}
+
 /// Sends one request over a fresh mTLS connection, HTTP/1.1 or HTTP/2 per ALPN.
 /// Errors (handshake refusals included) come back as text.
 pub async fn send<B>(
@@ -272,14 +287,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-    let tls = connector
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
+    let tls = connect(connector, addr).await?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let io = TokioIo::new(tls);
@@ -348,14 +356,7 @@ pub async fn open_h1(
     ),
     String,
 > {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-    let tls = connector
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
+    let tls = connect(connector, addr).await?;
     let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|e| format!("h1 handshake: {e}"))?;
