@@ -257,7 +257,11 @@ async fn serve(cfg: &Config, path: &Path) -> anyhow::Result<()> {
 
 /// Re-reads the config; on any error the running configuration stays in force.
 fn reload(running: &listener::Running, path: &Path) {
-    let _ = sd_notify::notify(&[NotifyState::Reloading]);
+    let mut states = vec![NotifyState::Reloading];
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    let _ = sd_notify::notify(&states);
     let result = Config::load(path)
         .map_err(|e| e.to_string())
         .and_then(|cfg| running.server().reload(&cfg).map_err(|e| e.to_string()));

@@ -114,11 +114,38 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
     let yaml = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw_addr.to_string());
     std::fs::write(&cfg_path, &yaml).unwrap();
 
+    // A stand-in for systemd's notification socket, collecting what the gateway says.
+    let notify_path = pki.path("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let notes: Arc<Mutex<Vec<String>>> = Arc::default();
+    let collector = {
+        let notes = notes.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(60) {
+                if let Ok(n) = notify.recv(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let stop = text.contains("STOPPING=1");
+                    notes.lock().unwrap().push(text);
+                    if stop {
+                        return;
+                    }
+                }
+            }
+        })
+    };
+
     // Logs go to a file: a pipe nobody reads would fill up and block the gateway.
     let log_path = pki.path("gateway.log");
     let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
         .args(["run", "--config"])
         .arg(&cfg_path)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
@@ -249,4 +276,21 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
     assert!(log.contains("configuration reloaded"), "{log}");
     assert!(log.contains("reload refused"), "{log}");
     assert!(log.contains("tls.trust_bundles[0].crl_files[0]"), "{log}");
+
+    // systemd protocol: READY=1 once serving, watchdog pings, RELOADING=1 around each
+    // reload, STOPPING=1 at shutdown, in that order.
+    collector.join().unwrap();
+    let notes = notes.lock().unwrap().join("|");
+    let pos = |s: &str| {
+        notes
+            .find(s)
+            .unwrap_or_else(|| panic!("{s} not sent: {notes}"))
+    };
+    assert!(pos("READY=1") < pos("RELOADING=1"), "{notes}");
+    assert!(pos("RELOADING=1") < pos("STOPPING=1"), "{notes}");
+    assert!(notes.contains("MONOTONIC_USEC="), "{notes}");
+    assert!(
+        notes.matches("WATCHDOG=1").count() >= 3,
+        "watchdog pings every 100 ms: {notes}"
+    );
 }
