@@ -269,7 +269,24 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
         "{metrics}"
     );
 
+    // Shutdown: a slow request in flight when SIGTERM arrives still completes; new
+    // connections are refused afterwards; the exit code is 0.
+    let in_flight = tokio::spawn({
+        let good = good.clone();
+        async move { send(&good, gw_addr, get("/slow")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     signal(&child, "-TERM");
+    let got = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request completes");
+    assert_eq!(got.status, http::StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        server_cert_of(&good, gw_addr).await.is_err(),
+        "no new connections after SIGTERM"
+    );
     let status = child.0.wait().unwrap();
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(status.success(), "exit status {status:?}\n{log}");

@@ -59,7 +59,8 @@ impl Seen {
 
 #[derive(Clone, Copy)]
 pub enum UpstreamMode {
-    /// Answers 200 with a small FHIR JSON body after reading the request body.
+    /// Answers 200 with a small FHIR JSON body after reading the request body (after a
+    /// second for paths starting `/slow`).
     Echo,
     /// Waits this long before answering.
     Slow(Duration),
@@ -97,6 +98,9 @@ pub async fn upstream(mode: UpstreamMode) -> (SocketAddr, Seen) {
                             .unwrap_or_default();
                         if let UpstreamMode::Slow(d) = mode {
                             tokio::time::sleep(d).await;
+                        } else if pq.starts_with("/slow") {
+                            // Any mode: `/slow…` paths answer after a second.
+                            tokio::time::sleep(Duration::from_secs(1)).await;
                         }
                         let len = body.len();
                         s.0.lock().expect("lock").push((pq, headers, body));
