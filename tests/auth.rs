@@ -427,21 +427,17 @@ async fn discovery_audience_and_status_options() {
     let (gw, addr) = gateway(&pki, &o).await;
     let c = tls_client(&pki, Some("client"), H1);
     let get = |t: &'static str| with_token(http::Method::GET, "/Patient/1", Some(t));
-    let mut ok = false;
-    for _ in 0..50 {
-        if send(&c, addr, get("good-token")).await.unwrap().status == StatusCode::OK {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ok, "discovered endpoint never became usable");
+    wait_until_ok(
+        &c,
+        addr,
+        50,
+        "discovered endpoint never became usable",
+        || get("good-token"),
+    )
+    .await;
     let got = send(&c, addr, get("other-aud-token")).await.unwrap();
     got.assert_outcome(401, "REC_UNAUTHORIZED");
-    assert!(got.headers["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .contains("invalid_token"));
+    got.assert_challenge("invalid_token");
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
@@ -554,22 +550,11 @@ async fn jwt_mode_validates_locally_with_jwks_rotation() {
         "k1",
         claims("https://as.example", "fhirgate", exp, "system/*.*"),
     );
-    let get = |t: String| {
-        with_token(
-            http::Method::GET,
-            "/Patient/1",
-            Some(Box::leak(t.into_boxed_str())),
-        )
-    };
-    let mut ok = false;
-    for _ in 0..50 {
-        if send(&c, addr, get(good.clone())).await.unwrap().status == StatusCode::OK {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ok, "valid JWT never accepted");
+    let get = |t: String| with_token(http::Method::GET, "/Patient/1", Some(t.as_str()));
+    wait_until_ok(&c, addr, 50, "valid JWT never accepted", || {
+        get(good.clone())
+    })
+    .await;
     assert_eq!(seen.last().1["x-fhirgate-client-id"], "bars-jwt");
     assert_eq!(stub.calls(), 0, "jwt mode never calls introspection");
 
@@ -616,19 +601,12 @@ async fn jwt_mode_validates_locally_with_jwks_rotation() {
     let got = send(
         &c,
         addr,
-        with_token(
-            http::Method::POST,
-            "/Patient",
-            Some(Box::leak(reader.into_boxed_str())),
-        ),
+        with_token(http::Method::POST, "/Patient", Some(reader.as_str())),
     )
     .await
     .unwrap();
     got.assert_outcome(403, "REC_FORBIDDEN");
-    assert!(got.headers["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .contains("insufficient_scope"));
+    got.assert_challenge("insufficient_scope");
 
     // Key rotation: a token from a new key makes the gateway fetch the JWKS again (once
     // the 1 s minimum between fetches has passed).

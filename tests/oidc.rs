@@ -182,18 +182,10 @@ fn req(method: Method, path: &str, token: &str) -> Request<Full<Bytes>> {
 
 async fn wait_ready(c: &tokio_rustls::TlsConnector, addr: SocketAddr, token: &str) {
     // Discovery runs in the background right after start.
-    for _ in 0..100 {
-        if send(c, addr, req(Method::GET, "/Patient/1", token))
-            .await
-            .unwrap()
-            .status
-            == StatusCode::OK
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("gateway never accepted a valid token");
+    wait_until_ok(c, addr, 100, "gateway never accepted a valid token", || {
+        req(Method::GET, "/Patient/1", token)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,10 +225,7 @@ async fn real_openid_provider_tokens_through_the_gateway() {
         .await
         .unwrap();
     got.assert_outcome(403, "REC_FORBIDDEN");
-    assert!(got.headers["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .contains("invalid_token"));
+    got.assert_challenge("invalid_token");
 
     // Wrong scope: a read-only sender may read but not post a message.
     let reader = provider
@@ -253,10 +242,7 @@ async fn real_openid_provider_tokens_through_the_gateway() {
         .await
         .unwrap();
     got.assert_outcome(403, "REC_FORBIDDEN");
-    assert!(got.headers["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .contains("insufficient_scope"));
+    got.assert_challenge("insufficient_scope");
 
     // Expired: a 2-second token works, then is refused once its exp passes, even though
     // it was cached (the cache never outlives exp).

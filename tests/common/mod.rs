@@ -244,6 +244,14 @@ impl Got {
             )
         })
     }
+    /// Asserts a `WWW-Authenticate` challenge carrying `error` (RFC 6750 §3).
+    pub fn assert_challenge(&self, error: &str) {
+        let v = self.headers["www-authenticate"]
+            .to_str()
+            .expect("ASCII challenge");
+        assert!(v.contains(&format!("error=\"{error}\"")), "{v}");
+    }
+
     /// Asserts an OperationOutcome with the given NHS code.
     pub fn assert_outcome(&self, status: u16, nhs_code: &str) {
         assert_eq!(
@@ -263,6 +271,24 @@ impl Got {
             "{j}"
         );
     }
+}
+
+/// Retries `make()` every 100 ms until the gateway answers 200 (background discovery),
+/// for at most `tries` attempts; panics with `what` otherwise.
+pub async fn wait_until_ok(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+    tries: usize,
+    what: &str,
+    make: impl Fn() -> Request<Full<Bytes>>,
+) {
+    for _ in 0..tries {
+        if send(connector, addr, make()).await.map(|g| g.status) == Ok(StatusCode::OK) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}");
 }
 
 /// TCP connect and TLS handshake to the gateway as `localhost`.
