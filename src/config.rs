@@ -323,7 +323,8 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+/// Builds a [`ConfigError`]; every stage that validates configuration uses this.
+pub(crate) fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         field: field.into(),
         reason: reason.into(),

@@ -20,15 +20,8 @@ use rustls::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 
-use crate::config::ConfigError;
+use crate::config::{err, ConfigError};
 use crate::config::{RevocationScope, TlsConfig, UnknownRevocation};
-
-fn cfg_err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.into(),
-        reason: reason.into(),
-    }
-}
 
 /// The crypto provider used for every TLS context of the gateway.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -38,11 +31,11 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Reads every certificate of a PEM file; an empty file is an error.
 pub fn load_certs(field: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| cfg_err(field, format!("{}: {e}", path.display())))?
+        .map_err(|e| err(field, format!("{}: {e}", path.display())))?
         .collect::<Result<_, _>>()
-        .map_err(|e| cfg_err(field, format!("{}: bad PEM: {e}", path.display())))?;
+        .map_err(|e| err(field, format!("{}: bad PEM: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(cfg_err(
+        return Err(err(
             field,
             format!("{}: no CERTIFICATE found", path.display()),
         ));
@@ -52,7 +45,7 @@ pub fn load_certs(field: &str, path: &Path) -> Result<Vec<CertificateDer<'static
 
 pub fn load_key(field: &str, path: &Path) -> Result<PrivateKeyDer<'static>, ConfigError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| {
-        cfg_err(
+        err(
             field,
             format!("{}: no usable private key: {e}", path.display()),
         )
@@ -65,32 +58,28 @@ pub fn load_crls(
     field: &str,
     path: &Path,
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, ConfigError> {
-    let bytes =
-        std::fs::read(path).map_err(|e| cfg_err(field, format!("{}: {e}", path.display())))?;
+    let bytes = std::fs::read(path).map_err(|e| err(field, format!("{}: {e}", path.display())))?;
     let crls: Vec<CertificateRevocationListDer<'static>> = if bytes.first() == Some(&0x30) {
         vec![CertificateRevocationListDer::from(bytes)]
     } else {
         CertificateRevocationListDer::pem_slice_iter(&bytes)
             .collect::<Result<_, _>>()
-            .map_err(|e| cfg_err(field, format!("{}: bad PEM: {e}", path.display())))?
+            .map_err(|e| err(field, format!("{}: bad PEM: {e}", path.display())))?
     };
     if crls.is_empty() {
-        return Err(cfg_err(
-            field,
-            format!("{}: no X509 CRL found", path.display()),
-        ));
+        return Err(err(field, format!("{}: no X509 CRL found", path.display())));
     }
     for crl in &crls {
         match x509_parser::parse_x509_crl(crl) {
             Ok(([], _)) => {}
             Ok(_) => {
-                return Err(cfg_err(
+                return Err(err(
                     field,
                     format!("{}: trailing data after CRL", path.display()),
                 ))
             }
             Err(e) => {
-                return Err(cfg_err(
+                return Err(err(
                     field,
                     format!("{}: not a valid CRL: {e}", path.display()),
                 ))
@@ -119,12 +108,12 @@ pub fn client_connector(
         for c in load_certs(&f, p)? {
             roots
                 .add(c)
-                .map_err(|e| cfg_err(&f, format!("not a usable CA: {e}")))?;
+                .map_err(|e| err(&f, format!("not a usable CA: {e}")))?;
         }
     }
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| cfg_err(field, e.to_string()))?
+        .map_err(|e| err(field, e.to_string()))?
         .with_root_certificates(roots);
     let tls = match client_cert {
         Some((c, k)) => builder
@@ -132,7 +121,7 @@ pub fn client_connector(
                 load_certs(&format!("{field}.client_cert"), c)?,
                 load_key(&format!("{field}.client_key"), k)?,
             )
-            .map_err(|e| cfg_err(format!("{field}.client_key"), e.to_string()))?,
+            .map_err(|e| err(format!("{field}.client_key"), e.to_string()))?,
         None => builder.with_no_client_auth(),
     };
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -191,7 +180,7 @@ impl BundleVerifier {
                 let field = format!("{f}.ca_files[{j}]");
                 for c in load_certs(&field, p)? {
                     roots.add(c).map_err(|e| {
-                        cfg_err(&field, format!("{}: not a usable CA: {e}", p.display()))
+                        err(&field, format!("{}: not a usable CA: {e}", p.display()))
                     })?;
                 }
             }
@@ -221,7 +210,7 @@ impl BundleVerifier {
             }
             let verifier = builder
                 .build()
-                .map_err(|e| cfg_err(format!("{f}.crl_files"), e.to_string()))?;
+                .map_err(|e| err(format!("{f}.crl_files"), e.to_string()))?;
             bundles.push(Bundle {
                 name: b.name.clone(),
                 verifier,
@@ -363,18 +352,18 @@ pub fn server_tls(cfg: &TlsConfig) -> Result<ServerTls, ConfigError> {
     let key = load_key("tls.server_key", &cfg.server_key)?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| cfg_err("tls", e.to_string()))?
+        .map_err(|e| err("tls", e.to_string()))?
         .with_client_cert_verifier(verifier.clone())
         .with_single_cert(chain, key)
         .map_err(|e| {
-            cfg_err(
+            err(
                 "tls.server_key",
                 format!("does not match tls.server_cert: {e}"),
             )
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.ticketer = rustls::crypto::ring::Ticketer::new()
-        .map_err(|e| cfg_err("tls", format!("cannot create session ticketer: {e}")))?;
+        .map_err(|e| err("tls", format!("cannot create session ticketer: {e}")))?;
     Ok(ServerTls {
         config: Arc::new(config),
         verifier,

@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{ConfigError, UpstreamConfig};
+use crate::config::{err, ConfigError, UpstreamConfig};
 use crate::outcome::Rejection;
 use crate::tls::client_connector;
 
@@ -35,10 +35,6 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn from_config(cfg: &UpstreamConfig) -> Result<Self, ConfigError> {
-        let err = |field: &str, reason: String| ConfigError {
-            field: field.into(),
-            reason,
-        };
         let uri: Uri = cfg
             .url
             .parse()
@@ -47,7 +43,7 @@ impl Upstream {
         let authority = uri
             .authority()
             .cloned()
-            .ok_or_else(|| err("upstream.url", "must include a host".into()))?;
+            .ok_or_else(|| err("upstream.url", "must include a host"))?;
         let base_path = uri.path().trim_end_matches('/').to_owned();
 
         let client_cert = match (&cfg.client_cert, &cfg.client_key) {

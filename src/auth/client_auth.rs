@@ -7,7 +7,7 @@ use http::HeaderValue;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 use super::{ClientAuthConfig, ClientAuthMethod};
-use crate::config::ConfigError;
+use crate::config::{err, ConfigError};
 
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
@@ -23,13 +23,6 @@ pub enum ClientCredential {
         alg: Algorithm,
         kid: Option<String>,
     },
-}
-
-fn err(field: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.into(),
-        reason: reason.into(),
-    }
 }
 
 fn form(s: &str) -> String {

@@ -22,7 +22,7 @@ use http::HeaderMap;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
-use crate::config::ConfigError;
+use crate::config::{err, ConfigError};
 use crate::metrics::Metrics;
 use crate::outcome::Rejection;
 use cache::{CachedToken, TokenCache};
@@ -190,13 +190,6 @@ fn default_concurrency() -> usize {
 }
 fn default_discovery_refresh() -> Duration {
     Duration::from_secs(3600)
-}
-
-fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.into(),
-        reason: reason.into(),
-    }
 }
 
 impl AuthConfig {
