@@ -366,11 +366,20 @@ impl Config {
             &mut self.upstream.ca_file,
             &mut self.upstream.client_cert,
             &mut self.upstream.client_key,
+            &mut self.auth.ca_file,
         ]
         .into_iter()
         .flatten()
         {
             fix(p);
+        }
+        if let Some(c) = &mut self.auth.client_auth {
+            for p in [&mut c.client_secret_file, &mut c.private_key_file]
+                .into_iter()
+                .flatten()
+            {
+                fix(p);
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod devauth;
 pub mod devstack;
 pub mod forward;
 pub mod gateway;

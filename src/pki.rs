@@ -310,7 +310,7 @@ impl DevPki {
     }
 }
 
-fn write_private(path: &Path, pem: &str) -> std::io::Result<()> {
+pub fn write_private(path: &Path, pem: &str) -> std::io::Result<()> {
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
