@@ -331,6 +331,14 @@ pub(crate) fn err(field: impl Into<String>, reason: impl Into<String>) -> Config
     }
 }
 
+/// Reads a YAML file into `T` (e.g. the sender profile of `fhirgate client`), so that
+/// YAML parsing, with its alias and depth budgets, lives in this module only.
+pub fn load_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err(path.display().to_string(), format!("cannot read: {e}")))?;
+    serde_saphyr::from_str(&text).map_err(|e| err(path.display().to_string(), e.to_string()))
+}
+
 impl Config {
     /// Reads, parses and validates a config file. Relative paths inside it are resolved
     /// against the file's directory, so the gateway can be started from anywhere.

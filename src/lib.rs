@@ -7,12 +7,14 @@
 
 pub mod admin;
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod devauth;
 pub mod devstack;
 pub mod forward;
 pub mod gateway;
 pub mod identity;
+pub mod inspect;
 pub mod listener;
 pub mod metrics;
 pub mod nhsd;

@@ -245,6 +245,26 @@ impl BundleVerifier {
             .map(|b| b.name.as_str())
     }
 
+    /// Verifies a client chain against every bundle separately, with each bundle's
+    /// result (for `fhirgate inspect-cert`; the handshake uses [`ClientCertVerifier`]).
+    pub fn verify_each(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Vec<(&str, Result<(), rustls::Error>)> {
+        let now = UnixTime::now();
+        self.bundles
+            .iter()
+            .map(|b| {
+                let r = b
+                    .verifier
+                    .verify_client_cert(end_entity, intermediates, now)
+                    .map(|_| ());
+                (b.name.as_str(), r)
+            })
+            .collect()
+    }
+
     fn first(&self) -> &Arc<dyn ClientCertVerifier> {
         // from_config refuses an empty bundle list, so index 0 exists.
         &self.bundles[0].verifier
@@ -374,7 +394,6 @@ pub fn server_tls(cfg: &TlsConfig) -> Result<ServerTls, ConfigError> {
 
 /// Short, stable label for a failed handshake, for logs and metrics.
 pub fn handshake_failure_kind(err: &std::io::Error) -> &'static str {
-    use rustls::Error as E;
     let Some(inner) = err
         .get_ref()
         .and_then(|e| e.downcast_ref::<rustls::Error>())
@@ -385,6 +404,12 @@ pub fn handshake_failure_kind(err: &std::io::Error) -> &'static str {
             _ => "io",
         };
     };
+    rustls_error_kind(inner)
+}
+
+/// The label of [`handshake_failure_kind`] for a rustls error itself.
+pub fn rustls_error_kind(inner: &rustls::Error) -> &'static str {
+    use rustls::Error as E;
     match inner {
         E::NoCertificatesPresented => "no_cert",
         E::InvalidCertificate(c) => match c {
