@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use fhirgate::config::{Config, LogFormat};
-use fhirgate::{admin, devstack, listener, pki};
+use fhirgate::{admin, client, devauth, devstack, listener, pki};
 use sd_notify::NotifyState;
 
 #[derive(Parser)]
@@ -44,6 +44,18 @@ enum Cmd {
         #[arg(long, short, default_value = "config.yaml")]
         config: PathBuf,
     },
+    /// Send one request as a BaRS sender would: token by client credentials (cached until
+    /// expiry), NHSD-* headers from a profile and/or flags, mutual TLS. Prints the status
+    /// line, headers and body (pretty JSON).
+    Client(Box<ClientArgs>),
+    /// Print a certificate's subject, SANs, issuer, validity and fingerprint and, with
+    /// --config, whether each trust bundle accepts it as a client certificate.
+    InspectCert {
+        /// PEM (leaf first, then any intermediates) or DER certificate.
+        file: PathBuf,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// PKI helpers.
     Pki {
         #[command(subcommand)]
@@ -54,6 +66,98 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NhsdCmd,
     },
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Receiver URL, e.g. https://localhost:8443/Patient/1
+    url: String,
+    /// YAML sender profile (tls, auth, nhsd sections); flags override it.
+    #[arg(long, short)]
+    profile: Option<PathBuf>,
+    #[arg(short = 'X', long, default_value = "GET")]
+    method: String,
+    /// Request body: literal JSON, @FILE, or @- for stdin.
+    #[arg(short = 'd', long)]
+    data: Option<String>,
+    /// Extra header, `Name: value` (repeatable).
+    #[arg(short = 'H', long = "header")]
+    headers: Vec<String>,
+    /// CA bundle for the receiver and the authorisation server (default: system roots).
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    /// Client certificate (PEM chain) and key for mutual TLS.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Authorisation server issuer (token endpoint by discovery).
+    #[arg(long)]
+    issuer: Option<String>,
+    /// Token endpoint (instead of discovery).
+    #[arg(long)]
+    token_url: Option<String>,
+    #[arg(long)]
+    client_id: Option<String>,
+    /// Client secret file: client_secret_basic.
+    #[arg(long)]
+    client_secret_file: Option<PathBuf>,
+    /// Private key (PEM): private_key_jwt client assertion.
+    #[arg(long)]
+    private_key_file: Option<PathBuf>,
+    #[arg(long)]
+    key_id: Option<String>,
+    /// ES256 (default), RS256 or PS256.
+    #[arg(long)]
+    algorithm: Option<String>,
+    #[arg(long)]
+    scope: Option<String>,
+    /// Send no Authorization header even if the profile configures a token.
+    #[arg(long)]
+    no_token: bool,
+    /// Keep the token in this file (mode 0600) and reuse it until shortly before expiry.
+    #[arg(long)]
+    token_cache: Option<PathBuf>,
+    /// Start from the specification's example sender headers.
+    #[arg(long)]
+    nhsd_example: bool,
+    /// Send no NHSD-* / X-Request-ID / X-Correlation-ID headers.
+    #[arg(long)]
+    no_nhsd: bool,
+    #[arg(long)]
+    ods: Option<String>,
+    #[arg(long)]
+    org_name: Option<String>,
+    #[arg(long)]
+    target: Option<String>,
+    #[arg(long)]
+    target_system: Option<String>,
+    #[arg(long)]
+    software_id: Option<String>,
+    #[arg(long)]
+    software_name: Option<String>,
+    #[arg(long)]
+    software_version: Option<String>,
+    /// SDS role profile id of the requesting practitioner.
+    #[arg(long)]
+    practitioner_role: Option<String>,
+    /// SNOMED CT code of the practitioner's role.
+    #[arg(long)]
+    practitioner_role_code: Option<String>,
+    #[arg(long)]
+    correlation_id: Option<String>,
+    /// Send the request this many times (one token, a new X-Request-ID each time).
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// Seconds allowed for each exchange.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// Exit with status 22 (like curl --fail) when the last answer is 400 or above.
+    #[arg(long)]
+    fail: bool,
+    /// Also print the request headers sent (NHSD-* decoded) to stderr.
+    #[arg(short, long)]
+    verbose: bool,
 }
 
 #[derive(Subcommand)]
@@ -128,10 +232,16 @@ fn main() -> ExitCode {
             Cmd::Check { config } => check(&config),
             Cmd::Demo { config } => demo(&config).await,
             Cmd::Nhsd { cmd } => nhsd_cmd(cmd),
+            Cmd::Client(args) => client_cmd(*args).await,
+            Cmd::InspectCert { file, config } => {
+                print!("{}", fhirgate::inspect::inspect(&file, config.as_deref())?);
+                Ok(())
+            }
             Cmd::Pki {
                 cmd: PkiCmd::Dev { out },
             } => {
                 pki::DevPki::generate()?.write_to(&out)?;
+                devauth::ensure_credentials(&out)?;
                 println!("development PKI written to {}", out.display());
                 Ok(())
             }
@@ -186,11 +296,12 @@ fn check(path: &Path) -> anyhow::Result<()> {
 
 async fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
-    serve(&cfg, path).await
+    serve(&cfg, path, None).await
 }
 
-/// Runs the gateway until SIGTERM/SIGINT; SIGHUP reloads `path`.
-async fn serve(cfg: &Config, path: &Path) -> anyhow::Result<()> {
+/// Runs the gateway until SIGTERM/SIGINT; SIGHUP reloads `path`. `banner` is printed to
+/// stdout once the gateway is ready.
+async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -223,6 +334,9 @@ async fn serve(cfg: &Config, path: &Path) -> anyhow::Result<()> {
         tracing::warn!(%detail, "starting without a discovered introspection endpoint");
     }
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    if let Some(b) = banner {
+        println!("{b}");
+    }
     if let Some(interval) = sd_notify::watchdog_enabled() {
         // Pinged from the runtime: a wedged runtime stops the pings and systemd restarts us.
         tokio::spawn(async move {
@@ -276,49 +390,381 @@ fn reload(running: &listener::Running, path: &Path) {
     let _ = sd_notify::notify(&[NotifyState::Ready]);
 }
 
+/// `fhirgate client`: profile + flags, then token, headers and the request.
+async fn client_cmd(a: ClientArgs) -> anyhow::Result<()> {
+    let mut profile = match &a.profile {
+        Some(p) => client::Profile::load(p)?,
+        None => client::Profile::default(),
+    };
+    let t = &mut profile.tls;
+    for (flag, field) in [
+        (&a.cacert, &mut t.cacert),
+        (&a.cert, &mut t.cert),
+        (&a.key, &mut t.key),
+    ] {
+        if flag.is_some() {
+            field.clone_from(flag);
+        }
+    }
+    let flags_auth = a.client_id.is_some()
+        || a.issuer.is_some()
+        || a.token_url.is_some()
+        || a.client_secret_file.is_some()
+        || a.private_key_file.is_some();
+    if flags_auth {
+        let auth = profile.auth.get_or_insert_with(Default::default);
+        if let Some(id) = &a.client_id {
+            auth.client_id.clone_from(id);
+        }
+        for (flag, field) in [
+            (&a.issuer, &mut auth.issuer),
+            (&a.token_url, &mut auth.token_url),
+            (&a.key_id, &mut auth.key_id),
+            (&a.algorithm, &mut auth.algorithm),
+            (&a.scope, &mut auth.scope),
+        ] {
+            if flag.is_some() {
+                field.clone_from(flag);
+            }
+        }
+        // One client authentication method: a flag for one replaces the other.
+        if a.client_secret_file.is_some() {
+            auth.client_secret_file.clone_from(&a.client_secret_file);
+            auth.private_key_file = None;
+        }
+        if a.private_key_file.is_some() {
+            auth.private_key_file.clone_from(&a.private_key_file);
+            auth.client_secret_file = None;
+        }
+    }
+    let mut nhsd = if a.nhsd_example {
+        client::NhsdProfile::example()
+    } else {
+        profile.nhsd.clone()
+    };
+    if a.nhsd_example {
+        nhsd.overlay(&profile.nhsd);
+    }
+    nhsd.overlay(&client::NhsdProfile {
+        ods_code: a.ods.clone(),
+        organisation_name: a.org_name.clone(),
+        target_identifier: a.target.clone(),
+        target_system: a.target_system.clone(),
+        software_id: a.software_id.clone(),
+        software_id_system: None,
+        software_name: a.software_name.clone(),
+        software_version: a.software_version.clone(),
+        practitioner_role_id: a.practitioner_role.clone(),
+        practitioner_role_code: a.practitioner_role_code.clone(),
+        practitioner_role_display: None,
+        correlation_id: a.correlation_id.clone(),
+    });
+
+    let timeout = Duration::from_secs(a.timeout.max(1));
+    let cert = match (&profile.tls.cert, &profile.tls.key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        (None, None) => None,
+        _ => anyhow::bail!("--cert and --key go together"),
+    };
+    let http = client::http_client(profile.tls.cacert.as_deref(), cert, timeout)?;
+    let mut tokens = match (&profile.auth, a.no_token) {
+        (Some(auth), false) => Some(client::TokenSource::new(
+            http.clone(),
+            auth.clone(),
+            a.token_cache.clone(),
+            timeout,
+        )?),
+        _ => None,
+    };
+    let method: http::Method = a
+        .method
+        .to_ascii_uppercase()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("-X {}: not an HTTP method", a.method))?;
+    let body = match a.data.as_deref() {
+        None => None,
+        Some("@-") => Some(bytes::Bytes::from(std::io::read_to_string(
+            std::io::stdin(),
+        )?)),
+        Some(d) => match d.strip_prefix('@') {
+            Some(f) => Some(bytes::Bytes::from(
+                std::fs::read(f).map_err(|e| anyhow::anyhow!("-d @{f}: {e}"))?,
+            )),
+            None => Some(bytes::Bytes::from(d.to_owned())),
+        },
+    };
+    let mut extra = Vec::new();
+    for h in &a.headers {
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("-H {h:?}: expected `Name: value`"))?;
+        extra.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    let mut last = None;
+    for i in 0..a.repeat.max(1) {
+        let token = match &mut tokens {
+            Some(src) => {
+                let (tok, origin, exp) = src.token().await?;
+                let left = exp.saturating_sub(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                );
+                match origin {
+                    client::TokenOrigin::Fetched { endpoint } => {
+                        eprintln!("* token: obtained from {endpoint} (expires in {left} s)")
+                    }
+                    client::TokenOrigin::Cached => {
+                        eprintln!("* token: cached (expires in {left} s)")
+                    }
+                }
+                Some(tok)
+            }
+            None => None,
+        };
+        let mut headers: Vec<(String, String)> = if a.no_nhsd {
+            Vec::new()
+        } else {
+            nhsd.headers()?
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect()
+        };
+        // Explicit -H headers replace generated ones of the same name.
+        headers.retain(|(k, _)| !extra.iter().any(|(e, _)| e.eq_ignore_ascii_case(k)));
+        headers.extend(extra.iter().cloned());
+        if a.verbose {
+            for (k, v) in &headers {
+                eprintln!("> {}", client::describe_header(k, v));
+            }
+        }
+        let out = client::Outgoing {
+            method: method.clone(),
+            url: a.url.clone(),
+            headers,
+            body: body.clone(),
+        };
+        let answer = client::send(&http, &out, token.as_deref(), timeout).await?;
+        if a.repeat > 1 {
+            println!("# request {}", i + 1);
+        }
+        print!("{}", answer.render());
+        last = Some(answer.status);
+    }
+    if a.fail && last.is_some_and(|s| s.as_u16() >= 400) {
+        std::process::exit(22);
+    }
+    Ok(())
+}
+
+/// `host:port` of a loopback URL, for the built-in development services.
+fn loopback_addr(field: &str, url: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let u: http::Uri = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{field}: {url}: {e}"))?;
+    let host = match u.host() {
+        Some("localhost") => "127.0.0.1",
+        Some(h) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => anyhow::bail!("{field}: {url} has no host"),
+    };
+    let port = u.port_u16().unwrap_or(if u.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    });
+    let ip: std::net::IpAddr = host.parse().map_err(|_| {
+        anyhow::anyhow!("{field}: demo starts its built-in service on loopback only, got {url}")
+    })?;
+    if !ip.is_loopback() {
+        anyhow::bail!("{field}: demo starts its built-in service on loopback only, got {url}");
+    }
+    Ok(std::net::SocketAddr::new(ip, port))
+}
+
+/// Writes a `fhirgate client` profile for one development sender into `dir`.
+fn write_profile(
+    dir: &Path,
+    name: &str,
+    issuer: &str,
+    client_id: &str,
+    credential: &str,
+) -> anyhow::Result<PathBuf> {
+    let e = client::NhsdProfile::example();
+    let q = |o: &Option<String>| format!("{:?}", o.as_deref().unwrap_or_default());
+    let text = format!(
+        "# fhirgate client profile written by `fhirgate demo` (DEVELOPMENT ONLY).\n\
+         # Paths are relative to this file. Use: fhirgate client --profile {name} URL\n\
+         tls:\n  cacert: root-ca.crt\n  cert: client.crt\n  key: client.key\n\
+         auth:\n  issuer: {issuer}\n  client_id: {client_id}\n  {credential}\n\
+         nhsd:\n  ods_code: {ods}\n  organisation_name: {org}\n  target_identifier: {target}\n\
+         \x20 software_id: {sid}\n  software_id_system: {sys}\n  software_name: {sname}\n  software_version: {sver}\n\
+         \x20 practitioner_role_id: {role}\n  practitioner_role_code: {code}\n",
+        ods = q(&e.ods_code),
+        org = q(&e.organisation_name),
+        target = q(&e.target_identifier),
+        sid = q(&e.software_id),
+        sys = q(&e.software_id_system),
+        sname = q(&e.software_name),
+        sver = q(&e.software_version),
+        role = q(&e.practitioner_role_id),
+        code = q(&e.practitioner_role_code),
+    );
+    let path = dir.join(name);
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// Shell-quotes `s` for the pasteable banner.
+fn sq(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-:=@".contains(c))
+    {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 async fn demo(path: &Path) -> anyhow::Result<()> {
     let dir = path.parent().unwrap_or(Path::new(".")).join("certs/dev");
     if pki::ensure_dev_pki(&dir)? {
         tracing::info!(dir = %dir.display(), "generated development PKI (never use it in production)");
     }
+    let creds = devauth::ensure_credentials(&dir)?;
     let cfg = Config::load(path)?;
-    let up: http::Uri = cfg.upstream.url.parse()?;
-    let host = up.host().unwrap_or("127.0.0.1");
-    let port = up.port_u16().unwrap_or(80);
-    let addr: std::net::SocketAddr = format!("{host}:{port}").parse().map_err(|_| {
-        anyhow::anyhow!(
-            "upstream.url: demo needs a loopback IP upstream, got {}",
-            cfg.upstream.url
-        )
-    })?;
-    if !addr.ip().is_loopback() {
-        anyhow::bail!("upstream.url: demo only starts its built-in upstream on loopback");
-    }
-    devstack::spawn_upstream(addr).await?;
-    tracing::warn!(upstream = %addr, "DEVELOPMENT upstream started: sample data only");
+
+    let up_addr = loopback_addr("upstream.url", &cfg.upstream.url)?;
+    devstack::spawn_upstream(up_addr).await?;
+    tracing::warn!(upstream = %up_addr, "DEVELOPMENT upstream started: sample data only");
+
+    let issuer = match (&cfg.auth.mode, &cfg.auth.issuer) {
+        (fhirgate::auth::AuthMode::Introspection, Some(issuer)) => {
+            let addr = loopback_addr("auth.issuer", issuer)?;
+            let server = Arc::new(devauth::DevAuthServer::new(issuer, &creds)?);
+            devauth::spawn(server, addr, &cfg.tls.server_cert, &cfg.tls.server_key).await?;
+            tracing::warn!(issuer = %issuer, "DEVELOPMENT authorisation server started: fixed clients, tokens in memory");
+            Some(issuer.trim_end_matches('/').to_owned())
+        }
+        _ => None,
+    };
+
     let gw = cfg
         .listeners
         .first()
         .map(|l| l.address.port())
         .unwrap_or(8443);
-    let d = dir.display();
-    let curl = format!("curl --cacert {d}/root-ca.crt --cert {d}/client.crt --key {d}/client.key");
-    let nhsd_args: String = fhirgate::nhsd::example_headers()
+    let url = format!("https://localhost:{gw}");
+    let d = dir.display().to_string();
+    let ca = sq(&format!("{d}/root-ca.crt"));
+    let curl = |who: &str| {
+        format!(
+            "curl -sS --cacert {ca} --cert {} --key {}",
+            sq(&format!("{d}/{who}.crt")),
+            sq(&format!("{d}/{who}.key"))
+        )
+    };
+    let me = std::env::current_exe()
+        .map(|p| sq(&p.display().to_string()))
+        .unwrap_or_else(|_| "fhirgate".into());
+    let nhsd_example = fhirgate::nhsd::example_headers();
+    let h = |list: &[(&str, String)]| -> String {
+        list.iter()
+            .map(|(k, v)| format!("-H {}", sq(&format!("{k}: {v}"))))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let bad_nhsd: Vec<(&str, String)> = nhsd_example
         .iter()
-        .map(|(k, v)| format!(" \\\n    -H '{k}: {v}'"))
+        .map(|(k, v)| {
+            if *k == fhirgate::nhsd::END_USER_ORGANISATION {
+                (*k, "not-base64!".to_owned())
+            } else {
+                (*k, v.clone())
+            }
+        })
         .collect();
-    println!(
-        "\nfhirgate demo is up (DEVELOPMENT ONLY). Try:\n\n\
-         # capability statement (exempt from NHSD headers)\n\
-         {curl} https://localhost:{gw}/metadata\n\n\
-         # a BaRS request with NHSD headers: the upstream echoes the identity it was given\n\
-         {curl} https://localhost:{gw}/Patient/1{nhsd_args}\n\n\
-         # the same without NHSD headers: 400 OperationOutcome\n\
-         {curl} https://localhost:{gw}/Patient/1\n\n\
-         # a revoked client certificate: refused in the TLS handshake\n\
-         curl --cacert {d}/root-ca.crt --cert {d}/revoked-client.crt --key {d}/revoked-client.key https://localhost:{gw}/metadata\n"
+    let mut b = String::new();
+    b.push_str("\nfhirgate demo is up (DEVELOPMENT ONLY: generated PKI, sample upstream");
+    b.push_str(if issuer.is_some() {
+        ", dev authorisation server)."
+    } else {
+        ")."
+    });
+    b.push_str(
+        "\nPaste these into bash; each `# [expect ...]` line says what the next command shows.\n",
     );
-    // Give pending log lines a moment so the banner is not interleaved.
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    serve(&cfg, path).await
+    b.push_str("# --- begin ---\n");
+    b.push_str(&format!("NHSD=({})\n", h(&nhsd_example)));
+    if let Some(iss) = &issuer {
+        let profiles = [
+            (
+                "sender-basic.yaml",
+                devauth::SENDER_CLIENT_ID,
+                format!("client_secret_file: {}", devauth::SENDER_SECRET_FILE),
+            ),
+            (
+                "sender-jwt.yaml",
+                devauth::SENDER_JWT_CLIENT_ID,
+                format!("private_key_file: {}", devauth::SENDER_JWT_KEY_FILE),
+            ),
+            (
+                "reader.yaml",
+                devauth::READER_CLIENT_ID,
+                format!("client_secret_file: {}", devauth::READER_SECRET_FILE),
+            ),
+        ];
+        for (name, id, cred) in &profiles {
+            write_profile(&dir, name, iss, id, cred)?;
+        }
+        let p = |n: &str| sq(&format!("{d}/{n}"));
+        b.push_str(&format!(
+            "# a BaRS sender's token: client credentials with HTTP Basic at the dev authorisation server\n\
+             TOKEN=$(curl -sS --cacert {ca} -u \"{id}:$(cat {secret})\" -d grant_type=client_credentials {iss}/token | sed -E 's/.*\"access_token\":\"([^\"]+)\".*/\\1/')\n\
+             # [expect 200] allowed: client certificate + token + NHSD headers; the upstream echoes the verified identity\n\
+             {c} -H \"Authorization: Bearer $TOKEN\" \"${{NHSD[@]}}\" {url}/Patient/1\n\
+             # [expect 401] no token: 401 with WWW-Authenticate: Bearer\n\
+             {c} \"${{NHSD[@]}}\" {url}/Patient/1\n\
+             # [expect 403] a token the authorisation server never issued\n\
+             {c} -H 'Authorization: Bearer not-a-real-token' \"${{NHSD[@]}}\" {url}/Patient/1\n\
+             # [expect 400] a bad NHSD header (End-User-Organisation is not Base64)\n\
+             {c} -H \"Authorization: Bearer $TOKEN\" {bad} {url}/Patient/1\n",
+            id = devauth::SENDER_CLIENT_ID,
+            secret = p(devauth::SENDER_SECRET_FILE),
+            c = curl("client"),
+            bad = h(&bad_nhsd),
+        ));
+        b.push_str(&format!(
+            "# [expect 200] the capability statement needs neither a token nor NHSD headers\n\
+             {c} {url}/metadata\n\
+             # [expect refused] a revoked client certificate: refused in the TLS handshake\n\
+             {r} {url}/metadata\n\
+             # [expect 200] fhirgate client: token by client credentials (Basic), NHSD headers from the profile\n\
+             {me} client --profile {pb} {url}/Patient/1\n\
+             # [expect 200] fhirgate client as a private_key_jwt sender (signed JWT client assertion)\n\
+             {me} client --profile {pj} {url}/Patient/1\n\
+             # [expect 403] scope: bars-reader holds system/Patient.read only, so \\$process-message is refused\n\
+             {me} client --profile {pr} -X POST -d '{{\"resourceType\":\"Bundle\",\"type\":\"message\"}}' '{url}/$process-message'\n\
+             # [expect 401] fhirgate client without a token\n\
+             {me} client --profile {pb} --no-token {url}/Patient/1\n",
+            c = curl("client"),
+            r = curl("revoked-client"),
+            pb = p("sender-basic.yaml"),
+            pj = p("sender-jwt.yaml"),
+            pr = p("reader.yaml"),
+        ));
+    } else {
+        b.push_str(&format!(
+            "# [expect 200] a BaRS request with NHSD headers (auth.mode is not introspection: no token)\n\
+             {c} \"${{NHSD[@]}}\" {url}/Patient/1\n\
+             # [expect 400] the same without NHSD headers\n\
+             {c} {url}/Patient/1\n\
+             # [expect refused] a revoked client certificate: refused in the TLS handshake\n\
+             {r} {url}/metadata\n",
+            c = curl("client"),
+            r = curl("revoked-client"),
+        ));
+    }
+    b.push_str("# --- end ---\nCtrl-C stops the gateway and the development services.\n");
+    serve(&cfg, path, Some(b)).await
 }
