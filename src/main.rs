@@ -743,7 +743,7 @@ async fn demo(path: &Path) -> anyhow::Result<()> {
              {me} client --profile {pb} {url}/Patient/1\n\
              # [expect 200] fhirgate client as a private_key_jwt sender (signed JWT client assertion)\n\
              {me} client --profile {pj} {url}/Patient/1\n\
-             # [expect 403] scope: bars-reader holds system/Patient.read only, so \\$process-message is refused\n\
+             # [expect 403] scope: bars-reader holds system/Patient.read only, so $process-message is refused\n\
              {me} client --profile {pr} -X POST -d '{{\"resourceType\":\"Bundle\",\"type\":\"message\"}}' '{url}/$process-message'\n\
              # [expect 401] fhirgate client without a token\n\
              {me} client --profile {pb} --no-token {url}/Patient/1\n",
