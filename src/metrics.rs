@@ -126,6 +126,26 @@ impl Metrics {
             m.upstream_errors.clone(),
         );
         registry.register(
+            "nhsd_rejections",
+            "Requests refused for an NHSD-* / X-Request-ID / X-Correlation-ID header, by header",
+            m.nhsd_rejections.clone(),
+        );
+        registry.register(
+            "token_cache",
+            "Token cache lookups by result",
+            m.token_cache.clone(),
+        );
+        registry.register(
+            "introspections",
+            "Calls to the authorisation server (introspection or JWKS verification) by result",
+            m.introspections.clone(),
+        );
+        registry.register(
+            "introspection_duration_seconds",
+            "Time per call to the authorisation server",
+            m.introspection_seconds.clone(),
+        );
+        registry.register(
             "tls_handshakes",
             "TLS handshakes by result",
             m.handshakes.clone(),
@@ -151,11 +171,6 @@ impl Metrics {
             m.crl_next_update.clone(),
         );
         Metrics { registry, ..m }
-    }
-
-    /// Registers more metrics (e.g. token cache counters) under the same prefix.
-    pub fn registry_mut(&mut self) -> &mut Registry {
-        &mut self.registry
     }
 
     pub fn handshake(&self, result: &str) {
@@ -267,5 +282,28 @@ mod tests {
             text.contains("fhirgate_server_cert_not_after_seconds 1900000000"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn every_family_is_exported() {
+        let m = Metrics::new();
+        let r = |s: &str| ResultLabel { result: s.into() };
+        m.token_cache.get_or_create(&r("hit")).inc();
+        m.introspections.get_or_create(&r("ok")).inc();
+        m.introspection_seconds.observe(0.01);
+        m.nhsd_rejections
+            .get_or_create(&HeaderLabel {
+                header: "x-request-id".into(),
+            })
+            .inc();
+        let text = m.encode();
+        for want in [
+            "fhirgate_token_cache_total{result=\"hit\"} 1",
+            "fhirgate_introspections_total{result=\"ok\"} 1",
+            "fhirgate_introspection_duration_seconds_count 1",
+            "fhirgate_nhsd_rejections_total{header=\"x-request-id\"} 1",
+        ] {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
     }
 }

@@ -19,6 +19,7 @@ fn curl_and_openssl_against_the_binary() {
         .env("GW_PORT", free_port().to_string())
         .env("UP_PORT", free_port().to_string())
         .env("ADMIN_PORT", free_port().to_string())
+        .env("AUTH_PORT", free_port().to_string())
         .output()
         .expect("bash runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

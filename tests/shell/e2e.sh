@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end check with real third-party clients (curl, openssl s_client) against the
 # fhirgate binary running the shipped config.yaml on the built-in development stack.
-# Run by tests/shell.rs, which passes FHIRGATE, GW_PORT and UP_PORT.
+# Run by tests/shell.rs, which passes FHIRGATE and free GW_PORT, UP_PORT, ADMIN_PORT, AUTH_PORT.
 set -u
-: "${FHIRGATE:?path to the fhirgate binary}" "${GW_PORT:?}" "${UP_PORT:?}" "${ADMIN_PORT:?}"
+: "${FHIRGATE:?path to the fhirgate binary}" "${GW_PORT:?}" "${UP_PORT:?}" "${ADMIN_PORT:?}" "${AUTH_PORT:?}"
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 T=$(mktemp -d)
 GW_PID=
@@ -16,7 +16,7 @@ bad() { fail=$((fail+1)); echo "FAIL - $1"; }
 check() { local name=$1; shift; if "$@"; then ok "$name"; else bad "$name"; fi; }
 
 sed -e "s/127.0.0.1:8443/127.0.0.1:$GW_PORT/" -e "s#http://127.0.0.1:8081#http://127.0.0.1:$UP_PORT#" \
-    -e "s/127.0.0.1:9901/127.0.0.1:$ADMIN_PORT/" \
+    -e "s/127.0.0.1:9901/127.0.0.1:$ADMIN_PORT/" -e "s#https://localhost:9443#https://localhost:$AUTH_PORT#" \
     "$ROOT/config.yaml" > "$T/config.yaml"
 "$FHIRGATE" demo --config "$T/config.yaml" > "$T/gw.log" 2>&1 &
 GW_PID=$!
@@ -28,22 +28,34 @@ D=$T/certs/dev
 URL=https://localhost:$GW_PORT
 C=(curl -sS --max-time 10 --cacert "$D/root-ca.crt")
 
+# A token by client credentials (HTTP Basic) from the demo's development authorisation server.
+token_json=$("${C[@]}" -u "bars-sender:$(cat "$D/auth-sender.secret")" -d grant_type=client_credentials "https://localhost:$AUTH_PORT/token")
+TOKEN=$(sed -E 's/.*"access_token":"([^"]+)".*/\1/' <<<"$token_json")
+check "curl gets a token by client credentials" grep -q '"token_type":"Bearer"' <<<"$token_json"
+AUTH=(-H "Authorization: Bearer $TOKEN")
+
 # curl with a valid client certificate: forwarded, identity visible upstream.
 body=$("${C[@]}" --cert "$D/client.crt" --key "$D/client.key" "$URL/metadata")
 check "curl --cert valid client gets the CapabilityStatement" grep -q '"resourceType":"CapabilityStatement"' <<<"$body"
 NH=()
 while IFS= read -r line; do NH+=(-H "$line"); done < <("$FHIRGATE" nhsd example)
 check "nhsd example prints six headers" test "${#NH[@]}" = 12
-code=$("${C[@]}" -o "$T/out" -w '%{http_code}' --cert "$D/client.crt" --key "$D/client.key" "$URL/Patient/1")
+code=$("${C[@]}" -o "$T/out" -w '%{http_code}' --cert "$D/client.crt" --key "$D/client.key" "${NH[@]}" "$URL/Patient/1")
+check "no token gets 401" test "$code" = 401
+check "401 carries a Bearer challenge" bash -c '"$@" -D - -o /dev/null | grep -qi "^www-authenticate: Bearer"' _ "${C[@]}" --cert "$D/client.crt" --key "$D/client.key" "${NH[@]}" "$URL/Patient/1"
+code=$("${C[@]}" -o "$T/out" -w '%{http_code}' --cert "$D/client.crt" --key "$D/client.key" -H 'Authorization: Bearer forged' "${NH[@]}" "$URL/Patient/1")
+check "unknown token gets 403" test "$code" = 403
+code=$("${C[@]}" -o "$T/out" -w '%{http_code}' --cert "$D/client.crt" --key "$D/client.key" "${AUTH[@]}" "$URL/Patient/1")
 check "missing NHSD headers get 400" test "$code" = 400
 check "400 names the missing header" grep -q 'X-Request-ID' "$T/out"
-body=$("${C[@]}" --cert "$D/client.crt" --key "$D/client.key" "${NH[@]}" -H 'X-Client-Cert-Subject: CN=spoof' -H 'X-Fhirgate-Ods-Code: SPOOF' "$URL/Patient/1")
+body=$("${C[@]}" --cert "$D/client.crt" --key "$D/client.key" "${AUTH[@]}" "${NH[@]}" -H 'X-Client-Cert-Subject: CN=spoof' -H 'X-Fhirgate-Ods-Code: SPOOF' "$URL/Patient/1")
 check "upstream sees the verified ODS code" grep -q 'x-fhirgate-ods-code.*A1001' <<<"$body"
 check "upstream sees the verified subject" grep -q 'x-client-cert-subject.*CN=BaRS-X26' <<<"$body"
 check "spoofed headers never reach the upstream" bash -c '! grep -qi spoof <<<"$1"' _ "$body"
+check "upstream sees the introspected client id" grep -q 'x-fhirgate-client-id.*bars-sender' <<<"$body"
 code=$("${C[@]}" --http2 -o /dev/null -w '%{http_version}' --cert "$D/client.crt" --key "$D/client.key" "$URL/metadata")
 check "curl negotiates HTTP/2" test "$code" = 2
-code=$("${C[@]}" -o "$T/out" -w '%{http_code}' --path-as-is --cert "$D/client.crt" --key "$D/client.key" "$URL/metadata/../Patient/1")
+code=$("${C[@]}" -o "$T/out" -w '%{http_code}' --path-as-is --cert "$D/client.crt" --key "$D/client.key" "${AUTH[@]}" "${NH[@]}" "$URL/metadata/../Patient/1")
 check "dot-segment path gets 400" test "$code" = 400
 check "400 body is an OperationOutcome" grep -q '"resourceType":"OperationOutcome"' "$T/out"
 
@@ -69,11 +81,12 @@ check "s_client: TLS 1.2 with a valid client works" grep -q 'Protocol version: T
 
 # Admin listener: probes and Prometheus metrics with the refusals counted.
 check "readyz is 200" test "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$ADMIN_PORT/readyz")" = 200
-check "readyz says which token check applies" grep -q 'token_verification: ok (development mode' <<<"$(curl -s "http://127.0.0.1:$ADMIN_PORT/readyz")"
-check "development mode is flagged on every access line" grep -q 'auth="DEVELOPMENT-NO-TOKEN-CHECK"' "$T/gw.log"
+check "readyz says the introspection endpoint is known" grep -q 'token_verification: ok (introspection endpoint known' <<<"$(curl -s "http://127.0.0.1:$ADMIN_PORT/readyz")"
+check "access lines log a token hash, never the token" bash -c 'grep -q "token_hash=" "$1" && ! grep -qF "$2" "$1"' _ "$T/gw.log" "$TOKEN"
 metrics=$(curl -s "http://127.0.0.1:$ADMIN_PORT/metrics")
 check "metrics count revoked handshakes" grep -q 'fhirgate_tls_handshakes_total{result="revoked"}' <<<"$metrics"
 check "metrics count requests by route" grep -q 'fhirgate_requests_total{route="capabilities",status="200"}' <<<"$metrics"
+check "metrics count introspections" grep -q 'fhirgate_introspections_total{result="ok"}' <<<"$metrics"
 
 # Handshake refusals are logged with their reason, and the process stops cleanly.
 check "gateway log names the revocation" grep -q 'kind="revoked"' "$T/gw.log"
