@@ -61,6 +61,14 @@ async fn post_form(
 impl Provider {
     /// Installs the npm package if needed, then starts the provider and waits for it.
     async fn start(jwks_path: &std::path::Path) -> Provider {
+        Provider::start_with(jwks_path, None).await
+    }
+
+    /// As [`Provider::start`], also registering `bars-sender-jwt` with this public JWKS.
+    async fn start_with(
+        jwks_path: &std::path::Path,
+        sender_jwks: Option<&std::path::Path>,
+    ) -> Provider {
         if !std::path::Path::new(OIDC_DIR)
             .join("node_modules/oidc-provider")
             .exists()
@@ -82,6 +90,7 @@ impl Provider {
             .current_dir(OIDC_DIR)
             .env("PORT", port.to_string())
             .env("GW_JWKS", jwks_path)
+            .env("SENDER_JWKS", sender_jwks.unwrap_or(jwks_path))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -147,16 +156,21 @@ impl Provider {
 
 /// The gateway's signing key and its public JWKS (P-256, uncompressed point).
 fn gateway_key(pki: &Pki) -> std::path::PathBuf {
+    signing_key(pki, "gw")
+}
+
+/// A P-256 key written to `{name}-jwt.key` and its public JWKS to `{name}-jwks.json`.
+fn signing_key(pki: &Pki, name: &str) -> std::path::PathBuf {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    std::fs::write(pki.path("gw-jwt.key"), key.serialize_pem()).unwrap();
+    std::fs::write(pki.path(&format!("{name}-jwt.key")), key.serialize_pem()).unwrap();
     let raw = key.public_key_raw();
     assert_eq!((raw.len(), raw[0]), (65, 4));
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
     let jwks = serde_json::json!({"keys": [{
         "kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
-        "kid": "gw-key-1", "use": "sig", "alg": "ES256"
+        "kid": format!("{name}-key-1"), "use": "sig", "alg": "ES256"
     }]});
-    let path = pki.path("gw-jwks.json");
+    let path = pki.path(&format!("{name}-jwks.json"));
     std::fs::write(&path, jwks.to_string()).unwrap();
     path
 }
@@ -301,4 +315,142 @@ async fn real_openid_provider_tokens_through_the_gateway() {
         .unwrap()
         .assert_outcome(403, "REC_FORBIDDEN");
     gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Runs `fhirgate client` with `args`; returns (exit ok, stdout, stderr).
+fn fhirgate_client(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .arg("client")
+        .args(args)
+        .output()
+        .expect("fhirgate client runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `fhirgate client` as a BaRS sender against the real provider: a token by client
+/// credentials (Basic, then private_key_jwt), reused from its cache, through the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fhirgate_client_gets_tokens_from_the_real_provider() {
+    let pki = Pki::new();
+    let sender_jwks = signing_key(&pki, "sender");
+    let provider = Provider::start_with(&gateway_key(&pki), Some(&sender_jwks)).await;
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = auth_basic(&provider, &pki);
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H2);
+    let warm = provider
+        .token("bars-sender", "sender-secret", "system/*.*")
+        .await;
+    wait_ready(&c, addr, &warm).await;
+    let before = provider.introspections().await;
+
+    std::fs::write(pki.path("sender-secret"), "sender-secret\n").unwrap();
+    let p = |n: &str| pki.path(n).display().to_string();
+    let url = format!("https://localhost:{}/Patient/1", addr.port());
+    let cache = p("token-cache.json");
+    let tls = [
+        "--cacert",
+        &p("root-ca.crt"),
+        "--cert",
+        &p("client.crt"),
+        "--key",
+        &p("client.key"),
+    ];
+    let mut args: Vec<&str> = tls.to_vec();
+    let secret = p("sender-secret");
+    args.extend([
+        "--issuer",
+        &provider.base,
+        "--client-id",
+        "bars-sender",
+        "--client-secret-file",
+        &secret,
+        "--scope",
+        "system/*.*",
+        "--token-cache",
+        &cache,
+        "--nhsd-example",
+        "--repeat",
+        "3",
+        "--fail",
+        &url,
+    ]);
+    let (ok, stdout, stderr) = fhirgate_client(&args);
+    assert!(ok, "{stdout}{stderr}");
+    assert_eq!(stdout.matches(" 200 OK").count(), 3, "{stdout}");
+    assert_eq!(
+        stderr.matches("token: obtained from").count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("token: cached").count(), 2, "{stderr}");
+    assert!(
+        stdout.contains("\"resourceType\": \"Parameters\""),
+        "{stdout}"
+    );
+    let (path, headers, _) = seen.last();
+    assert_eq!(path, "/Patient/1");
+    assert_eq!(headers["x-fhirgate-client-id"], "bars-sender");
+    assert!(headers.contains_key("nhsd-end-user-organisation"));
+    // One new token through the gateway costs one introspection, however often it is used.
+    assert_eq!(provider.introspections().await - before, 1);
+
+    // The cache file is owner-only and a second run reuses its token.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "token cache must not be group/world readable"
+    );
+    let (ok, _, stderr) = fhirgate_client(&args);
+    assert!(ok);
+    assert!(!stderr.contains("obtained"), "{stderr}");
+
+    // private_key_jwt: the provider verifies our signed assertion against the JWKS.
+    let mut args: Vec<&str> = tls.to_vec();
+    let key = p("sender-jwt.key");
+    args.extend([
+        "--issuer",
+        &provider.base,
+        "--client-id",
+        "bars-sender-jwt",
+        "--private-key-file",
+        &key,
+        "--key-id",
+        "sender-key-1",
+        "--scope",
+        "system/*.*",
+        "--fail",
+        &url,
+    ]);
+    let (ok, stdout, stderr) = fhirgate_client(&args);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains(" 200 OK"), "{stdout}");
+    assert_eq!(seen.last().1["x-fhirgate-client-id"], "bars-sender-jwt");
+
+    // A wrong secret: the provider's refusal is reported, nothing is sent.
+    std::fs::write(pki.path("wrong-secret"), "nope\n").unwrap();
+    let n = seen.count();
+    let wrong = p("wrong-secret");
+    let mut args: Vec<&str> = tls.to_vec();
+    args.extend([
+        "--issuer",
+        &provider.base,
+        "--client-id",
+        "bars-sender",
+        "--client-secret-file",
+        &wrong,
+        &url,
+    ]);
+    let (ok, _, stderr) = fhirgate_client(&args);
+    assert!(!ok);
+    assert!(stderr.contains("invalid_client"), "{stderr}");
+    assert_eq!(seen.count(), n);
+    drop(gw);
 }

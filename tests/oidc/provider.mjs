@@ -12,7 +12,9 @@ import Provider from 'oidc-provider';
 
 const port = Number(process.env.PORT);
 const issuer = `http://127.0.0.1:${port}`;
-const gwJwks = process.env.GW_JWKS ? JSON.parse(fs.readFileSync(process.env.GW_JWKS, 'utf8')) : { keys: [] };
+const readJwks = (v) => (process.env[v] ? JSON.parse(fs.readFileSync(process.env[v], 'utf8')) : { keys: [] });
+const gwJwks = readJwks('GW_JWKS');
+const senderJwks = readJwks('SENDER_JWKS');
 
 const sender = (id, secret, scope) => ({
   client_id: id,
@@ -29,6 +31,10 @@ const provider = new Provider(issuer, {
     sender('bars-sender', 'sender-secret', 'system/*.* system/Patient.read'),
     sender('bars-reader', 'reader-secret', 'system/Patient.read'),
     sender('bars-short', 'short-secret', 'system/*.*'),
+    // A BaRS sender authenticating with a signed JWT client assertion (fhirgate client).
+    { client_id: 'bars-sender-jwt', grant_types: ['client_credentials'], redirect_uris: [], response_types: [],
+      token_endpoint_auth_method: 'private_key_jwt', token_endpoint_auth_signing_alg: 'ES256', jwks: senderJwks,
+      scope: 'system/*.*' },
     { client_id: 'fhirgate-gw', client_secret: 'gw-secret', grant_types: [], redirect_uris: [], response_types: [],
       token_endpoint_auth_method: 'client_secret_basic' },
     { client_id: 'fhirgate-gw-jwt', grant_types: [], redirect_uris: [], response_types: [],
