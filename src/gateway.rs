@@ -198,7 +198,12 @@ impl Gateway {
                 let need = scope::classify(req.method(), req.uri().path());
                 let facts = self
                     .auth
-                    .authorise(req.headers(), &need, &route.required_scopes)
+                    .authorise(
+                        req.headers(),
+                        &need,
+                        &route.required_scopes,
+                        &conn.identity.fingerprint_sha256,
+                    )
                     .await
                     .map_err(|e| e.rejection(self.auth.config()))?;
                 trace.client_id = facts.client_id.clone();

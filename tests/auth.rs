@@ -65,6 +65,15 @@ fn answer(token: &str) -> serde_json::Value {
         "other-aud-token" => serde_json::json!({
             "active": true, "scope": "system/*.*", "exp": exp, "aud": ["someone-else"]
         }),
+        "dpop-token" => serde_json::json!({
+            "active": true, "scope": "system/*.*", "exp": exp, "token_type": "DPoP",
+            "cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}
+        }),
+        // RFC 8705: bound to the certificate whose SHA-256 (base64url) follows the prefix.
+        t if t.starts_with("bound-") => serde_json::json!({
+            "active": true, "scope": "system/*.*", "exp": exp, "client_id": "bound-sender",
+            "token_type": "Bearer", "cnf": {"x5t#S256": &t["bound-".len()..]}
+        }),
         _ => serde_json::json!({"active": false}),
     }
 }
@@ -637,4 +646,48 @@ async fn jwt_mode_validates_locally_with_jwks_rotation() {
     }
     assert_eq!(stub.jwks_fetches.load(Ordering::SeqCst), fetches + 1);
     gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// RFC 8705 certificate-bound tokens work only over a connection with that certificate;
+/// proof-of-possession tokens the gateway cannot verify (DPoP) are refused.
+#[tokio::test]
+async fn certificate_bound_tokens_need_their_certificate() {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = basic_auth(&stub, &pki, "");
+    o.routes = ROUTES.into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let der: rustls::pki_types::CertificateDer<'static> =
+        rustls::pki_types::pem::PemObject::from_pem_file(pki.path("client.crt")).unwrap();
+    use sha2::Digest;
+    let thumb = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(&der));
+    let token = format!("bound-{thumb}");
+    let get = |t: &str| with_token(http::Method::GET, "/Patient/1", Some(t));
+
+    let owner = tls_client(&pki, Some("client"), H1);
+    let got = send(&owner, addr, get(&token)).await.unwrap();
+    assert_eq!(
+        got.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&got.body)
+    );
+    assert_eq!(seen.last().1["x-fhirgate-client-id"], "bound-sender");
+
+    // The same token from another valid client certificate: refused, nothing forwarded.
+    let n = seen.count();
+    let thief = tls_client(&pki, Some("second-client"), H1);
+    let got = send(&thief, addr, get(&token)).await.unwrap();
+    got.assert_outcome(403, "REC_FORBIDDEN");
+    got.assert_challenge("invalid_token");
+    assert_eq!(seen.count(), n);
+    // The verdict is cached per token, the binding checked per request: one call.
+    assert_eq!(stub.calls(), 1);
+
+    let got = send(&owner, addr, get("dpop-token")).await.unwrap();
+    got.assert_outcome(403, "REC_FORBIDDEN");
+    assert_eq!(seen.count(), n);
+    drop(gw);
 }

@@ -50,11 +50,50 @@ pub fn positive_ttl(exp: Option<i64>, now: i64, max_ttl: Duration) -> Option<Dur
 /// Allowed clock difference with the authorisation server for `nbf`.
 const NBF_LEEWAY_SECS: i64 = 30;
 
+/// What a token's `cnf` (RFC 7800) binds it to, as far as the gateway can check.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Binding {
+    /// A plain bearer token.
+    None,
+    /// RFC 8705: the SHA-256 of the client certificate (lower-case hex).
+    Certificate(String),
+    /// A proof-of-possession the gateway cannot verify (DPoP `jkt`, `jwk`, unknown
+    /// members, a malformed thumbprint): refused rather than treated as bearer.
+    Unverifiable,
+}
+
+pub fn binding(i: &Introspection) -> Binding {
+    use base64::Engine;
+    // RFC 6749 §7.1 types other than Bearer (e.g. DPoP) need a proof we do not check.
+    if i.token_type
+        .as_deref()
+        .is_some_and(|t| !t.eq_ignore_ascii_case("bearer"))
+    {
+        return Binding::Unverifiable;
+    }
+    let Some(cnf) = &i.cnf else {
+        return Binding::None;
+    };
+    match (cnf.len(), cnf.get("x5t#S256").and_then(|v| v.as_str())) {
+        (0, _) => Binding::None,
+        (1, Some(t)) => match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t) {
+            Ok(d) if d.len() == 32 => Binding::Certificate(hex::encode(d)),
+            _ => Binding::Unverifiable,
+        },
+        _ => Binding::Unverifiable,
+    }
+}
+
 /// Turns an introspection response into a verdict, applying the local checks.
 pub fn entry_from(i: &Introspection, cfg: &AuthConfig, now: i64) -> CachedToken {
     if !i.active {
         return CachedToken::Inactive;
     }
+    let bound_cert_sha256 = match binding(i) {
+        Binding::None => None,
+        Binding::Certificate(t) => Some(t),
+        Binding::Unverifiable => return CachedToken::Inactive,
+    };
     if i.nbf.is_some_and(|nbf| nbf > now + NBF_LEEWAY_SECS) {
         return CachedToken::Inactive;
     }
@@ -78,6 +117,7 @@ pub fn entry_from(i: &Introspection, cfg: &AuthConfig, now: i64) -> CachedToken 
                 token_hash: String::new(),
                 exp: i.exp,
                 development: false,
+                bound_cert_sha256,
             },
             ttl,
         },
@@ -135,6 +175,45 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with(extra: serde_json::Value) -> Introspection {
+        let mut v = serde_json::json!({"active": true, "scope": "system/*.*"});
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        serde_json::from_value(v).expect("introspection")
+    }
+
+    #[test]
+    fn bindings_are_checked_or_refused() {
+        let thumb = [7u8; 32];
+        let b64 = {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(thumb)
+        };
+        assert_eq!(binding(&with(serde_json::json!({}))), Binding::None);
+        assert_eq!(
+            binding(&with(serde_json::json!({"token_type": "Bearer"}))),
+            Binding::None
+        );
+        assert_eq!(
+            binding(&with(serde_json::json!({"cnf": {"x5t#S256": b64}}))),
+            Binding::Certificate(hex::encode(thumb))
+        );
+        for unverifiable in [
+            serde_json::json!({"token_type": "DPoP"}),
+            serde_json::json!({"cnf": {"jkt": "abc"}}),
+            serde_json::json!({"cnf": {"x5t#S256": "not base64url!"}}),
+            serde_json::json!({"cnf": {"x5t#S256": "c2hvcnQ"}}),
+            serde_json::json!({"cnf": {"x5t#S256": b64, "jkt": "abc"}}),
+        ] {
+            assert_eq!(
+                binding(&with(unverifiable.clone())),
+                Binding::Unverifiable,
+                "{unverifiable}"
+            );
+        }
+    }
 
     #[test]
     fn ttl_arithmetic() {

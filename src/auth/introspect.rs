@@ -49,7 +49,7 @@ impl IntrospectError {
 }
 
 /// The RFC 7662 response members the gateway uses.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 pub struct Introspection {
     pub active: bool,
     #[serde(default)]
@@ -68,6 +68,13 @@ pub struct Introspection {
     pub iss: Option<String>,
     #[serde(default, deserialize_with = "one_or_many")]
     pub aud: Vec<String>,
+    /// RFC 6749 token type (`Bearer`); anything else is a proof-of-possession scheme.
+    #[serde(default)]
+    pub token_type: Option<String>,
+    /// RFC 7800 confirmation: the key the token is bound to (RFC 8705 `x5t#S256` for a
+    /// client certificate, RFC 9449 `jkt` for DPoP).
+    #[serde(default)]
+    pub cnf: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// NumericDate: seconds, possibly with a fraction (RFC 7519 §2).

@@ -53,6 +53,9 @@ struct Claims {
     exp: Option<i64>,
     #[serde(default)]
     iss: Option<String>,
+    /// RFC 7800 confirmation (certificate- or DPoP-bound tokens).
+    #[serde(default)]
+    cnf: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -128,17 +131,7 @@ impl JwtVerifier {
         jwks_uri: &str,
         token: &str,
     ) -> Result<Introspection, IntrospectError> {
-        let inactive = Introspection {
-            active: false,
-            scope: None,
-            client_id: None,
-            sub: None,
-            exp: None,
-            iat: None,
-            nbf: None,
-            iss: None,
-            aud: Vec::new(),
-        };
+        let inactive = Introspection::default();
         let Ok(header) = jsonwebtoken::decode_header(token) else {
             return Ok(inactive);
         };
@@ -180,6 +173,8 @@ impl JwtVerifier {
             iss: c.iss,
             // Already checked by the signature validation above.
             aud: self.audience.iter().cloned().collect(),
+            token_type: None,
+            cnf: c.cnf,
         })
     }
 }

@@ -358,6 +358,9 @@ pub struct TokenFacts {
     pub exp: Option<i64>,
     /// Development mode: nothing was checked.
     pub development: bool,
+    /// RFC 8705: the token is bound to the client certificate with this SHA-256
+    /// thumbprint (lower-case hex), and is refused on any other connection.
+    pub bound_cert_sha256: Option<String>,
 }
 
 /// Headers set upstream from a verified token (all under the reserved `x-fhirgate-`
@@ -542,11 +545,14 @@ impl Authoriser {
     }
 
     /// Checks the request's bearer token and its scopes against `need`.
+    /// `cert_sha256` is the connection's client certificate thumbprint (lower-case hex),
+    /// checked against certificate-bound tokens.
     pub async fn authorise(
         &self,
         headers: &HeaderMap,
         need: &Requirement,
         required_scopes: &[String],
+        cert_sha256: &str,
     ) -> Result<TokenFacts, AuthError> {
         let Some(client) = &self.client else {
             return Ok(TokenFacts {
@@ -596,6 +602,14 @@ impl Authoriser {
         // The cache never outlives `exp`, but check again at the moment of use.
         if facts.exp.is_some_and(|exp| exp <= now) {
             return Err(AuthError::InvalidToken("expired"));
+        }
+        // A stolen certificate-bound token is useless without the certificate's key.
+        if let Some(bound) = &facts.bound_cert_sha256 {
+            if !bound.eq_ignore_ascii_case(cert_sha256) {
+                return Err(AuthError::InvalidToken(
+                    "bound to a different client certificate",
+                ));
+            }
         }
         let granted = scope::parse_scope_list(&facts.scope);
         if !scope::permits(&granted, need, &self.contexts) {
