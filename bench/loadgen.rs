@@ -1,0 +1,513 @@
+//! Benchmark driver for `bench/run`: an HTTP/1.1 load generator that presents a client
+//! certificate (wrk and h2load cannot), plus the small fast upstream and the
+//! introspection stub the benchmark puts behind fhirgate and nginx.
+//!
+//! Written in Rust on the same hyper/rustls stack as the gateway so one `cargo build`
+//! gives everything and the driver is never the bottleneck's unknown: its own cost is the
+//! same for both gateways. Latencies are recorded in an HDR histogram (microseconds).
+//! Open-loop runs (`--rate`) measure from each request's *scheduled* send time, so a
+//! stalled server cannot hide its queueing (no coordinated omission).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct Tls {
+    #[arg(long)]
+    cacert: PathBuf,
+    #[arg(long)]
+    cert: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// https://127.0.0.1:PORT/path
+    #[arg(long)]
+    url: String,
+    #[command(flatten)]
+    tls: Tls,
+    #[arg(long)]
+    token: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Requests per second in total (open loop); closed loop when absent.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// A new TCP connection and full TLS handshake (no resumption) per request.
+    #[arg(long)]
+    new_conn: bool,
+    /// POST a body of this many bytes instead of a GET.
+    #[arg(long, default_value_t = 0)]
+    body_bytes: usize,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// A fast upstream: 200 with a small FHIR JSON body, request bodies drained.
+    Upstream {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Introspection stub: RFC 7662 `POST /introspect` (fhirgate) and `GET /auth` with the
+    /// token in `Authorization` (nginx `auth_request`); tokens starting `bench` are
+    /// active. `GET /count` returns the number of checks answered.
+    Introspect {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Closed-loop (fixed concurrency) or open-loop (`--rate`) load; prints one JSON line.
+    Load(LoadArgs),
+    /// Opens N idle mTLS connections (one request each), prints `ready`, holds them.
+    Idle {
+        #[arg(long)]
+        url: String,
+        #[command(flatten)]
+        tls: Tls,
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long)]
+        conns: usize,
+        #[arg(long, default_value_t = 15)]
+        hold_seconds: u64,
+    },
+    /// N connections, then N concurrent requests at once with one token; prints statuses.
+    Burst {
+        #[arg(long)]
+        url: String,
+        #[command(flatten)]
+        tls: Tls,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value_t = 1000)]
+        n: usize,
+    },
+}
+
+type AnyErr = Box<dyn std::error::Error + Send + Sync>;
+
+struct Target {
+    addr: SocketAddr,
+    path: String,
+    host: String,
+}
+
+fn parse_url(url: &str) -> Result<Target, AnyErr> {
+    let u: http::Uri = url.parse()?;
+    let host = u.host().ok_or("url without host")?.to_owned();
+    let port = u.port_u16().unwrap_or(443);
+    let ip = if host == "localhost" {
+        "127.0.0.1".to_owned()
+    } else {
+        host.clone()
+    };
+    Ok(Target {
+        addr: format!("{ip}:{port}").parse()?,
+        path: u
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or("/".into()),
+        host,
+    })
+}
+
+fn connector(t: &Tls, resumption: bool) -> Result<TlsConnector, AnyErr> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&t.cacert)? {
+        roots.add(c?)?;
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(&t.cert)?.collect::<Result<_, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(&t.key)?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if !resumption {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(TlsConnector::from(Arc::new(cfg)))
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn open(c: &TlsConnector, t: &Target) -> Result<Sender, AnyErr> {
+    let tcp = TcpStream::connect(t.addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from("localhost")?.to_owned();
+    let tls = c.connect(name, tcp).await?;
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(tx)
+}
+
+fn request(t: &Target, token: Option<&str>, body: &Bytes, close: bool) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(if body.is_empty() { "GET" } else { "POST" })
+        .uri(&t.path)
+        .header("host", &t.host);
+    if let Some(tok) = token {
+        b = b.header("authorization", format!("Bearer {tok}"));
+    }
+    if !body.is_empty() {
+        b = b.header("content-type", "application/fhir+json");
+    }
+    if close {
+        b = b.header("connection", "close");
+    }
+    b.body(Full::new(body.clone()))
+        .unwrap_or_else(|_| Request::new(Full::new(Bytes::new())))
+}
+
+async fn exchange(tx: &mut Sender, req: Request<Full<Bytes>>) -> Result<StatusCode, AnyErr> {
+    tx.ready().await?;
+    let resp = tx.send_request(req).await?;
+    let status = resp.status();
+    resp.into_body().collect().await?;
+    Ok(status)
+}
+
+struct Stats {
+    hist: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Stats {
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| {
+                Histogram::new(3).unwrap_or_else(|_| unreachable!("valid sigfig"))
+            }),
+            ok: 0,
+            errors: 0,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn worker(
+    id: usize,
+    c: TlsConnector,
+    t: Arc<Target>,
+    token: Option<String>,
+    body: Bytes,
+    start: Instant,
+    end: Instant,
+    new_conn: bool,
+    slot: Option<(Duration, usize)>,
+) -> Stats {
+    let mut s = Stats::new();
+    let mut tx: Option<Sender> = None;
+    let mut n: u64 = 0;
+    loop {
+        // Open loop: this worker owns every `stride`-th slot of the global schedule.
+        let scheduled = match slot {
+            Some((interval, stride)) => {
+                let at = start + interval * (id as u32 + (n as u32) * stride as u32);
+                if at >= end {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                at
+            }
+            None => {
+                let now = Instant::now();
+                if now >= end {
+                    break;
+                }
+                now
+            }
+        };
+        n += 1;
+        if new_conn || tx.is_none() {
+            match open(&c, &t).await {
+                Ok(x) => tx = Some(x),
+                Err(_) => {
+                    s.errors += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(sender) = tx.as_mut() else { continue };
+        match exchange(sender, request(&t, token.as_deref(), &body, new_conn)).await {
+            Ok(st) if st.is_success() => {
+                s.ok += 1;
+                let us = scheduled.elapsed().as_micros() as u64;
+                let _ = s.hist.record(us.max(1));
+            }
+            Ok(_) => s.errors += 1,
+            Err(_) => {
+                s.errors += 1;
+                tx = None;
+            }
+        }
+        if new_conn {
+            tx = None;
+        }
+    }
+    s
+}
+
+async fn load(a: LoadArgs) -> Result<(), AnyErr> {
+    let LoadArgs {
+        url,
+        tls,
+        token,
+        concurrency,
+        seconds,
+        rate,
+        new_conn,
+        body_bytes,
+    } = a;
+    let t = Arc::new(parse_url(&url)?);
+    let c = connector(&tls, !new_conn)?;
+    let body = Bytes::from(vec![b'x'; body_bytes]);
+    let concurrency = concurrency.max(1);
+    let start = Instant::now() + Duration::from_millis(200);
+    let end = start + Duration::from_secs_f64(seconds);
+    let slot = rate.map(|r| (Duration::from_secs_f64(1.0 / r.max(1.0)), concurrency));
+    let mut tasks = Vec::new();
+    for id in 0..concurrency {
+        tasks.push(tokio::spawn(worker(
+            id,
+            c.clone(),
+            t.clone(),
+            token.clone(),
+            body.clone(),
+            start,
+            end,
+            new_conn,
+            slot,
+        )));
+    }
+    let mut all = Stats::new();
+    for task in tasks {
+        let s = task.await?;
+        all.hist.add(&s.hist)?;
+        all.ok += s.ok;
+        all.errors += s.errors;
+    }
+    let secs = seconds.max(1e-9);
+    println!(
+        "{{\"ok\":{},\"errors\":{},\"rps\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{}}}",
+        all.ok,
+        all.errors,
+        all.ok as f64 / secs,
+        all.hist.value_at_quantile(0.5),
+        all.hist.value_at_quantile(0.99),
+        all.hist.value_at_quantile(0.999),
+        all.hist.max()
+    );
+    Ok(())
+}
+
+async fn open_many(
+    t: &Arc<Target>,
+    c: &TlsConnector,
+    token: Option<&str>,
+    n: usize,
+    first_request: bool,
+) -> Result<Vec<Sender>, AnyErr> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (t, c, sem) = (t.clone(), c.clone(), sem.clone());
+        let token = token.map(str::to_owned);
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await?;
+            let mut tx = open(&c, &t).await?;
+            if first_request {
+                exchange(&mut tx, request(&t, token.as_deref(), &Bytes::new(), false)).await?;
+            }
+            Ok::<_, AnyErr>(tx)
+        }));
+    }
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await??);
+    }
+    Ok(out)
+}
+
+async fn stub_service(req: Request<Incoming>, calls: Arc<AtomicU64>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let json = |status: StatusCode, v: String| {
+        let mut r = Response::new(Full::new(Bytes::from(v)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("application/json"),
+        );
+        r
+    };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + 3600;
+    match path.as_str() {
+        "/introspect" => {
+            calls.fetch_add(1, Ordering::Relaxed);
+            let token = form_urlencoded::parse(&body)
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            let active = token.starts_with("bench");
+            json(
+                StatusCode::OK,
+                if active {
+                    format!("{{\"active\":true,\"scope\":\"system/*.*\",\"client_id\":\"bench-sender\",\"exp\":{exp}}}")
+                } else {
+                    "{\"active\":false}".into()
+                },
+            )
+        }
+        "/auth" => {
+            calls.fetch_add(1, Ordering::Relaxed);
+            let ok = auth
+                .as_deref()
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .is_some_and(|t| t.starts_with("bench"));
+            if ok {
+                json(StatusCode::OK, String::new())
+            } else {
+                json(StatusCode::FORBIDDEN, String::new())
+            }
+        }
+        "/count" => json(
+            StatusCode::OK,
+            format!("{{\"count\":{}}}", calls.load(Ordering::Relaxed)),
+        ),
+        _ => json(StatusCode::NOT_FOUND, String::new()),
+    }
+}
+
+async fn serve(listen: SocketAddr, introspect: bool) -> Result<(), AnyErr> {
+    let l = TcpListener::bind(listen).await?;
+    let calls = Arc::new(AtomicU64::new(0));
+    let patient = Bytes::from_static(
+        b"{\"resourceType\":\"Patient\",\"id\":\"1\",\"name\":[{\"family\":\"Smith\"}]}",
+    );
+    loop {
+        let (tcp, _) = l.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let (calls, patient) = (calls.clone(), patient.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let (calls, patient) = (calls.clone(), patient.clone());
+                async move {
+                    if introspect {
+                        return Ok::<_, Infallible>(stub_service(req, calls).await);
+                    }
+                    let _ = req.into_body().collect().await;
+                    let mut r = Response::new(Full::new(patient));
+                    r.headers_mut().insert(
+                        "content-type",
+                        http::HeaderValue::from_static("application/fhir+json"),
+                    );
+                    Ok(r)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn main() -> Result<(), AnyErr> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Upstream { listen } => serve(listen, false).await,
+            Cmd::Introspect { listen } => serve(listen, true).await,
+            Cmd::Load(a) => load(a).await,
+            Cmd::Idle {
+                url,
+                tls,
+                token,
+                conns,
+                hold_seconds,
+            } => {
+                let t = Arc::new(parse_url(&url)?);
+                let c = connector(&tls, true)?;
+                let held = open_many(&t, &c, token.as_deref(), conns, true).await?;
+                println!("ready {}", held.len());
+                tokio::time::sleep(Duration::from_secs(hold_seconds)).await;
+                drop(held);
+                Ok(())
+            }
+            Cmd::Burst { url, tls, token, n } => {
+                let t = Arc::new(parse_url(&url)?);
+                let c = connector(&tls, true)?;
+                let conns = open_many(&t, &c, None, n, false).await?;
+                let gate = Arc::new(tokio::sync::Barrier::new(n));
+                let mut tasks = Vec::new();
+                for mut tx in conns {
+                    let (t, gate, token) = (t.clone(), gate.clone(), token.clone());
+                    tasks.push(tokio::spawn(async move {
+                        gate.wait().await;
+                        exchange(&mut tx, request(&t, Some(&token), &Bytes::new(), false))
+                            .await
+                            .map(|s| s.as_u16())
+                            .unwrap_or(0)
+                    }));
+                }
+                let mut ok = 0;
+                for task in tasks {
+                    if task.await? == 200 {
+                        ok += 1;
+                    }
+                }
+                println!("{{\"sent\":{n},\"ok\":{ok}}}");
+                Ok(())
+            }
+        }
+    })
+}
