@@ -116,6 +116,8 @@ struct Target {
     addr: SocketAddr,
     path: String,
     host: String,
+    /// `http://`: plain TCP (the direct path to the upstream).
+    plain: bool,
 }
 
 fn parse_url(url: &str) -> Result<Target, AnyErr> {
@@ -134,6 +136,7 @@ fn parse_url(url: &str) -> Result<Target, AnyErr> {
             .map(|p| p.to_string())
             .unwrap_or("/".into()),
         host,
+        plain: u.scheme_str() == Some("http"),
     })
 }
 
@@ -162,6 +165,13 @@ type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 async fn open(c: &TlsConnector, t: &Target) -> Result<Sender, AnyErr> {
     let tcp = TcpStream::connect(t.addr).await?;
     tcp.set_nodelay(true)?;
+    if t.plain {
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        return Ok(tx);
+    }
     let name = ServerName::try_from("localhost")?.to_owned();
     let tls = c.connect(name, tcp).await?;
     let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
