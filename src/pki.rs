@@ -41,6 +41,8 @@ pub struct DevPki {
     pub expired_client: Pem,
     /// A leaf that only has the serverAuth EKU: must not be accepted as a client.
     pub server_only_client: Pem,
+    /// A client whose validity starts tomorrow.
+    pub future_client: Pem,
     pub foreign_root: Pem,
     pub foreign_client: Pem,
 }
@@ -231,6 +233,13 @@ impl DevPki {
             valid.0,
             valid.1,
         )?;
+        let future_client = client_leaf(
+            "BaRS-FUT.future-dev.nhs.uk",
+            0x2006,
+            client_eku.clone(),
+            now + Duration::days(1),
+            now + Duration::days(30),
+        )?;
         let sub_ca_crl = crl(&sub, &[0x2003])?;
         let sub_ca_crl_update = crl(&sub, &[0x2003, 0x2002])?;
         let root_crl = crl(&root, &[])?;
@@ -264,6 +273,7 @@ impl DevPki {
             revoked_client,
             expired_client,
             server_only_client,
+            future_client,
             foreign_root: foreign.pem,
             foreign_client,
         })
@@ -273,7 +283,8 @@ impl DevPki {
     /// Private keys are written with mode 0600.
     pub fn write_to(&self, dir: &Path) -> std::io::Result<()> {
         fs::create_dir_all(dir)?;
-        let certs: [(&str, &str); 12] = [
+        let certs: [(&str, &str); 13] = [
+            ("future-client.crt", &self.future_client.cert),
             ("sub-ca-update.crl", &self.sub_ca_crl_update),
             ("root-ca.crt", &self.root.cert),
             ("sub-ca.crt", &self.sub_ca.cert),
@@ -290,7 +301,8 @@ impl DevPki {
         for (name, pem) in certs {
             fs::write(dir.join(name), pem)?;
         }
-        let keys: [(&str, &str); 7] = [
+        let keys: [(&str, &str); 8] = [
+            ("future-client.key", &self.future_client.key),
             ("server.key", &self.server.key),
             ("client.key", &self.client.key),
             ("second-client.key", &self.second_client.key),
