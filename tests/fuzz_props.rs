@@ -1,0 +1,190 @@
+//! Stable-toolchain property tests for every parser that takes input from the network or
+//! an operator: arbitrary input never panics, and what is accepted satisfies the
+//! invariant the gateway relies on. The coverage-guided versions of the same entry points
+//! are the cargo-fuzz targets in `fuzz/` (see fuzz/README.md). NHSD header decoding has
+//! its own properties in src/nhsd/proptests.rs.
+
+use std::path::Path;
+
+use fhirgate::auth::{bearer, introspect, scope};
+use fhirgate::config::Config;
+use fhirgate::policy::check_path;
+use http::{HeaderMap, HeaderValue, Method};
+use proptest::prelude::*;
+
+/// Percent-decodes everything (repeatedly), the most generous reading an upstream could
+/// apply to a path.
+fn fully_decoded(path: &str) -> String {
+    let mut s = path.to_owned();
+    for _ in 0..4 {
+        let d: String = percent_decode(&s);
+        if d == s {
+            break;
+        }
+        s = d;
+    }
+    s
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn path_strategy() -> impl Strategy<Value = String> {
+    let seg = prop_oneof![
+        Just("..".to_string()),
+        Just(".".to_string()),
+        Just("%2e".to_string()),
+        Just("%2E%2e".to_string()),
+        Just("%2f".to_string()),
+        Just("%5c".to_string()),
+        Just("%25".to_string()),
+        Just("%00".to_string()),
+        Just("\\".to_string()),
+        Just("".to_string()),
+        "[A-Za-z0-9_$-]{1,8}",
+        "[ -~]{0,6}",
+    ];
+    proptest::collection::vec(seg, 0..8).prop_map(|segs| format!("/{}", segs.join("/")))
+}
+
+const VALID_CONFIG: &str = "environment: development
+listeners:
+  - address: 127.0.0.1:0
+tls:
+  server_cert: /nonexistent/server.crt
+  server_key: /nonexistent/server.key
+  trust_bundles:
+    - name: nhs-int
+      ca_files: [/nonexistent/root.crt]
+upstream:
+  url: http://127.0.0.1:8081
+auth:
+  mode: development
+routes:
+  - name: all
+    path_prefix: /
+";
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// An accepted path has no segment that any amount of percent-decoding turns into a
+    /// dot segment, and no encoded separator: the gateway and the upstream agree on it.
+    #[test]
+    fn accepted_paths_cannot_escape(path in path_strategy()) {
+        if check_path(&path).is_ok() {
+            let d = fully_decoded(&path);
+            for seg in d.split('/') {
+                prop_assert!(seg != ".." && seg != ".", "{path} decodes to {d}");
+            }
+            prop_assert!(!d.contains('\\'), "{path}");
+            prop_assert!(!path.contains("//"), "{path}");
+            prop_assert!(!d.contains('\0'), "{path}");
+        }
+    }
+
+    #[test]
+    fn any_path_is_checked_without_panicking(path in "\\PC{0,64}") {
+        let _ = check_path(&path);
+        let _ = scope::classify(&Method::GET, &path);
+        let _ = scope::classify(&Method::POST, &path);
+    }
+
+    /// Scope strings from the authorisation server: never panic; a token granting
+    /// nothing parseable permits nothing.
+    #[test]
+    fn scope_lists_parse_totally(s in "[ -~]{0,80}", path in "/[A-Za-z$/0-9]{0,30}") {
+        let granted = scope::parse_scope_list(&s);
+        let need = scope::classify(&Method::GET, &path);
+        let contexts = [scope::Context::System];
+        let ok = scope::permits(&granted, &need, &contexts);
+        if granted.is_empty() && need != scope::Requirement::none() {
+            prop_assert!(!ok, "{s:?} granted {path}");
+        }
+    }
+
+    /// Introspection responses: arbitrary bytes never panic; anything accepted has a
+    /// boolean `active`.
+    #[test]
+    fn introspection_bodies_parse_totally(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = introspect::parse_introspection(&body);
+    }
+
+    #[test]
+    fn introspection_like_json_parses_totally(
+        active in prop_oneof![Just("true"), Just("false"), Just("\"true\""), Just("1"), Just("null")],
+        exp in prop_oneof![Just("1900000000"), Just("1.5e9"), Just("-1"), Just("1e400"), Just("\"soon\""), Just("null")],
+        aud in prop_oneof![Just("\"a\""), Just("[\"a\",\"b\"]"), Just("5"), Just("[]")],
+        cnf in prop_oneof![Just("{}"), Just("{\"x5t#S256\":\"abc\"}"), Just("{\"jkt\":1}"), Just("[]")],
+    ) {
+        let body = format!("{{\"active\":{active},\"exp\":{exp},\"aud\":{aud},\"cnf\":{cnf}}}");
+        if let Ok(i) = introspect::parse_introspection(body.as_bytes()) {
+            prop_assert!(active == "true" || active == "false", "{body} -> {i:?}");
+        }
+    }
+
+    /// `Authorization` headers: never panic; a token is only ever returned for exactly one
+    /// `Bearer` header.
+    #[test]
+    fn bearer_extraction_is_total(values in proptest::collection::vec("[ -~]{0,40}", 0..3)) {
+        let mut h = HeaderMap::new();
+        for v in &values {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                h.append(http::header::AUTHORIZATION, v);
+            }
+        }
+        if let Ok(t) = bearer::extract(&h) {
+            prop_assert_eq!(h.get_all(http::header::AUTHORIZATION).iter().count(), 1);
+            prop_assert!(!t.is_empty());
+        }
+    }
+
+    /// Config text: arbitrary YAML-ish input and mutations of a valid file never panic,
+    /// and every error names a field or the YAML position.
+    #[test]
+    fn config_parsing_is_total(text in "[ -~\n]{0,200}") {
+        if let Err(e) = Config::from_yaml(&text, Path::new("/")) {
+            let m = e.to_string();
+            prop_assert!(m.split_once(": ").is_some_and(|(f, r)| !f.is_empty() && !r.is_empty()), "{m}");
+        }
+    }
+
+    #[test]
+    fn mutated_configs_fail_with_a_named_field(
+        line in 0usize..17,
+        replacement in prop_oneof![
+            Just(String::new()),
+            Just("  bogus: 1".to_string()),
+            Just("limits: {idle_timeout: 0s}".to_string()),
+            Just("  - address: not-an-address".to_string()),
+            Just("*alias".to_string()),
+            "[ -~]{0,20}",
+        ],
+    ) {
+        let mut lines: Vec<String> = VALID_CONFIG.lines().map(str::to_owned).collect();
+        if line < lines.len() {
+            lines[line] = replacement;
+        }
+        let text = lines.join("\n");
+        match Config::from_yaml(&text, Path::new("/")) {
+            Ok(_) => {}
+            Err(e) => prop_assert!(e.to_string().contains(':'), "{e}"),
+        }
+    }
+}
