@@ -1,0 +1,14 @@
+//! Scope strings from an authorisation server, checked against request paths.
+#![no_main]
+use fhirgate::auth::scope;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(s) = std::str::from_utf8(data) else { return };
+    let (scopes, path) = s.split_once('\n').unwrap_or((s, "/Patient/1"));
+    let granted = scope::parse_scope_list(scopes);
+    for m in [http::Method::GET, http::Method::POST, http::Method::DELETE] {
+        let need = scope::classify(&m, path);
+        let _ = scope::permits(&granted, &need, &[scope::Context::System]);
+    }
+});
