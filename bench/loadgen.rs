@@ -66,6 +66,12 @@ struct LoadArgs {
     /// POST a body of this many bytes instead of a GET.
     #[arg(long, default_value_t = 0)]
     body_bytes: usize,
+    /// Extra header `Name: value` on every request (repeatable).
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// Count any HTTP answer as done (for traffic that is meant to be refused).
+    #[arg(long)]
+    any_status: bool,
 }
 
 #[derive(Subcommand)]
@@ -236,6 +242,7 @@ async fn worker(
     end: Instant,
     new_conn: bool,
     slot: Option<(Duration, usize)>,
+    (extra, any_status): (Arc<Vec<(String, String)>>, bool),
 ) -> Stats {
     let mut s = Stats::new();
     let mut tx: Option<Sender> = None;
@@ -271,8 +278,17 @@ async fn worker(
             }
         }
         let Some(sender) = tx.as_mut() else { continue };
-        match exchange(sender, request(&t, token.as_deref(), &body, new_conn)).await {
-            Ok(st) if st.is_success() => {
+        let mut req = request(&t, token.as_deref(), &body, new_conn);
+        for (k, v) in extra.iter() {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) {
+                req.headers_mut().append(k, v);
+            }
+        }
+        match exchange(sender, req).await {
+            Ok(st) if st.is_success() || any_status => {
                 s.ok += 1;
                 let us = scheduled.elapsed().as_micros() as u64;
                 let _ = s.hist.record(us.max(1));
@@ -300,7 +316,16 @@ async fn load(a: LoadArgs) -> Result<(), AnyErr> {
         rate,
         new_conn,
         body_bytes,
+        headers,
+        any_status,
     } = a;
+    let extra: Arc<Vec<(String, String)>> = Arc::new(
+        headers
+            .iter()
+            .filter_map(|h| h.split_once(':'))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect(),
+    );
     let t = Arc::new(parse_url(&url)?);
     let c = connector(&tls, !new_conn)?;
     let body = Bytes::from(vec![b'x'; body_bytes]);
@@ -320,6 +345,7 @@ async fn load(a: LoadArgs) -> Result<(), AnyErr> {
             end,
             new_conn,
             slot,
+            (extra.clone(), any_status),
         )));
     }
     let mut all = Stats::new();
