@@ -125,17 +125,46 @@ pub fn check_path(path: &str) -> Result<(), Rejection> {
             ));
         }
     }
-    for seg in path.split('/').skip(1) {
-        if seg == "." || seg == ".." {
-            return Err(Rejection::bad_path(
-                "Dot segments are not allowed in the path",
-            ));
+    // Overlong or otherwise invalid UTF-8 (`%c0%ae` is '.' to some old decoders) and
+    // malformed escapes are decoded differently by different servers.
+    let decoded = percent_decode(path)
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| Rejection::bad_path("Percent-encoding in the path must be valid UTF-8"))?;
+    // Servlet containers (Tomcat, Jetty) drop `;parameters` from a segment before
+    // resolving dot segments, so `/metadata/..;/Patient` is `/Patient` to them; and a
+    // decoded `%3b` may be read as that `;`.
+    for p in [path, decoded.as_str()] {
+        for seg in p.split('/').skip(1) {
+            let name = seg.split(';').next().unwrap_or(seg);
+            if name == "." || name == ".." {
+                return Err(Rejection::bad_path(
+                    "Dot segments are not allowed in the path",
+                ));
+            }
         }
     }
     if path.contains("//") {
         return Err(Rejection::bad_path("Empty path segments are not allowed"));
     }
     Ok(())
+}
+
+/// Percent-decodes `s`; `None` when a `%` is not followed by two hex digits.
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -229,6 +258,24 @@ mod tests {
             ("/metadata\\..\\Patient", &x26, Err(StatusCode::BAD_REQUEST)),
             ("//metadata", &x26, Err(StatusCode::BAD_REQUEST)),
             ("/metadata%252e", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/..;/Patient", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/.;x=1/y", &x26, Err(StatusCode::BAD_REQUEST)),
+            (
+                "/metadata/..%3b/Patient",
+                &x26,
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            (
+                "/metadata/%c0%ae%c0%ae/Patient",
+                &x26,
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            ("/metadata/%e0%80%ae", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/%zz", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/%4", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/%C3%A9", &x26, Ok("metadata")),
+            ("/metadata/a;b", &x26, Ok("metadata")),
+            ("/metadata/...", &x26, Ok("metadata")),
             ("*", &x26, Err(StatusCode::BAD_REQUEST)),
         ];
         for (path, who, want) in cases {
