@@ -200,6 +200,7 @@ impl RawSeen {
 /// - `/chunked-close-mid-body`: chunked, two chunks, then FIN without the last chunk;
 /// - `/trickle`: chunked, five 200-byte chunks 200 ms apart (about 1 s in all);
 /// - `/bad-response`: a response the gateway cannot parse;
+/// - `/big`: 200 with an 8 MiB body;
 /// - anything else: 200 with a small FHIR JSON body.
 pub async fn raw_upstream() -> (SocketAddr, RawSeen) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -272,6 +273,18 @@ async fn serve_raw(mut tcp: TcpStream, seen: RawSeen) {
                     }
                 }
                 let _ = tcp.write_all(b"0\r\n\r\n").await;
+            }
+            "/big" => {
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: 8388608\r\n\r\n";
+                if tcp.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let block = vec![b'z'; 64 * 1024];
+                for _ in 0..128 {
+                    if tcp.write_all(&block).await.is_err() {
+                        return;
+                    }
+                }
             }
             "/bad-response" => {
                 let _ = tcp.write_all(b"HTTP/1.1 2OO OK\r\n\r\n").await;
