@@ -260,7 +260,9 @@ impl Snapshot {
             tokio::select! {
                 res = served.as_mut() => {
                     if let Err(e) = res {
-                        tracing::debug!(%peer, error = %e, "connection ended with error");
+                        let kind = connection_error_kind(&*e);
+                        metrics.connection_error(kind);
+                        tracing::debug!(%peer, kind, error = %e, "connection ended with error");
                     }
                     break;
                 }
@@ -292,6 +294,41 @@ impl Snapshot {
             }
         }
     }
+}
+
+/// A short, fixed label for why hyper ended a connection with an error.
+fn connection_error_kind(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            if h.is_parse_too_large() {
+                return "headers_too_large";
+            }
+            if h.is_parse() {
+                return "bad_request";
+            }
+            if h.is_timeout() {
+                return "header_timeout";
+            }
+            if h.is_incomplete_message() {
+                return "incomplete";
+            }
+        }
+        if let Some(h) = c.downcast_ref::<h2::Error>() {
+            if h.is_remote() {
+                return "h2_remote";
+            }
+            return match h.reason().map(u32::from) {
+                Some(0x1) => "h2_protocol_error",
+                Some(0x6) => "h2_frame_size_error",
+                Some(0x9) => "h2_compression_error",
+                Some(0xb) => "h2_enhance_your_calm",
+                _ => "h2_error",
+            };
+        }
+        cur = c.source();
+    }
+    "io"
 }
 
 /// Last I/O time, last request start or end, requests being handled and responses
