@@ -550,3 +550,156 @@ pub async fn write_quietly<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) {
     let _ = s.write_all(bytes).await;
     let _ = s.flush().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// A stub authorisation server (RFC 7662 introspection) that can be made to misbehave
+// ---------------------------------------------------------------------------------------
+
+/// How the stub answers introspection calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AsFault {
+    /// `good*` tokens are active with `system/*.*`, anything else inactive.
+    None,
+    Status500,
+    /// `{"active":` and nothing more.
+    Malformed,
+    /// `{"active":"true"}`: JSON, but not RFC 7662.
+    ActiveAsString,
+    /// A 200 HTML page.
+    Html,
+    /// 200 with a 1 MiB JSON body (the gateway reads at most 64 KiB).
+    Huge,
+    /// Answers after 5 s.
+    Slow,
+    /// Half a status line, then a TCP reset.
+    Reset,
+    /// Reads the request and never answers.
+    Hang,
+}
+
+pub struct StubAs {
+    pub addr: SocketAddr,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+    fault: Arc<Mutex<AsFault>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StubAs {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let fault = Arc::new(Mutex::new(AsFault::None));
+        let (c, f) = (calls.clone(), fault.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(serve_as(tcp, c.clone(), f.clone()));
+            }
+        });
+        StubAs {
+            addr,
+            calls,
+            fault,
+            task,
+        }
+    }
+    pub fn set(&self, f: AsFault) {
+        *self.fault.lock().expect("lock") = f;
+    }
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Stops listening: the authorisation server is down.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+    /// The `auth:` section for a gateway using this stub.
+    pub fn auth_yaml(&self, pki: &Pki, extra: &str) -> String {
+        let secret = pki.path("as-client-secret");
+        std::fs::write(&secret, "s3cret\n").expect("secret");
+        format!(
+            "auth:\n  mode: introspection\n  introspection_endpoint: http://{}/introspect\n  \
+             client_auth:\n    method: client_secret_basic\n    client_id: fhirgate-gw\n    \
+             client_secret_file: {}\n  timeout: 1s\n  retries: 1\n  retry_backoff: 50ms\n{extra}",
+            self.addr,
+            secret.display()
+        )
+    }
+}
+
+impl Drop for StubAs {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_as(
+    mut tcp: TcpStream,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+    fault: Arc<Mutex<AsFault>>,
+) {
+    let mut buf = Vec::new();
+    while let Ok(Some(req)) = read_request(&mut tcp, &mut buf).await {
+        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let token = form_urlencoded::parse(&req.body)
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
+        let f = *fault.lock().expect("lock");
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() + 3600)
+            .unwrap_or(0);
+        let good = if token.starts_with("good") {
+            format!(
+                r#"{{"active":true,"scope":"system/*.*","client_id":"sender-1","sub":"sender-1","exp":{exp}}}"#
+            )
+        } else {
+            r#"{"active":false}"#.to_owned()
+        };
+        let (status, ctype, body): (&str, &str, Vec<u8>) = match f {
+            AsFault::None => ("200 OK", "application/json", good.into_bytes()),
+            AsFault::Status500 => ("500 Internal Server Error", "text/plain", b"oops".to_vec()),
+            AsFault::Malformed => ("200 OK", "application/json", b"{\"active\":".to_vec()),
+            AsFault::ActiveAsString => (
+                "200 OK",
+                "application/json",
+                b"{\"active\":\"true\",\"scope\":\"system/*.*\"}".to_vec(),
+            ),
+            AsFault::Html => (
+                "200 OK",
+                "text/html",
+                b"<html><body>Sign in</body></html>".to_vec(),
+            ),
+            AsFault::Huge => {
+                let mut b = vec![b' '; 1024 * 1024];
+                b.extend_from_slice(good.as_bytes());
+                ("200 OK", "application/json", b)
+            }
+            AsFault::Slow => {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                ("200 OK", "application/json", good.into_bytes())
+            }
+            AsFault::Reset => {
+                let _ = tcp.write_all(b"HTTP/1.1 20").await;
+                let _ = tcp.flush().await;
+                let _ = tcp.set_zero_linger();
+                return;
+            }
+            AsFault::Hang => {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                return;
+            }
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        if tcp.write_all(head.as_bytes()).await.is_err() || tcp.write_all(&body).await.is_err() {
+            return;
+        }
+    }
+}
