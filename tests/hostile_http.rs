@@ -62,6 +62,7 @@ const SMUGGLED: &str = "GET /metadata/smuggled HTTP/1.1\r\nHost: localhost\r\n\r
 
 #[tokio::test]
 async fn smuggling_and_malformed_framing_never_reach_the_upstream() {
+    watch_panics();
     let pki = Pki::new();
     let (gw, addr, seen) = hostile_gateway(&pki).await;
     let post = |headers: &str, body: &str| {
@@ -282,6 +283,7 @@ async fn smuggling_and_malformed_framing_never_reach_the_upstream() {
 
 #[tokio::test]
 async fn oversized_header_sections_are_refused_on_both_protocols() {
+    watch_panics();
     let pki = Pki::new();
     let (gw, addr, seen) = hostile_gateway(&pki).await;
 
@@ -344,6 +346,7 @@ async fn oversized_header_sections_are_refused_on_both_protocols() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_stalled_clients_are_cut_off() {
+    watch_panics();
     let pki = Pki::new();
     let (up, seen) = raw_upstream().await;
     let mut o = Opts::new(up);
@@ -489,6 +492,7 @@ async fn slow_and_stalled_clients_are_cut_off() {
 
 #[tokio::test]
 async fn absolute_form_connect_and_upgrade_cannot_redirect_or_tunnel() {
+    watch_panics();
     let pki = Pki::new();
     let (gw, addr, seen) = hostile_gateway(&pki).await;
     // A "foreign" host that must never see a connection.
@@ -587,11 +591,13 @@ async fn absolute_form_connect_and_upgrade_cannot_redirect_or_tunnel() {
             .all(|q| !q.request_line().contains("Patient")
                 && !q.request_line().starts_with("CONNECT"))
     );
+    still_serves(&pki, addr).await;
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
 #[tokio::test]
 async fn path_tricks_cannot_escape_a_route() {
+    watch_panics();
     let pki = Pki::new();
     let (gw, addr, seen) = hostile_gateway(&pki).await;
     let paths = [
@@ -660,6 +666,7 @@ async fn path_tricks_cannot_escape_a_route() {
         .complete()
         .iter()
         .all(|q| !q.request_line().contains("Patient")));
+    still_serves(&pki, addr).await;
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
@@ -668,6 +675,7 @@ async fn path_tricks_cannot_escape_a_route() {
 /// exactly once, with the gateway's value.
 #[tokio::test]
 async fn identity_headers_cannot_be_spoofed_or_duplicated() {
+    watch_panics();
     let pki = Pki::new();
     let (gw, addr, seen) = gateway_with(&pki, "").await;
     let spoofs = [
@@ -747,11 +755,13 @@ async fn identity_headers_cannot_be_spoofed_or_duplicated() {
         }
         assert!(!fwd.head.contains("attacker") && !fwd.head.contains("evil"));
     }
+    still_serves(&pki, addr).await;
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
 #[tokio::test]
 async fn authorization_with_several_schemes_or_values_is_refused_before_introspection() {
+    watch_panics();
     let pki = Pki::new();
     let stub = StubAs::start().await;
     let (up, seen) = raw_upstream().await;
@@ -833,6 +843,7 @@ async fn authorization_with_several_schemes_or_values_is_refused_before_introspe
         fwd.header("x-fhirgate-client-id"),
         vec!["sender-1".to_owned()]
     );
+    assert_eq!(panics(), 0);
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
@@ -842,6 +853,7 @@ async fn authorization_with_several_schemes_or_values_is_refused_before_introspe
 /// upstream in bulk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_abuse_is_contained() {
+    watch_panics();
     let pki = Pki::new();
     let (gw, addr, seen) = hostile_gateway(&pki).await;
 

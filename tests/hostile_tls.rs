@@ -171,6 +171,7 @@ fn refused_total(gw: &listener::Running) -> f64 {
 
 #[tokio::test]
 async fn every_bad_client_certificate_is_refused_counted_and_harmless() {
+    watch_panics();
     let pki = Pki::new();
     let (up, seen) = upstream(UpstreamMode::Echo).await;
     let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
@@ -290,8 +291,12 @@ async fn every_bad_client_certificate_is_refused_counted_and_harmless() {
             let err = send(&c, addr, get("/metadata"))
                 .await
                 .expect_err(&format!("{what} ({v:?}) must be refused"));
+            // TLS 1.2 fails inside the handshake, so the alert always reaches the
+            // client; in TLS 1.3 the client may already be writing its request when
+            // the alert comes, and see only the closed connection. The metric below
+            // says which refusal it was in both cases.
             assert!(
-                err.contains(alert),
+                err.contains(alert) || matches!(v, Version::Tls13),
                 "{what} ({v:?}): expected alert {alert}, got {err}"
             );
             refused += 1.0;
@@ -365,6 +370,7 @@ const LEGACY_SUITES: &[u16] = &[0xc014, 0xc013, 0x0035, 0x002f, 0x000a];
 
 #[tokio::test]
 async fn legacy_protocol_versions_and_weak_suites_are_refused_with_an_alert() {
+    watch_panics();
     let pki = Pki::new();
     let (up, seen) = upstream(UpstreamMode::Echo).await;
     let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
@@ -456,6 +462,7 @@ async fn legacy_protocol_versions_and_weak_suites_are_refused_with_an_alert() {
 
 #[tokio::test]
 async fn garbage_instead_of_a_client_hello_is_dropped_and_counted() {
+    watch_panics();
     let pki = Pki::new();
     let (up, seen) = upstream(UpstreamMode::Echo).await;
     let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
@@ -525,6 +532,7 @@ async fn garbage_instead_of_a_client_hello_is_dropped_and_counted() {
 
 #[tokio::test]
 async fn stalled_and_dribbled_handshakes_time_out_without_blocking_others() {
+    watch_panics();
     let pki = Pki::new();
     let (up, seen) = upstream(UpstreamMode::Echo).await;
     let (gw, addr) = gateway(&pki, &Opts::new(up)).await; // handshake_timeout: 2s
@@ -597,6 +605,7 @@ async fn stalled_and_dribbled_handshakes_time_out_without_blocking_others() {
 /// bounded by `tls.handshake_timeout`.
 #[tokio::test]
 async fn connection_slots_held_by_stalled_handshakes_are_freed_by_the_timeout() {
+    watch_panics();
     let pki = Pki::new();
     let (up, _) = upstream(UpstreamMode::Echo).await;
     let mut o = Opts::new(up);
@@ -623,5 +632,6 @@ async fn connection_slots_held_by_stalled_handshakes_are_freed_by_the_timeout() 
     );
     wait_metric(&gw, &format!("{HANDSHAKES}{{result=\"timeout\"}}"), 4.0).await;
     drop(stalled);
+    still_serves(&pki, addr).await;
     gw.shutdown(Duration::from_secs(2)).await;
 }

@@ -47,8 +47,37 @@ pub async fn wait_metric(gw: &Running, sample: &str, want: f64) {
     }
 }
 
-/// The gateway still serves a good client, over HTTP/1.1 and HTTP/2.
+static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts panics outside test code, on any thread, from now on (the gateway runs in-process; a panic in
+/// one of its tasks would otherwise go unnoticed). Call at the start of a test.
+pub fn watch_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            // A failing assertion in a test is the test's business; anything else (the
+            // gateway, hyper, h2, rustls) is a panic the hostile input caused.
+            let in_test = info
+                .location()
+                .is_some_and(|l| l.file().starts_with("tests/"));
+            if !in_test {
+                PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// Panics outside test code seen since [`watch_panics`].
+pub fn panics() -> usize {
+    PANICS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The gateway still serves a good client, over HTTP/1.1 and HTTP/2, and nothing has
+/// panicked.
 pub async fn still_serves(pki: &Pki, addr: SocketAddr) {
+    assert_eq!(panics(), 0, "a panic happened (see the output above)");
     for alpn in [H1, crate::common::H2] {
         let got = send(
             &tls_client(pki, Some("client"), alpn),
@@ -201,6 +230,9 @@ impl RawSeen {
 /// - `/trickle`: chunked, five 200-byte chunks 200 ms apart (about 1 s in all);
 /// - `/bad-response`: a response the gateway cannot parse;
 /// - `/big`: 200 with an 8 MiB body;
+/// - `/slow-head`: 200 after 3 s;
+/// - `/close-after`: 200, then the connection is closed without `Connection: close`
+///   (an upstream with a very short keep-alive);
 /// - anything else: 200 with a small FHIR JSON body.
 pub async fn raw_upstream() -> (SocketAddr, RawSeen) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -285,6 +317,19 @@ async fn serve_raw(mut tcp: TcpStream, seen: RawSeen) {
                         return;
                     }
                 }
+            }
+            "/slow-head" => {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                    .await;
+            }
+            "/close-after" => {
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: 2\r\n\r\n{}")
+                    .await;
+                let _ = tcp.flush().await;
+                return;
             }
             "/bad-response" => {
                 let _ = tcp.write_all(b"HTTP/1.1 2OO OK\r\n\r\n").await;
@@ -582,6 +627,7 @@ pub struct StubAs {
     calls: Arc<std::sync::atomic::AtomicUsize>,
     fault: Arc<Mutex<AsFault>>,
     task: tokio::task::JoinHandle<()>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl StubAs {
@@ -590,13 +636,15 @@ impl StubAs {
         let addr = listener.local_addr().expect("addr");
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let fault = Arc::new(Mutex::new(AsFault::None));
-        let (c, f) = (calls.clone(), fault.clone());
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (c, f, k) = (calls.clone(), fault.clone(), conns.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                tokio::spawn(serve_as(tcp, c.clone(), f.clone()));
+                let t = tokio::spawn(serve_as(tcp, c.clone(), f.clone()));
+                k.lock().expect("lock").push(t.abort_handle());
             }
         });
         StubAs {
@@ -604,6 +652,7 @@ impl StubAs {
             calls,
             fault,
             task,
+            conns,
         }
     }
     pub fn set(&self, f: AsFault) {
@@ -612,9 +661,12 @@ impl StubAs {
     pub fn calls(&self) -> usize {
         self.calls.load(std::sync::atomic::Ordering::SeqCst)
     }
-    /// Stops listening: the authorisation server is down.
+    /// Stops listening and drops every open connection: the server is down.
     pub fn stop(&self) {
         self.task.abort();
+        for c in self.conns.lock().expect("lock").drain(..) {
+            c.abort();
+        }
     }
     /// The `auth:` section for a gateway using this stub.
     pub fn auth_yaml(&self, pki: &Pki, extra: &str) -> String {
@@ -632,7 +684,7 @@ impl StubAs {
 
 impl Drop for StubAs {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
     }
 }
 
