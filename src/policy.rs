@@ -112,6 +112,13 @@ pub fn check_path(path: &str) -> Result<(), Rejection> {
     if !path.starts_with('/') {
         return Err(Rejection::bad_path("The request path must start with '/'"));
     }
+    // Raw control characters, spaces or non-ASCII bytes are not a valid URI path;
+    // upstreams disagree about what they mean.
+    if !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Rejection::bad_path(
+            "The path must be printable ASCII; percent-encode anything else",
+        ));
+    }
     if path.contains('\\') {
         return Err(Rejection::bad_path(
             "Backslashes are not allowed in the path",
@@ -156,8 +163,12 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            // Exactly two hex digits: `from_str_radix` alone would take "+0" as 0.
+            let hex = b.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(b[i]);
@@ -273,7 +284,11 @@ mod tests {
             ("/metadata/%e0%80%ae", &x26, Err(StatusCode::BAD_REQUEST)),
             ("/metadata/%zz", &x26, Err(StatusCode::BAD_REQUEST)),
             ("/metadata/%4", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/%+0", &x26, Err(StatusCode::BAD_REQUEST)),
             ("/metadata/%C3%A9", &x26, Ok("metadata")),
+            ("/metadata/\u{e9}", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/\0", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/a b", &x26, Err(StatusCode::BAD_REQUEST)),
             ("/metadata/a;b", &x26, Ok("metadata")),
             ("/metadata/...", &x26, Ok("metadata")),
             ("*", &x26, Err(StatusCode::BAD_REQUEST)),

@@ -618,6 +618,8 @@ async fn path_tricks_cannot_escape_a_route() {
         "/metadata\\..\\Patient\\1",
         "/metadata/%00/../Patient",
         "/metadata/%zz",
+        "/metadata/%+0",
+        "/metadata/\u{e9}",
         "//Patient/1",
         "/metadata//Patient/1",
     ];
