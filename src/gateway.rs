@@ -8,7 +8,10 @@
 //! `OperationOutcome` by [`crate::outcome`], and every request produces one access line.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
@@ -39,6 +42,7 @@ pub struct Gateway {
     nhsd: Option<NhsdConfig>,
     auth: Authoriser,
     max_body_bytes: u64,
+    max_headers: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -72,6 +76,7 @@ impl Gateway {
                 a
             },
             max_body_bytes: cfg.limits.max_body_bytes,
+            max_headers: cfg.limits.max_headers,
             metrics,
         })
     }
@@ -190,6 +195,11 @@ impl Gateway {
         if req.method() == Method::CONNECT {
             return Err(Rejection::method_not_allowed("CONNECT is not supported"));
         }
+        check_host(&req)?;
+        // HTTP/1.1 enforces this while parsing; HTTP/2 only bounds the header bytes.
+        if req.headers().len() > self.max_headers {
+            return Err(Rejection::too_many_headers(self.max_headers));
+        }
         let route = self.policy.decide(req.uri().path(), &conn.identity)?;
         trace.route = Some(route.name.clone());
         let token = match route.token {
@@ -256,6 +266,7 @@ impl Gateway {
         // The upstream connection has its own protocol version.
         parts.version = http::Version::HTTP_11;
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        let (body, body_done) = Watched::new(body);
         let body = Limited::new(body, limit).boxed();
         let upstream_req = Request::from_parts(parts, body);
 
@@ -263,6 +274,10 @@ impl Gateway {
         let result = self.upstream.send(upstream_req, self.max_body_bytes).await;
         trace.upstream_time = Some(sent.elapsed());
         let resp = result.map_err(|(rejection, detail)| {
+            if rejection.reason == "upstream_timeout" && !body_done.load(Ordering::Relaxed) {
+                // The client, not the upstream, was too slow: its body never finished.
+                return Rejection::body_timeout();
+            }
             tracing::warn!(target: "fhirgate::upstream", error = %detail, reason = rejection.reason, "upstream request failed");
             self.metrics.upstream_error(rejection.reason);
             rejection
@@ -271,6 +286,83 @@ impl Gateway {
         forward::client_response_headers(&mut parts.headers);
         Ok(Response::from_parts(parts, body.boxed()))
     }
+}
+
+pin_project_lite::pin_project! {
+    /// The client's request body, noting when it has been read to the end, so that a
+    /// timeout can be blamed on the right side.
+    struct Watched<B> {
+        #[pin]
+        inner: B,
+        done: Arc<AtomicBool>,
+    }
+}
+
+impl<B: http_body::Body> Watched<B> {
+    fn new(inner: B) -> (Self, Arc<AtomicBool>) {
+        let done = Arc::new(AtomicBool::new(inner.is_end_stream()));
+        (
+            Watched {
+                inner,
+                done: done.clone(),
+            },
+            done,
+        )
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Watched<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let r = this.inner.as_mut().poll_frame(cx);
+        if matches!(r, Poll::Ready(None)) || this.inner.is_end_stream() {
+            this.done.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// RFC 9112 §3.2: a request with more than one `Host`, or an HTTP/1.1 request with none,
+/// is refused with 400; so is a `Host` that is not a plain `host[:port]`, since it goes
+/// upstream as `X-Forwarded-Host`.
+fn check_host(req: &Request<Incoming>) -> Result<(), Rejection> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Rejection::bad_host("More than one Host header"));
+    }
+    match first {
+        Some(h) => {
+            let valid = !h.as_bytes().contains(&b'@')
+                && http::uri::Authority::try_from(h.as_bytes()).is_ok();
+            if !valid {
+                return Err(Rejection::bad_host(
+                    "The Host header is not a valid host[:port]",
+                ));
+            }
+        }
+        None if req.version() == http::Version::HTTP_11 && req.uri().authority().is_none() => {
+            return Err(Rejection::bad_host(
+                "An HTTP/1.1 request needs a Host header",
+            ));
+        }
+        None => {}
+    }
+    Ok(())
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {

@@ -2,8 +2,13 @@
 //!
 //! Handshakes run in their own task under a timeout, so a stalled client never blocks
 //! the accept loop. A semaphore caps open connections: when it is exhausted the gateway
-//! stops accepting and lets the kernel backlog absorb the burst. Idle connections (no
-//! bytes either way and no request in flight) are closed gracefully.
+//! stops accepting and lets the kernel backlog absorb the burst.
+//!
+//! Idle connections (nothing being handled or sent, and no request started or finished
+//! for `limits.idle_timeout`; HTTP/2 PINGs and other control frames do not count) are
+//! closed gracefully. With no request being handled, a connection on which no byte
+//! moved for `idle_timeout` (a client that stopped reading its response, a stalled
+//! stream), or that was asked to close an `idle_timeout` ago and has not, is dropped.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -231,46 +236,109 @@ impl Snapshot {
         let svc = service_fn(move |req| {
             let gateway = gateway.clone();
             let conn = conn.clone();
-            let guard = InFlight::new(svc_activity.clone());
+            let activity = svc_activity.clone();
+            let guard = InFlight::new(activity.clone());
             async move {
                 let resp = gateway.handle(req, &conn).await;
                 drop(guard);
-                Ok::<_, Infallible>(resp)
+                // The response body still has to be sent; track it until it is dropped.
+                let streaming = Streaming::new(activity);
+                Ok::<_, Infallible>(resp.map(|inner| {
+                    http_body_util::BodyExt::boxed(Tracked {
+                        inner,
+                        _streaming: streaming,
+                    })
+                }))
             }
         });
         let served = self.http.serve_connection(io, svc);
         tokio::pin!(served);
         let idle = self.limits.idle_timeout;
         let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
-        let mut closing = false;
+        let mut closing: Option<Instant> = None;
         loop {
             tokio::select! {
                 res = served.as_mut() => {
                     if let Err(e) = res {
-                        tracing::debug!(%peer, error = %e, "connection ended with error");
+                        let kind = connection_error_kind(&*e);
+                        metrics.connection_error(kind);
+                        tracing::debug!(%peer, kind, error = %e, "connection ended with error");
                     }
                     break;
                 }
-                _ = tick.tick(), if !closing => {
-                    if activity.in_flight() == 0 && activity.idle_for() >= idle {
+                _ = tick.tick() => {
+                    // A request being handled is bounded by the upstream timeouts.
+                    if activity.handling() > 0 {
+                        continue;
+                    }
+                    let quiet = activity.streaming() == 0;
+                    if closing.is_none() && quiet && activity.requests_idle_for() >= idle {
                         served.as_mut().graceful_shutdown();
-                        closing = true;
+                        closing = Some(Instant::now());
+                    } else if activity.idle_for() >= idle {
+                        // No byte moved for a whole idle period with no request being
+                        // handled: a peer that stopped reading, or a stalled stream.
+                        tracing::debug!(%peer, "dropping a stalled connection");
+                        break;
+                    } else if quiet && closing.is_some_and(|t| t.elapsed() >= idle) {
+                        // Asked to close an idle period ago and still open (e.g. an
+                        // HTTP/2 peer that keeps pinging but never finishes the GOAWAY).
+                        tracing::debug!(%peer, "dropping a connection that did not close");
+                        break;
                     }
                 }
-                _ = shutdown.changed(), if !closing => {
+                _ = shutdown.changed(), if closing.is_none() => {
                     served.as_mut().graceful_shutdown();
-                    closing = true;
+                    closing = Some(Instant::now());
                 }
             }
         }
     }
 }
 
-/// Last I/O time and requests in flight on one connection.
+/// A short, fixed label for why hyper ended a connection with an error.
+fn connection_error_kind(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            if h.is_parse_too_large() {
+                return "headers_too_large";
+            }
+            if h.is_parse() {
+                return "bad_request";
+            }
+            if h.is_timeout() {
+                return "header_timeout";
+            }
+            if h.is_incomplete_message() {
+                return "incomplete";
+            }
+        }
+        if let Some(h) = c.downcast_ref::<h2::Error>() {
+            if h.is_remote() {
+                return "h2_remote";
+            }
+            return match h.reason().map(u32::from) {
+                Some(0x1) => "h2_protocol_error",
+                Some(0x6) => "h2_frame_size_error",
+                Some(0x9) => "h2_compression_error",
+                Some(0xb) => "h2_enhance_your_calm",
+                _ => "h2_error",
+            };
+        }
+        cur = c.source();
+    }
+    "io"
+}
+
+/// Last I/O time, last request start or end, requests being handled and responses
+/// being sent on one connection.
 struct Activity {
     epoch: Instant,
     last_ms: AtomicU64,
-    in_flight: AtomicUsize,
+    last_request_ms: AtomicU64,
+    handling: AtomicUsize,
+    streaming: AtomicUsize,
 }
 
 impl Activity {
@@ -278,35 +346,101 @@ impl Activity {
         Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
+            last_request_ms: AtomicU64::new(0),
+            handling: AtomicUsize::new(0),
+            streaming: AtomicUsize::new(0),
         }
     }
-    fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
-    fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+    fn touch_request(&self) {
+        let now = self.now_ms();
+        self.last_ms.store(now, Ordering::Relaxed);
+        self.last_request_ms.store(now, Ordering::Relaxed);
+    }
+    fn since(&self, at: &AtomicU64) -> Duration {
+        let last = Duration::from_millis(at.load(Ordering::Relaxed));
         self.epoch.elapsed().saturating_sub(last)
     }
-    fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+    /// Time since any byte moved.
+    fn idle_for(&self) -> Duration {
+        self.since(&self.last_ms)
+    }
+    /// Time since a request started or a response finished.
+    fn requests_idle_for(&self) -> Duration {
+        self.since(&self.last_request_ms)
+    }
+    fn handling(&self) -> usize {
+        self.handling.load(Ordering::Relaxed)
+    }
+    fn streaming(&self) -> usize {
+        self.streaming.load(Ordering::Relaxed)
     }
 }
 
+/// A request in the gateway's hands (until its response headers are ready).
 struct InFlight(Arc<Activity>);
 
 impl InFlight {
     fn new(a: Arc<Activity>) -> Self {
-        a.in_flight.fetch_add(1, Ordering::Relaxed);
+        a.handling.fetch_add(1, Ordering::Relaxed);
+        a.touch_request();
         InFlight(a)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
+        self.0.handling.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch_request();
+    }
+}
+
+/// A response body being sent (until hyper drops it: finished, reset or failed).
+struct Streaming(Arc<Activity>);
+
+impl Streaming {
+    fn new(a: Arc<Activity>) -> Self {
+        a.streaming.fetch_add(1, Ordering::Relaxed);
+        Streaming(a)
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.0.streaming.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch_request();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body carrying its [`Streaming`] guard.
+    struct Tracked<B> {
+        #[pin]
+        inner: B,
+        _streaming: Streaming,
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

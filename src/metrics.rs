@@ -62,6 +62,7 @@ pub struct Metrics {
     pub introspections: Family<ResultLabel, Counter>,
     pub introspection_seconds: Histogram,
     pub handshakes: Family<ResultLabel, Counter>,
+    pub connection_errors: Family<KindLabel, Counter>,
     pub open_connections: Gauge,
     pub reloads: Family<ResultLabel, Counter>,
     pub server_cert_not_after: Gauge<i64, AtomicI64>,
@@ -89,6 +90,7 @@ impl Metrics {
             introspections: Family::default(),
             introspection_seconds: latency(),
             handshakes: Family::default(),
+            connection_errors: Family::default(),
             open_connections: Gauge::default(),
             reloads: Family::default(),
             server_cert_not_after: Gauge::default(),
@@ -151,6 +153,11 @@ impl Metrics {
             m.handshakes.clone(),
         );
         registry.register(
+            "connection_errors",
+            "Client connections ended by an HTTP protocol error or timeout, by kind",
+            m.connection_errors.clone(),
+        );
+        registry.register(
             "open_connections",
             "Client connections currently open",
             m.open_connections.clone(),
@@ -207,6 +214,14 @@ impl Metrics {
 
     pub fn rejection(&self, kind: &str) {
         self.rejections
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn connection_error(&self, kind: &str) {
+        self.connection_errors
             .get_or_create(&KindLabel {
                 kind: kind.to_owned(),
             })

@@ -108,6 +108,40 @@ impl Rejection {
         )
     }
 
+    /// RFC 9112 §3.2: more than one `Host`, an invalid one, or none on HTTP/1.1.
+    pub fn bad_host(diag: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "REC_BAD_REQUEST",
+            "bad_host",
+            diag,
+        )
+    }
+
+    /// More header fields than `limits.max_headers` (HTTP/2; HTTP/1.1 is refused by the
+    /// parser with the same status).
+    pub fn too_many_headers(limit: usize) -> Self {
+        Self::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too-long",
+            "REC_BAD_REQUEST",
+            "too_many_headers",
+            format!("More than {limit} header fields"),
+        )
+    }
+
+    /// The client did not finish sending its request body in time.
+    pub fn body_timeout() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            "REC_TIMEOUT",
+            "body_timeout",
+            "The request body was not received in time",
+        )
+    }
+
     pub fn bad_request_body() -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,

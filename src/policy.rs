@@ -112,6 +112,13 @@ pub fn check_path(path: &str) -> Result<(), Rejection> {
     if !path.starts_with('/') {
         return Err(Rejection::bad_path("The request path must start with '/'"));
     }
+    // Raw control characters, spaces or non-ASCII bytes are not a valid URI path;
+    // upstreams disagree about what they mean.
+    if !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Rejection::bad_path(
+            "The path must be printable ASCII; percent-encode anything else",
+        ));
+    }
     if path.contains('\\') {
         return Err(Rejection::bad_path(
             "Backslashes are not allowed in the path",
@@ -125,17 +132,50 @@ pub fn check_path(path: &str) -> Result<(), Rejection> {
             ));
         }
     }
-    for seg in path.split('/').skip(1) {
-        if seg == "." || seg == ".." {
-            return Err(Rejection::bad_path(
-                "Dot segments are not allowed in the path",
-            ));
+    // Overlong or otherwise invalid UTF-8 (`%c0%ae` is '.' to some old decoders) and
+    // malformed escapes are decoded differently by different servers.
+    let decoded = percent_decode(path)
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| Rejection::bad_path("Percent-encoding in the path must be valid UTF-8"))?;
+    // Servlet containers (Tomcat, Jetty) drop `;parameters` from a segment before
+    // resolving dot segments, so `/metadata/..;/Patient` is `/Patient` to them; and a
+    // decoded `%3b` may be read as that `;`.
+    for p in [path, decoded.as_str()] {
+        for seg in p.split('/').skip(1) {
+            let name = seg.split(';').next().unwrap_or(seg);
+            if name == "." || name == ".." {
+                return Err(Rejection::bad_path(
+                    "Dot segments are not allowed in the path",
+                ));
+            }
         }
     }
     if path.contains("//") {
         return Err(Rejection::bad_path("Empty path segments are not allowed"));
     }
     Ok(())
+}
+
+/// Percent-decodes `s`; `None` when a `%` is not followed by two hex digits.
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            // Exactly two hex digits: `from_str_radix` alone would take "+0" as 0.
+            let hex = b.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -229,6 +269,28 @@ mod tests {
             ("/metadata\\..\\Patient", &x26, Err(StatusCode::BAD_REQUEST)),
             ("//metadata", &x26, Err(StatusCode::BAD_REQUEST)),
             ("/metadata%252e", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/..;/Patient", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/.;x=1/y", &x26, Err(StatusCode::BAD_REQUEST)),
+            (
+                "/metadata/..%3b/Patient",
+                &x26,
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            (
+                "/metadata/%c0%ae%c0%ae/Patient",
+                &x26,
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            ("/metadata/%e0%80%ae", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/%zz", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/%4", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/%+0", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/%C3%A9", &x26, Ok("metadata")),
+            ("/metadata/\u{e9}", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/\0", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/a b", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/a;b", &x26, Ok("metadata")),
+            ("/metadata/...", &x26, Ok("metadata")),
             ("*", &x26, Err(StatusCode::BAD_REQUEST)),
         ];
         for (path, who, want) in cases {

@@ -170,7 +170,7 @@ pub fn config_yaml(pki: &Pki, o: &Opts) -> String {
         "environment: development\n\
 listeners:\n  - address: 127.0.0.1:0\n\
 tls:\n  server_cert: {sc}\n  server_key: {sk}\n  handshake_timeout: 2s\n{tls_extra}  trust_bundles:\n    - name: nhs-int\n      ca_files: [{root}, {sub}]\n      crl_files: [{crl}, {rcrl}]\n{extra}\
-limits:\n  idle_timeout: 5s\n{limits}\
+limits:\n{idle}{limits}\
 upstream:\n  url: http://{up}\n  connect_timeout: 1s\n  response_timeout: 2s\n{up_extra}\
 {auth}\
 routes:\n{routes}",
@@ -181,6 +181,12 @@ routes:\n{routes}",
         crl = p("sub-ca.crl"),
         rcrl = p("root-ca.crl"),
         tls_extra = o.tls_extra,
+        // 5 s unless the test sets its own.
+        idle = if o.limits.contains("idle_timeout:") {
+            ""
+        } else {
+            "  idle_timeout: 5s\n"
+        },
         limits = o.limits,
         up = o.upstream,
         up_extra = o.upstream_extra,

@@ -1,0 +1,105 @@
+//! Property tests for the route-escape defences added with the hostile suite: a path the
+//! gateway accepts means the same resource to an upstream that percent-decodes it and
+//! drops `;parameters` before resolving dot segments (Tomcat, Jetty), and contains no
+//! escape a legacy decoder could read differently.
+
+use fhirgate::policy::check_path;
+use proptest::prelude::*;
+
+/// One percent-decoding pass; `None` for a malformed escape.
+fn decode_once(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// What a servlet container makes of each segment: `;parameters` dropped.
+fn servlet_segments(path: &str) -> Vec<String> {
+    path.split('/')
+        .map(|seg| seg.split(';').next().unwrap_or("").to_owned())
+        .collect()
+}
+
+fn segment() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("..".to_owned()),
+        Just(".".to_owned()),
+        Just("..;".to_owned()),
+        Just("..;x=1".to_owned()),
+        Just(".;".to_owned()),
+        Just("..%3b".to_owned()),
+        Just("..%3B".to_owned()),
+        Just("%2e%2e".to_owned()),
+        Just(".%2E".to_owned()),
+        Just("%c0%ae".to_owned()),
+        Just("%c0%ae%c0%ae".to_owned()),
+        Just("%e0%80%ae".to_owned()),
+        Just("%c0%af".to_owned()),
+        Just("%zz".to_owned()),
+        Just("%4".to_owned()),
+        Just("%+0".to_owned()),
+        Just("%-1".to_owned()),
+        Just("%+e".to_owned()),
+        Just("%".to_owned()),
+        Just("%3b".to_owned()),
+        Just(";".to_owned()),
+        Just("a;b".to_owned()),
+        Just("%C3%A9".to_owned()),
+        Just("%20".to_owned()),
+        Just("".to_owned()),
+        "[A-Za-z0-9_$.-]{1,8}",
+        "[ -~]{0,6}",
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    #[test]
+    fn accepted_paths_mean_the_same_to_a_servlet_container(
+        segs in proptest::collection::vec(segment(), 0..6)
+    ) {
+        let path = format!("/{}", segs.join("/"));
+        if check_path(&path).is_ok() {
+            prop_assert!(path.bytes().all(|b| b.is_ascii_graphic()), "{path}: raw bytes");
+            let decoded = decode_once(&path);
+            prop_assert!(decoded.is_some(), "{path}: malformed escape accepted");
+            let decoded = decoded.unwrap_or_default();
+            let text = String::from_utf8(decoded);
+            prop_assert!(text.is_ok(), "{path}: decodes to invalid UTF-8");
+            let text = text.unwrap_or_default();
+            for view in [path.as_str(), text.as_str()] {
+                for seg in servlet_segments(view) {
+                    prop_assert!(seg != "." && seg != "..", "{path}: {view} has a dot segment");
+                }
+            }
+            // Decoding adds no separator, and no second decoding pass changes anything
+            // structural (no `%25`, so a second pass sees no new escapes).
+            prop_assert_eq!(path.matches('/').count(), text.matches('/').count(), "{}", path);
+            prop_assert!(!path.to_ascii_lowercase().contains("%25"), "{}", path);
+            prop_assert!(!text.contains('\\') && !text.contains('\0'), "{}", path);
+        }
+    }
+
+    #[test]
+    fn any_path_is_judged_without_panicking(path in "\\PC{0,80}") {
+        let _ = check_path(&path);
+        if check_path(&format!("/{path}")).is_ok() {
+            prop_assert!(path.bytes().all(|b| b.is_ascii_graphic()), "{path}");
+        }
+    }
+}
