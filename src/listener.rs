@@ -31,8 +31,7 @@ use crate::gateway::{ConnInfo, Gateway};
 use crate::identity::ClientIdentity;
 use crate::metrics::{FileLabel, Metrics};
 use crate::tls::{
-    handshake_failure_kind, server_tls, BundleVerifier, PresentedCert, TrustInventory,
-    REFUSED_CERT,
+    handshake_failure_kind, server_tls, BundleVerifier, PresentedCert, TrustInventory, REFUSED_CERT,
 };
 use arc_swap::ArcSwap;
 

@@ -763,8 +763,9 @@ fn build_bundle(
             }
         }
     }
-    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .with_crls(lb.crls.iter().map(|c| c.der.clone()));
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .with_crls(lb.crls.iter().map(|c| c.der.clone()));
     if rev.scope == RevocationScope::EndEntity {
         builder = builder.only_check_end_entity_revocation();
     }
@@ -879,10 +880,18 @@ impl BundleVerifier {
         intermediates: &[CertificateDer<'_>],
     ) -> Vec<(&str, Result<(), rustls::Error>)> {
         let now = UnixTime::now();
+        let too_deep = intermediates.len() + 1 > self.max_depth;
         self.bundles
             .iter()
             .map(|b| {
-                let r = b.verify(end_entity, intermediates, now).map(|_| ());
+                // The same depth limit the handshake applies first.
+                let r = if too_deep {
+                    Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                        rustls::OtherError(Arc::new(ChainTooDeep(self.max_depth))),
+                    )))
+                } else {
+                    b.verify(end_entity, intermediates, now).map(|_| ())
+                };
                 (b.name.as_str(), r)
             })
             .collect()
@@ -1026,7 +1035,10 @@ pub fn server_tls(cfg: &TlsConfig) -> Result<ServerTls, ConfigError> {
 }
 
 /// [`server_tls`] from bundles already read (with any extra CRLs added to them).
-pub fn server_tls_with(cfg: &TlsConfig, bundles: &[LoadedBundle]) -> Result<ServerTls, ConfigError> {
+pub fn server_tls_with(
+    cfg: &TlsConfig,
+    bundles: &[LoadedBundle],
+) -> Result<ServerTls, ConfigError> {
     let provider = provider();
     let verifier = Arc::new(BundleVerifier::from_loaded(cfg, bundles, &provider)?);
     let chain = load_certs("tls.server_cert", &cfg.server_cert)?;
@@ -1123,5 +1135,103 @@ pub fn rustls_error_kind(inner: &rustls::Error) -> &'static str {
         E::InvalidMessage(_) => "bad_message",
         E::NoApplicationProtocol => "no_alpn",
         _ => "tls_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Made = (rcgen::CertificateParams, rcgen::KeyPair, rcgen::Certificate);
+
+    fn ca(name: &str, issuer: Option<&Made>) -> Made {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = match issuer {
+            None => p.self_signed(&key).unwrap(),
+            Some((ip, ik, _)) => p
+                .signed_by(&key, &rcgen::Issuer::from_params(ip, ik))
+                .unwrap(),
+        };
+        (p, key, cert)
+    }
+
+    #[test]
+    fn roots_are_self_signed_subcas_are_not_and_hints_match_rustls_encoding() {
+        let made = ca("Root", None);
+        let (_, _, sub) = ca("Sub", Some(&made));
+        let root = &made.2;
+        let parse = |c: &rcgen::Certificate| {
+            x509_parser::parse_x509_certificate(c.der())
+                .unwrap()
+                .1
+                .subject()
+                .as_raw()
+                .to_vec()
+        };
+        assert!(is_self_signed(
+            &x509_parser::parse_x509_certificate(root.der()).unwrap().1
+        ));
+        assert!(!is_self_signed(
+            &x509_parser::parse_x509_certificate(sub.der()).unwrap().1
+        ));
+        // Our hints (full Name TLV) are what RootCertStore::subjects gives for anchors.
+        let mut store = RootCertStore::empty();
+        store.add(root.der().clone()).unwrap();
+        assert_eq!(store.subjects()[0].as_ref(), parse(root).as_slice());
+    }
+
+    #[test]
+    fn pem_labels_say_what_a_file_holds() {
+        let text = b"-----BEGIN X509 CRL-----\nAA==\n-----END X509 CRL-----\n";
+        assert_eq!(pem_labels(text), vec!["X509 CRL".to_owned()]);
+        assert!(pem_labels(b"garbage").is_empty());
+    }
+
+    #[test]
+    fn stale_lists_past_and_soon_crls_and_expiring_certificates_only() {
+        let crl = |next: i64| LoadedCrl {
+            der: CertificateRevocationListDer::from(vec![]),
+            source: format!("crl-{next}"),
+            field: "f".into(),
+            issuer: "CN=x".into(),
+            issuer_raw: vec![],
+            this_update: 0,
+            next_update: Some(next),
+            revoked: 0,
+        };
+        let cert = |t: i64| CertFact {
+            bundle: "b".into(),
+            field: "f".into(),
+            role: "root CA",
+            subject: format!("CN=c{t}"),
+            not_after: t,
+        };
+        let now = 1_000_000;
+        let inv = TrustInventory {
+            certs: vec![
+                cert(now - 1),
+                cert(now + 10 * 86_400),
+                cert(now + 60 * 86_400),
+            ],
+            crls: vec![
+                ("b".into(), crl(now - 1)),
+                ("b".into(), crl(now + 3600)),
+                ("b".into(), crl(now + 3 * 86_400)),
+            ],
+            warnings: vec![],
+            enforce_crl_expiry: true,
+        };
+        let stale = inv.stale(now, 86_400);
+        assert_eq!(stale.len(), 4, "{stale:#?}");
+        assert!(stale[0].contains("past its nextUpdate") && stale[0].contains("REFUSED"));
+        assert!(stale[1].contains("reaches its nextUpdate"));
+        assert!(stale[2].contains("EXPIRED"));
+        assert!(stale[3].contains(&format!("CN=c{}", now + 10 * 86_400)));
+        let r = inv.render(now, 86_400);
+        assert_eq!(r.matches("STALE SOON").count(), 1, "{r}");
+        assert_eq!(r.matches("  STALE\n").count(), 1, "{r}");
     }
 }

@@ -116,7 +116,9 @@ routes:\n  - name: all\n    path_prefix: /\n    token: none\n",
 
 async fn start(yaml: &str) -> (fhirgate::listener::Running, SocketAddr) {
     let cfg = Config::from_yaml(yaml, Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let running = fhirgate::listener::start(&cfg).await.expect("gateway starts");
+    let running = fhirgate::listener::start(&cfg)
+        .await
+        .expect("gateway starts");
     let addr = running.addrs[0];
     (running, addr)
 }
@@ -208,7 +210,10 @@ async fn subca_revoked_by_the_root_crl_is_refused_leaf_only_and_full_chain() {
 
     // A good client of a listed SubCA: 200 sending its leaf only and its full chain.
     assert_eq!(status(addr, root, &n.good.cert, &n.good.key).await, Ok(200));
-    assert_eq!(status(addr, root, &n.good.chain, &n.good.key).await, Ok(200));
+    assert_eq!(
+        status(addr, root, &n.good.chain, &n.good.key).await,
+        Ok(200)
+    );
     assert_eq!(seen.count(), 2);
 
     // A client of the SubCA the root revoked: refused either way, as `revoked`.
@@ -216,7 +221,11 @@ async fn subca_revoked_by_the_root_crl_is_refused_leaf_only_and_full_chain() {
     assert!(status(addr, root, &r.cert, &r.key).await.is_err());
     assert!(status(addr, root, &r.chain, &r.key).await.is_err());
     wait_for(&gw, REVOKED, 2.0).await;
-    assert_eq!(seen.count(), 2, "nothing from the revoked SubCA reached the upstream");
+    assert_eq!(
+        seen.count(),
+        2,
+        "nothing from the revoked SubCA reached the upstream"
+    );
 
     // inspect-cert gives the handshake's verdicts.
     let cfg = write_cfg(&n.pki, "sub.yaml", &y);
@@ -244,8 +253,12 @@ async fn client_of_an_unlisted_subca_of_the_listed_root_is_refused_whatever_unkn
         let (gw, addr) = start(&y).await;
         let before = seen.count();
         assert_eq!(status(addr, root, &n.good.cert, &n.good.key).await, Ok(200));
-        assert!(status(addr, root, &n.other.chain, &n.other.key).await.is_err());
-        assert!(status(addr, root, &n.other.cert, &n.other.key).await.is_err());
+        assert!(status(addr, root, &n.other.chain, &n.other.key)
+            .await
+            .is_err());
+        assert!(status(addr, root, &n.other.cert, &n.other.key)
+            .await
+            .is_err());
         wait_for(&gw, UNKNOWN_CA, 2.0).await;
         assert_eq!(seen.count(), before + 1, "unknown_status: {unknown}");
         let cfg = write_cfg(&n.pki, &format!("pin-{unknown}.yaml"), &y);
@@ -342,17 +355,29 @@ async fn stale_crl_is_flagged_by_check_and_refuses_clients_outside_development()
         .unwrap_or_else(|| panic!("{out}"));
     assert!(line.ends_with("STALE"), "{line}");
     assert!(
-        out.lines()
-            .any(|l| l.starts_with("CRL [nhs-int]") && l.contains(&p(&n.root_crl)) && !l.contains("STALE")),
+        out.lines().any(|l| l.starts_with("CRL [nhs-int]")
+            && l.contains(&p(&n.root_crl))
+            && !l.contains("STALE")),
         "the current root CRL is not flagged: {out}"
     );
     assert!(
         out.contains("WARNING: CRL") && out.contains("past its nextUpdate"),
         "{out}"
     );
-    assert!(out.contains("certificate [nhs-int] root CA O=fhirgate test, CN=Test NHS Root CA: notAfter"), "{out}");
-    assert!(out.contains("certificate [server] server certificate"), "{out}");
-    assert!(out.contains("enforce_crl_expiry=false"), "development default: {out}");
+    assert!(
+        out.contains(
+            "certificate [nhs-int] root CA O=fhirgate test, CN=Test NHS Root CA: notAfter"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("certificate [server] server certificate"),
+        "{out}"
+    );
+    assert!(
+        out.contains("enforce_crl_expiry=false"),
+        "development default: {out}"
+    );
 
     // Development: served, with the warning above.
     let (gw, addr) = start(&y).await;
@@ -401,6 +426,8 @@ struct Proc {
 }
 
 impl Proc {
+    // The child is killed and waited for by `Drop` (or before the panic below).
+    #[allow(clippy::zombie_processes)]
     fn start(cfg: &str) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
             .args(["run", "--config", cfg])
@@ -441,6 +468,7 @@ impl Proc {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
+                let _ = child.wait();
                 panic!("gateway did not start:\n{text}");
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -450,7 +478,11 @@ impl Proc {
     fn get(&self, path: &str) -> String {
         let mut s = std::net::TcpStream::connect(self.admin).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         out
@@ -464,7 +496,10 @@ impl Proc {
             if let Some(l) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
                 return l.to_owned();
             }
-            assert!(Instant::now() < deadline, "no line with {parts:?} in\n{text}");
+            assert!(
+                Instant::now() < deadline,
+                "no line with {parts:?} in\n{text}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -527,7 +562,9 @@ async fn readyz_lists_stale_crls_and_refusals_name_the_certificate() {
 
     // Refusals name the presented certificate: subject, issuer, serial, notAfter, reason.
     let root = &n.root.cert;
-    assert!(status(gw.tls, root, &n.other.chain, &n.other.key).await.is_err());
+    assert!(status(gw.tls, root, &n.other.chain, &n.other.key)
+        .await
+        .is_err());
     let line = gw.wait_log(&["handshake refused", "CN=other-subca-client"]);
     let serial = {
         let out = Command::new("openssl")
@@ -537,16 +574,21 @@ async fn readyz_lists_stale_crls_and_refusals_name_the_certificate() {
         let s = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         s.trim_start_matches("serial=").to_ascii_lowercase()
     };
-    assert!(line.contains("kind=\"unknown_ca\"") || line.contains("kind=unknown_ca"), "{line}");
+    assert!(
+        line.contains("kind=\"unknown_ca\"") || line.contains("kind=unknown_ca"),
+        "{line}"
+    );
     assert!(line.contains("issuer=CN=Test NHS SubCA B"), "{line}");
     assert!(
         line.to_ascii_lowercase().replace(':', "").contains(&serial),
         "serial {serial}: {line}"
     );
     assert!(line.contains("not_after="), "{line}");
-    assert!(status(gw.tls, root, &n.under_revoked.cert, &n.under_revoked.key)
-        .await
-        .is_err());
+    assert!(
+        status(gw.tls, root, &n.under_revoked.cert, &n.under_revoked.key)
+            .await
+            .is_err()
+    );
     let line = gw.wait_log(&["handshake refused", "CN=revoked-subca-client"]);
     assert!(line.contains("revoked"), "{line}");
 }
@@ -652,7 +694,14 @@ fn unusable_certificate_key_and_crl_files_get_clear_errors_naming_file_and_field
         let (ok, out, err) = fhirgate(&["check", "--config", &cfg]);
         assert!(!ok, "{name} passed: {out}");
         // No Rust debug text: no struct or enum dumps.
-        for bad in ["{", "Der(", "UnexpectedTag", "ParseError", "Some(", "Error("] {
+        for bad in [
+            "{",
+            "Der(",
+            "UnexpectedTag",
+            "ParseError",
+            "Some(",
+            "Error(",
+        ] {
             assert!(!err.contains(bad), "{name}: debug text {bad:?} in {err}");
         }
         err
@@ -662,8 +711,14 @@ fn unusable_certificate_key_and_crl_files_get_clear_errors_naming_file_and_field
     let mut enc = n.server.clone();
     enc.key = n.pki.encrypted_key(&n.server.key);
     let e = check("enc.yaml", &enc, &cas, &[&n.root_crl, &n.a_crl]);
-    assert!(e.contains("tls.server_key:") && e.contains(&p(&enc.key)), "{e}");
-    assert!(e.contains("encrypted") && e.contains("openssl pkey -in"), "{e}");
+    assert!(
+        e.contains("tls.server_key:") && e.contains(&p(&enc.key)),
+        "{e}"
+    );
+    assert!(
+        e.contains("encrypted") && e.contains("openssl pkey -in"),
+        "{e}"
+    );
 
     // A version 1 CRL.
     let v1 = n.pki.crl_v1(&n.sub_a);
@@ -701,9 +756,17 @@ fn unusable_certificate_key_and_crl_files_get_clear_errors_naming_file_and_field
 
     // Garbage CA file, PEM and DER-looking.
     let junk_ca = n.pki.path("junk-ca.pem");
-    std::fs::write(&junk_ca, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-        .unwrap();
-    let e = check("junkca.yaml", &n.server, &[&n.root.cert, &junk_ca], &[&n.a_crl]);
+    std::fs::write(
+        &junk_ca,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let e = check(
+        "junkca.yaml",
+        &n.server,
+        &[&n.root.cert, &junk_ca],
+        &[&n.a_crl],
+    );
     assert!(
         e.contains("tls.trust_bundles[0].ca_files[1]:") && e.contains(&p(&junk_ca)),
         "{e}"
@@ -719,6 +782,9 @@ fn unusable_certificate_key_and_crl_files_get_clear_errors_naming_file_and_field
     let mut wrong = n.server.clone();
     wrong.key = n.good.key.clone();
     let e = check("wrongkey.yaml", &wrong, &cas, &[&n.a_crl]);
-    assert!(e.contains("tls.server_key:") && e.contains("does not match"), "{e}");
+    assert!(
+        e.contains("tls.server_key:") && e.contains("does not match"),
+        "{e}"
+    );
     let _ = (&n.sub_r, &n.b_crl, &n.r_crl);
 }

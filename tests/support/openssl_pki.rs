@@ -101,10 +101,7 @@ fn gtime(t: i64) -> String {
 fn ca_cnf(dir: &Path, v2: bool) -> String {
     // A v2 CRL needs a crlnumber file or CRL extensions; without both openssl writes v1.
     let (crlnumber, crl_ext) = if v2 {
-        (
-            "crlnumber = $dir/crlnumber\n",
-            "crl_extensions = crl_ext\n",
-        )
+        ("crlnumber = $dir/crlnumber\n", "crl_extensions = crl_ext\n")
     } else {
         ("", "")
     };
@@ -184,8 +181,22 @@ impl OpensslPki {
         std::fs::rename(&k, &key).expect("move key");
         let subj = format!("/O=fhirgate test/CN={name}");
         openssl(&[
-            "req", "-x509", "-new", "-config", s(&dir.join("ca.cnf")), "-extensions", "v3_root",
-            "-key", s(&key), "-subj", &subj, "-days", "3650", "-sha256", "-out", s(&cert),
+            "req",
+            "-x509",
+            "-new",
+            "-config",
+            s(&dir.join("ca.cnf")),
+            "-extensions",
+            "v3_root",
+            "-key",
+            s(&key),
+            "-subj",
+            &subj,
+            "-days",
+            "3650",
+            "-sha256",
+            "-out",
+            s(&cert),
         ]);
         let chain = dir.join("chain.pem");
         std::fs::copy(&cert, &chain).expect("chain");
@@ -201,10 +212,28 @@ impl OpensslPki {
     /// Signs a CSR for `subj` with `ca` using the `ext` section; returns the PEM path.
     fn sign(&self, ca: &Ca, key: &Path, subj: &str, ext: &str, out: &Path) {
         let csr = out.with_extension("csr");
-        openssl(&["req", "-new", "-key", s(key), "-subj", subj, "-out", s(&csr)]);
         openssl(&[
-            "ca", "-batch", "-notext", "-config", s(&ca.dir.join("ca.cnf")), "-extensions", ext,
-            "-in", s(&csr), "-out", s(out),
+            "req",
+            "-new",
+            "-key",
+            s(key),
+            "-subj",
+            subj,
+            "-out",
+            s(&csr),
+        ]);
+        openssl(&[
+            "ca",
+            "-batch",
+            "-notext",
+            "-config",
+            s(&ca.dir.join("ca.cnf")),
+            "-extensions",
+            ext,
+            "-in",
+            s(&csr),
+            "-out",
+            s(out),
         ]);
     }
 
@@ -215,7 +244,13 @@ impl OpensslPki {
         let cert = dir.join("ca.crt");
         let k = self.key(&format!("{}.key", name.replace(' ', "_")), alg);
         std::fs::rename(&k, &key).expect("move key");
-        self.sign(parent, &key, &format!("/O=fhirgate test/CN={name}"), "v3_sub_ca", &cert);
+        self.sign(
+            parent,
+            &key,
+            &format!("/O=fhirgate test/CN={name}"),
+            "v3_sub_ca",
+            &cert,
+        );
         let chain = dir.join("chain.pem");
         let mut pem = std::fs::read(&cert).expect("cert");
         pem.extend(std::fs::read(&parent.chain).expect("parent chain"));
@@ -260,7 +295,12 @@ impl OpensslPki {
     /// Marks `cert` (issued by `ca`) revoked in `ca`'s database (keyCompromise).
     pub fn revoke(&self, ca: &Ca, cert: &Path) {
         openssl(&[
-            "ca", "-config", s(&ca.dir.join("ca.cnf")), "-revoke", s(cert), "-crl_reason",
+            "ca",
+            "-config",
+            s(&ca.dir.join("ca.cnf")),
+            "-revoke",
+            s(cert),
+            "-crl_reason",
             "keyCompromise",
         ]);
     }
@@ -321,7 +361,14 @@ impl OpensslPki {
     pub fn encrypted_key(&self, key: &Path) -> PathBuf {
         let out = key.with_extension("enc.key");
         openssl(&[
-            "pkey", "-in", s(key), "-aes256", "-passout", "pass:secret", "-out", s(&out),
+            "pkey",
+            "-in",
+            s(key),
+            "-aes256",
+            "-passout",
+            "pass:secret",
+            "-out",
+            s(&out),
         ]);
         out
     }
