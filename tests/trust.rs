@@ -152,6 +152,35 @@ async fn status(addr: SocketAddr, root: &Path, chain: &Path, key: &Path) -> Resu
         .map(|g| g.status.as_u16())
 }
 
+/// The same request with curl (OpenSSL) as the client: the status, or `None` when the
+/// handshake or request failed.
+async fn curl(addr: SocketAddr, cacert: &Path, cert: &Path, key: &Path) -> Option<u16> {
+    let args = [
+        "-sS".to_owned(),
+        "-o".into(),
+        "/dev/null".into(),
+        "-w".into(),
+        "%{http_code}".into(),
+        "--max-time".into(),
+        "5".into(),
+        "--cacert".into(),
+        p(cacert),
+        "--cert".into(),
+        p(cert),
+        "--key".into(),
+        p(key),
+        format!("https://localhost:{}/", addr.port()),
+    ];
+    let out = tokio::task::spawn_blocking(move || Command::new("curl").args(&args).output())
+        .await
+        .unwrap()
+        .expect("curl is installed");
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
 fn fhirgate(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
         .args(args)
@@ -226,6 +255,13 @@ async fn subca_revoked_by_the_root_crl_is_refused_leaf_only_and_full_chain() {
         2,
         "nothing from the revoked SubCA reached the upstream"
     );
+
+    // The same with curl (OpenSSL) as the peer.
+    assert_eq!(curl(addr, root, &n.good.cert, &n.good.key).await, Some(200));
+    assert_eq!(curl(addr, root, &r.cert, &r.key).await, None);
+    assert_eq!(curl(addr, root, &r.chain, &r.key).await, None);
+    wait_for(&gw, REVOKED, 4.0).await;
+    assert_eq!(seen.count(), 3);
 
     // inspect-cert gives the handshake's verdicts.
     let cfg = write_cfg(&n.pki, "sub.yaml", &y);
@@ -670,6 +706,11 @@ async fn rsa_2048_4096_and_ecdsa_chains_in_der_and_pem_with_pkcs1_and_pkcs8_keys
         assert!(out.contains("is valid"), "{tag}: {out}");
         let (gw, addr) = start(&y).await;
         assert_eq!(
+            curl(addr, &c.sub.chain, &c.client.cert, &client_key).await,
+            Some(200),
+            "{tag} with curl"
+        );
+        assert_eq!(
             status(addr, &c.sub.chain, &c.client.cert, &client_key).await,
             Ok(200),
             "{tag}"
@@ -787,4 +828,79 @@ fn unusable_certificate_key_and_crl_files_get_clear_errors_naming_file_and_field
         "{e}"
     );
     let _ = (&n.sub_r, &n.b_crl, &n.r_crl);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_only_bundle_uses_client_intermediates_and_still_checks_them() {
+    let n = nhs();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let root = &n.root.cert;
+    // No SubCA listed: everything under the root is trusted, so paths are built from
+    // what the client sends, and every SubCA in them is checked against the root's CRL.
+    let y = yaml(
+        "development",
+        &n.server,
+        &[root],
+        &[&n.root_crl, &n.a_crl, &n.b_crl, &n.r_crl],
+        "",
+        "",
+        up,
+    );
+    let (gw, addr) = start(&y).await;
+    // The server certificate is under SubCA A, so this client trusts A's chain.
+    let trust = &n.sub_a.chain;
+    assert_eq!(
+        status(addr, trust, &n.good.chain, &n.good.key).await,
+        Ok(200)
+    );
+    assert_eq!(
+        status(addr, trust, &n.other.chain, &n.other.key).await,
+        Ok(200)
+    );
+    // A leaf alone cannot be chained to the root.
+    assert!(status(addr, trust, &n.good.cert, &n.good.key)
+        .await
+        .is_err());
+    wait_for(&gw, UNKNOWN_CA, 1.0).await;
+    let r = &n.under_revoked;
+    assert!(status(addr, trust, &r.chain, &r.key).await.is_err());
+    wait_for(&gw, REVOKED, 1.0).await;
+    assert_eq!(seen.count(), 2);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_root_crl_chain_scope_fails_closed_and_check_says_why() {
+    let n = nhs();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let y = yaml(
+        "development",
+        &n.server,
+        &[&n.root.cert, &n.sub_a.cert],
+        &[&n.a_crl],
+        "",
+        "",
+        up,
+    );
+    let cfg = write_cfg(&n.pki, "noarl.yaml", &y);
+    let (ok, out, err) = fhirgate(&["check", "--config", &cfg]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("WARNING: tls.trust_bundles[0].crl_files: no CRL from O=fhirgate test, CN=Test NHS Root CA"),
+        "{out}"
+    );
+    // unknown_status: deny and no CRL from the root: the SubCA's status is unknown, so
+    // its clients are refused rather than waved through.
+    let (gw, addr) = start(&y).await;
+    assert!(status(addr, &n.root.cert, &n.good.cert, &n.good.key)
+        .await
+        .is_err());
+    wait_for(
+        &gw,
+        "fhirgate_tls_handshakes_total{result=\"unknown_revocation\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(seen.count(), 0);
+    gw.shutdown(Duration::from_secs(2)).await;
 }
