@@ -139,6 +139,10 @@ pub fn inspect(path: &Path, config: Option<&Path>) -> anyhow::Result<String> {
                 }
             }
         }
+        // What the verdicts above cannot see (e.g. `anchor: subca`, no CRLs).
+        for w in &verifier.inventory.warnings {
+            let _ = writeln!(out, "  note: {w}");
+        }
     }
     Ok(out)
 }

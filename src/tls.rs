@@ -613,7 +613,8 @@ impl Bundle {
     /// full-chain client get the same verdict, with every SubCA in the path checked
     /// against the root's CRL. Chains deeper than root → SubCA → leaf need every
     /// intermediate listed in `ca_files`. A bundle with only roots (no SubCA listed)
-    /// trusts everything under them, so there the client's intermediates are used.
+    /// trusts everything under them, so there the client's intermediates are used; so
+    /// does an `anchor: subca` bundle, where every path must end at a listed SubCA anyway.
     fn verify(
         &self,
         end_entity: &CertificateDer<'_>,

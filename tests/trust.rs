@@ -343,6 +343,14 @@ fn a_bundle_without_its_root_is_an_error_unless_anchor_subca_which_check_warns_a
             && out.contains("a revoked SubCA cannot be detected"),
         "{out}"
     );
+    // inspect-cert accepts the SubCA's client and repeats the caveat.
+    let (ok, out, err) = fhirgate(&["inspect-cert", &p(&n.good.cert), "--config", &cfg]);
+    assert!(ok, "{err}");
+    assert!(out.contains("bundle nhs-int: ACCEPTED"), "{out}");
+    assert!(
+        out.contains("note: tls.trust_bundles[0].anchor: subca"),
+        "{out}"
+    );
 
     // `anchor: subca` with the root listed as well is contradictory.
     let y = yaml(
@@ -690,6 +698,9 @@ async fn rsa_2048_4096_and_ecdsa_chains_in_der_and_pem_with_pkcs1_and_pkcs8_keys
         if der {
             // A DER server certificate holds the leaf alone.
             server.chain = pki.der(&c.server.cert, Kind::Cert);
+        } else {
+            // A DER PKCS#8 key.
+            server.key = pki.der(&c.server.key, Kind::Key);
         }
         let y = yaml(
             "development",
