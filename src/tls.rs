@@ -600,6 +600,9 @@ struct Bundle {
     intermediates: Vec<CertificateDer<'static>>,
     /// Build paths only from `intermediates`, ignoring what the client sends.
     pinned: bool,
+    /// Subject DER of each of `intermediates`: a pinned bundle's leaves must be issued
+    /// by one of them.
+    intermediate_subjects: Vec<Vec<u8>>,
 }
 
 impl Bundle {
@@ -611,7 +614,8 @@ impl Bundle {
     /// part in path building, a client of an unlisted SubCA of the same root would be
     /// accepted by sending that SubCA. It also makes a leaf-only client and a
     /// full-chain client get the same verdict, with every SubCA in the path checked
-    /// against the root's CRL. Chains deeper than root → SubCA → leaf need every
+    /// against the root's CRL. A leaf issued by the root itself is refused too. Chains
+    /// deeper than root → SubCA → leaf need every
     /// intermediate listed in `ca_files`. A bundle with only roots (no SubCA listed)
     /// trusts everything under them, so there the client's intermediates are used; so
     /// does an `anchor: subca` bundle, where every path must end at a listed SubCA anyway.
@@ -622,6 +626,15 @@ impl Bundle {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let intermediates: &[CertificateDer<'_>] = if self.pinned {
+            // A leaf the root issued directly is not under a listed SubCA either.
+            if let Ok((_, leaf)) = x509_parser::parse_x509_certificate(end_entity) {
+                let issuer = leaf.issuer().as_raw();
+                if !self.intermediate_subjects.iter().any(|s| s == issuer) {
+                    return Err(rustls::Error::InvalidCertificate(
+                        CertificateError::UnknownIssuer,
+                    ));
+                }
+            }
             &self.intermediates
         } else {
             sent
@@ -643,6 +656,7 @@ fn build_bundle(
     let f = &lb.field;
     let mut roots = RootCertStore::empty();
     let mut intermediates = Vec::new();
+    let mut intermediate_subjects = Vec::new();
     // (subject DER, subject text, is anchor) of every CA, to match CRLs to issuers.
     let mut issuers: Vec<(Vec<u8>, String, bool)> = Vec::new();
     let mut self_signed_any = None;
@@ -689,6 +703,7 @@ fn build_bundle(
             })?;
         } else {
             intermediates.push(der.clone());
+            intermediate_subjects.push(c.subject().as_raw().to_vec());
         }
     }
     match lb.anchor {
@@ -787,6 +802,7 @@ fn build_bundle(
         verifier,
         intermediates,
         pinned,
+        intermediate_subjects,
     })
 }
 

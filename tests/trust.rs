@@ -279,6 +279,7 @@ async fn client_of_an_unlisted_subca_of_the_listed_root_is_refused_whatever_unkn
     let n = nhs();
     let (up, seen) = upstream(UpstreamMode::Echo).await;
     let root = &n.root.cert;
+    let direct = n.pki.client(&n.root, "root-issued-client", Alg::Rsa2048);
     for unknown in ["allow", "deny"] {
         // The bundle pins SubCA A; B is another SubCA of the same root, and its CRL is
         // even configured: the client sends B with its leaf, and is still refused.
@@ -295,10 +296,14 @@ async fn client_of_an_unlisted_subca_of_the_listed_root_is_refused_whatever_unkn
         assert!(status(addr, root, &n.other.cert, &n.other.key)
             .await
             .is_err());
-        wait_for(&gw, UNKNOWN_CA, 2.0).await;
+        // Nor a leaf the root issued itself: it is not under a listed SubCA.
+        assert!(status(addr, root, &direct.cert, &direct.key).await.is_err());
+        wait_for(&gw, UNKNOWN_CA, 3.0).await;
         assert_eq!(seen.count(), before + 1, "unknown_status: {unknown}");
         let cfg = write_cfg(&n.pki, &format!("pin-{unknown}.yaml"), &y);
         let v = inspect(&cfg, &n.other.chain);
+        assert!(v.contains("refused (unknown_ca"), "{unknown}: {v}");
+        let v = inspect(&cfg, &direct.cert);
         assert!(v.contains("refused (unknown_ca"), "{unknown}: {v}");
         gw.shutdown(Duration::from_secs(2)).await;
     }
@@ -868,7 +873,13 @@ async fn root_only_bundle_uses_client_intermediates_and_still_checks_them() {
         status(addr, trust, &n.other.chain, &n.other.key).await,
         Ok(200)
     );
-    // A leaf alone cannot be chained to the root.
+    // Here a leaf the root issued itself is accepted: nothing narrower was configured.
+    let direct = n.pki.client(&n.root, "root-issued-client", Alg::Rsa2048);
+    assert_eq!(
+        status(addr, trust, &direct.cert, &direct.key).await,
+        Ok(200)
+    );
+    // A SubCA's leaf alone cannot be chained to the root.
     assert!(status(addr, trust, &n.good.cert, &n.good.key)
         .await
         .is_err());
@@ -876,7 +887,7 @@ async fn root_only_bundle_uses_client_intermediates_and_still_checks_them() {
     let r = &n.under_revoked;
     assert!(status(addr, trust, &r.chain, &r.key).await.is_err());
     wait_for(&gw, REVOKED, 1.0).await;
-    assert_eq!(seen.count(), 2);
+    assert_eq!(seen.count(), 3);
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
