@@ -31,6 +31,10 @@ pub enum Environment {
 pub struct Config {
     #[serde(default)]
     pub environment: Environment,
+    /// Whether the file names `environment` itself (not the development default); set by
+    /// [`Config::from_yaml`], used by `fhirgate check`'s lints.
+    #[serde(skip)]
+    pub environment_explicit: bool,
     pub listeners: Vec<ListenerConfig>,
     pub tls: TlsConfig,
     #[serde(default)]
@@ -112,7 +116,10 @@ pub struct TlsConfig {
     /// Longest chain accepted from a client, leaf included.
     #[serde(default = "default_verify_depth")]
     pub verify_depth: usize,
-    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_handshake_timeout",
+        with = "crate::config::duration"
+    )]
     pub handshake_timeout: Duration,
 }
 
@@ -166,16 +173,16 @@ pub struct RevocationConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub header_read_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_body_bytes: u64,
     pub max_connections: usize,
     pub max_concurrent_streams: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub drain_timeout: Duration,
 }
 
@@ -207,12 +214,12 @@ pub struct UpstreamConfig {
     pub client_cert: Option<PathBuf>,
     #[serde(default)]
     pub client_key: Option<PathBuf>,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde(default = "default_connect_timeout", with = "crate::config::duration")]
     pub connect_timeout: Duration,
     /// Time allowed until the upstream's response headers arrive.
-    #[serde(default = "default_response_timeout", with = "humantime_serde")]
+    #[serde(default = "default_response_timeout", with = "crate::config::duration")]
     pub response_timeout: Duration,
-    #[serde(default = "default_pool_idle", with = "humantime_serde")]
+    #[serde(default = "default_pool_idle", with = "crate::config::duration")]
     pub pool_idle_timeout: Duration,
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_host: usize,
@@ -351,8 +358,10 @@ impl Config {
 
     /// Parses and validates YAML text; relative paths are resolved against `base`.
     pub fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> {
-        let mut cfg: Config =
-            serde_saphyr::from_str(text).map_err(|e| err("(yaml)", e.to_string()))?;
+        let mut cfg: Config = serde_saphyr::from_str(text).map_err(|e| yaml_error(text, &e))?;
+        cfg.environment_explicit = serde_saphyr::from_str::<EnvironmentProbe>(text)
+            .map(|p| p.environment.is_some())
+            .unwrap_or(false);
         cfg.resolve_paths(base);
         cfg.validate()?;
         Ok(cfg)
@@ -593,11 +602,25 @@ impl Config {
         Ok(())
     }
 
-    /// A short human summary of the effective configuration (for `fhirgate check`).
+    /// A short human summary of the effective configuration (for `fhirgate check`), in
+    /// the words the YAML uses (`scope=chain`, `token=required`).
     pub fn summary(&self) -> String {
         let mut s = String::new();
         use fmt::Write;
-        let _ = writeln!(s, "environment: {:?}", self.environment);
+        let env = match self.environment {
+            Environment::Development => "development",
+            Environment::Integration => "integration",
+            Environment::Production => "production",
+        };
+        let _ = writeln!(
+            s,
+            "environment: {env}{}",
+            if self.environment_explicit {
+                ""
+            } else {
+                " (default: not set in the file)"
+            }
+        );
         for l in &self.listeners {
             let _ = writeln!(s, "listener: https://{}", l.address);
         }
@@ -611,29 +634,58 @@ impl Config {
                 b.crl_files.len()
             );
         }
+        let r = &self.tls.revocation;
         let _ = writeln!(
             s,
-            "revocation: scope={:?} unknown_status={:?} enforce_crl_expiry={}",
-            self.tls.revocation.scope,
-            self.tls.revocation.unknown_status,
-            self.tls.revocation.enforce_crl_expiry
+            "revocation: scope={} unknown_status={} enforce_crl_expiry={}",
+            match r.scope {
+                RevocationScope::Chain => "chain",
+                RevocationScope::EndEntity => "end_entity",
+            },
+            match r.unknown_status {
+                UnknownRevocation::Deny => "deny",
+                UnknownRevocation::Allow => "allow",
+            },
+            r.enforce_crl_expiry
         );
         let _ = writeln!(s, "upstream: {}", self.upstream.url);
+        let no_tokens = self.auth.mode == crate::auth::AuthMode::Development;
+        let mode = match self.auth.mode {
+            crate::auth::AuthMode::Introspection => "introspection",
+            crate::auth::AuthMode::Jwt => "jwt",
+            crate::auth::AuthMode::Development => "development",
+        };
         let _ = writeln!(
             s,
-            "auth: {:?}{}",
-            self.auth.mode,
+            "auth: {mode}{}",
             match (&self.auth.issuer, &self.auth.introspection_endpoint) {
+                _ if no_tokens => " (NO TOKEN CHECKS: bearer tokens are not checked)".into(),
                 (_, Some(e)) => format!(" via {e}"),
                 (Some(i), None) => format!(" via discovery from {i}"),
-                _ => " (NO TOKEN CHECKS)".into(),
+                _ => String::new(),
             }
         );
+        let list = |v: &[String]| -> String {
+            if v.is_empty() {
+                "any".into()
+            } else {
+                v.join(",")
+            }
+        };
         for r in &self.routes {
+            let token = match (no_tokens, r.token) {
+                (true, _) => "not checked (auth.mode: development)",
+                (false, TokenRequirement::Required) => "required",
+                (false, TokenRequirement::None) => "none",
+            };
             let _ = writeln!(
                 s,
-                "route {:?}: {} bundles={:?} subjects={:?} sans={:?} token={:?}",
-                r.name, r.path_prefix, r.bundles, r.allow_subjects, r.allow_sans, r.token
+                "route {:?}: {} bundles={} subjects={} sans={} token={token}",
+                r.name,
+                r.path_prefix,
+                list(&r.bundles),
+                list(&r.allow_subjects),
+                list(&r.allow_sans),
             );
         }
         s
@@ -660,5 +712,148 @@ fn nonzero(field: &str, d: Duration) -> Result<(), ConfigError> {
         Err(err(field, "must be greater than zero"))
     } else {
         Ok(())
+    }
+}
+
+/// Only the top-level `environment` key, to tell an explicit value from the default.
+#[derive(Deserialize)]
+struct EnvironmentProbe {
+    #[serde(default)]
+    environment: Option<serde::de::IgnoredAny>,
+}
+
+/// A YAML/serde error as a [`ConfigError`]. Duration errors name the field's dotted path
+/// (serde does not know it; it is recovered from the error's line) so the message reads
+/// like every other config error.
+fn yaml_error(text: &str, e: &serde_saphyr::Error) -> ConfigError {
+    let msg = e.to_string();
+    if msg.contains(duration::EXPECTED) {
+        let path = e.location().and_then(|l| {
+            yaml_path_at(
+                text,
+                usize::try_from(l.line()).ok()?,
+                usize::try_from(l.column()).ok()?,
+            )
+        });
+        if let Some(path) = path {
+            let got = msg
+                .split("invalid value: string ")
+                .nth(1)
+                .and_then(|r| r.split(", expected").next())
+                .unwrap_or_default();
+            return err(path, format!("expected {}, got {got}", duration::EXPECTED));
+        }
+    }
+    err("(yaml)", msg)
+}
+
+/// The dotted path (`tls.handshake_timeout`, `auth.cache.max_ttl`, `routes[2].token`) of
+/// the key at 1-based `line`/`column` of `text`: flow-mapping parents on the same line,
+/// then block parents found by walking up to less indented keys (list items counted).
+fn yaml_path_at(text: &str, line: usize, column: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let this = *lines.get(line.checked_sub(1)?)?;
+    let (before, rest) = this.split_at_checked(column.checked_sub(1)?)?;
+    let ident = |k: &str| {
+        let k = k.trim().trim_matches(['"', '\'']);
+        (!k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .then(|| k.to_owned())
+    };
+    let key_of = |body: &str| body.split_once(':').and_then(|(k, _)| ident(k));
+    let mut parts = vec![key_of(rest)?];
+    let pieces: Vec<&str> = before.split('{').collect();
+    for p in pieces[..pieces.len() - 1].iter().skip(1).rev() {
+        parts.push(key_of(p.rsplit(',').next()?.trim_start())?);
+    }
+    let first = pieces[0];
+    let body = first.trim_start();
+    let mut indent = first.len() - body.len();
+    if pieces.len() > 1 {
+        // `key: {` opens the flow mapping on this line.
+        let owner = body.trim_start_matches("- ");
+        parts.push(key_of(owner)?);
+    }
+    // The list item this line's key belongs to, by the indent of its "- " marker.
+    let mut item = body.starts_with("- ").then_some((indent, 1usize));
+    for l in lines[..line - 1].iter().rev() {
+        let body = l.trim_start();
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        let li = l.len() - body.len();
+        if let Some((dash, count)) = item {
+            if li == dash && body.starts_with("- ") {
+                item = Some((dash, count + 1));
+                continue;
+            }
+            if li > dash {
+                continue;
+            }
+            // The key that holds the list.
+            let k = key_of(body.trim_start_matches("- "))?;
+            parts.push(format!("{k}[{}]", count - 1));
+            indent = li;
+            item = body.starts_with("- ").then_some((li, 1));
+        } else if li < indent {
+            if body.starts_with("- ") {
+                // Our key is inside the list item that starts on this line.
+                item = Some((li, 1));
+                continue;
+            }
+            parts.push(key_of(body)?);
+            indent = li;
+        }
+        if indent == 0 && item.is_none() {
+            break;
+        }
+    }
+    parts.reverse();
+    Some(parts.join("."))
+}
+
+/// Durations in the config: humantime's forms (`10s`, `500ms`, `1h 30m`, `2 minutes`),
+/// with an error that shows an example instead of serde's bare "expected a duration".
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{de, Deserialize, Deserializer};
+
+    pub(crate) const EXPECTED: &str = "a duration like 10s, 500ms or 1h";
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime_serde::re::humantime::parse_duration(s.trim())
+            .map_err(|_| de::Error::invalid_value(de::Unexpected::Str(&s), &EXPECTED))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::yaml_path_at;
+
+    #[test]
+    fn yaml_paths_of_block_flow_and_list_keys() {
+        let y = "environment: production\n\
+                 tls:\n  server_cert: a\n  handshake_timeout: ten\n\
+                 auth:\n  mode: introspection\n  cache: {max_ttl: 5m, negative_ttl: soon}\n\
+                 routes:\n  - name: a\n    path_prefix: /a\n  - name: b\n    token: x\n";
+        assert_eq!(
+            yaml_path_at(y, 4, 3).as_deref(),
+            Some("tls.handshake_timeout")
+        );
+        assert_eq!(yaml_path_at(y, 1, 1).as_deref(), Some("environment"));
+        // `negative_ttl` starts at column 25 of line 7.
+        let col = y.lines().nth(6).unwrap().find("negative_ttl").unwrap() + 1;
+        assert_eq!(
+            yaml_path_at(y, 7, col).as_deref(),
+            Some("auth.cache.negative_ttl")
+        );
+        assert_eq!(yaml_path_at(y, 12, 5).as_deref(), Some("routes[1].token"));
+        assert_eq!(yaml_path_at(y, 11, 5).as_deref(), Some("routes[1].name"));
+        assert_eq!(
+            yaml_path_at(y, 10, 5).as_deref(),
+            Some("routes[0].path_prefix")
+        );
+        assert_eq!(yaml_path_at(y, 99, 1), None);
     }
 }

@@ -30,17 +30,27 @@ struct Cli {
 enum Cmd {
     /// Run the gateway.
     Run {
+        /// Configuration file (YAML); relative paths in it are resolved against its directory.
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a config file and print the effective configuration (like `nginx -t`).
+    /// Validate a config file and print the effective configuration (like `nginx -t`),
+    /// then warnings for risky settings in integration/production.
     Check {
+        /// Configuration file (YAML) to validate.
         #[arg(long, short)]
         config: PathBuf,
+        /// Fail (exit 1) on any warning, not only on errors (for ExecStartPre and CI).
+        #[arg(long)]
+        strict: bool,
+        /// Accept the warning for this field path (e.g. admin.address) knowingly; repeatable.
+        #[arg(long, value_name = "FIELD")]
+        allow: Vec<String>,
     },
     /// Development setup: generate a dev PKI if missing, start the built-in upstream and
     /// run the gateway on the given config (default: the shipped config.yaml).
     Demo {
+        /// Configuration file; the development PKI is written to certs/dev next to it.
         #[arg(long, short, default_value = "config.yaml")]
         config: PathBuf,
     },
@@ -53,6 +63,7 @@ enum Cmd {
     InspectCert {
         /// PEM (leaf first, then any intermediates) or DER certificate.
         file: PathBuf,
+        /// Gateway configuration whose trust bundles (CAs, CRLs) judge the certificate.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -75,6 +86,7 @@ struct ClientArgs {
     /// YAML sender profile (tls, auth, nhsd sections); flags override it.
     #[arg(long, short)]
     profile: Option<PathBuf>,
+    /// HTTP method.
     #[arg(short = 'X', long, default_value = "GET")]
     method: String,
     /// Request body: literal JSON, @FILE, or @- for stdin.
@@ -89,6 +101,7 @@ struct ClientArgs {
     /// Client certificate (PEM chain) and key for mutual TLS.
     #[arg(long)]
     cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
     #[arg(long)]
     key: Option<PathBuf>,
     /// Authorisation server issuer (token endpoint by discovery).
@@ -97,6 +110,7 @@ struct ClientArgs {
     /// Token endpoint (instead of discovery).
     #[arg(long)]
     token_url: Option<String>,
+    /// OAuth client id registered at the authorisation server.
     #[arg(long)]
     client_id: Option<String>,
     /// Client secret file: client_secret_basic.
@@ -105,11 +119,13 @@ struct ClientArgs {
     /// Private key (PEM): private_key_jwt client assertion.
     #[arg(long)]
     private_key_file: Option<PathBuf>,
+    /// `kid` header of the private_key_jwt client assertion.
     #[arg(long)]
     key_id: Option<String>,
     /// ES256 (default), RS256 or PS256.
     #[arg(long)]
     algorithm: Option<String>,
+    /// Scopes to request, space-separated (e.g. "system/Patient.read").
     #[arg(long)]
     scope: Option<String>,
     /// Send no Authorization header even if the profile configures a token.
@@ -124,18 +140,25 @@ struct ClientArgs {
     /// Send no NHSD-* / X-Request-ID / X-Correlation-ID headers.
     #[arg(long)]
     no_nhsd: bool,
+    /// ODS code of the sending organisation (NHSD-End-User-Organisation).
     #[arg(long)]
     ods: Option<String>,
+    /// Name of the sending organisation (NHSD-End-User-Organisation).
     #[arg(long)]
     org_name: Option<String>,
+    /// Receiving service identifier, e.g. a DoS id (NHSD-Target-Identifier).
     #[arg(long)]
     target: Option<String>,
+    /// System of --target (default: the DoS service system).
     #[arg(long)]
     target_system: Option<String>,
+    /// Sending software's device identifier (NHSD-Requesting-Software).
     #[arg(long)]
     software_id: Option<String>,
+    /// Sending software's product name (NHSD-Requesting-Software).
     #[arg(long)]
     software_name: Option<String>,
+    /// Sending software's version (NHSD-Requesting-Software).
     #[arg(long)]
     software_version: Option<String>,
     /// SDS role profile id of the requesting practitioner.
@@ -144,6 +167,7 @@ struct ClientArgs {
     /// SNOMED CT code of the practitioner's role.
     #[arg(long)]
     practitioner_role_code: Option<String>,
+    /// X-Correlation-ID to send (default: a new UUID).
     #[arg(long)]
     correlation_id: Option<String>,
     /// Send the request this many times (one token, a new X-Request-ID each time).
@@ -165,14 +189,18 @@ enum NhsdCmd {
     /// Base64-encode a FHIR resource (JSON file, or - for stdin) as header NAME, checking
     /// it the way the gateway will.
     Encode {
+        /// Header name, e.g. NHSD-End-User-Organisation (any case).
         #[arg(long)]
         header: String,
+        /// JSON file with the resource, or - for stdin.
         file: PathBuf,
     },
     /// Decode header NAME's VALUE to pretty JSON and say whether the gateway accepts it.
     Decode {
+        /// Header name, e.g. NHSD-End-User-Organisation (any case).
         #[arg(long)]
         header: String,
+        /// The header's value as sent on the wire.
         value: String,
     },
     /// Print a complete valid set of BaRS headers, one `Name: value` per line.
@@ -184,6 +212,7 @@ enum PkiCmd {
     /// (Re)generate the development PKI (root, SubCA, server, client, revoked, expired,
     /// foreign certificates and CRLs). Development only.
     Dev {
+        /// Directory to write the certificates, keys, CRLs and secrets to.
         #[arg(long, default_value = "certs/dev")]
         out: PathBuf,
     },
@@ -229,7 +258,11 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.cmd {
             Cmd::Run { config } => run(&config).await,
-            Cmd::Check { config } => check(&config),
+            Cmd::Check {
+                config,
+                strict,
+                allow,
+            } => check(&config, strict, &allow),
             Cmd::Demo { config } => demo(&config).await,
             Cmd::Nhsd { cmd } => nhsd_cmd(cmd),
             Cmd::Client(args) => client_cmd(*args).await,
@@ -285,12 +318,39 @@ fn nhsd_cmd(cmd: NhsdCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check(path: &Path) -> anyhow::Result<()> {
+fn check(path: &Path, strict: bool, allow: &[String]) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     // Parse certificates, keys and CRLs too, as `run` would.
     fhirgate::listener::Snapshot::build(&cfg, &Default::default())?;
     print!("{}", cfg.summary());
-    println!("configuration {} is valid", path.display());
+    let mut warnings = fhirgate::lint::lint(&cfg);
+    warnings.extend(fhirgate::lint::file_modes(&cfg));
+    // `--allow tls.trust_bundles[0]` also covers the fields below it.
+    warnings.retain(|w| {
+        !allow.iter().any(|a| {
+            w.field == *a
+                || w.field
+                    .strip_prefix(a.as_str())
+                    .is_some_and(|r| r.starts_with(['.', '[']))
+        })
+    });
+    for w in &warnings {
+        eprintln!("{w}");
+    }
+    if strict && !warnings.is_empty() {
+        anyhow::bail!(
+            "{}: {} warning(s) and --strict: fix them or accept one with --allow FIELD",
+            path.display(),
+            warnings.len()
+        );
+    }
+    match warnings.len() {
+        0 => println!("configuration {} is valid", path.display()),
+        n => println!(
+            "configuration {} is valid, with {n} warning(s)",
+            path.display()
+        ),
+    }
     Ok(())
 }
 

@@ -104,3 +104,101 @@ fn pki_dev_writes_the_pki_and_the_auth_credentials_owner_only() {
         assert!(out.join(f).exists(), "{f}");
     }
 }
+
+/// Items of the `Options:` / `Arguments:` sections of one `--help` text whose description
+/// is empty (defaults such as `[default: 1]` do not count as a description).
+fn undescribed(help: &str) -> Vec<String> {
+    let strip = |s: &str| -> String {
+        let mut s = s.trim().to_owned();
+        while let (Some(a), true) = (s.rfind(" ["), s.ends_with(']')) {
+            s.truncate(a);
+        }
+        if s.starts_with('[') && s.ends_with(']') {
+            s.clear();
+        }
+        s.trim().to_owned()
+    };
+    let mut missing = Vec::new();
+    let mut in_items = false;
+    let lines: Vec<&str> = help.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if !line.starts_with(' ') {
+            in_items = line == &"Options:" || line == &"Arguments:";
+            continue;
+        }
+        let t = line.trim_start();
+        let indent = line.len() - t.len();
+        // An item starts at a small indent with its flag or <VALUE>/[VALUE] name.
+        if !in_items
+            || indent > 6
+            || !(t.starts_with('-') || t.starts_with('<') || t.starts_with('['))
+        {
+            continue;
+        }
+        // Same-line layout: the spec, two or more spaces, the description.
+        let same_line = t
+            .split_once("  ")
+            .map(|(_, d)| strip(d))
+            .unwrap_or_default();
+        // Next-line layout: the description is indented further on the following line.
+        let next_line = lines
+            .get(i + 1)
+            .filter(|n| n.len() - n.trim_start().len() > indent + 2)
+            .map(|n| strip(n))
+            .unwrap_or_default();
+        if same_line.is_empty() && next_line.is_empty() {
+            missing.push(t.trim().to_owned());
+        }
+    }
+    missing
+}
+
+#[test]
+fn undescribed_finds_an_empty_help_line() {
+    // The check itself must be able to fail: both clap layouts, with and without defaults.
+    let short =
+        "Usage: x\n\nOptions:\n  -c, --config <CONFIG>  \n  -d <D>  [default: a]\n  -v  Verbose\n";
+    assert_eq!(
+        undescribed(short),
+        ["-c, --config <CONFIG>", "-d <D>  [default: a]"]
+    );
+    let long = "Options:\n      --key <KEY>\n          \n      --cert <CERT>\n          Client certificate\n";
+    assert_eq!(undescribed(long), ["--key <KEY>"]);
+}
+
+#[test]
+fn every_option_of_every_subcommand_has_a_description() {
+    // Walk the command tree as a user would, by the `Commands:` list of each help text.
+    let mut todo: Vec<Vec<String>> = vec![vec![]];
+    let mut seen = 0;
+    while let Some(path) = todo.pop() {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let (ok, out, err) = fhirgate(&args);
+        assert!(ok, "{args:?}: {err}");
+        seen += 1;
+        let missing = undescribed(&out);
+        assert!(
+            missing.is_empty(),
+            "`fhirgate {}` has options without a description: {missing:?}\n{out}",
+            path.join(" ")
+        );
+        let mut in_cmds = false;
+        for line in out.lines() {
+            if !line.starts_with(' ') {
+                in_cmds = line == "Commands:";
+                continue;
+            }
+            if in_cmds {
+                let name = line.split_whitespace().next().unwrap_or_default();
+                if !name.is_empty() && name != "help" {
+                    let mut p = path.clone();
+                    p.push(name.to_owned());
+                    todo.push(p);
+                }
+            }
+        }
+    }
+    // run, check, demo, client, inspect-cert, pki (+dev), nhsd (+encode, decode, example).
+    assert!(seen >= 12, "walked {seen} help texts");
+}
