@@ -267,8 +267,17 @@ fn main() -> ExitCode {
             Cmd::Nhsd { cmd } => nhsd_cmd(cmd),
             Cmd::Client(args) => client_cmd(*args).await,
             Cmd::InspectCert { file, config } => {
-                print!("{}", fhirgate::inspect::inspect(&file, config.as_deref())?);
-                Ok(())
+                let report = fhirgate::inspect::inspect(&file, config.as_deref())?;
+                print!("{report}");
+                match config {
+                    // Scripts and CI can test the verdict: no bundle accepts it, exit 1.
+                    Some(c) if !any_bundle_accepts(&report) => Err(anyhow::anyhow!(
+                        "no trust bundle of {} accepts {} as a client certificate",
+                        c.display(),
+                        file.display()
+                    )),
+                    _ => Ok(()),
+                }
             }
             Cmd::Pki {
                 cmd: PkiCmd::Dev { out },
@@ -289,6 +298,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether an `inspect-cert --config` report has a `bundle NAME: ACCEPTED` line.
+fn any_bundle_accepts(report: &str) -> bool {
+    report.lines().any(|l| {
+        l.trim_start()
+            .strip_prefix("bundle ")
+            .is_some_and(|r| r.ends_with(": ACCEPTED") || r.contains(": ACCEPTED "))
+    })
+}
+
 fn nhsd_cmd(cmd: NhsdCmd) -> anyhow::Result<()> {
     use fhirgate::nhsd;
     match cmd {
@@ -304,10 +322,13 @@ fn nhsd_cmd(cmd: NhsdCmd) -> anyhow::Result<()> {
             );
         }
         NhsdCmd::Decode { header, value } => {
-            println!(
-                "{}",
-                nhsd::decode_header(&header, &value).map_err(anyhow::Error::msg)?
-            );
+            let (text, valid) =
+                nhsd::decode_header_verdict(&header, &value).map_err(anyhow::Error::msg)?;
+            println!("{text}");
+            if !valid {
+                // The verdict is on stdout already; the status lets scripts act on it.
+                anyhow::bail!("{header}: the gateway would refuse this value");
+            }
         }
         NhsdCmd::Example => {
             for (name, value) in nhsd::example_headers() {
@@ -605,7 +626,19 @@ async fn client_cmd(a: ClientArgs) -> anyhow::Result<()> {
             headers,
             body: body.clone(),
         };
-        let answer = client::send(&http, &out, token.as_deref(), timeout).await?;
+        let answer = match client::send(&http, &out, token.as_deref(), timeout).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                // "connection closed" may hide a refused certificate: ask the server why.
+                let why =
+                    client::diagnose_tls(&a.url, profile.tls.cacert.as_deref(), cert, timeout)
+                        .await;
+                return Err(match why {
+                    Some(w) => anyhow::anyhow!("{}: {w}", a.url),
+                    None => e,
+                });
+            }
+        };
         if a.repeat > 1 {
             println!("# request {}", i + 1);
         }

@@ -55,8 +55,16 @@ fn inspect_cert_reports_facts_and_per_bundle_verdicts() {
         ("foreign-client.crt", "bundle foreign: ACCEPTED"),
     ] {
         let (ok, out, err) = fhirgate(&["inspect-cert", &p(file), "--config", &cfg]);
-        assert!(ok, "{err}");
         assert!(out.contains(verdict), "{file}: {out}");
+        // Exit status: 0 when some bundle accepts it, 1 when every bundle refuses it.
+        let accepted = file == "foreign-client.crt";
+        assert_eq!(ok, accepted, "{file}: {err}");
+        if !accepted {
+            assert!(
+                err.contains("no trust bundle of") && err.contains(file),
+                "{file}: {err}"
+            );
+        }
     }
     let (_, out, _) = fhirgate(&["inspect-cert", &p("expired-client.crt")]);
     assert!(out.contains("EXPIRED"), "{out}");
@@ -201,4 +209,113 @@ fn every_option_of_every_subcommand_has_a_description() {
     }
     // run, check, demo, client, inspect-cert, pki (+dev), nhsd (+encode, decode, example).
     assert!(seen >= 12, "walked {seen} help texts");
+}
+
+#[test]
+fn nhsd_decode_exit_status_follows_the_verdict() {
+    let (ok, out, _) = fhirgate(&["nhsd", "example"]);
+    assert!(ok);
+    let org = out
+        .lines()
+        .find_map(|l| l.strip_prefix("NHSD-End-User-Organisation: "))
+        .expect("example has the organisation header")
+        .to_owned();
+    let (ok, out, err) = fhirgate(&[
+        "nhsd",
+        "decode",
+        "--header",
+        "NHSD-End-User-Organisation",
+        &org,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains(": valid ("), "{out}");
+
+    // Decodable, but the gateway refuses it (no ODS identifier): shown, and exit 1.
+    use base64::Engine;
+    let bad = base64::engine::general_purpose::STANDARD
+        .encode(r#"{"resourceType":"Organization","name":"x"}"#);
+    let (ok, out, err) = fhirgate(&[
+        "nhsd",
+        "decode",
+        "--header",
+        "NHSD-End-User-Organisation",
+        &bad,
+    ]);
+    assert!(!ok, "an INVALID verdict exits non-zero: {out}");
+    assert!(
+        out.contains("\"resourceType\": \"Organization\""),
+        "the JSON is still shown: {out}"
+    );
+    assert!(out.contains(": INVALID: "), "{out}");
+    assert!(err.contains("would refuse"), "{err}");
+    // A plain header: an INVALID X-Request-ID is an error too.
+    let (ok, out, _) = fhirgate(&["nhsd", "decode", "--header", "X-Request-ID", "not-a-uuid"]);
+    assert!(!ok && out.contains("INVALID"), "{out}");
+}
+
+/// `fhirgate client` against a real gateway: a refused client certificate is reported as
+/// the TLS alert the server sent (RFC 8446 §6.2: "certificate_revoked",
+/// "certificate_expired", "unknown_ca", "unsupported_certificate"), not as the "broken
+/// pipe" / "connection closed" that the HTTP layer sees when the alert arrives while the
+/// request is being written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reports_a_refused_certificate_as_the_tls_alert() {
+    let pki = Pki::new();
+    let up = dead_port().await;
+    let (_gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let url = format!("https://localhost:{}/metadata", addr.port());
+    let p = |n: &str| pki.path(n).display().to_string();
+    for (who, want) in [
+        ("revoked-client", "alert certificate revoked"),
+        ("expired-client", "alert certificate expired"),
+        ("future-client", "alert certificate expired"),
+        ("foreign-client", "alert unknown CA"),
+        ("server-only-client", "alert unsupported certificate"),
+        ("client", ""),
+    ] {
+        let args: Vec<String> = [
+            "client",
+            "--no-nhsd",
+            "--timeout",
+            "10",
+            "--cacert",
+            &p("root-ca.crt"),
+            "--cert",
+            &p(&format!("{who}.crt")),
+            "--key",
+            &p(&format!("{who}.key")),
+            &url,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (ok, out, err) = tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            fhirgate(&a)
+        })
+        .await
+        .unwrap();
+        if want.is_empty() {
+            // The good certificate gets through TLS (the upstream is down: 502).
+            assert!(
+                ok && out.starts_with("HTTP/") && out.contains(" 502 "),
+                "{who}: {out}{err}"
+            );
+            continue;
+        }
+        assert!(!ok, "{who}: {out}");
+        assert!(err.contains(want), "{who}: expected {want:?} in: {err}");
+        assert!(
+            err.contains("TLS handshake refused by the server"),
+            "{who}: {err}"
+        );
+        for vague in [
+            "broken pipe",
+            "connection closed",
+            "channel closed",
+            "canceled",
+        ] {
+            assert!(!err.to_lowercase().contains(vague), "{who}: {err}");
+        }
+    }
 }
