@@ -720,6 +720,18 @@ fn sq(s: &str) -> String {
 }
 
 async fn demo(path: &Path) -> anyhow::Result<()> {
+    // Check before writing anything: run elsewhere, demo would leave certs/dev behind.
+    if !path.is_file() {
+        let here = std::env::current_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|_| ".".into());
+        anyhow::bail!(
+            "{}: no such config file (looked in {here}); run `fhirgate demo` from the fhirgate \
+             repository root, where the shipped config.yaml is, or pass --config PATH/config.yaml \
+             (certs/dev is generated next to it)",
+            path.display()
+        );
+    }
     let dir = path.parent().unwrap_or(Path::new(".")).join("certs/dev");
     if pki::ensure_dev_pki(&dir)? {
         tracing::info!(dir = %dir.display(), "generated development PKI (never use it in production)");
@@ -752,7 +764,7 @@ async fn demo(path: &Path) -> anyhow::Result<()> {
     let ca = sq(&format!("{d}/root-ca.crt"));
     let curl = |who: &str| {
         format!(
-            "curl -sS --cacert {ca} --cert {} --key {}",
+            "curl -sS -i --cacert {ca} --cert {} --key {}",
             sq(&format!("{d}/{who}.crt")),
             sq(&format!("{d}/{who}.key"))
         )
@@ -785,7 +797,8 @@ async fn demo(path: &Path) -> anyhow::Result<()> {
         ")."
     });
     b.push_str(
-        "\nPaste these into bash; each `# [expect ...]` line says what the next command shows.\n",
+        "\nPaste these into bash; each `# [expect ...]` line says what the next command shows\n\
+         (curl -i and fhirgate client print the status line first).\n",
     );
     b.push_str("# --- begin ---\n");
     b.push_str(&format!("NHSD=({})\n", h(&nhsd_example)));
@@ -830,8 +843,10 @@ async fn demo(path: &Path) -> anyhow::Result<()> {
         b.push_str(&format!(
             "# [expect 200] the capability statement needs neither a token nor NHSD headers\n\
              {c} {url}/metadata\n\
-             # [expect refused] a revoked client certificate: refused in the TLS handshake\n\
-             {r} {url}/metadata\n\
+             # [expect refused] a revoked client certificate: refused in the TLS handshake (alert certificate revoked)\n\
+             {r} --http1.1 {url}/metadata\n\
+             # [expect refused] fhirgate client names the alert too\n\
+             {me} client --cacert {ca} --cert {rc} --key {rk} --no-nhsd --no-token {url}/metadata\n\
              # [expect 200] fhirgate client: token by client credentials (Basic), NHSD headers from the profile\n\
              {me} client --profile {pb} {url}/Patient/1\n\
              # [expect 200] fhirgate client as a private_key_jwt sender (signed JWT client assertion)\n\
@@ -842,6 +857,8 @@ async fn demo(path: &Path) -> anyhow::Result<()> {
              {me} client --profile {pb} --no-token {url}/Patient/1\n",
             c = curl("client"),
             r = curl("revoked-client"),
+            rc = sq(&format!("{d}/revoked-client.crt")),
+            rk = sq(&format!("{d}/revoked-client.key")),
             pb = p("sender-basic.yaml"),
             pj = p("sender-jwt.yaml"),
             pr = p("reader.yaml"),
@@ -852,8 +869,8 @@ async fn demo(path: &Path) -> anyhow::Result<()> {
              {c} \"${{NHSD[@]}}\" {url}/Patient/1\n\
              # [expect 400] the same without NHSD headers\n\
              {c} {url}/Patient/1\n\
-             # [expect refused] a revoked client certificate: refused in the TLS handshake\n\
-             {r} {url}/metadata\n",
+             # [expect refused] a revoked client certificate: refused in the TLS handshake (alert certificate revoked)\n\
+             {r} --http1.1 {url}/metadata\n",
             c = curl("client"),
             r = curl("revoked-client"),
         ));
