@@ -325,7 +325,10 @@ async fn get_json(
     let resp = tokio::time::timeout(timeout, http.request(req))
         .await
         .map_err(|_| anyhow::anyhow!("{uri}: timed out"))?
-        .map_err(|e| anyhow::anyhow!("{uri}: {}", crate::upstream::error_chain(&e)))?;
+        .map_err(|e| match tls_failure(&e) {
+            Some(t) => anyhow::anyhow!("{uri}: {t}"),
+            None => anyhow::anyhow!("{uri}: {}", crate::upstream::error_chain(&e)),
+        })?;
     let status = resp.status().as_u16();
     let body = tokio::time::timeout(timeout, resp.into_body().collect())
         .await
