@@ -358,7 +358,14 @@ impl Config {
 
     /// Parses and validates YAML text; relative paths are resolved against `base`.
     pub fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> {
-        let mut cfg: Config = serde_saphyr::from_str(text).map_err(|e| yaml_error(text, &e))?;
+        let mut path = None;
+        let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                path = Some(e.path().to_string());
+                e.into_inner()
+            })
+        });
+        let mut cfg: Config = parsed.map_err(|e| yaml_error(&e, path.as_deref()))?;
         cfg.environment_explicit = serde_saphyr::from_str::<EnvironmentProbe>(text)
             .map(|p| p.environment.is_some())
             .unwrap_or(false);
@@ -722,93 +729,21 @@ struct EnvironmentProbe {
     environment: Option<serde::de::IgnoredAny>,
 }
 
-/// A YAML/serde error as a [`ConfigError`]. Duration errors name the field's dotted path
-/// (serde does not know it; it is recovered from the error's line) so the message reads
-/// like every other config error.
-fn yaml_error(text: &str, e: &serde_saphyr::Error) -> ConfigError {
+/// A YAML/serde error as a [`ConfigError`]. Duration errors are reported with the
+/// field's dotted path (from `serde_path_to_error`), like every other config error.
+fn yaml_error(e: &serde_saphyr::Error, path: Option<&str>) -> ConfigError {
     let msg = e.to_string();
-    if msg.contains(duration::EXPECTED) {
-        let path = e.location().and_then(|l| {
-            yaml_path_at(
-                text,
-                usize::try_from(l.line()).ok()?,
-                usize::try_from(l.column()).ok()?,
-            )
-        });
-        if let Some(path) = path {
+    match path {
+        Some(path) if msg.contains(duration::EXPECTED) => {
             let got = msg
                 .split("invalid value: string ")
                 .nth(1)
                 .and_then(|r| r.split(", expected").next())
                 .unwrap_or_default();
-            return err(path, format!("expected {}, got {got}", duration::EXPECTED));
+            err(path, format!("expected {}, got {got}", duration::EXPECTED))
         }
+        _ => err("(yaml)", msg),
     }
-    err("(yaml)", msg)
-}
-
-/// The dotted path (`tls.handshake_timeout`, `auth.cache.max_ttl`, `routes[2].token`) of
-/// the key at 1-based `line`/`column` of `text`: flow-mapping parents on the same line,
-/// then block parents found by walking up to less indented keys (list items counted).
-fn yaml_path_at(text: &str, line: usize, column: usize) -> Option<String> {
-    let lines: Vec<&str> = text.lines().collect();
-    let this = *lines.get(line.checked_sub(1)?)?;
-    let (before, rest) = this.split_at_checked(column.checked_sub(1)?)?;
-    let ident = |k: &str| {
-        let k = k.trim().trim_matches(['"', '\'']);
-        (!k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-            .then(|| k.to_owned())
-    };
-    let key_of = |body: &str| body.split_once(':').and_then(|(k, _)| ident(k));
-    let mut parts = vec![key_of(rest)?];
-    let pieces: Vec<&str> = before.split('{').collect();
-    for p in pieces[..pieces.len() - 1].iter().skip(1).rev() {
-        parts.push(key_of(p.rsplit(',').next()?.trim_start())?);
-    }
-    let first = pieces[0];
-    let body = first.trim_start();
-    let mut indent = first.len() - body.len();
-    if pieces.len() > 1 {
-        // `key: {` opens the flow mapping on this line.
-        let owner = body.trim_start_matches("- ");
-        parts.push(key_of(owner)?);
-    }
-    // The list item this line's key belongs to, by the indent of its "- " marker.
-    let mut item = body.starts_with("- ").then_some((indent, 1usize));
-    for l in lines[..line - 1].iter().rev() {
-        let body = l.trim_start();
-        if body.is_empty() || body.starts_with('#') {
-            continue;
-        }
-        let li = l.len() - body.len();
-        if let Some((dash, count)) = item {
-            if li == dash && body.starts_with("- ") {
-                item = Some((dash, count + 1));
-                continue;
-            }
-            if li > dash {
-                continue;
-            }
-            // The key that holds the list.
-            let k = key_of(body.trim_start_matches("- "))?;
-            parts.push(format!("{k}[{}]", count - 1));
-            indent = li;
-            item = body.starts_with("- ").then_some((li, 1));
-        } else if li < indent {
-            if body.starts_with("- ") {
-                // Our key is inside the list item that starts on this line.
-                item = Some((li, 1));
-                continue;
-            }
-            parts.push(key_of(body)?);
-            indent = li;
-        }
-        if indent == 0 && item.is_none() {
-            break;
-        }
-    }
-    parts.reverse();
-    Some(parts.join("."))
 }
 
 /// Durations in the config: humantime's forms (`10s`, `500ms`, `1h 30m`, `2 minutes`),
@@ -824,36 +759,5 @@ pub mod duration {
         let s = String::deserialize(d)?;
         humantime_serde::re::humantime::parse_duration(s.trim())
             .map_err(|_| de::Error::invalid_value(de::Unexpected::Str(&s), &EXPECTED))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::yaml_path_at;
-
-    #[test]
-    fn yaml_paths_of_block_flow_and_list_keys() {
-        let y = "environment: production\n\
-                 tls:\n  server_cert: a\n  handshake_timeout: ten\n\
-                 auth:\n  mode: introspection\n  cache: {max_ttl: 5m, negative_ttl: soon}\n\
-                 routes:\n  - name: a\n    path_prefix: /a\n  - name: b\n    token: x\n";
-        assert_eq!(
-            yaml_path_at(y, 4, 3).as_deref(),
-            Some("tls.handshake_timeout")
-        );
-        assert_eq!(yaml_path_at(y, 1, 1).as_deref(), Some("environment"));
-        // `negative_ttl` starts at column 25 of line 7.
-        let col = y.lines().nth(6).unwrap().find("negative_ttl").unwrap() + 1;
-        assert_eq!(
-            yaml_path_at(y, 7, col).as_deref(),
-            Some("auth.cache.negative_ttl")
-        );
-        assert_eq!(yaml_path_at(y, 12, 5).as_deref(), Some("routes[1].token"));
-        assert_eq!(yaml_path_at(y, 11, 5).as_deref(), Some("routes[1].name"));
-        assert_eq!(
-            yaml_path_at(y, 10, 5).as_deref(),
-            Some("routes[0].path_prefix")
-        );
-        assert_eq!(yaml_path_at(y, 99, 1), None);
     }
 }

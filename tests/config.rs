@@ -227,6 +227,11 @@ fn durations_take_humantime_forms_and_errors_name_the_field_with_an_example() {
             "limits.idle_timeout",
         ),
         ("idle_timeout: 5s", "idle_timeout: 5", "limits.idle_timeout"),
+        (
+            "mode: development\n",
+            "mode: development\n  cache: {max_ttl: five}\n",
+            "auth.cache.max_ttl",
+        ),
     ] {
         let e = load_err(&b.replace(from, to));
         assert!(
