@@ -377,6 +377,13 @@ fn check(path: &Path, strict: bool, allow: &[String]) -> anyhow::Result<()> {
 
 async fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
+    // The same warnings as `fhirgate check`, in the log of every start.
+    for w in fhirgate::lint::lint(&cfg)
+        .into_iter()
+        .chain(fhirgate::lint::file_modes(&cfg))
+    {
+        tracing::warn!(field = %w.field, fix = %w.fix, "risky setting: {}", w.risk);
+    }
     serve(&cfg, path, None).await
 }
 

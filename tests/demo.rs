@@ -285,12 +285,21 @@ fn address_in_use_names_the_address() {
     assert!(err.contains(&want) && err.contains("upstream.url"), "{err}");
 
     // `run`: the gateway's own listener, then the admin listener.
-    let listen = cfg.replace(&format!("127.0.0.1:{gw}"), &format!("127.0.0.1:{port}"));
+    // (As integration: `run` logs the same warnings as `check` before it binds.)
+    let listen = cfg
+        .replace(&format!("127.0.0.1:{gw}"), &format!("127.0.0.1:{port}"))
+        .replace("environment: development", "environment: integration");
     std::fs::write(&cfg_path, &listen).unwrap();
     let (ok, err) = run(&cfg_path, "run");
     assert!(!ok);
     assert!(
         err.contains(&format!("listeners[0].address: {want}")),
+        "{err}"
+    );
+    assert!(
+        err.contains("risky setting")
+            && err.contains("tls.server_cert")
+            && err.contains("development file"),
         "{err}"
     );
     let adm = cfg.replace(&format!("127.0.0.1:{admin}"), &format!("127.0.0.1:{port}"));
