@@ -288,9 +288,13 @@ fn my_ids() -> Option<(u32, Vec<u32>)> {
     Some((uid, groups))
 }
 
-/// Secret and key files that other users can read. Missing files are left to validation.
+/// Secret and key files that other users can read, in integration and production (the
+/// development PKI is throwaway). Missing files are left to validation.
 pub fn file_modes(cfg: &Config) -> Vec<Lint> {
     use std::os::unix::fs::MetadataExt;
+    if cfg.environment == Environment::Development {
+        return Vec::new();
+    }
     let (uid, groups) = my_ids().unwrap_or((u32::MAX, Vec::new()));
     let mut out = Vec::new();
     for (field, path) in secret_paths(cfg) {
@@ -535,6 +539,13 @@ routes:
             l[0]
         );
         assert!(l[0].to_string().contains("; fix: chmod 600 "), "{}", l[0]);
+        let (d, c) = cfg("", |y| y);
+        std::fs::set_permissions(
+            d.path().join("server.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert_eq!(file_modes(&c), vec![], "development keys are throwaway");
     }
 
     #[test]
