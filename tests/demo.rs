@@ -54,27 +54,12 @@ fn parse(block: &[String]) -> (Vec<String>, Vec<Step>) {
     (script, steps)
 }
 
-#[test]
-fn every_printed_command_does_what_the_banner_says() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (gw, up, admin, auth) = (free_port(), free_port(), free_port(), free_port());
-    let shipped =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
-    let cfg = shipped
-        .replace("127.0.0.1:8443", &format!("127.0.0.1:{gw}"))
-        .replace("http://127.0.0.1:8081", &format!("http://127.0.0.1:{up}"))
-        .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"))
-        .replace(
-            "https://localhost:9443",
-            &format!("https://localhost:{auth}"),
-        );
-    assert_ne!(cfg, shipped, "the shipped config's ports moved");
-    let cfg_path = dir.path().join("config.yaml");
-    std::fs::write(&cfg_path, cfg).unwrap();
-
+/// Starts `fhirgate demo --config cfg` and returns it with the pasteable block of its
+/// banner (between `# --- begin ---` and `# --- end ---`).
+fn start_demo(cfg_path: &std::path::Path) -> (Demo, Vec<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
         .args(["demo", "--config"])
-        .arg(&cfg_path)
+        .arg(cfg_path)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -106,25 +91,16 @@ fn every_printed_command_does_what_the_banner_says() {
         }
     }
 
-    let (setup, steps) = parse(&block);
-    let expects: Vec<&str> = steps.iter().map(|s| s.expect.as_str()).collect();
-    for want in ["200", "401", "403", "400", "refused"] {
-        assert!(
-            expects.contains(&want),
-            "banner shows a {want}: {expects:?}"
-        );
-    }
-    assert!(
-        steps
-            .iter()
-            .any(|s| s.command.contains(" client --profile ")),
-        "banner shows fhirgate client equivalents"
-    );
+    (demo, block)
+}
 
+/// Runs the setup lines and then each step exactly as printed in bash (in `dir`), and
+/// checks the status line each step prints against its `# [expect …]`.
+fn run_steps(dir: &std::path::Path, setup: &[String], steps: &[Step]) {
     // One bash script: the setup lines as printed, then each command exactly as printed,
     // its whole output (stdout and stderr, as a terminal shows them) between markers.
     let mut script = String::from("set -u\n");
-    for l in &setup {
+    for l in setup {
         script.push_str(l);
         script.push('\n');
     }
@@ -137,7 +113,7 @@ fn every_printed_command_does_what_the_banner_says() {
     let out = Command::new("bash")
         .arg("-c")
         .arg(&script)
-        .current_dir(dir.path())
+        .current_dir(dir)
         .output()
         .expect("bash runs");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -190,6 +166,44 @@ fn every_printed_command_does_what_the_banner_says() {
             );
         }
     }
+}
+
+#[test]
+fn every_printed_command_does_what_the_banner_says() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gw, up, admin, auth) = (free_port(), free_port(), free_port(), free_port());
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
+    let cfg = shipped
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{gw}"))
+        .replace("http://127.0.0.1:8081", &format!("http://127.0.0.1:{up}"))
+        .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"))
+        .replace(
+            "https://localhost:9443",
+            &format!("https://localhost:{auth}"),
+        );
+    assert_ne!(cfg, shipped, "the shipped config's ports moved");
+    let cfg_path = dir.path().join("config.yaml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+
+    let (demo, block) = start_demo(&cfg_path);
+
+    let (setup, steps) = parse(&block);
+    let expects: Vec<&str> = steps.iter().map(|s| s.expect.as_str()).collect();
+    for want in ["200", "401", "403", "400", "refused"] {
+        assert!(
+            expects.contains(&want),
+            "banner shows a {want}: {expects:?}"
+        );
+    }
+    assert!(
+        steps
+            .iter()
+            .any(|s| s.command.contains(" client --profile ")),
+        "banner shows fhirgate client equivalents"
+    );
+
+    run_steps(dir.path(), &setup, &steps);
     let refused = steps.iter().filter(|s| s.expect == "refused").count();
     assert!(refused >= 2, "curl and fhirgate client each show a refusal");
     // Ctrl-C (SIGINT) stops the gateway and the development services cleanly.
@@ -308,4 +322,34 @@ fn address_in_use_names_the_address() {
     assert!(!ok);
     assert!(err.contains(&format!("admin.address: {want}")), "{err}");
     drop(held);
+}
+
+#[test]
+fn banner_without_token_checks_prints_statuses_too() {
+    // auth.mode: development: no authorisation server, the banner's other branch.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gw, up, admin) = (free_port(), free_port(), free_port());
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
+    let a = shipped
+        .find("auth:\n  mode: introspection")
+        .expect("auth section");
+    let b = a + shipped[a..]
+        .find("\n# BaRS NHSD")
+        .expect("section after auth");
+    let cfg = format!(
+        "{}auth:\n  mode: development\n{}",
+        &shipped[..a],
+        &shipped[b..]
+    )
+    .replace("127.0.0.1:8443", &format!("127.0.0.1:{gw}"))
+    .replace("http://127.0.0.1:8081", &format!("http://127.0.0.1:{up}"))
+    .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"));
+    let cfg_path = dir.path().join("config.yaml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let (_demo, block) = start_demo(&cfg_path);
+    let (setup, steps) = parse(&block);
+    let expects: Vec<&str> = steps.iter().map(|s| s.expect.as_str()).collect();
+    assert_eq!(expects, ["200", "400", "refused"]);
+    run_steps(dir.path(), &setup, &steps);
 }
