@@ -44,6 +44,8 @@ pub struct Gateway {
     max_body_bytes: u64,
     max_headers: usize,
     metrics: Arc<Metrics>,
+    /// `logging.redact_paths`: ids replaced in access-line paths.
+    redact_paths: bool,
 }
 
 /// What the pipeline learnt about one request, for the access line and metrics.
@@ -56,6 +58,8 @@ struct Trace {
     ods_code: Option<String>,
     client_id: Option<String>,
     token_hash: Option<String>,
+    /// The matched route's prefix (operator config, logged verbatim when redacting).
+    route_prefix: Option<String>,
 }
 
 /// Transaction-id headers echoed on every response, refusals included (BaRS).
@@ -78,6 +82,7 @@ impl Gateway {
             max_body_bytes: cfg.limits.max_body_bytes,
             max_headers: cfg.limits.max_headers,
             metrics,
+            redact_paths: cfg.redact_paths(),
         })
     }
 
@@ -87,8 +92,18 @@ impl Gateway {
         conn: &ConnInfo,
     ) -> Response<Body> {
         let start = Instant::now();
+        let mut req = req;
+        // Without BaRS checks nothing requires an X-Request-ID, so one is made up when
+        // absent: sent upstream, echoed and logged, so one request can be followed
+        // through every log. (With an `nhsd` section a missing id stays a 400.)
+        if self.nhsd.is_none() && !req.headers().contains_key("x-request-id") {
+            let id = uuid::Uuid::new_v4().to_string();
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                req.headers_mut().insert("x-request-id", v);
+            }
+        }
         let method = req.method().clone();
-        let path = log_safe_str(req.uri().path());
+        let raw_path = req.uri().path().to_owned();
         let echoed: Vec<(&str, HeaderValue)> = ECHOED
             .iter()
             .filter_map(|n| echoable(req.headers(), n).map(|v| (*n, v)))
@@ -110,6 +125,11 @@ impl Gateway {
 
         let status = response.status().as_u16();
         let route = trace.route.as_deref().unwrap_or("-");
+        let path = if self.redact_paths {
+            log_safe_str(&redact_path(&raw_path, trace.route_prefix.as_deref()))
+        } else {
+            log_safe_str(&raw_path)
+        };
         self.metrics
             .request(route, status, start.elapsed(), trace.upstream_time);
         if let Some(kind) = trace.rejection {
@@ -202,6 +222,18 @@ impl Gateway {
         }
         let route = self.policy.decide(req.uri().path(), &conn.identity)?;
         trace.route = Some(route.name.clone());
+        trace.route_prefix = Some(route.path_prefix.clone());
+        // RFC 6750 §3.1: a request that "uses more than one method for including an
+        // access token" is `invalid_request` (400). Checked on every route, before any
+        // introspection, so such a query string never goes anywhere.
+        if query_has_access_token(req.uri().query())
+            && req.headers().contains_key(header::AUTHORIZATION)
+        {
+            return Err(auth::AuthError::InvalidRequest(
+                "The access token was sent in both the Authorization header and the access_token query parameter",
+            )
+            .rejection(self.auth.config()));
+        }
         let token = match route.token {
             TokenRequirement::None => None,
             TokenRequirement::Required => {
@@ -242,7 +274,18 @@ impl Gateway {
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_owned)
             });
-        let uri = self.upstream.target(parts.uri.path_and_query())?;
+        // The upstream never gets a replayable token unless the route asks for it: the
+        // verified facts go up as `X-Fhirgate-*` instead.
+        let stripped;
+        let mut pq = parts.uri.path_and_query();
+        if !route.forward_token {
+            parts.headers.remove(header::AUTHORIZATION);
+            if let Some(p) = pq.and_then(without_access_token) {
+                stripped = p;
+                pq = Some(&stripped);
+            }
+        }
+        let uri = self.upstream.target(pq)?;
         forward::upstream_request_headers(
             &mut parts.headers,
             &self.identity_headers,
@@ -385,6 +428,86 @@ fn echoable(h: &HeaderMap, name: &str) -> Option<HeaderValue> {
     Some(v.clone())
 }
 
+/// Whether a query string carries an RFC 6750 §2.3 `access_token` parameter.
+fn query_has_access_token(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "access_token")
+    })
+}
+
+/// `pq` without its `access_token` parameters (other parameters byte for byte), or
+/// `None` when there is none to remove.
+fn without_access_token(pq: &http::uri::PathAndQuery) -> Option<http::uri::PathAndQuery> {
+    let q = pq.query()?;
+    if !query_has_access_token(Some(q)) {
+        return None;
+    }
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|pair| !query_has_access_token(Some(pair)))
+        .collect();
+    let text = if kept.is_empty() {
+        pq.path().to_owned()
+    } else {
+        format!("{}?{}", pq.path(), kept.join("&"))
+    };
+    text.parse().ok()
+}
+
+/// A request path as the access log shows it with `logging.redact_paths`: the route's
+/// prefix (operator configuration) verbatim, then FHIR REST segments with every id
+/// replaced: `/Patient/{id}`, `/Patient/{id}/_history/{vid}`, `/Patient/{id}/$everything`,
+/// `/Patient/{id}/Observation`. Resource types, `$operations`, `_history`/`_search` and
+/// `metadata` are kept. Anything in a resource-type position that does not look like one
+/// is replaced too, so an NHS number never survives.
+pub fn redact_path(path: &str, prefix: Option<&str>) -> String {
+    enum Next {
+        Type,
+        Id,
+        AfterId,
+        Version,
+    }
+    let keep_prefix = prefix.filter(|p| *p != "/" && prefix_covers(p, path));
+    let prefix_segments = keep_prefix.map_or(0, |p| p.split('/').count() - 1);
+    let mut out = String::with_capacity(path.len());
+    let mut next = Next::Type;
+    for (i, seg) in path.split('/').skip(1).enumerate() {
+        out.push('/');
+        let keyword = seg.starts_with('$') || seg.starts_with('_');
+        let (shown, then) = match next {
+            Next::Version => ("{vid}", Next::Type),
+            Next::Id | Next::AfterId if seg == "_history" => (seg, Next::Version),
+            Next::Id | Next::AfterId if keyword => (seg, Next::Type),
+            Next::Id => ("{id}", Next::AfterId),
+            // A compartment search: /Patient/{id}/Observation.
+            Next::AfterId if is_type_like(seg) => (seg, Next::Id),
+            Next::AfterId => ("{id}", Next::Type),
+            Next::Type if keyword || seg == "metadata" || seg.is_empty() => (seg, Next::Type),
+            Next::Type if is_type_like(seg) => (seg, Next::Id),
+            Next::Type => ("{id}", Next::Type),
+        };
+        next = then;
+        if i < prefix_segments {
+            out.push_str(seg);
+        } else {
+            out.push_str(shown);
+        }
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+/// A FHIR resource type name: an upper-case letter, then letters (`Patient`,
+/// `MessageDefinition`).
+fn is_type_like(seg: &str) -> bool {
+    let mut b = seg.bytes();
+    b.next().is_some_and(|c| c.is_ascii_uppercase())
+        && seg.len() <= 64
+        && b.all(|c| c.is_ascii_alphabetic())
+}
+
 /// Text as it may appear in a log line: printable ASCII, at most 128 chars.
 fn log_safe_str(s: &str) -> String {
     s.chars()
@@ -397,4 +520,50 @@ fn log_safe_str(s: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_paths_keep_types_and_operations_only() {
+        let cases = [
+            ("/Patient/9000000009", None, "/Patient/{id}"),
+            ("/Patient/9000000009/_history/3", None, "/Patient/{id}/_history/{vid}"),
+            ("/Patient/9000000009/_history", None, "/Patient/{id}/_history"),
+            ("/Patient/9000000009/$everything", None, "/Patient/{id}/$everything"),
+            ("/Patient/9000000009/Observation", None, "/Patient/{id}/Observation"),
+            ("/Patient/$match", None, "/Patient/$match"),
+            ("/Patient/_search", None, "/Patient/_search"),
+            ("/Patient", None, "/Patient"),
+            ("/$process-message", None, "/$process-message"),
+            ("/metadata", None, "/metadata"),
+            ("/", None, "/"),
+            ("/9000000009", None, "/{id}"),
+            ("/Patient/ABC", None, "/Patient/{id}"),
+            ("/fhir/R4/Patient/9000000009", Some("/fhir/R4"), "/fhir/R4/Patient/{id}"),
+            ("/Patient/9000000009", Some("/Patient"), "/Patient/{id}"),
+            ("/Patient/9000000009", Some("/"), "/Patient/{id}"),
+        ];
+        for (path, prefix, want) in cases {
+            assert_eq!(redact_path(path, prefix), want, "{path} {prefix:?}");
+        }
+    }
+
+    #[test]
+    fn access_token_is_removed_from_the_query_only() {
+        let pq: http::uri::PathAndQuery = "/Patient?name=x&access_token=abc&b=%20c".parse().unwrap();
+        assert_eq!(
+            without_access_token(&pq).unwrap().as_str(),
+            "/Patient?name=x&b=%20c"
+        );
+        let pq: http::uri::PathAndQuery = "/Patient?access%5Ftoken=abc".parse().unwrap();
+        assert_eq!(without_access_token(&pq).unwrap().as_str(), "/Patient");
+        let pq: http::uri::PathAndQuery = "/Patient?name=access_token".parse().unwrap();
+        assert!(without_access_token(&pq).is_none());
+        assert!(query_has_access_token(Some("a=1&access_token=")));
+        assert!(!query_has_access_token(Some("access_tokens=1")));
+        assert!(!query_has_access_token(None));
+    }
 }

@@ -108,9 +108,8 @@ impl Server {
         let result = Snapshot::build(cfg, &self.metrics);
         self.metrics.reload(result.is_ok());
         self.current.store(Arc::new(result?));
-        if cfg.limits.max_connections != self.max_connections {
-            tracing::warn!("limits.max_connections changes take effect only after a restart");
-        }
+        // A changed limits.max_connections (fixed at start) is reported by the caller
+        // with the other settings that need a restart.
         Ok(())
     }
 

@@ -325,17 +325,28 @@ async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Res
     // systemd's default start timeout, as a restart would not help): requests with
     // unknown tokens are refused with 503 until discovery succeeds.
     let waited = std::time::Instant::now();
-    while !running.server().auth_status().0 && waited.elapsed() < Duration::from_secs(60) {
-        let _ = sd_notify::notify(&[NotifyState::Status("waiting for OAuth discovery")]);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let (auth_ok, detail) = running.server().auth_status();
-    if !auth_ok {
-        tracing::warn!(%detail, "starting without a discovered introspection endpoint");
-    }
-    let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
-    if let Some(b) = banner {
-        println!("{b}");
+    let discovery = async {
+        while !running.server().auth_status().0 && waited.elapsed() < Duration::from_secs(60) {
+            let _ = sd_notify::notify(&[NotifyState::Status("waiting for OAuth discovery")]);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    // SIGTERM/SIGINT must work from the first moment, also while discovery is pending
+    // (otherwise `systemctl stop` or a rollout waits for the minute, then SIGKILLs).
+    let stopped_early = tokio::select! {
+        _ = discovery => false,
+        _ = tokio::signal::ctrl_c() => true,
+        _ = term.recv() => true,
+    };
+    if !stopped_early {
+        let (auth_ok, detail) = running.server().auth_status();
+        if !auth_ok {
+            tracing::warn!(%detail, "starting without a discovered introspection endpoint");
+        }
+        let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+        if let Some(b) = banner {
+            println!("{b}");
+        }
     }
     if let Some(interval) = sd_notify::watchdog_enabled() {
         // Pinged from the runtime: a wedged runtime stops the pings and systemd restarts us.
@@ -348,17 +359,24 @@ async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Res
         });
     }
 
-    loop {
+    // The last configuration applied (for drain_timeout); settings fixed at start are
+    // compared with `cfg`, the one the process started with.
+    let mut current = cfg.clone();
+    while !stopped_early {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            _ = hup.recv() => reload(&running, path),
+            _ = hup.recv() => {
+                if let Some(new) = reload(&running, path, cfg) {
+                    current = new;
+                }
+            }
         }
     }
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
     ready.draining.store(true, Ordering::Relaxed);
     tracing::info!("shutting down: no new connections, draining");
-    let left = running.shutdown(cfg.limits.drain_timeout).await;
+    let left = running.shutdown(current.limits.drain_timeout).await;
     let _ = admin_stop.send(true);
     if left > 0 {
         tracing::warn!(
@@ -369,25 +387,54 @@ async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Res
     Ok(())
 }
 
-/// Re-reads the config; on any error the running configuration stays in force.
-fn reload(running: &listener::Running, path: &Path) {
+/// Re-reads the config; on any error the running configuration stays in force. Returns
+/// the new configuration when it was applied; settings that differ from `started` but
+/// are fixed at start are named in a warning. Every refusal counts in
+/// `fhirgate_reloads_total{result="error"}`, a file that cannot be read or parsed too.
+fn reload(running: &listener::Running, path: &Path, started: &Config) -> Option<Config> {
     let mut states = vec![NotifyState::Reloading];
     if let Ok(now) = NotifyState::monotonic_usec_now() {
         states.push(now);
     }
     let _ = sd_notify::notify(&states);
-    let result = Config::load(path)
-        .map_err(|e| e.to_string())
-        .and_then(|cfg| running.server().reload(&cfg).map_err(|e| e.to_string()));
-    match result {
-        Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
-        Err(e) => tracing::error!(
-            config = %path.display(),
-            error = %e,
-            "reload refused; previous configuration still serving"
-        ),
-    }
+    let result = match Config::load(path) {
+        // Building the new snapshot counts its own result (ok or error).
+        Ok(cfg) => running
+            .server()
+            .reload(&cfg)
+            .map(|()| cfg)
+            .map_err(|e| e.to_string()),
+        Err(e) => {
+            running.server().metrics().reload(false);
+            Err(e.to_string())
+        }
+    };
     let _ = sd_notify::notify(&[NotifyState::Ready]);
+    match result {
+        Ok(cfg) => {
+            let fixed = started.restart_required_changes(&cfg);
+            if fixed.is_empty() {
+                tracing::info!(config = %path.display(), "configuration reloaded");
+            } else {
+                // Everything else was applied; these keep their running values.
+                tracing::warn!(
+                    config = %path.display(),
+                    restart_required = %fixed.join(", "),
+                    "configuration reloaded except settings that need a restart: {}",
+                    fixed.join(", ")
+                );
+            }
+            Some(cfg)
+        }
+        Err(e) => {
+            tracing::error!(
+                config = %path.display(),
+                error = %e,
+                "reload refused; previous configuration still serving"
+            );
+            None
+        }
+    }
 }
 
 /// `fhirgate client`: profile + flags, then token, headers and the request.
