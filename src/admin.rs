@@ -190,13 +190,17 @@ mod tests {
         // Prometheus 2.x/3.x scrape header.
         assert!(wants_openmetrics("application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"));
         assert!(wants_openmetrics("application/openmetrics-text"));
-        assert!(wants_openmetrics("Application/OpenMetrics-Text; version=1.0.0"));
+        assert!(wants_openmetrics(
+            "Application/OpenMetrics-Text; version=1.0.0"
+        ));
         assert!(!wants_openmetrics(""));
         assert!(!wants_openmetrics("*/*"));
         assert!(!wants_openmetrics("text/plain"));
         assert!(!wants_openmetrics("text/plain;version=0.0.4"));
         assert!(!wants_openmetrics("application/openmetrics-text;q=0"));
-        assert!(!wants_openmetrics("text/plain, application/openmetrics-text;q=0.5"));
+        assert!(!wants_openmetrics(
+            "text/plain, application/openmetrics-text;q=0.5"
+        ));
         assert!(!wants_openmetrics("application/openmetrics-text;q=bogus"));
     }
 }

@@ -430,9 +430,7 @@ fn echoable(h: &HeaderMap, name: &str) -> Option<HeaderValue> {
 
 /// Whether a query string carries an RFC 6750 §2.3 `access_token` parameter.
 fn query_has_access_token(query: Option<&str>) -> bool {
-    query.is_some_and(|q| {
-        form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "access_token")
-    })
+    query.is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "access_token"))
 }
 
 /// `pq` without its `access_token` parameters (other parameters byte for byte), or
@@ -530,10 +528,26 @@ mod tests {
     fn redacted_paths_keep_types_and_operations_only() {
         let cases = [
             ("/Patient/9000000009", None, "/Patient/{id}"),
-            ("/Patient/9000000009/_history/3", None, "/Patient/{id}/_history/{vid}"),
-            ("/Patient/9000000009/_history", None, "/Patient/{id}/_history"),
-            ("/Patient/9000000009/$everything", None, "/Patient/{id}/$everything"),
-            ("/Patient/9000000009/Observation", None, "/Patient/{id}/Observation"),
+            (
+                "/Patient/9000000009/_history/3",
+                None,
+                "/Patient/{id}/_history/{vid}",
+            ),
+            (
+                "/Patient/9000000009/_history",
+                None,
+                "/Patient/{id}/_history",
+            ),
+            (
+                "/Patient/9000000009/$everything",
+                None,
+                "/Patient/{id}/$everything",
+            ),
+            (
+                "/Patient/9000000009/Observation",
+                None,
+                "/Patient/{id}/Observation",
+            ),
             ("/Patient/$match", None, "/Patient/$match"),
             ("/Patient/_search", None, "/Patient/_search"),
             ("/Patient", None, "/Patient"),
@@ -542,7 +556,11 @@ mod tests {
             ("/", None, "/"),
             ("/9000000009", None, "/{id}"),
             ("/Patient/ABC", None, "/Patient/{id}"),
-            ("/fhir/R4/Patient/9000000009", Some("/fhir/R4"), "/fhir/R4/Patient/{id}"),
+            (
+                "/fhir/R4/Patient/9000000009",
+                Some("/fhir/R4"),
+                "/fhir/R4/Patient/{id}",
+            ),
             ("/Patient/9000000009", Some("/Patient"), "/Patient/{id}"),
             ("/Patient/9000000009", Some("/"), "/Patient/{id}"),
         ];
@@ -553,7 +571,8 @@ mod tests {
 
     #[test]
     fn access_token_is_removed_from_the_query_only() {
-        let pq: http::uri::PathAndQuery = "/Patient?name=x&access_token=abc&b=%20c".parse().unwrap();
+        let pq: http::uri::PathAndQuery =
+            "/Patient?name=x&access_token=abc&b=%20c".parse().unwrap();
         assert_eq!(
             without_access_token(&pq).unwrap().as_str(),
             "/Patient?name=x&b=%20c"

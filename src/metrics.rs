@@ -323,17 +323,38 @@ mod tests {
         assert!(om.ends_with("# EOF\n"), "{om}");
         let text = m.encode_prometheus();
         assert!(!text.contains("# EOF"), "{text}");
-        assert!(text.contains("# TYPE fhirgate_requests_total counter\n"), "{text}");
-        assert!(text.contains("# HELP fhirgate_requests_total HTTP requests by route and status.\n"), "{text}");
-        assert!(text.contains("# TYPE fhirgate_reloads_total counter\n"), "{text}");
-        assert!(text.contains("# TYPE fhirgate_open_connections gauge\n"), "{text}");
-        assert!(text.contains("# TYPE fhirgate_request_duration_seconds histogram\n"), "{text}");
+        assert!(
+            text.contains("# TYPE fhirgate_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP fhirgate_requests_total HTTP requests by route and status.\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE fhirgate_reloads_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE fhirgate_open_connections gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE fhirgate_request_duration_seconds histogram\n"),
+            "{text}"
+        );
         // Samples are byte-identical in both formats.
         let samples = |t: &str| -> Vec<String> {
-            t.lines().filter(|l| !l.starts_with('#')).map(str::to_owned).collect()
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
         };
         assert_eq!(samples(&om), samples(&text));
-        assert!(text.contains("fhirgate_reloads_total{result=\"error\"} 1\n"), "{text}");
+        assert!(
+            text.contains("fhirgate_reloads_total{result=\"error\"} 1\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -159,7 +159,10 @@ impl StubAs {
                                 }
                                 AsMode::Refuse400 | AsMode::Bare400 | AsMode::Unauthorized401 => {
                                     let (status, body) = match mode {
-                                        AsMode::Refuse400 => (400, r#"{"error":"invalid_request","error_description":"token too odd"}"#),
+                                        AsMode::Refuse400 => (
+                                            400,
+                                            r#"{"error":"invalid_request","error_description":"token too odd"}"#,
+                                        ),
                                         AsMode::Bare400 => (400, "<html>bad request</html>"),
                                         _ => (401, r#"{"error":"invalid_client"}"#),
                                     };
@@ -747,7 +750,12 @@ async fn jwt_mode_checks_the_rfc9068_typ() {
     o.routes = ROUTES.into();
     o.auth = auth("");
     let (gw, addr) = gateway(&pki, &o).await;
-    for typ in ["at+jwt", "application/at+jwt", "AT+JWT", "Application/AT+JWT"] {
+    for typ in [
+        "at+jwt",
+        "application/at+jwt",
+        "AT+JWT",
+        "Application/AT+JWT",
+    ] {
         let got = send(&c, addr, get(token(Some(typ)))).await.unwrap();
         assert_eq!(got.status, StatusCode::OK, "typ {typ}");
     }
@@ -831,7 +839,10 @@ async fn introspection_refusals_are_verdicts_and_credential_errors_are_outages()
         got.assert_challenge("invalid_token");
     }
     assert_eq!(stub.calls() - before, 1, "refusal cached, no retries");
-    assert_eq!(metric("fhirgate_introspections_total{result=\"refused\"}"), 1.0);
+    assert_eq!(
+        metric("fhirgate_introspections_total{result=\"refused\"}"),
+        1.0
+    );
 
     stub.set(AsMode::Bare400);
     let before = stub.calls();

@@ -480,7 +480,13 @@ async fn fhirgate_client_gets_tokens_from_the_real_provider() {
 fn metric(gw: &fhirgate::listener::Running, sample: &str) -> f64 {
     let text = gw.server().metrics().encode();
     text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or(0.0)
 }
 
@@ -521,7 +527,10 @@ async fn a_token_the_provider_will_not_introspect_is_refused_and_cached() {
         1,
         "the refusal is cached: one introspection for three requests"
     );
-    assert_eq!(metric(&gw, "fhirgate_introspections_total{result=\"refused\"}"), 1.0);
+    assert_eq!(
+        metric(&gw, "fhirgate_introspections_total{result=\"refused\"}"),
+        1.0
+    );
     assert_eq!(seen.count(), forwarded, "nothing forwarded");
     gw.shutdown(Duration::from_secs(2)).await;
 
@@ -544,7 +553,11 @@ async fn a_token_the_provider_will_not_introspect_is_refused_and_cached() {
             .await
             .unwrap();
         // Until discovery has run, the answer is 503 for another reason.
-        if metric(&gw, "fhirgate_introspections_total{result=\"misconfigured\"}") >= 1.0 {
+        if metric(
+            &gw,
+            "fhirgate_introspections_total{result=\"misconfigured\"}",
+        ) >= 1.0
+        {
             got = Some(g);
             break;
         }
@@ -586,7 +599,12 @@ async fn rfc9068_jwt_access_tokens_from_the_real_provider() {
     assert!(seen.last().1.get("authorization").is_none());
 
     let other = provider
-        .jwt_token("bars-sender", "sender-secret", "system/*.*", "https://other.example/api")
+        .jwt_token(
+            "bars-sender",
+            "sender-secret",
+            "system/*.*",
+            "https://other.example/api",
+        )
         .await;
     let opaque = provider
         .token("bars-sender", "sender-secret", "system/*.*")
@@ -598,7 +616,11 @@ async fn rfc9068_jwt_access_tokens_from_the_real_provider() {
         got.assert_outcome(403, "REC_FORBIDDEN");
         got.assert_challenge("invalid_token");
     }
-    assert_eq!(provider.introspections().await, 0, "jwt mode never introspects");
+    assert_eq!(
+        provider.introspections().await,
+        0,
+        "jwt mode never introspects"
+    );
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
@@ -642,7 +664,10 @@ async fn tokens_stay_at_the_gateway_unless_a_route_forwards_them() {
             .status,
         StatusCode::OK
     );
-    assert_eq!(seen.last().1["authorization"], format!("Bearer {good}").as_str());
+    assert_eq!(
+        seen.last().1["authorization"],
+        format!("Bearer {good}").as_str()
+    );
 
     // `token: none`: nothing checked it, nothing forwards it, nor a query token.
     let r = Request::get("/metadata?_format=json&access_token=secret-in-query")
@@ -678,7 +703,11 @@ async fn tokens_stay_at_the_gateway_unless_a_route_forwards_them() {
     let got = send(
         &c,
         addr,
-        req(Method::GET, &format!("/Patient/1?access_token={fresh}"), &fresh),
+        req(
+            Method::GET,
+            &format!("/Patient/1?access_token={fresh}"),
+            &fresh,
+        ),
     )
     .await
     .unwrap();

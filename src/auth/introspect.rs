@@ -322,9 +322,7 @@ pub fn classify_refusal(status: u16, body: &[u8]) -> IntrospectError {
             IntrospectError::ClientRejected { status, error: e }
         }
         (400, Some(e)) => IntrospectError::Refused(e),
-        (400, None) => {
-            IntrospectError::Malformed("HTTP 400 without an RFC 6749 error code".into())
-        }
+        (400, None) => IntrospectError::Malformed("HTTP 400 without an RFC 6749 error code".into()),
         (s, _) => IntrospectError::Status(s),
     }
 }
@@ -402,7 +400,11 @@ mod tests {
             classify_refusal(400, body("invalid_request").as_bytes()),
             IntrospectError::Refused("invalid_request".into())
         );
-        for (status, e) in [(401, "invalid_client"), (400, "invalid_client"), (403, "access_denied")] {
+        for (status, e) in [
+            (401, "invalid_client"),
+            (400, "invalid_client"),
+            (403, "access_denied"),
+        ] {
             assert!(matches!(
                 classify_refusal(status, body(e).as_bytes()),
                 IntrospectError::ClientRejected { .. }
@@ -412,7 +414,10 @@ mod tests {
             classify_refusal(401, b"nope"),
             IntrospectError::ClientRejected { .. }
         ));
-        assert!(matches!(classify_refusal(400, b"<html>"), IntrospectError::Malformed(_)));
+        assert!(matches!(
+            classify_refusal(400, b"<html>"),
+            IntrospectError::Malformed(_)
+        ));
         assert!(matches!(
             classify_refusal(400, body("bad\\u0000code").as_bytes()),
             IntrospectError::Malformed(_)

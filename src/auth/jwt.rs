@@ -213,11 +213,24 @@ mod tests {
     fn rfc9068_typ_values() {
         // RFC 9068 §4: "MUST verify that the typ header value is at+jwt or
         // application/at+jwt and reject tokens carrying any other value".
-        for ok in ["at+jwt", "application/at+jwt", "AT+JWT", "Application/At+Jwt"] {
+        for ok in [
+            "at+jwt",
+            "application/at+jwt",
+            "AT+JWT",
+            "Application/At+Jwt",
+        ] {
             assert!(typ_acceptable(Some(ok), false), "{ok}");
             assert!(typ_acceptable(Some(ok), true), "{ok}");
         }
-        for bad in ["JWT", "jwt", "", "dpop+jwt", "application/jwt", "at+jwt2", "xat+jwt"] {
+        for bad in [
+            "JWT",
+            "jwt",
+            "",
+            "dpop+jwt",
+            "application/jwt",
+            "at+jwt2",
+            "xat+jwt",
+        ] {
             assert!(!typ_acceptable(Some(bad), false), "{bad}");
         }
         assert!(!typ_acceptable(None, false));
