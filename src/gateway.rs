@@ -43,6 +43,7 @@ pub struct Gateway {
     auth: Authoriser,
     max_body_bytes: u64,
     max_headers: usize,
+    max_header_bytes: usize,
     metrics: Arc<Metrics>,
     /// `logging.redact_paths`: ids replaced in access-line paths.
     redact_paths: bool,
@@ -81,6 +82,7 @@ impl Gateway {
             },
             max_body_bytes: cfg.limits.max_body_bytes,
             max_headers: cfg.limits.max_headers,
+            max_header_bytes: cfg.limits.max_header_bytes,
             metrics,
             redact_paths: cfg.redact_paths(),
         })
@@ -103,6 +105,7 @@ impl Gateway {
             }
         }
         let method = req.method().clone();
+        let version = req.version();
         let raw_path = req.uri().path().to_owned();
         let echoed: Vec<(&str, HeaderValue)> = ECHOED
             .iter()
@@ -121,6 +124,18 @@ impl Gateway {
         };
         for (name, value) in &echoed {
             response.headers_mut().insert(*name, value.clone());
+        }
+        // An oversized HTTP/1.1 header section ends the connection, as the parser's own
+        // refusal would: what follows on it is not worth reading.
+        if version < http::Version::HTTP_2
+            && matches!(
+                trace.rejection,
+                Some("headers_too_large" | "too_many_headers")
+            )
+        {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
 
         let status = response.status().as_u16();
@@ -216,9 +231,13 @@ impl Gateway {
             return Err(Rejection::method_not_allowed("CONNECT is not supported"));
         }
         check_host(&req)?;
-        // HTTP/1.1 enforces this while parsing; HTTP/2 only bounds the header bytes.
+        // The HTTP libraries stop at twice these limits (see listener); here the
+        // configured ones are enforced with an OperationOutcome.
         if req.headers().len() > self.max_headers {
             return Err(Rejection::too_many_headers(self.max_headers));
+        }
+        if header_section_size(&req) > self.max_header_bytes {
+            return Err(Rejection::headers_too_large(self.max_header_bytes));
         }
         let route = self.policy.decide(req.uri().path(), &conn.identity)?;
         trace.route = Some(route.name.clone());
@@ -406,6 +425,37 @@ fn check_host(req: &Request<Incoming>) -> Result<(), Rejection> {
         None => {}
     }
     Ok(())
+}
+
+/// The size of the request's header section as its protocol counts it: HTTP/1.1 the
+/// request line and `name: value\r\n` lines (what hyper's buffer limit bounds), HTTP/2
+/// RFC 7541 §4.1 (name + value + 32 per field, pseudo-header fields included), the
+/// measure behind SETTINGS_MAX_HEADER_LIST_SIZE.
+fn header_section_size<B>(req: &Request<B>) -> usize {
+    let fields = req.headers().iter();
+    if req.version() >= http::Version::HTTP_2 {
+        let uri = req.uri();
+        let pseudo = [
+            (7, req.method().as_str().len()),
+            (7, uri.scheme_str().map_or(0, str::len)),
+            (10, uri.authority().map_or(0, |a| a.as_str().len())),
+            (5, uri.path_and_query().map_or(1, |p| p.as_str().len())),
+        ];
+        pseudo.iter().map(|(n, v)| n + v + 32).sum::<usize>()
+            + fields
+                .map(|(n, v)| n.as_str().len() + v.len() + 32)
+                .sum::<usize>()
+    } else {
+        let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+            + req.uri().authority().map_or(0, |a| a.as_str().len() + 8);
+        req.method().as_str().len()
+            + target
+            + 12
+            + fields
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum::<usize>()
+            + 2
+    }
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
