@@ -362,13 +362,15 @@ async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Res
     // The last configuration applied (for drain_timeout); settings fixed at start are
     // compared with `cfg`, the one the process started with.
     let mut current = cfg.clone();
-    while !stopped_early {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-            _ = hup.recv() => {
-                if let Some(new) = reload(&running, path, cfg) {
-                    current = new;
+    if !stopped_early {
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = hup.recv() => {
+                    if let Some(new) = reload(&running, path, cfg) {
+                        current = new;
+                    }
                 }
             }
         }
