@@ -44,6 +44,8 @@ pub struct Gateway {
     max_body_bytes: u64,
     max_headers: usize,
     max_header_bytes: usize,
+    /// Longest wait for a form-encoded body the gateway reads (`upstream.response_timeout`).
+    body_read_timeout: Duration,
     metrics: Arc<Metrics>,
     /// `logging.redact_paths`: ids replaced in access-line paths.
     redact_paths: bool,
@@ -83,6 +85,7 @@ impl Gateway {
             max_body_bytes: cfg.limits.max_body_bytes,
             max_headers: cfg.limits.max_headers,
             max_header_bytes: cfg.limits.max_header_bytes,
+            body_read_timeout: cfg.upstream.response_timeout,
             metrics,
             redact_paths: cfg.redact_paths(),
         })
@@ -112,6 +115,9 @@ impl Gateway {
             .filter_map(|n| echoable(req.headers(), n).map(|v| (*n, v)))
             .collect();
         let mut trace = Trace::default();
+        // Boxed so that a body the gateway had to read (a form-encoded one, for an RFC
+        // 6750 §2.2 token) continues down the same path as a streamed one.
+        let req = req.map(BodyExt::boxed);
         let mut response = match self.forward(req, conn, &mut trace).await {
             Ok(r) => {
                 trace.upstream_status = Some(r.status().as_u16());
@@ -200,7 +206,7 @@ impl Gateway {
     fn check_nhsd(
         &self,
         route: &Route,
-        req: &Request<Incoming>,
+        req: &Request<Body>,
     ) -> Result<Option<nhsd::NhsdFacts>, Rejection> {
         let Some(cfg) = &self.nhsd else {
             return Ok(None);
@@ -223,7 +229,7 @@ impl Gateway {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<Body>,
         conn: &ConnInfo,
         trace: &mut Trace,
     ) -> Result<Response<Body>, Rejection> {
@@ -253,6 +259,11 @@ impl Gateway {
             )
             .rejection(self.auth.config()));
         }
+        let req = if is_form_encoded(req.headers()) {
+            self.form_body_token(req, route.forward_token).await?
+        } else {
+            req
+        };
         let token = match route.token {
             TokenRequirement::None => None,
             TokenRequirement::Required => {
@@ -398,10 +409,76 @@ impl<B: http_body::Body> http_body::Body for Watched<B> {
     }
 }
 
+impl Gateway {
+    /// RFC 6750 §2.2 puts a token in a form-encoded body as `access_token`. Such a body is
+    /// read (bounded by `limits.max_body_bytes` and the upstream response timeout) when
+    /// the request also has an `Authorization` header (two methods: RFC 6750 §3.1
+    /// `invalid_request`, 400) or when the route does not forward tokens (the parameter
+    /// is then removed, so the upstream never sees it). Other bodies are streamed.
+    async fn form_body_token(
+        &self,
+        req: Request<Body>,
+        forward_token: bool,
+    ) -> Result<Request<Body>, Rejection> {
+        let has_header = req.headers().contains_key(header::AUTHORIZATION);
+        if forward_token && !has_header {
+            return Ok(req);
+        }
+        let (mut parts, body) = req.into_parts();
+        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        let read =
+            tokio::time::timeout(self.body_read_timeout, Limited::new(body, limit).collect());
+        let bytes = match read.await {
+            Err(_) => return Err(Rejection::body_timeout()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(Rejection::body_too_large(self.max_body_bytes))
+            }
+            Ok(Err(_)) => return Err(Rejection::bad_request_body()),
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+        let is_token = |pair: &[u8]| form_urlencoded::parse(pair).any(|(k, _)| k == "access_token");
+        let body_token = is_token(&bytes);
+        if body_token && has_header {
+            return Err(auth::AuthError::InvalidRequest(
+                "The access token was sent in both the Authorization header and the request body",
+            )
+            .rejection(self.auth.config()));
+        }
+        let bytes = if body_token && !forward_token {
+            let kept: Vec<&[u8]> = bytes
+                .split(|b| *b == b'&')
+                .filter(|pair| !is_token(pair))
+                .collect();
+            let joined = bytes::Bytes::from(kept.join(&b'&'));
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(joined.len()));
+            joined
+        } else {
+            bytes
+        };
+        let body = http_body_util::Full::new(bytes)
+            .map_err(|never: std::convert::Infallible| match never {})
+            .boxed();
+        Ok(Request::from_parts(parts, body))
+    }
+}
+
+/// Whether the body is `application/x-www-form-urlencoded` (RFC 6750 §2.2's condition).
+fn is_form_encoded(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| {
+            m.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+}
+
 /// RFC 9112 §3.2: a request with more than one `Host`, or an HTTP/1.1 request with none,
 /// is refused with 400; so is a `Host` that is not a plain `host[:port]`, since it goes
 /// upstream as `X-Forwarded-Host`.
-fn check_host(req: &Request<Incoming>) -> Result<(), Rejection> {
+fn check_host<B>(req: &Request<B>) -> Result<(), Rejection> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {

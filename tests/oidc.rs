@@ -721,10 +721,61 @@ async fn tokens_stay_at_the_gateway_unless_a_route_forwards_them() {
         .await
         .unwrap()
         .assert_outcome(401, "REC_UNAUTHORIZED");
+    // RFC 6750 §2.2: the form-encoded body parameter is the third method; with the
+    // header too it is invalid_request.
+    let form = |path: &str, body: String, token: Option<&str>| {
+        let mut r = Request::post(path).header("content-type", "application/x-www-form-urlencoded");
+        if let Some(t) = token {
+            r = r.header("authorization", format!("Bearer {t}"));
+        }
+        r.body(Full::new(Bytes::from(body))).unwrap()
+    };
+    let got = send(
+        &c,
+        addr,
+        form(
+            "/Patient/_search",
+            format!("name=x&access_token={fresh}"),
+            Some(&fresh),
+        ),
+    )
+    .await
+    .unwrap();
+    got.assert_outcome(400, "REC_BAD_REQUEST");
+    got.assert_challenge("invalid_request");
     assert_eq!(
         (provider.introspections().await, seen.count()),
         before,
         "no introspection, nothing forwarded"
     );
+    // A FHIR search by POST with the token in the header only goes up byte for byte.
+    let got = send(
+        &c,
+        addr,
+        form(
+            "/Patient/_search",
+            "name=x&birthdate=2000-01-01".into(),
+            Some(&fresh),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    let (path, h, body) = seen.last();
+    assert_eq!(path, "/Patient/_search");
+    assert_eq!(&body[..], b"name=x&birthdate=2000-01-01");
+    assert!(h.get("authorization").is_none());
+    // Where no token is checked, a body token is removed, not forwarded.
+    let got = send(
+        &c,
+        addr,
+        form("/metadata", format!("a=1&access_token={fresh}&b=2"), None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    let (_, h, body) = seen.last();
+    assert_eq!(&body[..], b"a=1&b=2");
+    assert_eq!(h["content-length"], "7");
     gw.shutdown(Duration::from_secs(2)).await;
 }
