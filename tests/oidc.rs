@@ -779,3 +779,78 @@ async fn tokens_stay_at_the_gateway_unless_a_route_forwards_them() {
     assert_eq!(h["content-length"], "7");
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// The gateway's own credentials rejected by the real provider (401 invalid_client):
+/// every uncached token gets 503, and the operator gets one loud ERROR line naming the
+/// problem and the config section to fix, not one per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_gateway_credentials_are_logged_loudly_once() {
+    let pki = Pki::new();
+    let provider = Provider::start(&gateway_key(&pki)).await;
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    std::fs::write(pki.path("wrong-gw-secret"), "not-the-secret\n").unwrap();
+    let mut o = Opts::new(up);
+    o.auth = auth_basic(&provider, &pki).replace(
+        &pki.path("gw-secret").display().to_string(),
+        &pki.path("wrong-gw-secret").display().to_string(),
+    );
+    let gw = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cfg_path = pki.path("config.yaml");
+    std::fs::write(
+        &cfg_path,
+        config_yaml(&pki, &o).replace("127.0.0.1:0", &gw.to_string()),
+    )
+    .unwrap();
+    let log_path = pki.path("gateway.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    let c = tls_client(&pki, Some("client"), H1);
+    let token = provider
+        .token("bars-sender", "sender-secret", "system/*.*")
+        .await;
+    let before = provider.introspections().await;
+    let mut answered = 0;
+    for _ in 0..100 {
+        if let Ok(g) = send(&c, gw, req(Method::GET, "/Patient/1", &token)).await {
+            g.assert_outcome(503, "REC_SERVICE_UNAVAILABLE");
+            if provider.introspections().await > before {
+                answered += 1;
+                if answered == 5 {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(answered, 5, "the provider was asked");
+    assert_eq!(seen.count(), 0);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    let _ = child.0.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let loud: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("MISCONFIGURATION"))
+        .collect();
+    assert_eq!(loud.len(), 1, "rate-limited to one line:\n{log}");
+    for want in ["ERROR", "invalid_client", "HTTP 401", "auth.client_auth"] {
+        assert!(loud[0].contains(want), "{want}: {}", loud[0]);
+    }
+}
