@@ -259,11 +259,6 @@ impl Gateway {
             )
             .rejection(self.auth.config()));
         }
-        let req = if is_form_encoded(req.headers()) {
-            self.form_body_token(req, route.forward_token).await?
-        } else {
-            req
-        };
         let token = match route.token {
             TokenRequirement::None => None,
             TokenRequirement::Required => {
@@ -291,6 +286,12 @@ impl Gateway {
                 return Err(Rejection::body_too_large(self.max_body_bytes));
             }
         }
+        // Only now, with every other check passed, is a body worth reading.
+        let req = if is_form_encoded(req.headers()) {
+            self.form_body_token(req, route.forward_token).await?
+        } else {
+            req
+        };
 
         let (mut parts, body) = req.into_parts();
         let original_host = parts
@@ -411,10 +412,12 @@ impl<B: http_body::Body> http_body::Body for Watched<B> {
 
 impl Gateway {
     /// RFC 6750 §2.2 puts a token in a form-encoded body as `access_token`. Such a body is
-    /// read (bounded by `limits.max_body_bytes` and the upstream response timeout) when
-    /// the request also has an `Authorization` header (two methods: RFC 6750 §3.1
-    /// `invalid_request`, 400) or when the route does not forward tokens (the parameter
-    /// is then removed, so the upstream never sees it). Other bodies are streamed.
+    /// read (bounded by `limits.max_body_bytes` and the upstream response timeout; only
+    /// after the route, token and NHSD checks passed, so a refused client cannot make
+    /// the gateway buffer anything) when the request also has an `Authorization` header
+    /// (two methods: RFC 6750 §3.1 `invalid_request`, 400) or when the route does not
+    /// forward tokens (the parameter is then removed, so the upstream never sees it).
+    /// Other bodies are streamed.
     async fn form_body_token(
         &self,
         req: Request<Body>,
@@ -598,7 +601,7 @@ pub fn redact_path(path: &str, prefix: Option<&str>) -> String {
     let mut next = Next::Type;
     for (i, seg) in path.split('/').skip(1).enumerate() {
         out.push('/');
-        let keyword = seg.starts_with('$') || seg.starts_with('_');
+        let keyword = is_keyword(seg);
         let (shown, then) = match next {
             Next::Version => ("{vid}", Next::Type),
             Next::Id | Next::AfterId if seg == "_history" => (seg, Next::Version),
@@ -622,6 +625,15 @@ pub fn redact_path(path: &str, prefix: Option<&str>) -> String {
         out.push('/');
     }
     out
+}
+
+/// `$operation` or `_history`/`_search`: `$` or `_`, a letter, then letters, digits or
+/// `-` (so a `$` or `_` in front of an identifier does not keep it).
+fn is_keyword(seg: &str) -> bool {
+    let mut b = seg.bytes();
+    matches!(b.next(), Some(b'$' | b'_'))
+        && b.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && b.all(|c| c.is_ascii_alphanumeric() || c == b'-')
 }
 
 /// A FHIR resource type name: an upper-case letter, then letters (`Patient`,
@@ -682,6 +694,13 @@ mod tests {
             ("/metadata", None, "/metadata"),
             ("/", None, "/"),
             ("/9000000009", None, "/{id}"),
+            ("/Patient/$9000000009", None, "/Patient/{id}"),
+            ("/$9000000009", None, "/{id}"),
+            (
+                "/Patient/_9000000009/_history/x",
+                None,
+                "/Patient/{id}/_history/{vid}",
+            ),
             ("/Patient/ABC", None, "/Patient/{id}"),
             (
                 "/fhir/R4/Patient/9000000009",

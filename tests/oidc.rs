@@ -743,11 +743,10 @@ async fn tokens_stay_at_the_gateway_unless_a_route_forwards_them() {
     .unwrap();
     got.assert_outcome(400, "REC_BAD_REQUEST");
     got.assert_challenge("invalid_request");
-    assert_eq!(
-        (provider.introspections().await, seen.count()),
-        before,
-        "no introspection, nothing forwarded"
-    );
+    // The body is read only once the header's token has been verified (a refused client
+    // cannot make the gateway buffer bodies): one introspection, nothing forwarded.
+    assert_eq!(provider.introspections().await, before.0 + 1);
+    assert_eq!(seen.count(), before.1, "nothing forwarded");
     // A FHIR search by POST with the token in the header only goes up byte for byte.
     let got = send(
         &c,
