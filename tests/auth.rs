@@ -809,8 +809,10 @@ fn jwt_mode_needs_issuer_and_audience_outside_development() {
 
 /// Only transport failures, 5xx and malformed answers are outages (503). A 400 with an
 /// RFC 6749 §5.2 error code is the server's verdict on the token: refused (403) and
-/// remembered for `negative_ttl`. A 401 (RFC 7662 §2.3: the gateway's own credentials
-/// are invalid) is a misconfiguration: 503, never cached, counted.
+/// remembered for `negative_ttl`. RFC 7662 §2.3: "If the protected resource uses OAuth
+/// 2.0 client credentials to authenticate to the introspection endpoint and its
+/// credentials are invalid, the authorization server responds with an HTTP 401
+/// (Unauthorized)": the gateway's own misconfiguration, so 503, never cached, counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn introspection_refusals_are_verdicts_and_credential_errors_are_outages() {
     let pki = Pki::new();
