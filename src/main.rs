@@ -303,7 +303,10 @@ async fn run(path: &Path) -> anyhow::Result<()> {
 /// stdout once the gateway is ready.
 async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    // Handlers are installed before anything else, so a signal during start-up is
+    // queued rather than killing the process (SIGINT's default) or being lost.
     let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
 
     let running = listener::start(cfg).await?;
@@ -335,7 +338,7 @@ async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Res
     // (otherwise `systemctl stop` or a rollout waits for the minute, then SIGKILLs).
     let stopped_early = tokio::select! {
         _ = discovery => false,
-        _ = tokio::signal::ctrl_c() => true,
+        _ = int.recv() => true,
         _ = term.recv() => true,
     };
     if !stopped_early {
@@ -365,7 +368,7 @@ async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Res
     if !stopped_early {
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
+                _ = int.recv() => break,
                 _ = term.recv() => break,
                 _ = hup.recv() => {
                     if let Some(new) = reload(&running, path, cfg) {
