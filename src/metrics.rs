@@ -295,11 +295,17 @@ pub fn openmetrics_to_prometheus(om: &str) -> String {
                 } else {
                     tail
                 };
+                // OpenMetrics escapes `"` in HELP text; Prometheus text does not.
+                let tail = if p == "# HELP " {
+                    tail.replace("\\\"", "\"")
+                } else {
+                    tail.to_owned()
+                };
                 out.push_str(p);
                 out.push_str(&name);
                 if !tail.is_empty() {
                     out.push(' ');
-                    out.push_str(tail);
+                    out.push_str(&tail);
                 }
             }
             None => out.push_str(line),
@@ -354,6 +360,21 @@ mod tests {
         assert!(
             text.contains("fhirgate_reloads_total{result=\"error\"} 1\n"),
             "{text}"
+        );
+
+        let converted = openmetrics_to_prometheus(
+            r#"# HELP a Say \"hi\" \\ there.
+# TYPE a unknown
+a 1
+# EOF
+"#,
+        );
+        assert_eq!(
+            converted,
+            r#"# HELP a Say "hi" \\ there.
+# TYPE a untyped
+a 1
+"#
         );
     }
 
