@@ -1,6 +1,7 @@
 //! Admin listener: plain HTTP for probes and scraping, meant for loopback or a pod-local
 //! port. `/healthz` says the process is alive, `/readyz` whether it should get traffic,
-//! `/metrics` is Prometheus text.
+//! `/metrics` is Prometheus text 0.0.4 by default and OpenMetrics 1.0 when the client
+//! asks for it (`Accept: application/openmetrics-text`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -73,6 +74,39 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
     r
 }
 
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Content negotiation for `/metrics` (RFC 9110 §12.5.1): OpenMetrics when the client
+/// accepts `application/openmetrics-text` with a quality at least that of `text/plain`
+/// (Prometheus itself sends OpenMetrics at q=0.5 before text at q=0.3); classic
+/// Prometheus text otherwise, including with no `Accept` or only `*/*`.
+pub fn wants_openmetrics(accept: &str) -> bool {
+    let mut om: f32 = 0.0;
+    let mut plain: f32 = 0.0;
+    for range in accept.split(',') {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let mut q: f32 = 1.0;
+        for p in parts {
+            if let Some((k, v)) = p.split_once('=') {
+                if k.trim().eq_ignore_ascii_case("q") {
+                    q = v.trim().parse().unwrap_or(0.0);
+                }
+            }
+        }
+        if !(0.0..=1.0).contains(&q) {
+            continue;
+        }
+        match media.as_str() {
+            "application/openmetrics-text" => om = om.max(q),
+            "text/plain" | "text/*" => plain = plain.max(q),
+            _ => {}
+        }
+    }
+    om > 0.0 && om >= plain
+}
+
 fn route(req: &Request<Incoming>, ready: &Readiness, metrics: &Metrics) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(
@@ -92,11 +126,20 @@ fn route(req: &Request<Incoming>, ready: &Readiness, metrics: &Metrics) -> Respo
             };
             text(status, body, "text/plain")
         }
-        "/metrics" => text(
-            StatusCode::OK,
-            metrics.encode(),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        "/metrics" => {
+            let accept = req
+                .headers()
+                .get_all(http::header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>()
+                .join(",");
+            if wants_openmetrics(&accept) {
+                text(StatusCode::OK, metrics.encode(), OPENMETRICS)
+            } else {
+                text(StatusCode::OK, metrics.encode_prometheus(), PROMETHEUS_TEXT)
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
     }
 }
@@ -139,4 +182,28 @@ pub async fn start(
         }
     });
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wants_openmetrics;
+
+    #[test]
+    fn metrics_format_follows_accept() {
+        // Prometheus 2.x/3.x scrape header.
+        assert!(wants_openmetrics("application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"));
+        assert!(wants_openmetrics("application/openmetrics-text"));
+        assert!(wants_openmetrics(
+            "Application/OpenMetrics-Text; version=1.0.0"
+        ));
+        assert!(!wants_openmetrics(""));
+        assert!(!wants_openmetrics("*/*"));
+        assert!(!wants_openmetrics("text/plain"));
+        assert!(!wants_openmetrics("text/plain;version=0.0.4"));
+        assert!(!wants_openmetrics("application/openmetrics-text;q=0"));
+        assert!(!wants_openmetrics(
+            "text/plain, application/openmetrics-text;q=0.5"
+        ));
+        assert!(!wants_openmetrics("application/openmetrics-text;q=bogus"));
+    }
 }

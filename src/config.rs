@@ -96,6 +96,10 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields, default)]
 pub struct LoggingConfig {
     pub format: LogFormat,
+    /// Access lines carry the route and resource type with ids replaced
+    /// (`/Patient/{id}`) and no query string, so NHS numbers and search terms stay out
+    /// of the logs. Default: on, except with `environment: development`.
+    pub redact_paths: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -344,6 +348,11 @@ pub struct RouteConfig {
     /// NHSD header policy for this route, replacing `nhsd.headers`.
     #[serde(default)]
     pub nhsd: Option<NhsdPolicy>,
+    /// Send the client's `Authorization` header (and an `access_token` query parameter)
+    /// on to the upstream. Off by default: the upstream gets the verified facts as
+    /// `X-Fhirgate-*` headers, never a replayable token.
+    #[serde(default)]
+    pub forward_token: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -578,6 +587,8 @@ impl Config {
 
         self.auth
             .validate(self.environment == Environment::Production)?;
+        self.auth
+            .validate_jwt_claims(self.environment == Environment::Development)?;
         if let Some(n) = &self.nhsd {
             for (i, p) in n.exempt_paths.iter().enumerate() {
                 if !p.starts_with('/') || (p.len() > 1 && p.ends_with('/')) {
@@ -740,6 +751,37 @@ impl Config {
             );
         }
         s
+    }
+}
+
+impl Config {
+    /// Whether access lines redact ids from paths (`logging.redact_paths`, default on
+    /// outside development).
+    pub fn redact_paths(&self) -> bool {
+        self.logging
+            .redact_paths
+            .unwrap_or(self.environment != Environment::Development)
+    }
+
+    /// Settings that differ between `self` (running) and `new` but are fixed at start,
+    /// as field paths, for the reload warning.
+    pub fn restart_required_changes(&self, new: &Config) -> Vec<String> {
+        let mut out = Vec::new();
+        let old_addrs: Vec<_> = self.listeners.iter().map(|l| l.address).collect();
+        let new_addrs: Vec<_> = new.listeners.iter().map(|l| l.address).collect();
+        if old_addrs != new_addrs {
+            out.push("listeners".to_owned());
+        }
+        if self.admin.as_ref().map(|a| a.address) != new.admin.as_ref().map(|a| a.address) {
+            out.push("admin.address".to_owned());
+        }
+        if self.logging.format != new.logging.format {
+            out.push("logging.format".to_owned());
+        }
+        if self.limits.max_connections != new.limits.max_connections {
+            out.push("limits.max_connections".to_owned());
+        }
+        out
     }
 }
 

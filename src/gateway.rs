@@ -43,7 +43,12 @@ pub struct Gateway {
     auth: Authoriser,
     max_body_bytes: u64,
     max_headers: usize,
+    max_header_bytes: usize,
+    /// Longest wait for a form-encoded body the gateway reads (`upstream.response_timeout`).
+    body_read_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// `logging.redact_paths`: ids replaced in access-line paths.
+    redact_paths: bool,
 }
 
 /// What the pipeline learnt about one request, for the access line and metrics.
@@ -56,6 +61,8 @@ struct Trace {
     ods_code: Option<String>,
     client_id: Option<String>,
     token_hash: Option<String>,
+    /// The matched route's prefix (operator config, logged verbatim when redacting).
+    route_prefix: Option<String>,
 }
 
 /// Transaction-id headers echoed on every response, refusals included (BaRS).
@@ -77,7 +84,10 @@ impl Gateway {
             },
             max_body_bytes: cfg.limits.max_body_bytes,
             max_headers: cfg.limits.max_headers,
+            max_header_bytes: cfg.limits.max_header_bytes,
+            body_read_timeout: cfg.upstream.response_timeout,
             metrics,
+            redact_paths: cfg.redact_paths(),
         })
     }
 
@@ -87,13 +97,27 @@ impl Gateway {
         conn: &ConnInfo,
     ) -> Response<Body> {
         let start = Instant::now();
+        let mut req = req;
+        // Without BaRS checks nothing requires an X-Request-ID, so one is made up when
+        // absent: sent upstream, echoed and logged, so one request can be followed
+        // through every log. (With an `nhsd` section a missing id stays a 400.)
+        if self.nhsd.is_none() && !req.headers().contains_key("x-request-id") {
+            let id = uuid::Uuid::new_v4().to_string();
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                req.headers_mut().insert("x-request-id", v);
+            }
+        }
         let method = req.method().clone();
-        let path = log_safe_str(req.uri().path());
+        let version = req.version();
+        let raw_path = req.uri().path().to_owned();
         let echoed: Vec<(&str, HeaderValue)> = ECHOED
             .iter()
             .filter_map(|n| echoable(req.headers(), n).map(|v| (*n, v)))
             .collect();
         let mut trace = Trace::default();
+        // Boxed so that a body the gateway had to read (a form-encoded one, for an RFC
+        // 6750 §2.2 token) continues down the same path as a streamed one.
+        let req = req.map(BodyExt::boxed);
         let mut response = match self.forward(req, conn, &mut trace).await {
             Ok(r) => {
                 trace.upstream_status = Some(r.status().as_u16());
@@ -107,9 +131,26 @@ impl Gateway {
         for (name, value) in &echoed {
             response.headers_mut().insert(*name, value.clone());
         }
+        // An oversized HTTP/1.1 header section ends the connection, as the parser's own
+        // refusal would: what follows on it is not worth reading.
+        if version < http::Version::HTTP_2
+            && matches!(
+                trace.rejection,
+                Some("headers_too_large" | "too_many_headers")
+            )
+        {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
 
         let status = response.status().as_u16();
         let route = trace.route.as_deref().unwrap_or("-");
+        let path = if self.redact_paths {
+            log_safe_str(&redact_path(&raw_path, trace.route_prefix.as_deref()))
+        } else {
+            log_safe_str(&raw_path)
+        };
         self.metrics
             .request(route, status, start.elapsed(), trace.upstream_time);
         if let Some(kind) = trace.rejection {
@@ -165,7 +206,7 @@ impl Gateway {
     fn check_nhsd(
         &self,
         route: &Route,
-        req: &Request<Incoming>,
+        req: &Request<Body>,
     ) -> Result<Option<nhsd::NhsdFacts>, Rejection> {
         let Some(cfg) = &self.nhsd else {
             return Ok(None);
@@ -188,7 +229,7 @@ impl Gateway {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<Body>,
         conn: &ConnInfo,
         trace: &mut Trace,
     ) -> Result<Response<Body>, Rejection> {
@@ -196,12 +237,28 @@ impl Gateway {
             return Err(Rejection::method_not_allowed("CONNECT is not supported"));
         }
         check_host(&req)?;
-        // HTTP/1.1 enforces this while parsing; HTTP/2 only bounds the header bytes.
+        // The HTTP libraries stop at twice these limits (see listener); here the
+        // configured ones are enforced with an OperationOutcome.
         if req.headers().len() > self.max_headers {
             return Err(Rejection::too_many_headers(self.max_headers));
         }
+        if header_section_size(&req) > self.max_header_bytes {
+            return Err(Rejection::headers_too_large(self.max_header_bytes));
+        }
         let route = self.policy.decide(req.uri().path(), &conn.identity)?;
         trace.route = Some(route.name.clone());
+        trace.route_prefix = Some(route.path_prefix.clone());
+        // RFC 6750 §3.1: a request that "uses more than one method for including an
+        // access token" is `invalid_request` (400). Checked on every route, before any
+        // introspection, so such a query string never goes anywhere.
+        if query_has_access_token(req.uri().query())
+            && req.headers().contains_key(header::AUTHORIZATION)
+        {
+            return Err(auth::AuthError::InvalidRequest(
+                "The access token was sent in both the Authorization header and the access_token query parameter",
+            )
+            .rejection(self.auth.config()));
+        }
         let token = match route.token {
             TokenRequirement::None => None,
             TokenRequirement::Required => {
@@ -229,6 +286,12 @@ impl Gateway {
                 return Err(Rejection::body_too_large(self.max_body_bytes));
             }
         }
+        // Only now, with every other check passed, is a body worth reading.
+        let req = if is_form_encoded(req.headers()) {
+            self.form_body_token(req, route.forward_token).await?
+        } else {
+            req
+        };
 
         let (mut parts, body) = req.into_parts();
         let original_host = parts
@@ -242,7 +305,18 @@ impl Gateway {
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_owned)
             });
-        let uri = self.upstream.target(parts.uri.path_and_query())?;
+        // The upstream never gets a replayable token unless the route asks for it: the
+        // verified facts go up as `X-Fhirgate-*` instead.
+        let stripped;
+        let mut pq = parts.uri.path_and_query();
+        if !route.forward_token {
+            parts.headers.remove(header::AUTHORIZATION);
+            if let Some(p) = pq.and_then(without_access_token) {
+                stripped = p;
+                pq = Some(&stripped);
+            }
+        }
+        let uri = self.upstream.target(pq)?;
         forward::upstream_request_headers(
             &mut parts.headers,
             &self.identity_headers,
@@ -336,10 +410,78 @@ impl<B: http_body::Body> http_body::Body for Watched<B> {
     }
 }
 
+impl Gateway {
+    /// RFC 6750 §2.2 puts a token in a form-encoded body as `access_token`. Such a body is
+    /// read (bounded by `limits.max_body_bytes` and the upstream response timeout; only
+    /// after the route, token and NHSD checks passed, so a refused client cannot make
+    /// the gateway buffer anything) when the request also has an `Authorization` header
+    /// (two methods: RFC 6750 §3.1 `invalid_request`, 400) or when the route does not
+    /// forward tokens (the parameter is then removed, so the upstream never sees it).
+    /// Other bodies are streamed.
+    async fn form_body_token(
+        &self,
+        req: Request<Body>,
+        forward_token: bool,
+    ) -> Result<Request<Body>, Rejection> {
+        let has_header = req.headers().contains_key(header::AUTHORIZATION);
+        if forward_token && !has_header {
+            return Ok(req);
+        }
+        let (mut parts, body) = req.into_parts();
+        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        let read =
+            tokio::time::timeout(self.body_read_timeout, Limited::new(body, limit).collect());
+        let bytes = match read.await {
+            Err(_) => return Err(Rejection::body_timeout()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(Rejection::body_too_large(self.max_body_bytes))
+            }
+            Ok(Err(_)) => return Err(Rejection::bad_request_body()),
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+        let is_token = |pair: &[u8]| form_urlencoded::parse(pair).any(|(k, _)| k == "access_token");
+        let body_token = is_token(&bytes);
+        if body_token && has_header {
+            return Err(auth::AuthError::InvalidRequest(
+                "The access token was sent in both the Authorization header and the request body",
+            )
+            .rejection(self.auth.config()));
+        }
+        let bytes = if body_token && !forward_token {
+            let kept: Vec<&[u8]> = bytes
+                .split(|b| *b == b'&')
+                .filter(|pair| !is_token(pair))
+                .collect();
+            let joined = bytes::Bytes::from(kept.join(&b'&'));
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(joined.len()));
+            joined
+        } else {
+            bytes
+        };
+        let body = http_body_util::Full::new(bytes)
+            .map_err(|never: std::convert::Infallible| match never {})
+            .boxed();
+        Ok(Request::from_parts(parts, body))
+    }
+}
+
+/// Whether the body is `application/x-www-form-urlencoded` (RFC 6750 §2.2's condition).
+fn is_form_encoded(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| {
+            m.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+}
+
 /// RFC 9112 §3.2: a request with more than one `Host`, or an HTTP/1.1 request with none,
 /// is refused with 400; so is a `Host` that is not a plain `host[:port]`, since it goes
 /// upstream as `X-Forwarded-Host`.
-fn check_host(req: &Request<Incoming>) -> Result<(), Rejection> {
+fn check_host<B>(req: &Request<B>) -> Result<(), Rejection> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
@@ -365,6 +507,37 @@ fn check_host(req: &Request<Incoming>) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// The size of the request's header section as its protocol counts it: HTTP/1.1 the
+/// request line and `name: value\r\n` lines (what hyper's buffer limit bounds), HTTP/2
+/// RFC 7541 §4.1 (name + value + 32 per field, pseudo-header fields included), the
+/// measure behind SETTINGS_MAX_HEADER_LIST_SIZE.
+fn header_section_size<B>(req: &Request<B>) -> usize {
+    let fields = req.headers().iter();
+    if req.version() >= http::Version::HTTP_2 {
+        let uri = req.uri();
+        let pseudo = [
+            (7, req.method().as_str().len()),
+            (7, uri.scheme_str().map_or(0, str::len)),
+            (10, uri.authority().map_or(0, |a| a.as_str().len())),
+            (5, uri.path_and_query().map_or(1, |p| p.as_str().len())),
+        ];
+        pseudo.iter().map(|(n, v)| n + v + 32).sum::<usize>()
+            + fields
+                .map(|(n, v)| n.as_str().len() + v.len() + 32)
+                .sum::<usize>()
+    } else {
+        let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+            + req.uri().authority().map_or(0, |a| a.as_str().len() + 8);
+        req.method().as_str().len()
+            + target
+            + 12
+            + fields
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum::<usize>()
+            + 2
+    }
+}
+
 fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?
         .to_str()
@@ -385,6 +558,93 @@ fn echoable(h: &HeaderMap, name: &str) -> Option<HeaderValue> {
     Some(v.clone())
 }
 
+/// Whether a query string carries an RFC 6750 §2.3 `access_token` parameter.
+fn query_has_access_token(query: Option<&str>) -> bool {
+    query.is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "access_token"))
+}
+
+/// `pq` without its `access_token` parameters (other parameters byte for byte), or
+/// `None` when there is none to remove.
+fn without_access_token(pq: &http::uri::PathAndQuery) -> Option<http::uri::PathAndQuery> {
+    let q = pq.query()?;
+    if !query_has_access_token(Some(q)) {
+        return None;
+    }
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|pair| !query_has_access_token(Some(pair)))
+        .collect();
+    let text = if kept.is_empty() {
+        pq.path().to_owned()
+    } else {
+        format!("{}?{}", pq.path(), kept.join("&"))
+    };
+    text.parse().ok()
+}
+
+/// A request path as the access log shows it with `logging.redact_paths`: the route's
+/// prefix (operator configuration) verbatim, then FHIR REST segments with every id
+/// replaced: `/Patient/{id}`, `/Patient/{id}/_history/{vid}`, `/Patient/{id}/$everything`,
+/// `/Patient/{id}/Observation`. Resource types, `$operations`, `_history`/`_search` and
+/// `metadata` are kept. Anything in a resource-type position that does not look like one
+/// is replaced too, so an NHS number never survives.
+pub fn redact_path(path: &str, prefix: Option<&str>) -> String {
+    enum Next {
+        Type,
+        Id,
+        AfterId,
+        Version,
+    }
+    let keep_prefix = prefix.filter(|p| *p != "/" && prefix_covers(p, path));
+    let prefix_segments = keep_prefix.map_or(0, |p| p.split('/').count() - 1);
+    let mut out = String::with_capacity(path.len());
+    let mut next = Next::Type;
+    for (i, seg) in path.split('/').skip(1).enumerate() {
+        out.push('/');
+        let keyword = is_keyword(seg);
+        let (shown, then) = match next {
+            Next::Version => ("{vid}", Next::Type),
+            Next::Id | Next::AfterId if seg == "_history" => (seg, Next::Version),
+            Next::Id | Next::AfterId if keyword => (seg, Next::Type),
+            Next::Id => ("{id}", Next::AfterId),
+            // A compartment search: /Patient/{id}/Observation.
+            Next::AfterId if is_type_like(seg) => (seg, Next::Id),
+            Next::AfterId => ("{id}", Next::Type),
+            Next::Type if keyword || seg == "metadata" || seg.is_empty() => (seg, Next::Type),
+            Next::Type if is_type_like(seg) => (seg, Next::Id),
+            Next::Type => ("{id}", Next::Type),
+        };
+        next = then;
+        if i < prefix_segments {
+            out.push_str(seg);
+        } else {
+            out.push_str(shown);
+        }
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+/// `$operation` or `_history`/`_search`: `$` or `_`, a letter, then letters, digits or
+/// `-` (so a `$` or `_` in front of an identifier does not keep it).
+fn is_keyword(seg: &str) -> bool {
+    let mut b = seg.bytes();
+    matches!(b.next(), Some(b'$' | b'_'))
+        && b.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && b.all(|c| c.is_ascii_alphanumeric() || c == b'-')
+}
+
+/// A FHIR resource type name: an upper-case letter, then letters (`Patient`,
+/// `MessageDefinition`).
+fn is_type_like(seg: &str) -> bool {
+    let mut b = seg.bytes();
+    b.next().is_some_and(|c| c.is_ascii_uppercase())
+        && seg.len() <= 64
+        && b.all(|c| c.is_ascii_alphabetic())
+}
+
 /// Text as it may appear in a log line: printable ASCII, at most 128 chars.
 fn log_safe_str(s: &str) -> String {
     s.chars()
@@ -397,4 +657,78 @@ fn log_safe_str(s: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_paths_keep_types_and_operations_only() {
+        let cases = [
+            ("/Patient/9000000009", None, "/Patient/{id}"),
+            (
+                "/Patient/9000000009/_history/3",
+                None,
+                "/Patient/{id}/_history/{vid}",
+            ),
+            (
+                "/Patient/9000000009/_history",
+                None,
+                "/Patient/{id}/_history",
+            ),
+            (
+                "/Patient/9000000009/$everything",
+                None,
+                "/Patient/{id}/$everything",
+            ),
+            (
+                "/Patient/9000000009/Observation",
+                None,
+                "/Patient/{id}/Observation",
+            ),
+            ("/Patient/$match", None, "/Patient/$match"),
+            ("/Patient/_search", None, "/Patient/_search"),
+            ("/Patient", None, "/Patient"),
+            ("/$process-message", None, "/$process-message"),
+            ("/metadata", None, "/metadata"),
+            ("/", None, "/"),
+            ("/9000000009", None, "/{id}"),
+            ("/Patient/$9000000009", None, "/Patient/{id}"),
+            ("/$9000000009", None, "/{id}"),
+            (
+                "/Patient/_9000000009/_history/x",
+                None,
+                "/Patient/{id}/_history/{vid}",
+            ),
+            ("/Patient/ABC", None, "/Patient/{id}"),
+            (
+                "/fhir/R4/Patient/9000000009",
+                Some("/fhir/R4"),
+                "/fhir/R4/Patient/{id}",
+            ),
+            ("/Patient/9000000009", Some("/Patient"), "/Patient/{id}"),
+            ("/Patient/9000000009", Some("/"), "/Patient/{id}"),
+        ];
+        for (path, prefix, want) in cases {
+            assert_eq!(redact_path(path, prefix), want, "{path} {prefix:?}");
+        }
+    }
+
+    #[test]
+    fn access_token_is_removed_from_the_query_only() {
+        let pq: http::uri::PathAndQuery =
+            "/Patient?name=x&access_token=abc&b=%20c".parse().unwrap();
+        assert_eq!(
+            without_access_token(&pq).unwrap().as_str(),
+            "/Patient?name=x&b=%20c"
+        );
+        let pq: http::uri::PathAndQuery = "/Patient?access%5Ftoken=abc".parse().unwrap();
+        assert_eq!(without_access_token(&pq).unwrap().as_str(), "/Patient");
+        let pq: http::uri::PathAndQuery = "/Patient?name=access_token".parse().unwrap();
+        assert!(without_access_token(&pq).is_none());
+        assert!(query_has_access_token(Some("a=1&access_token=")));
+        assert!(!query_has_access_token(Some("access_tokens=1")));
+        assert!(!query_has_access_token(None));
+    }
 }

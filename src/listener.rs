@@ -56,16 +56,22 @@ impl Snapshot {
         let gateway = Arc::new(Gateway::from_config(cfg, metrics.clone())?);
         let limits = cfg.limits.clone();
         let mut http = auto::Builder::new(TokioExecutor::new());
+        // The HTTP libraries' own limits are twice the configured ones: a request a little
+        // over `limits.max_header_bytes` / `max_headers` still reaches the gateway, which
+        // refuses it with an OperationOutcome (hyper would answer a bare 431, h2 a 431
+        // and a stream reset). Only grossly oversized header sections are refused by the
+        // libraries themselves, still with 431.
+        let lib_header_bytes = limits.max_header_bytes.saturating_mul(2);
         http.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
-            .max_buf_size(limits.max_header_bytes)
-            .max_headers(limits.max_headers)
+            .max_buf_size(lib_header_bytes)
+            .max_headers(limits.max_headers.saturating_mul(2))
             .keep_alive(true);
         http.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(limits.max_concurrent_streams)
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_header_list_size(u32::try_from(lib_header_bytes).unwrap_or(u32::MAX))
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(256));
         if let Some(t) = tls.server_not_after {
@@ -134,9 +140,8 @@ impl Server {
         let result = Snapshot::build(cfg, &self.metrics);
         self.metrics.reload(result.is_ok());
         self.current.store(Arc::new(result?));
-        if cfg.limits.max_connections != self.max_connections {
-            tracing::warn!("limits.max_connections changes take effect only after a restart");
-        }
+        // A changed limits.max_connections (fixed at start) is reported by the caller
+        // with the other settings that need a restart.
         Ok(())
     }
 

@@ -414,7 +414,10 @@ async fn run(path: &Path) -> anyhow::Result<()> {
 /// stdout once the gateway is ready.
 async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    // Handlers are installed before anything else, so a signal during start-up is
+    // queued rather than killing the process (SIGINT's default) or being lost.
     let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
 
     let running = listener::start(cfg).await?;
@@ -460,17 +463,28 @@ async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Res
     // systemd's default start timeout, as a restart would not help): requests with
     // unknown tokens are refused with 503 until discovery succeeds.
     let waited = std::time::Instant::now();
-    while !running.server().auth_status().0 && waited.elapsed() < Duration::from_secs(60) {
-        let _ = sd_notify::notify(&[NotifyState::Status("waiting for OAuth discovery")]);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let (auth_ok, detail) = running.server().auth_status();
-    if !auth_ok {
-        tracing::warn!(%detail, "starting without a discovered introspection endpoint");
-    }
-    let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
-    if let Some(b) = banner {
-        println!("{b}");
+    let discovery = async {
+        while !running.server().auth_status().0 && waited.elapsed() < Duration::from_secs(60) {
+            let _ = sd_notify::notify(&[NotifyState::Status("waiting for OAuth discovery")]);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    // SIGTERM/SIGINT must work from the first moment, also while discovery is pending
+    // (otherwise `systemctl stop` or a rollout waits for the minute, then SIGKILLs).
+    let stopped_early = tokio::select! {
+        _ = discovery => false,
+        _ = int.recv() => true,
+        _ = term.recv() => true,
+    };
+    if !stopped_early {
+        let (auth_ok, detail) = running.server().auth_status();
+        if !auth_ok {
+            tracing::warn!(%detail, "starting without a discovered introspection endpoint");
+        }
+        let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+        if let Some(b) = banner {
+            println!("{b}");
+        }
     }
     if let Some(interval) = sd_notify::watchdog_enabled() {
         // Pinged from the runtime: a wedged runtime stops the pings and systemd restarts us.
@@ -483,17 +497,26 @@ async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Res
         });
     }
 
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-            _ = hup.recv() => reload(&running, path),
+    // The last configuration applied (for drain_timeout); settings fixed at start are
+    // compared with `cfg`, the one the process started with.
+    let mut current = cfg.clone();
+    if !stopped_early {
+        loop {
+            tokio::select! {
+                _ = int.recv() => break,
+                _ = term.recv() => break,
+                _ = hup.recv() => {
+                    if let Some(new) = reload(&running, path, cfg) {
+                        current = new;
+                    }
+                }
+            }
         }
     }
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
     ready.draining.store(true, Ordering::Relaxed);
     tracing::info!("shutting down: no new connections, draining");
-    let left = running.shutdown(cfg.limits.drain_timeout).await;
+    let left = running.shutdown(current.limits.drain_timeout).await;
     let _ = admin_stop.send(true);
     if left > 0 {
         tracing::warn!(
@@ -504,28 +527,55 @@ async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Res
     Ok(())
 }
 
-/// Re-reads the config; on any error the running configuration stays in force.
-fn reload(running: &listener::Running, path: &Path) {
+/// Re-reads the config; on any error the running configuration stays in force. Returns
+/// the new configuration when it was applied; settings that differ from `started` but
+/// are fixed at start are named in a warning. Every refusal counts in
+/// `fhirgate_reloads_total{result="error"}`, a file that cannot be read or parsed too.
+fn reload(running: &listener::Running, path: &Path, started: &Config) -> Option<Config> {
     let mut states = vec![NotifyState::Reloading];
     if let Ok(now) = NotifyState::monotonic_usec_now() {
         states.push(now);
     }
     let _ = sd_notify::notify(&states);
-    let result = Config::load(path)
-        .map_err(|e| e.to_string())
-        .and_then(|cfg| running.server().reload(&cfg).map_err(|e| e.to_string()));
-    match result {
-        Ok(()) => {
-            tracing::info!(config = %path.display(), "configuration reloaded");
-            running.server().log_trust_warnings();
+    let result = match Config::load(path) {
+        // Building the new snapshot counts its own result (ok or error).
+        Ok(cfg) => running
+            .server()
+            .reload(&cfg)
+            .map(|()| cfg)
+            .map_err(|e| e.to_string()),
+        Err(e) => {
+            running.server().metrics().reload(false);
+            Err(e.to_string())
         }
-        Err(e) => tracing::error!(
-            config = %path.display(),
-            error = %e,
-            "reload refused; previous configuration still serving"
-        ),
-    }
+    };
     let _ = sd_notify::notify(&[NotifyState::Ready]);
+    match result {
+        Ok(cfg) => {
+            let fixed = started.restart_required_changes(&cfg);
+            running.server().log_trust_warnings();
+            if fixed.is_empty() {
+                tracing::info!(config = %path.display(), "configuration reloaded");
+            } else {
+                // Everything else was applied; these keep their running values.
+                tracing::warn!(
+                    config = %path.display(),
+                    restart_required = %fixed.join(", "),
+                    "configuration reloaded except settings that need a restart: {}",
+                    fixed.join(", ")
+                );
+            }
+            Some(cfg)
+        }
+        Err(e) => {
+            tracing::error!(
+                config = %path.display(),
+                error = %e,
+                "reload refused; previous configuration still serving"
+            );
+            None
+        }
+    }
 }
 
 /// `fhirgate client`: profile + flags, then token, headers and the request.

@@ -273,7 +273,16 @@ impl Metrics {
             .inc();
     }
 
-    /// Prometheus text exposition format.
+    /// Classic Prometheus text format 0.0.4 (`text/plain; version=0.0.4`), converted
+    /// from the OpenMetrics encoding: counters' `# HELP`/`# TYPE` lines name the
+    /// `_total` series (Prometheus text has no family/sample split), `unknown` becomes
+    /// `untyped`, and `# UNIT` / `# EOF` (OpenMetrics only) are dropped. Samples are
+    /// unchanged: both formats write them the same way.
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode())
+    }
+
+    /// OpenMetrics 1.0 text (`application/openmetrics-text; version=1.0.0`).
     pub fn encode(&self) -> String {
         let mut s = String::new();
         if prometheus_client::encoding::text::encode(&mut s, &self.registry).is_err() {
@@ -283,9 +292,119 @@ impl Metrics {
     }
 }
 
+/// See [`Metrics::encode_prometheus`].
+pub fn openmetrics_to_prometheus(om: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some(name) = rest.strip_suffix(" counter") {
+                counters.insert(name.to_owned());
+            }
+        }
+    }
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let name = if counters.contains(name) {
+                    format!("{name}_total")
+                } else {
+                    name.to_owned()
+                };
+                let tail = if p == "# TYPE " && tail == "unknown" {
+                    "untyped"
+                } else {
+                    tail
+                };
+                // OpenMetrics escapes `"` in HELP text; Prometheus text does not.
+                let tail = if p == "# HELP " {
+                    tail.replace("\\\"", "\"")
+                } else {
+                    tail.to_owned()
+                };
+                out.push_str(p);
+                out.push_str(&name);
+                if !tail.is_empty() {
+                    out.push(' ');
+                    out.push_str(&tail);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prometheus_text_names_counter_series_and_has_no_eof() {
+        let m = Metrics::new();
+        m.request("fhir", 200, Duration::from_millis(3), None);
+        m.reload(false);
+        let om = m.encode();
+        assert!(om.contains("# TYPE fhirgate_requests counter\n"), "{om}");
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        let text = m.encode_prometheus();
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            text.contains("# TYPE fhirgate_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP fhirgate_requests_total HTTP requests by route and status.\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE fhirgate_reloads_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE fhirgate_open_connections gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE fhirgate_request_duration_seconds histogram\n"),
+            "{text}"
+        );
+        // Samples are byte-identical in both formats.
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&om), samples(&text));
+        assert!(
+            text.contains("fhirgate_reloads_total{result=\"error\"} 1\n"),
+            "{text}"
+        );
+
+        let converted = openmetrics_to_prometheus(
+            r#"# HELP a Say \"hi\" \\ there.
+# TYPE a unknown
+a 1
+# EOF
+"#,
+        );
+        assert_eq!(
+            converted,
+            r#"# HELP a Say "hi" \\ there.
+# TYPE a untyped
+a 1
+"#
+        );
+    }
 
     #[test]
     fn encodes_counters_histograms_and_gauges() {

@@ -119,8 +119,8 @@ impl Rejection {
         )
     }
 
-    /// More header fields than `limits.max_headers` (HTTP/2; HTTP/1.1 is refused by the
-    /// parser with the same status).
+    /// More header fields than `limits.max_headers` (either protocol; the HTTP libraries'
+    /// own limits sit at twice the configured ones).
     pub fn too_many_headers(limit: usize) -> Self {
         Self::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -128,6 +128,18 @@ impl Rejection {
             "REC_BAD_REQUEST",
             "too_many_headers",
             format!("More than {limit} header fields"),
+        )
+    }
+
+    /// A header section larger than `limits.max_header_bytes`, as HTTP/1.1 (request line
+    /// and fields) or HTTP/2 (RFC 7541 §4.1 header list size) counts it.
+    pub fn headers_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too-long",
+            "REC_BAD_REQUEST",
+            "headers_too_large",
+            format!("The request header section exceeds {limit} bytes"),
         )
     }
 

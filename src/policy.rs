@@ -25,6 +25,8 @@ pub struct Route {
     pub nhsd: Option<NhsdPolicy>,
     pub token: TokenRequirement,
     pub required_scopes: Vec<String>,
+    /// Whether the client's token goes upstream (`forward_token`).
+    pub forward_token: bool,
 }
 
 impl Route {
@@ -42,6 +44,7 @@ impl Route {
             nhsd: c.nhsd.clone(),
             token: c.token,
             required_scopes: c.required_scopes.clone(),
+            forward_token: c.forward_token,
         }
     }
 
@@ -212,6 +215,7 @@ mod tests {
             nhsd: None,
             token: TokenRequirement::Required,
             required_scopes: vec![],
+            forward_token: false,
         }
     }
 

@@ -26,6 +26,12 @@ enum AsMode {
     Error500,
     Malformed,
     Slow,
+    /// 400 with an RFC 6749 error code about the token.
+    Refuse400,
+    /// 400 without an OAuth error body.
+    Bare400,
+    /// 401 invalid_client: the gateway's credentials are refused.
+    Unauthorized401,
 }
 
 #[derive(Clone)]
@@ -149,6 +155,21 @@ impl StubAs {
                                     let mut r =
                                         Response::new(Full::new(Bytes::from_static(b"oops")));
                                     *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                                    r
+                                }
+                                AsMode::Refuse400 | AsMode::Bare400 | AsMode::Unauthorized401 => {
+                                    let (status, body) = match mode {
+                                        AsMode::Refuse400 => (
+                                            400,
+                                            r#"{"error":"invalid_request","error_description":"token too odd"}"#,
+                                        ),
+                                        AsMode::Bare400 => (400, "<html>bad request</html>"),
+                                        _ => (401, r#"{"error":"invalid_client"}"#),
+                                    };
+                                    let mut r = Response::new(Full::new(Bytes::from_static(
+                                        body.as_bytes(),
+                                    )));
+                                    *r.status_mut() = StatusCode::from_u16(status).unwrap();
                                     r
                                 }
                                 AsMode::Slow => {
@@ -528,9 +549,20 @@ fn es256_key(kid: &str) -> (rcgen::KeyPair, serde_json::Value) {
     (key, jwk)
 }
 
+/// An RFC 9068 access token (`typ: at+jwt`).
 fn mint(key: &rcgen::KeyPair, kid: &str, claims: serde_json::Value) -> String {
+    mint_typ(key, kid, Some("at+jwt"), claims)
+}
+
+fn mint_typ(
+    key: &rcgen::KeyPair,
+    kid: &str,
+    typ: Option<&str>,
+    claims: serde_json::Value,
+) -> String {
     let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
     h.kid = Some(kid.into());
+    h.typ = typ.map(str::to_owned);
     let k = jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
     jsonwebtoken::encode(&h, &claims, &k).unwrap()
 }
@@ -690,4 +722,159 @@ async fn certificate_bound_tokens_need_their_certificate() {
     got.assert_outcome(403, "REC_FORBIDDEN");
     assert_eq!(seen.count(), n);
     drop(gw);
+}
+
+/// RFC 9068 §4: the resource server "MUST verify that the typ header value is at+jwt or
+/// application/at+jwt and reject tokens carrying any other value" (RFC 7515 §4.1.9:
+/// case-insensitive, `application/` optional). `auth.accept_legacy_jwt_typ` admits
+/// `JWT` or no `typ` for issuers that predate RFC 9068, nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_mode_checks_the_rfc9068_typ() {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    let (k1, jwk1) = es256_key("k1");
+    *stub.jwks.lock().unwrap() = serde_json::json!({"keys": [jwk1]});
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let auth = |extra: &str| {
+        format!(
+            "auth:\n  mode: jwt\n  jwks_uri: http://{}/jwks\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n{extra}",
+            stub.addr
+        )
+    };
+    let claims = serde_json::json!({"iss": "https://as.example", "aud": "fhirgate", "exp": now() + 600, "client_id": "bars-jwt", "scope": "system/*.*"});
+    let token = |typ: Option<&str>| mint_typ(&k1, "k1", typ, claims.clone());
+    let get = |t: String| with_token(http::Method::GET, "/Patient/1", Some(t.as_str()));
+    let c = tls_client(&pki, Some("client"), H1);
+
+    let mut o = Opts::new(up);
+    o.routes = ROUTES.into();
+    o.auth = auth("");
+    let (gw, addr) = gateway(&pki, &o).await;
+    for typ in [
+        "at+jwt",
+        "application/at+jwt",
+        "AT+JWT",
+        "Application/AT+JWT",
+    ] {
+        let got = send(&c, addr, get(token(Some(typ)))).await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "typ {typ}");
+    }
+    for typ in [Some("JWT"), None, Some("dpop+jwt"), Some("secevent+jwt")] {
+        let got = send(&c, addr, get(token(typ))).await.unwrap();
+        got.assert_outcome(403, "REC_FORBIDDEN");
+        got.assert_challenge("invalid_token");
+    }
+    gw.shutdown(Duration::from_secs(2)).await;
+
+    o.auth = auth("  accept_legacy_jwt_typ: true\n");
+    let (gw, addr) = gateway(&pki, &o).await;
+    for typ in [Some("at+jwt"), Some("JWT"), None] {
+        let got = send(&c, addr, get(token(typ))).await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "legacy typ {typ:?}");
+    }
+    // An ID token's or a logout token's explicit type stays refused.
+    send(&c, addr, get(token(Some("logout+jwt"))))
+        .await
+        .unwrap()
+        .assert_outcome(403, "REC_FORBIDDEN");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// RFC 9068 §4: iss and aud MUST be validated, so `mode: jwt` without
+/// `expected_issuer`/`expected_audience` is a config error outside development.
+#[test]
+fn jwt_mode_needs_issuer_and_audience_outside_development() {
+    let pki = Pki::new();
+    let mut o = Opts::new("127.0.0.1:9".parse().unwrap());
+    let with = |o: &Opts, env: &str| {
+        config_yaml(&pki, o).replace("environment: development", &format!("environment: {env}"))
+    };
+    o.auth = "auth:\n  mode: jwt\n  jwks_uri: http://127.0.0.1:9/jwks\n".into();
+    for env in ["integration", "production"] {
+        let e = fhirgate::config::Config::from_yaml(&with(&o, env), std::path::Path::new("/"))
+            .unwrap_err();
+        assert_eq!(e.field, "auth.expected_issuer", "{env}");
+        assert!(e.to_string().contains("RFC 9068"), "{e}");
+    }
+    fhirgate::config::Config::from_yaml(&with(&o, "development"), std::path::Path::new("/"))
+        .expect("development may omit them");
+    o.auth.push_str("  expected_issuer: https://as.example\n");
+    let e = fhirgate::config::Config::from_yaml(&with(&o, "production"), std::path::Path::new("/"))
+        .unwrap_err();
+    assert_eq!(e.field, "auth.expected_audience");
+    o.auth.push_str("  expected_audience: fhirgate\n");
+    fhirgate::config::Config::from_yaml(&with(&o, "production"), std::path::Path::new("/"))
+        .expect("both set");
+}
+
+/// Only transport failures, 5xx and malformed answers are outages (503). A 400 with an
+/// RFC 6749 §5.2 error code is the server's verdict on the token: refused (403) and
+/// remembered for `negative_ttl`. RFC 7662 §2.3: "If the protected resource uses OAuth
+/// 2.0 client credentials to authenticate to the introspection endpoint and its
+/// credentials are invalid, the authorization server responds with an HTTP 401
+/// (Unauthorized)": the gateway's own misconfiguration, so 503, never cached, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspection_refusals_are_verdicts_and_credential_errors_are_outages() {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = basic_auth(&stub, &pki, "");
+    o.routes = ROUTES.into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    let get = |t: &'static str| with_token(http::Method::GET, "/Patient/1", Some(t));
+    let metric = |sample: &str| -> f64 {
+        gw.server()
+            .metrics()
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+
+    stub.set(AsMode::Refuse400);
+    let before = stub.calls();
+    for _ in 0..3 {
+        let got = send(&c, addr, get("good-token")).await.unwrap();
+        got.assert_outcome(403, "REC_FORBIDDEN");
+        got.assert_challenge("invalid_token");
+    }
+    assert_eq!(stub.calls() - before, 1, "refusal cached, no retries");
+    assert_eq!(
+        metric("fhirgate_introspections_total{result=\"refused\"}"),
+        1.0
+    );
+
+    stub.set(AsMode::Bare400);
+    let before = stub.calls();
+    for _ in 0..2 {
+        send(&c, addr, get("good-token-2"))
+            .await
+            .unwrap()
+            .assert_outcome(503, "REC_SERVICE_UNAVAILABLE");
+    }
+    assert_eq!(stub.calls() - before, 2, "an outage is not cached");
+
+    stub.set(AsMode::Unauthorized401);
+    let before = stub.calls();
+    for _ in 0..2 {
+        send(&c, addr, get("good-token-3"))
+            .await
+            .unwrap()
+            .assert_outcome(503, "REC_SERVICE_UNAVAILABLE");
+    }
+    assert_eq!(stub.calls() - before, 2, "not retried, not cached");
+    assert_eq!(
+        metric("fhirgate_introspections_total{result=\"misconfigured\"}"),
+        2.0
+    );
+
+    // Once the server answers again, the same tokens work (the outage was not cached).
+    stub.set(AsMode::Normal);
+    assert_eq!(
+        send(&c, addr, get("good-token-3")).await.unwrap().status,
+        StatusCode::OK
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
 }

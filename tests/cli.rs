@@ -528,7 +528,7 @@ tls:
       crl_files: [sub.crl, root.crl]
   revocation: {{scope: chain, unknown_status: deny, enforce_crl_expiry: true}}
 upstream: {{url: 'http://127.0.0.1:9'}}
-auth: {{mode: jwt, jwks_uri: 'https://auth.example.nhs.uk/jwks'}}
+auth: {{mode: jwt, jwks_uri: 'https://auth.example.nhs.uk/jwks', expected_issuer: 'https://auth.example.nhs.uk', expected_audience: 'https://fhir.example.nhs.uk'}}
 routes:
   - {{name: meta, path_prefix: /metadata, token: none}}
   - {{name: all, path_prefix: /}}

@@ -377,7 +377,9 @@ fn check_warns_on_risky_settings_and_strict_fails() {
             .replace("environment: development\n", "environment: production\n")
             .replace(
                 "auth:\n  mode: development\n",
-                "auth:\n  mode: jwt\n  jwks_uri: https://auth.example.nhs.uk/jwks\n",
+                "auth:\n  mode: jwt\n  jwks_uri: https://auth.example.nhs.uk/jwks\n  \
+                 expected_issuer: https://auth.example.nhs.uk\n  \
+                 expected_audience: https://fhir.example.nhs.uk\n",
             )
             .replace(
                 "limits:\n",

@@ -281,24 +281,79 @@ async fn smuggling_and_malformed_framing_never_reach_the_upstream() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
-#[tokio::test]
+/// curl over HTTP/2 with one `X-Big` header of `n` bytes: (exit ok, status, body, stderr).
+fn curl_h2_big_header(pki: &Pki, addr: SocketAddr, n: usize) -> (bool, u16, String, String) {
+    let p = |f: &str| pki.path(f).display().to_string();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-v",
+            "--http2",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args([
+            "--cacert",
+            &p("root-ca.crt"),
+            "--cert",
+            &p("client.crt"),
+            "--key",
+            &p("client.key"),
+        ])
+        .args(["-H", &format!("X-Big: {}", "a".repeat(n))])
+        .arg(format!("https://localhost:{}/metadata", addr.port()))
+        .output()
+        .expect("curl is required (installed by .ci/run)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        out.status.success(),
+        code.trim().parse().unwrap_or(0),
+        body.to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A header section over `limits.max_header_bytes` / `max_headers` is refused with 431.
+/// Up to twice the limits the gateway sees the request and answers with an
+/// OperationOutcome (on HTTP/1.1 closing the connection, as the parser would); beyond
+/// that the HTTP libraries answer a bare 431 themselves. Never `REFUSED_STREAM`: that
+/// tells an HTTP/2 client the request was not processed and may be retried, and curl
+/// retried such a request five times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_header_sections_are_refused_on_both_protocols() {
     watch_panics();
     let pki = Pki::new();
     let (gw, addr, seen) = hostile_gateway(&pki).await;
 
-    // HTTP/1.1: one 9000-byte header (max_header_bytes 8192), or 20 headers (max 16).
-    let big = format!(
-        "GET /metadata HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(9000)
-    );
-    let many = format!(
-        "GET /metadata HTTP/1.1\r\nHost: localhost\r\n{}\r\n",
-        (0..20)
-            .map(|i| format!("X-H{i}: v\r\n"))
-            .collect::<String>()
-    );
-    for (what, req) in [("one big header", big), ("too many headers", many)] {
+    // HTTP/1.1, within twice the limits: one 9000-byte header (max_header_bytes 8192),
+    // or 20 headers (max 16). The gateway answers.
+    let h1 = |fields: String| format!("GET /metadata HTTP/1.1\r\nHost: localhost\r\n{fields}\r\n");
+    let many = |n: usize| (0..n).map(|i| format!("X-H{i}: v\r\n")).collect::<String>();
+    let big = |n: usize| format!("X-Big: {}\r\n", "a".repeat(n));
+    for (what, req, kind) in [
+        ("one big header", h1(big(9000)), "headers_too_large"),
+        ("too many headers", h1(many(20)), "too_many_headers"),
+    ] {
+        let r = raw_h1(&pki, addr, req.as_bytes(), Duration::from_secs(3)).await;
+        assert_eq!(r.status(), Some(431), "{what}: {}", r.text());
+        assert!(r.is_outcome("REC_BAD_REQUEST"), "{what}: {}", r.text());
+        assert!(r.text().contains("\"code\":\"too-long\""), "{what}");
+        assert!(r.closed, "{what}");
+        wait_metric(
+            &gw,
+            &format!("fhirgate_rejections_total{{kind=\"{kind}\"}}"),
+            1.0,
+        )
+        .await;
+    }
+    // Beyond twice the limits the parser refuses on its own: still 431, connection closed.
+    for (what, req) in [
+        ("a huge header", h1(big(20_000))),
+        ("far too many headers", h1(many(40))),
+    ] {
         let r = raw_h1(&pki, addr, req.as_bytes(), Duration::from_secs(3)).await;
         assert_eq!(r.status(), Some(431), "{what}: {}", r.text());
         assert!(r.closed, "{what}");
@@ -320,24 +375,86 @@ async fn oversized_header_sections_are_refused_on_both_protocols() {
         .await
         .expect("h2 request");
     got.assert_outcome(431, "REC_BAD_REQUEST");
-    assert_eq!(rejections(&gw, "too_many_headers"), 1.0);
+    wait_metric(
+        &gw,
+        "fhirgate_rejections_total{kind=\"too_many_headers\"}",
+        2.0,
+    )
+    .await;
 
-    // HTTP/2: a header list over max_header_bytes is answered 431 by the HTTP/2 layer.
+    // HTTP/2: a header list over max_header_bytes (RFC 7541 §4.1 size ~10.5 KB in 10
+    // fields) gets the OperationOutcome: HEADERS with 431, DATA with the body, no reset.
     let mut s = raw_h2(&pki, addr).await;
     let mut block = hpack_get("/metadata");
-    for i in 0..100 {
-        block.extend(hpack_literal(&format!("x-h{i}"), &[b'v'; 100]));
+    for i in 0..10 {
+        block.extend(hpack_literal(&format!("x-h{i}"), &[b'v'; 1000]));
     }
     write_quietly(&mut s, &frame(HEADERS, END_HEADERS | END_STREAM, 1, &block)).await;
     let frames = parse_frames(&read_for(&mut s, Duration::from_millis(800)).await.bytes);
-    let answer = frames
+    let on_stream = |frames: &[Frame], kind: u8| -> Vec<Frame> {
+        frames
+            .iter()
+            .filter(|f| f.stream == 1 && f.kind == kind)
+            .cloned()
+            .collect()
+    };
+    let headers = on_stream(&frames, HEADERS);
+    assert_eq!(headers.len(), 1, "{frames:?}");
+    // `:status: 431`, literal with incremental indexing of static entry 8, Huffman.
+    assert_eq!(&headers[0].payload[..2], &[0x48, 0x83], "{frames:?}");
+    let body: Vec<u8> = on_stream(&frames, DATA)
         .iter()
-        .find(|f| f.stream == 1 && (f.kind == HEADERS || f.kind == RST_STREAM))
-        .expect("stream 1 answered");
-    if answer.kind == HEADERS {
-        // `:status: 431`, literal with incremental indexing of static entry 8, Huffman.
-        assert_eq!(&answer.payload[..2], &[0x48, 0x83], "{answer:?}");
+        .flat_map(|f| f.payload.clone())
+        .collect();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("\"resourceType\":\"OperationOutcome\""),
+        "{body}"
+    );
+    assert!(body.contains("REC_BAD_REQUEST"), "{body}");
+    assert!(on_stream(&frames, RST_STREAM).is_empty(), "{frames:?}");
+    wait_metric(
+        &gw,
+        "fhirgate_rejections_total{kind=\"headers_too_large\"}",
+        2.0,
+    )
+    .await;
+
+    // Beyond twice the limit (~20 KB in one frame) the HTTP/2 layer answers 431 itself;
+    // whatever reset follows, it is not REFUSED_STREAM.
+    let mut s = raw_h2(&pki, addr).await;
+    let mut block = hpack_get("/metadata");
+    for i in 0..150 {
+        block.extend(hpack_literal(&format!("x-h{i}"), &[b'v'; 100]));
     }
+    assert!(block.len() < 16_384, "fits one frame");
+    write_quietly(&mut s, &frame(HEADERS, END_HEADERS | END_STREAM, 1, &block)).await;
+    let frames = parse_frames(&read_for(&mut s, Duration::from_millis(800)).await.bytes);
+    let headers = on_stream(&frames, HEADERS);
+    assert_eq!(headers.len(), 1, "{frames:?}");
+    assert_eq!(&headers[0].payload[..2], &[0x48, 0x83], "{frames:?}");
+    assert!(
+        !frames
+            .iter()
+            .any(|f| f.kind == RST_STREAM && f.error_code() == Some(REFUSED_STREAM)),
+        "{frames:?}"
+    );
+
+    // A real HTTP/2 client: one attempt each, 431, the OperationOutcome where the
+    // gateway saw the request.
+    let before = metric(&gw, "fhirgate_requests_total{route=\"-\",status=\"431\"}");
+    let (_, status, body, stderr) = curl_h2_big_header(&pki, addr, 12_000);
+    assert_eq!(status, 431, "{stderr}");
+    assert!(body.contains("OperationOutcome"), "{body}");
+    assert_eq!(
+        metric(&gw, "fhirgate_requests_total{route=\"-\",status=\"431\"}") - before,
+        1.0,
+        "one request, no retries"
+    );
+    let (_, status, _, stderr) = curl_h2_big_header(&pki, addr, 20_000);
+    assert_eq!(status, 431, "{stderr}");
+    assert!(!stderr.contains("REFUSED_STREAM"), "{stderr}");
+    assert!(!stderr.to_ascii_lowercase().contains("retry"), "{stderr}");
 
     assert_eq!(seen.count(), 0, "nothing reached the upstream");
     still_serves(&pki, addr).await;
@@ -868,7 +985,9 @@ async fn http2_abuse_is_contained() {
         .expect("server SETTINGS")
         .settings();
     assert!(settings.contains(&(3, 4)), "{settings:?}");
-    assert!(settings.contains(&(6, 8192)), "{settings:?}");
+    // Twice limits.max_header_bytes: up to there the gateway itself refuses with an
+    // OperationOutcome (see oversized_header_sections_are_refused_on_both_protocols).
+    assert!(settings.contains(&(6, 16384)), "{settings:?}");
     drop(s);
 
     let goaway = |frames: &[Frame]| {

@@ -128,6 +128,28 @@ impl Provider {
         j["access_token"].as_str().expect("access_token").to_owned()
     }
 
+    /// An RFC 9068 JWT access token (`typ: at+jwt`) for `resource`, by client credentials.
+    async fn jwt_token(&self, client: &str, secret: &str, scope: &str, resource: &str) -> String {
+        let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+        let form = format!(
+            "grant_type=client_credentials&scope={}&resource={}",
+            enc(scope),
+            enc(resource)
+        );
+        let (status, j) = post_form(
+            &plain_client(),
+            &format!("{}/token", self.base),
+            (client, secret),
+            &form,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{j}");
+        let t = j["access_token"].as_str().expect("access_token").to_owned();
+        let h = jsonwebtoken::decode_header(&t).expect("a JWT access token");
+        assert_eq!(h.typ.as_deref(), Some("at+jwt"));
+        t
+    }
+
     async fn revoke(&self, client: &str, secret: &str, token: &str) {
         let (status, _) = post_form(
             &plain_client(),
@@ -453,4 +475,381 @@ async fn fhirgate_client_gets_tokens_from_the_real_provider() {
     assert!(stderr.contains("invalid_client"), "{stderr}");
     assert_eq!(seen.count(), n);
     drop(gw);
+}
+
+fn metric(gw: &fhirgate::listener::Running, sample: &str) -> f64 {
+    let text = gw.server().metrics().encode();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+const FHIR_AUDIENCE: &str = "https://fhir.example/R4";
+
+/// oidc-provider will not introspect a JWT access token: it answers 400
+/// `unsupported_token_type`. That is a verdict on the token (403, remembered for
+/// `negative_ttl`), not an outage: a 503 would tell the client to retry and every retry
+/// would cost another introspection call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_the_provider_will_not_introspect_is_refused_and_cached() {
+    let pki = Pki::new();
+    let provider = Provider::start(&gateway_key(&pki)).await;
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = auth_basic(&provider, &pki);
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    let good = provider
+        .token("bars-sender", "sender-secret", "system/*.*")
+        .await;
+    wait_ready(&c, addr, &good).await;
+
+    let jwt = provider
+        .jwt_token("bars-sender", "sender-secret", "system/*.*", FHIR_AUDIENCE)
+        .await;
+    let before = provider.introspections().await;
+    let forwarded = seen.count();
+    for _ in 0..3 {
+        let got = send(&c, addr, req(Method::GET, "/Patient/1", &jwt))
+            .await
+            .unwrap();
+        got.assert_outcome(403, "REC_FORBIDDEN");
+        got.assert_challenge("invalid_token");
+    }
+    assert_eq!(
+        provider.introspections().await - before,
+        1,
+        "the refusal is cached: one introspection for three requests"
+    );
+    assert_eq!(
+        metric(&gw, "fhirgate_introspections_total{result=\"refused\"}"),
+        1.0
+    );
+    assert_eq!(seen.count(), forwarded, "nothing forwarded");
+    gw.shutdown(Duration::from_secs(2)).await;
+
+    // The gateway's own credentials are wrong: the provider answers 401 invalid_client
+    // (RFC 7662 §2.3). Not the client's fault and not its token's: 503, never cached,
+    // counted as a misconfiguration (and logged at ERROR).
+    std::fs::write(pki.path("wrong-gw-secret"), "not-the-secret\n").unwrap();
+    let mut o = Opts::new(up);
+    o.auth = auth_basic(&provider, &pki).replace(
+        &pki.path("gw-secret").display().to_string(),
+        &pki.path("wrong-gw-secret").display().to_string(),
+    );
+    let (gw, addr) = gateway(&pki, &o).await;
+    let fresh = provider
+        .token("bars-sender", "sender-secret", "system/*.*")
+        .await;
+    let mut got = None;
+    for _ in 0..50 {
+        let g = send(&c, addr, req(Method::GET, "/Patient/1", &fresh))
+            .await
+            .unwrap();
+        // Until discovery has run, the answer is 503 for another reason.
+        if metric(
+            &gw,
+            "fhirgate_introspections_total{result=\"misconfigured\"}",
+        ) >= 1.0
+        {
+            got = Some(g);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = got.expect("the provider was asked and refused the gateway's credentials");
+    got.assert_outcome(503, "REC_SERVICE_UNAVAILABLE");
+    let before = provider.introspections().await;
+    send(&c, addr, req(Method::GET, "/Patient/1", &fresh))
+        .await
+        .unwrap()
+        .assert_outcome(503, "REC_SERVICE_UNAVAILABLE");
+    assert_eq!(provider.introspections().await - before, 1, "not cached");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// RFC 9068 JWT access tokens from the real provider, validated locally (`mode: jwt`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9068_jwt_access_tokens_from_the_real_provider() {
+    let pki = Pki::new();
+    let provider = Provider::start(&gateway_key(&pki)).await;
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    // RFC 9068 §4: "The issuer identifier for the authorization server ... MUST exactly
+    // match the value of the iss claim" and the resource server "MUST validate that the
+    // aud claim contains a resource indicator value corresponding to an identifier the
+    // resource server expects for itself".
+    o.auth = format!(
+        "auth:\n  mode: jwt\n  issuer: {b}\n  expected_issuer: {b}\n  expected_audience: {FHIR_AUDIENCE}\n",
+        b = provider.base
+    );
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    let good = provider
+        .jwt_token("bars-sender", "sender-secret", "system/*.*", FHIR_AUDIENCE)
+        .await;
+    wait_ready(&c, addr, &good).await;
+    assert_eq!(seen.last().1["x-fhirgate-client-id"], "bars-sender");
+    assert!(seen.last().1.get("authorization").is_none());
+
+    let other = provider
+        .jwt_token(
+            "bars-sender",
+            "sender-secret",
+            "system/*.*",
+            "https://other.example/api",
+        )
+        .await;
+    let opaque = provider
+        .token("bars-sender", "sender-secret", "system/*.*")
+        .await;
+    for t in [other, opaque] {
+        let got = send(&c, addr, req(Method::GET, "/Patient/1", &t))
+            .await
+            .unwrap();
+        got.assert_outcome(403, "REC_FORBIDDEN");
+        got.assert_challenge("invalid_token");
+    }
+    assert_eq!(
+        provider.introspections().await,
+        0,
+        "jwt mode never introspects"
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// The upstream never receives the client's token unless the route opts in with
+/// `forward_token: true`; RFC 6750 §3.1: a token sent by two methods is
+/// `invalid_request` (400), and the query string holding it goes nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_stay_at_the_gateway_unless_a_route_forwards_them() {
+    let pki = Pki::new();
+    let provider = Provider::start(&gateway_key(&pki)).await;
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = auth_basic(&provider, &pki);
+    o.routes = "  - name: capabilities\n    path_prefix: /metadata\n    token: none\n  - name: legacy\n    path_prefix: /Binary\n    forward_token: true\n  - name: all\n    path_prefix: /\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H2);
+    let good = provider
+        .token("bars-sender", "sender-secret", "system/*.*")
+        .await;
+    wait_ready(&c, addr, &good).await;
+
+    // A checked route: the facts go up, the token does not.
+    assert_eq!(
+        send(&c, addr, req(Method::GET, "/Patient/1?name=x", &good))
+            .await
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
+    let (path, h, _) = seen.last();
+    assert_eq!(path, "/Patient/1?name=x");
+    assert!(h.get("authorization").is_none(), "{h:?}");
+    assert!(h.get("proxy-authorization").is_none());
+    assert_eq!(h["x-fhirgate-client-id"], "bars-sender");
+
+    // A route that opts in gets the header as sent.
+    assert_eq!(
+        send(&c, addr, req(Method::GET, "/Binary/1", &good))
+            .await
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        seen.last().1["authorization"],
+        format!("Bearer {good}").as_str()
+    );
+
+    // `token: none`: nothing checked it, nothing forwards it, nor a query token.
+    let r = Request::get("/metadata?_format=json&access_token=secret-in-query")
+        .header("authorization", "Bearer unchecked")
+        .header("proxy-authorization", "Basic dXNlcjpwYXNz")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    // Two methods at once is refused even where no token is needed.
+    let got = send(&c, addr, r).await.unwrap();
+    got.assert_outcome(400, "REC_BAD_REQUEST");
+    got.assert_challenge("invalid_request");
+    let r = Request::get("/metadata?_format=json&access_token=secret-in-query")
+        .header("proxy-authorization", "Basic dXNlcjpwYXNz")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&c, addr, r).await.unwrap().status, StatusCode::OK);
+    let (path, h, _) = seen.last();
+    assert_eq!(path, "/metadata?_format=json");
+    assert!(h.get("proxy-authorization").is_none());
+    let r = Request::get("/metadata")
+        .header("authorization", "Bearer unchecked")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&c, addr, r).await.unwrap().status, StatusCode::OK);
+    assert!(seen.last().1.get("authorization").is_none());
+
+    // RFC 6750 §3.1: invalid_request "uses more than one method for including an access
+    // token" → 400, before any introspection and without forwarding anything.
+    let fresh = provider
+        .token("bars-sender", "sender-secret", "system/*.*")
+        .await;
+    let before = (provider.introspections().await, seen.count());
+    let got = send(
+        &c,
+        addr,
+        req(
+            Method::GET,
+            &format!("/Patient/1?access_token={fresh}"),
+            &fresh,
+        ),
+    )
+    .await
+    .unwrap();
+    got.assert_outcome(400, "REC_BAD_REQUEST");
+    got.assert_challenge("invalid_request");
+    // The query method alone is not supported: no token, 401.
+    let r = Request::get(format!("/Patient/1?access_token={fresh}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(&c, addr, r)
+        .await
+        .unwrap()
+        .assert_outcome(401, "REC_UNAUTHORIZED");
+    // RFC 6750 §2.2: the form-encoded body parameter is the third method; with the
+    // header too it is invalid_request.
+    let form = |path: &str, body: String, token: Option<&str>| {
+        let mut r = Request::post(path).header("content-type", "application/x-www-form-urlencoded");
+        if let Some(t) = token {
+            r = r.header("authorization", format!("Bearer {t}"));
+        }
+        r.body(Full::new(Bytes::from(body))).unwrap()
+    };
+    let got = send(
+        &c,
+        addr,
+        form(
+            "/Patient/_search",
+            format!("name=x&access_token={fresh}"),
+            Some(&fresh),
+        ),
+    )
+    .await
+    .unwrap();
+    got.assert_outcome(400, "REC_BAD_REQUEST");
+    got.assert_challenge("invalid_request");
+    // The body is read only once the header's token has been verified (a refused client
+    // cannot make the gateway buffer bodies): one introspection, nothing forwarded.
+    assert_eq!(provider.introspections().await, before.0 + 1);
+    assert_eq!(seen.count(), before.1, "nothing forwarded");
+    // A FHIR search by POST with the token in the header only goes up byte for byte.
+    let got = send(
+        &c,
+        addr,
+        form(
+            "/Patient/_search",
+            "name=x&birthdate=2000-01-01".into(),
+            Some(&fresh),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    let (path, h, body) = seen.last();
+    assert_eq!(path, "/Patient/_search");
+    assert_eq!(&body[..], b"name=x&birthdate=2000-01-01");
+    assert!(h.get("authorization").is_none());
+    // Where no token is checked, a body token is removed, not forwarded.
+    let got = send(
+        &c,
+        addr,
+        form("/metadata", format!("a=1&access_token={fresh}&b=2"), None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    let (_, h, body) = seen.last();
+    assert_eq!(&body[..], b"a=1&b=2");
+    assert_eq!(h["content-length"], "7");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// The gateway's own credentials rejected by the real provider (401 invalid_client):
+/// every uncached token gets 503, and the operator gets one loud ERROR line naming the
+/// problem and the config section to fix, not one per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_gateway_credentials_are_logged_loudly_once() {
+    let pki = Pki::new();
+    let provider = Provider::start(&gateway_key(&pki)).await;
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    std::fs::write(pki.path("wrong-gw-secret"), "not-the-secret\n").unwrap();
+    let mut o = Opts::new(up);
+    o.auth = auth_basic(&provider, &pki).replace(
+        &pki.path("gw-secret").display().to_string(),
+        &pki.path("wrong-gw-secret").display().to_string(),
+    );
+    let gw = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cfg_path = pki.path("config.yaml");
+    std::fs::write(
+        &cfg_path,
+        config_yaml(&pki, &o).replace("127.0.0.1:0", &gw.to_string()),
+    )
+    .unwrap();
+    let log_path = pki.path("gateway.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    let c = tls_client(&pki, Some("client"), H1);
+    let token = provider
+        .token("bars-sender", "sender-secret", "system/*.*")
+        .await;
+    let before = provider.introspections().await;
+    let mut answered = 0;
+    for _ in 0..100 {
+        if let Ok(g) = send(&c, gw, req(Method::GET, "/Patient/1", &token)).await {
+            g.assert_outcome(503, "REC_SERVICE_UNAVAILABLE");
+            if provider.introspections().await > before {
+                answered += 1;
+                if answered == 5 {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(answered, 5, "the provider was asked");
+    assert_eq!(seen.count(), 0);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    let _ = child.0.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let loud: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("MISCONFIGURATION"))
+        .collect();
+    assert_eq!(loud.len(), 1, "rate-limited to one line:\n{log}");
+    for want in ["ERROR", "invalid_client", "HTTP 401", "auth.client_auth"] {
+        assert!(loud[0].contains(want), "{want}: {}", loud[0]);
+    }
 }

@@ -311,3 +311,239 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
         "watchdog pings every 100 ms: {notes}"
     );
 }
+
+/// `/metrics` with a real HTTP client (curl): `(content-type, body)`.
+fn curl_metrics(admin: SocketAddr, accept: Option<&str>) -> (String, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "5", "-D", "-"]);
+    if let Some(a) = accept {
+        cmd.args(["-H", &format!("Accept: {a}")]);
+    }
+    let out = cmd
+        .arg(format!("http://{admin}/metrics"))
+        .output()
+        .expect("curl is required (installed by .ci/run)");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("headers and body");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let ct = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_owned())
+        })
+        .expect("content-type");
+    (ct, body.to_owned())
+}
+
+/// Parses exposition text with the Python `prometheus_client` parsers (the reference
+/// implementation): one `family type` line per family, then `sample value` lines.
+/// `None` when python3 or the package is missing, unless FHIRGATE_REQUIRE_PROMETHEUS_PARSER
+/// is set (as .ci/run does), in which case that is a failure.
+fn python_parse(text: &str, openmetrics: bool) -> Option<String> {
+    let parser = if openmetrics {
+        "prometheus_client.openmetrics.parser"
+    } else {
+        "prometheus_client.parser"
+    };
+    let script = format!(
+        "import sys\nfrom {parser} import text_string_to_metric_families as p\n\
+         for f in p(sys.stdin.read()):\n    print('FAMILY', f.name, f.type)\n    \
+         for s in f.samples:\n        print('SAMPLE', s.name, sorted(s.labels.items()), s.value)\n"
+    );
+    let required = std::env::var_os("FHIRGATE_REQUIRE_PROMETHEUS_PARSER").is_some();
+    let child = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if !required => {
+            eprintln!("python3 not available ({e}): parser check skipped");
+            return None;
+        }
+        Err(e) => panic!("python3 is required: {e}"),
+    };
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && stderr.contains("No module named 'prometheus_client'") && !required
+    {
+        eprintln!("prometheus_client not installed: parser check skipped");
+        return None;
+    }
+    assert!(
+        out.status.success(),
+        "{parser} refused the text: {stderr}\n{text}"
+    );
+    Some(String::from_utf8(out.stdout).unwrap())
+}
+
+/// A SIGHUP with a YAML typo or a missing file is refused *and counted* in
+/// `fhirgate_reloads_total{result="error"}` (an alert on it must not miss the common
+/// case). A reload that changes settings fixed at start applies the rest and names each
+/// such field in a WARN. `/metrics` negotiates: Prometheus text 0.0.4 by default and for
+/// `text/plain`, OpenMetrics 1.0 when asked for, both accepted by the reference parsers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_failures_are_counted_and_restart_only_changes_named() {
+    let pki = Pki::new();
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let gw_addr = free_addr();
+    let admin_addr = free_addr();
+    let mut o = Opts::new(up);
+    o.routes
+        .push_str(&format!("admin:\n  address: {admin_addr}\n"));
+    let cfg_path = pki.path("config.yaml");
+    let yaml = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw_addr.to_string());
+    std::fs::write(&cfg_path, &yaml).unwrap();
+    let log_path = pki.path("gateway.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let mut up_ok = false;
+    for _ in 0..100 {
+        if StdTcp::connect(admin_addr).is_ok() {
+            up_ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(up_ok, "gateway did not start");
+    let errors = || {
+        let (_, m) = curl_metrics(admin_addr, None);
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix("fhirgate_reloads_total{result=\"error\"} ")
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    let wait_errors = |want: f64| {
+        for _ in 0..50 {
+            if errors() >= want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("reload errors never reached {want}");
+    };
+    assert_eq!(errors(), 0.0);
+
+    // A YAML typo.
+    std::fs::write(&cfg_path, yaml.replace("routes:", "routes: [")).unwrap();
+    signal(&child, "-HUP");
+    wait_errors(1.0);
+    // A missing file.
+    std::fs::remove_file(&cfg_path).unwrap();
+    signal(&child, "-HUP");
+    wait_errors(2.0);
+    // The old configuration still serves.
+    let c = tls_client(&pki, Some("client"), H1);
+    assert_eq!(
+        send(&c, gw_addr, get("/metadata")).await.unwrap().status,
+        http::StatusCode::OK
+    );
+
+    // Settings that need a restart change along with one that does not (idle_timeout).
+    let moved = free_addr();
+    let changed = yaml
+        .replace(&gw_addr.to_string(), &moved.to_string())
+        .replace(
+            "idle_timeout: 5s",
+            "idle_timeout: 7s\n  max_connections: 77",
+        )
+        + "logging:\n  format: json\n";
+    std::fs::write(&cfg_path, changed).unwrap();
+    signal(&child, "-HUP");
+    let mut log = String::new();
+    for _ in 0..50 {
+        log = std::fs::read_to_string(&log_path).unwrap();
+        if log.contains("need a restart") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let warn = log
+        .lines()
+        .find(|l| l.contains("need a restart"))
+        .unwrap_or_else(|| panic!("no restart warning:\n{log}"));
+    assert!(warn.contains("WARN"), "{warn}");
+    for field in ["listeners", "logging.format", "limits.max_connections"] {
+        assert!(warn.contains(field), "{field} not named: {warn}");
+    }
+    assert!(!warn.contains("admin.address"), "{warn}");
+    assert_eq!(errors(), 2.0, "applied, not an error");
+    // The listener stays where it was until a restart.
+    assert_eq!(
+        send(&c, gw_addr, get("/metadata")).await.unwrap().status,
+        http::StatusCode::OK
+    );
+    assert!(StdTcp::connect(moved).is_err());
+
+    // Content negotiation on /metrics.
+    let (ct, text) = curl_metrics(admin_addr, None);
+    assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(!text.contains("# EOF"), "{text}");
+    assert!(
+        text.contains("# TYPE fhirgate_reloads_total counter\n"),
+        "{text}"
+    );
+    let (ct_plain, _) = curl_metrics(admin_addr, Some("text/plain;version=0.0.4"));
+    assert_eq!(ct_plain, ct);
+    // What Prometheus itself sends.
+    let (om_ct, om) = curl_metrics(
+        admin_addr,
+        Some("application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"),
+    );
+    assert_eq!(
+        om_ct,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    assert!(om.contains("# TYPE fhirgate_reloads counter\n"), "{om}");
+
+    if let Some(parsed) = python_parse(&text, false) {
+        assert!(
+            parsed.contains("FAMILY fhirgate_reloads counter"),
+            "{parsed}"
+        );
+        assert!(
+            parsed.contains("FAMILY fhirgate_request_duration_seconds histogram"),
+            "{parsed}"
+        );
+        assert!(
+            parsed.contains("SAMPLE fhirgate_reloads_total [('result', 'error')] 2"),
+            "{parsed}"
+        );
+        let om_parsed = python_parse(&om, true).expect("parser present");
+        assert!(
+            om_parsed.contains("FAMILY fhirgate_reloads counter"),
+            "{om_parsed}"
+        );
+        assert!(
+            om_parsed.contains("SAMPLE fhirgate_reloads_total [('result', 'error')] 2"),
+            "{om_parsed}"
+        );
+    }
+
+    signal(&child, "-TERM");
+    let status = child.0.wait().unwrap();
+    assert!(status.success());
+}

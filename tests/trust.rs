@@ -93,7 +93,7 @@ fn yaml(
 ) -> String {
     let auth = if env == "production" {
         // Production refuses development auth; tokens are never reached in these tests.
-        "auth:\n  mode: jwt\n  issuer: https://127.0.0.1:9\n  jwks_uri: https://127.0.0.1:9/jwks\n  ca_file: "
+        "auth:\n  mode: jwt\n  issuer: https://127.0.0.1:9\n  expected_issuer: https://127.0.0.1:9\n  expected_audience: fhir\n  jwks_uri: https://127.0.0.1:9/jwks\n  ca_file: "
             .to_owned()
             + &p(&server.chain)
             + "\n"

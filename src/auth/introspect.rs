@@ -39,6 +39,14 @@ pub enum IntrospectError {
     Discovery(String),
     #[error("{0}")]
     Credential(String),
+    /// RFC 6749 §5.2-style 400 answer about the token (`unsupported_token_type`,
+    /// `invalid_request`, …): a verdict on the token, not an outage.
+    #[error("authorisation server refused the token: {0}")]
+    Refused(String),
+    /// 401/403, or 400 `invalid_client`/`unauthorized_client`: the authorisation server
+    /// rejects the gateway's own credentials. A misconfiguration, not the client's fault.
+    #[error("authorisation server rejected the gateway's own client credentials (HTTP {status}, error {error}): check auth.client_auth and the client registration")]
+    ClientRejected { status: u16, error: String },
 }
 
 impl IntrospectError {
@@ -210,11 +218,25 @@ impl AsClient {
         let req = req
             .body(Full::new(Bytes::from(form)))
             .map_err(|e| IntrospectError::Transport(e.to_string()))?;
-        let body = self.send(req).await?;
+        let (status, body) = self.send_raw(req).await?;
+        if status != StatusCode::OK {
+            return Err(classify_refusal(status.as_u16(), &body));
+        }
         parse_introspection(&body)
     }
 
     async fn send(&self, req: Request<Full<Bytes>>) -> Result<Bytes, IntrospectError> {
+        let (status, body) = self.send_raw(req).await?;
+        if status != StatusCode::OK {
+            return Err(IntrospectError::Status(status.as_u16()));
+        }
+        Ok(body)
+    }
+
+    async fn send_raw(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, Bytes), IntrospectError> {
         let resp = self
             .http
             .request(req)
@@ -226,10 +248,7 @@ impl AsClient {
             .await
             .map_err(|e| IntrospectError::Transport(e.to_string()))?
             .to_bytes();
-        if status != StatusCode::OK {
-            return Err(IntrospectError::Status(status.as_u16()));
-        }
-        Ok(body)
+        Ok((status, body))
     }
 
     /// GETs a JSON document (JWKS), bounded in size and time.
@@ -272,6 +291,63 @@ impl AsClient {
     }
 }
 
+/// The `error` code of an RFC 6749 §5.2 error response, if the body is one (the code is
+/// limited to the characters §5.2 allows, so it is safe to log).
+fn oauth_error(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        error: String,
+    }
+    let e: ErrorBody = serde_json::from_slice(body).ok()?;
+    let valid = !e.error.is_empty()
+        && e.error.len() <= 64
+        && e.error
+            .bytes()
+            .all(|b| matches!(b, 0x20..=0x21 | 0x23..=0x5b | 0x5d..=0x7e));
+    valid.then_some(e.error)
+}
+
+/// Classifies a non-200 introspection answer. Only 5xx (and unexpected statuses) are
+/// outages; RFC 7662 §2.3 says invalid gateway credentials get 401, and RFC 6749 §5.2
+/// lets a server answer `invalid_client` with 400; any other 400 with an OAuth error
+/// code is about the token. A 400 without one is a malformed answer.
+pub fn classify_refusal(status: u16, body: &[u8]) -> IntrospectError {
+    let error = oauth_error(body);
+    match (status, error) {
+        (401 | 403, e) => IntrospectError::ClientRejected {
+            status,
+            error: e.unwrap_or_else(|| "-".into()),
+        },
+        (400, Some(e)) if e == "invalid_client" || e == "unauthorized_client" => {
+            IntrospectError::ClientRejected { status, error: e }
+        }
+        (400, Some(e)) => IntrospectError::Refused(e),
+        (400, None) => IntrospectError::Malformed("HTTP 400 without an RFC 6749 error code".into()),
+        (s, _) => IntrospectError::Status(s),
+    }
+}
+
+/// Logs a rejected gateway credential at ERROR, at most once per 10 s (every request
+/// with an uncached token would otherwise log it).
+pub fn log_client_rejected(e: &IntrospectError) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let now = super::cache::unix_now().max(0) as u64;
+    let last = LAST.load(Ordering::Relaxed);
+    if last != 0 && now.saturating_sub(last) < 10 {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    if LAST
+        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
+    {
+        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+        tracing::error!(target: "fhirgate::auth", error = %e, suppressed, "MISCONFIGURATION: the authorisation server rejects the gateway's client credentials; every uncached token gets 503 until this is fixed");
+    }
+}
+
 /// Runs discovery until it succeeds (every 2 s at first, backing off to 60 s), then
 /// refreshes every `refresh`. Stops when the owning authoriser is dropped (on reload).
 pub fn spawn_discovery(
@@ -311,6 +387,46 @@ pub fn spawn_discovery(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_200_answers_are_classified() {
+        let body = |e: &str| format!("{{\"error\":\"{e}\",\"error_description\":\"x\"}}");
+        // oidc-provider's answer to a JWT presented for introspection.
+        assert_eq!(
+            classify_refusal(400, body("unsupported_token_type").as_bytes()),
+            IntrospectError::Refused("unsupported_token_type".into())
+        );
+        assert_eq!(
+            classify_refusal(400, body("invalid_request").as_bytes()),
+            IntrospectError::Refused("invalid_request".into())
+        );
+        for (status, e) in [
+            (401, "invalid_client"),
+            (400, "invalid_client"),
+            (403, "access_denied"),
+        ] {
+            assert!(matches!(
+                classify_refusal(status, body(e).as_bytes()),
+                IntrospectError::ClientRejected { .. }
+            ));
+        }
+        assert!(matches!(
+            classify_refusal(401, b"nope"),
+            IntrospectError::ClientRejected { .. }
+        ));
+        assert!(matches!(
+            classify_refusal(400, b"<html>"),
+            IntrospectError::Malformed(_)
+        ));
+        assert!(matches!(
+            classify_refusal(400, body("bad\\u0000code").as_bytes()),
+            IntrospectError::Malformed(_)
+        ));
+        assert_eq!(classify_refusal(502, b""), IntrospectError::Status(502));
+        assert_eq!(classify_refusal(404, b""), IntrospectError::Status(404));
+        assert!(IntrospectError::Status(503).retryable());
+        assert!(!IntrospectError::Refused("x".into()).retryable());
+    }
 
     #[test]
     fn parses_rfc7662_responses() {

@@ -81,6 +81,22 @@ pub struct JwtVerifier {
     algorithms: Vec<Algorithm>,
     issuer: Option<String>,
     audience: Option<String>,
+    accept_legacy_typ: bool,
+}
+
+/// RFC 9068 §4: the resource server "MUST verify that the `typ` header value is `at+jwt`
+/// or `application/at+jwt` and reject tokens carrying any other value". RFC 7515 §4.1.9:
+/// media type values are case-insensitive and the `application/` prefix may be omitted.
+/// With `legacy`, a missing `typ` or plain `JWT` is tolerated too; other explicit types
+/// (an ID token's or logout token's, say) never are.
+pub fn typ_acceptable(typ: Option<&str>, legacy: bool) -> bool {
+    let Some(t) = typ else { return legacy };
+    let t = t.trim();
+    let bare = match t.get(..12) {
+        Some(p) if p.eq_ignore_ascii_case("application/") => &t[12..],
+        _ => t,
+    };
+    bare.eq_ignore_ascii_case("at+jwt") || (legacy && bare.eq_ignore_ascii_case("jwt"))
 }
 
 impl JwtVerifier {
@@ -97,7 +113,14 @@ impl JwtVerifier {
             algorithms,
             issuer,
             audience,
+            accept_legacy_typ: false,
         }
+    }
+
+    /// `auth.accept_legacy_jwt_typ`.
+    pub fn accept_legacy_typ(mut self, yes: bool) -> Self {
+        self.accept_legacy_typ = yes;
+        self
     }
 
     /// Fetches the JWKS unless one was fetched less than `min_refetch` ago.
@@ -138,6 +161,9 @@ impl JwtVerifier {
         if !self.algorithms.contains(&header.alg) {
             return Ok(inactive);
         }
+        if !typ_acceptable(header.typ.as_deref(), self.accept_legacy_typ) {
+            return Ok(inactive);
+        }
         let Some(kid) = header.kid else {
             return Ok(inactive);
         };
@@ -176,5 +202,43 @@ impl JwtVerifier {
             token_type: None,
             cnf: c.cnf,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::typ_acceptable;
+
+    #[test]
+    fn rfc9068_typ_values() {
+        // RFC 9068 §4: "MUST verify that the typ header value is at+jwt or
+        // application/at+jwt and reject tokens carrying any other value".
+        for ok in [
+            "at+jwt",
+            "application/at+jwt",
+            "AT+JWT",
+            "Application/At+Jwt",
+        ] {
+            assert!(typ_acceptable(Some(ok), false), "{ok}");
+            assert!(typ_acceptable(Some(ok), true), "{ok}");
+        }
+        for bad in [
+            "JWT",
+            "jwt",
+            "",
+            "dpop+jwt",
+            "application/jwt",
+            "at+jwt2",
+            "xat+jwt",
+        ] {
+            assert!(!typ_acceptable(Some(bad), false), "{bad}");
+        }
+        assert!(!typ_acceptable(None, false));
+        // The legacy opt-out admits `JWT` and a missing typ, nothing else.
+        assert!(typ_acceptable(None, true));
+        assert!(typ_acceptable(Some("JWT"), true));
+        assert!(typ_acceptable(Some("application/jwt"), true));
+        assert!(!typ_acceptable(Some("logout+jwt"), true));
+        assert!(!typ_acceptable(Some("secevent+jwt"), true));
     }
 }

@@ -128,6 +128,10 @@ pub struct AuthConfig {
     /// When set, the introspection `aud` must contain it.
     #[serde(default)]
     pub expected_audience: Option<String>,
+    /// `jwt` mode: also accept tokens whose JOSE `typ` is `JWT` or absent (issuers that
+    /// predate RFC 9068). Off: only `at+jwt` / `application/at+jwt` are accepted.
+    #[serde(default)]
+    pub accept_legacy_jwt_typ: bool,
     /// Status for invalid, inactive or expired tokens: 403 (regional IUA guide) or 401.
     #[serde(default = "default_invalid_status")]
     pub invalid_token_status: u16,
@@ -297,6 +301,28 @@ impl AuthConfig {
         self.validate_common()
     }
 
+    /// RFC 9068 §4: a resource server validating JWT access tokens MUST check `iss` and
+    /// `aud`. Without both, any token the JWKS signed (an ID token, a token for another
+    /// API) would pass, so both are required outside `environment: development`.
+    pub fn validate_jwt_claims(&self, development: bool) -> Result<(), ConfigError> {
+        if self.mode != AuthMode::Jwt || development {
+            return Ok(());
+        }
+        if self.expected_issuer.is_none() {
+            return Err(err(
+                "auth.expected_issuer",
+                "required with mode: jwt outside environment: development (RFC 9068 §4: the iss claim MUST be checked); set it to the authorisation server's issuer identifier",
+            ));
+        }
+        if self.expected_audience.is_none() {
+            return Err(err(
+                "auth.expected_audience",
+                "required with mode: jwt outside environment: development (RFC 9068 §4: the aud claim MUST be checked); set it to this API's resource identifier",
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_common(&self) -> Result<(), ConfigError> {
         if !matches!(self.invalid_token_status, 401 | 403) {
             return Err(err("auth.invalid_token_status", "must be 401 or 403"));
@@ -393,6 +419,9 @@ pub enum AuthError {
     Missing,
     #[error("The bearer token is not valid: {0}")]
     InvalidToken(&'static str),
+    /// RFC 6750 §3.1 `invalid_request`, e.g. a token sent by more than one method.
+    #[error("{0}")]
+    InvalidRequest(&'static str),
     #[error("The token does not grant the scope this request needs ({needed})")]
     InsufficientScope { needed: String },
     #[error("The token could not be verified now; try again later")]
@@ -429,6 +458,16 @@ impl AuthError {
                     "Bearer realm=\"{realm}\", error=\"invalid_token\""
                 )))
             }
+            AuthError::InvalidRequest(_) => Rejection::from_parts(
+                400,
+                "invalid",
+                "REC_BAD_REQUEST",
+                "token_invalid_request",
+                self.to_string(),
+            )
+            .with_www_authenticate(Some(format!(
+                "Bearer realm=\"{realm}\", error=\"invalid_request\""
+            ))),
             AuthError::InsufficientScope { needed } => Rejection::from_parts(
                 403,
                 "forbidden",
@@ -500,6 +539,7 @@ impl Authoriser {
                 cfg.expected_audience.clone(),
                 cfg.jwks_min_refetch,
             )
+            .accept_legacy_typ(cfg.accept_legacy_jwt_typ)
         });
         let a = Authoriser {
             cache: TokenCache::new(&cfg.cache),
@@ -635,6 +675,15 @@ impl Authoriser {
         })
     }
 
+    fn count_introspection(&self, result: &str) {
+        self.metrics
+            .introspections
+            .get_or_create(&crate::metrics::ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+
     /// One introspection (with retries), turned into a cache entry.
     async fn introspect_once(
         &self,
@@ -657,6 +706,22 @@ impl Authoriser {
         self.metrics
             .introspection_seconds
             .observe(started.elapsed().as_secs_f64());
+        // An RFC 6749-style refusal of the token is an answer, not an outage: remembered
+        // like `active: false` (for `negative_ttl`), so the client is not told to retry
+        // and the authorisation server is not asked again on every request.
+        let result = match result {
+            Err(introspect::IntrospectError::Refused(error)) => {
+                tracing::debug!(target: "fhirgate::auth", %error, "authorisation server refused to introspect the token");
+                self.count_introspection("refused");
+                return Ok(Arc::new(cache::CachedToken::Inactive));
+            }
+            Err(e @ introspect::IntrospectError::ClientRejected { .. }) => {
+                self.count_introspection("misconfigured");
+                introspect::log_client_rejected(&e);
+                return Err(e);
+            }
+            r => r,
+        };
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics
             .introspections

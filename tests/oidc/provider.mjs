@@ -5,6 +5,8 @@
 //     (bars-short's tokens live 2 s, to test expiry);
 //   fhirgate-gw     : the gateway, introspecting with client_secret_basic;
 //   fhirgate-gw-jwt : the gateway, introspecting with private_key_jwt (GW_JWKS).
+// A token requested with `resource=<any URL>` is an RFC 9068 JWT access token (typ at+jwt)
+// for that audience, signed with the provider's development key; without, it is opaque.
 // GET /test/introspections returns how many introspection requests it has served.
 // Development and test use only: secrets here are fixed test values.
 import fs from 'node:fs';
@@ -46,6 +48,14 @@ const provider = new Provider(issuer, {
     clientCredentials: { enabled: true },
     introspection: { enabled: true },
     revocation: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      getResourceServerInfo: (ctx, resourceIndicator) => ({
+        scope: 'system/*.* system/Patient.read',
+        audience: resourceIndicator,
+        accessTokenFormat: 'jwt',
+      }),
+    },
   },
   ttl: {
     ClientCredentials: (ctx, token, client) => (client && client.clientId === 'bars-short' ? 2 : 600),

@@ -1,0 +1,244 @@
+//! Request hygiene of the real binary and the in-process gateway: request ids made up
+//! when none is sent, ids kept out of the access log (`logging.redact_paths`), and
+//! SIGTERM honoured from the first moment, even while OAuth discovery is pending.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use fhirgate::nhsd;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+
+/// Kills the gateway if the test fails half-way, so no process outlives the test.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// Starts `fhirgate run` on `yaml` (listener at `gw`), logging to `log`; waits until the
+/// listener accepts TCP.
+fn start_binary(pki: &Pki, yaml: &str, gw: SocketAddr, log: &std::path::Path) -> KillOnDrop {
+    let cfg_path = pki.path("config.yaml");
+    std::fs::write(&cfg_path, yaml).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let child = KillOnDrop(child);
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(gw).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!(
+        "gateway did not start:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// Waits up to `limit` for the process to exit; returns its status and how long it took.
+fn wait_exit(
+    child: &mut KillOnDrop,
+    limit: Duration,
+) -> Option<(std::process::ExitStatus, Duration)> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Ok(Some(status)) = child.0.try_wait() {
+            return Some((status, started.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn is_uuid_v4(s: &str) -> bool {
+    uuid::Uuid::parse_str(s).is_ok_and(|u| u.get_version_num() == 4) && s.len() == 36
+}
+
+/// `systemctl stop` or a Kubernetes rollout while the authorisation server is down: the
+/// gateway waits up to a minute for discovery before it reports ready, but SIGTERM (and
+/// SIGINT) must end it at once, with exit status 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_works_while_discovery_is_pending() {
+    let pki = Pki::new();
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let dead = dead_port().await;
+    std::fs::write(pki.path("gw-secret"), "secret\n").unwrap();
+    let gw = free_addr();
+    let mut o = Opts::new(up);
+    o.auth = format!(
+        "auth:\n  mode: introspection\n  issuer: http://{dead}\n  client_auth:\n    method: client_secret_basic\n    client_id: gw\n    client_secret_file: {}\n",
+        pki.path("gw-secret").display()
+    );
+    for sig in ["-TERM", "-INT"] {
+        let yaml = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw.to_string());
+        let log = pki.path("sigterm.log");
+        let mut child = start_binary(&pki, &yaml, gw, &log);
+        std::thread::sleep(Duration::from_secs(1));
+        signal(&child.0, sig);
+        let exited = wait_exit(&mut child, Duration::from_secs(3));
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        let (status, took) = exited.unwrap_or_else(|| panic!("{sig} ignored for 3 s:\n{log}"));
+        assert!(status.success(), "{sig}: exit {status:?}\n{log}");
+        assert!(took < Duration::from_secs(3), "{sig}: {took:?}");
+        assert!(
+            log.contains("discovery failed"),
+            "the AS really was down: {log}"
+        );
+    }
+}
+
+/// Without an `nhsd` section nothing requires `X-Request-ID`, so the gateway makes one
+/// up (UUID v4): sent upstream, echoed to the client and logged. A sent one is kept.
+/// With `logging.redact_paths` (on by default outside development) the access line
+/// shows `/Patient/{id}` and no query string, so NHS numbers and search terms stay out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_made_up_and_access_paths_redacted() {
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let gw = free_addr();
+    let o = Opts::new(up);
+    let yaml = config_yaml(&pki, &o)
+        .replace("127.0.0.1:0", &gw.to_string())
+        .replace("environment: development", "environment: integration");
+    let log_path = pki.path("access.log");
+    let mut child = start_binary(&pki, &yaml, gw, &log_path);
+    let c = tls_client(&pki, Some("client"), H1);
+
+    let got = send(&c, gw, get("/Patient/9000000009/_history/7?name=smith"))
+        .await
+        .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    let made_up = got.headers["x-request-id"].to_str().unwrap().to_owned();
+    assert!(is_uuid_v4(&made_up), "{made_up}");
+    assert_eq!(seen.last().1["x-request-id"], made_up.as_str());
+
+    let sent = "0b7c4fb1-0f48-4d3b-9a7e-5d3c1c3f7a11";
+    let r = Request::get("/Patient/9000000009/$everything")
+        .header("x-request-id", sent)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let got = send(&c, gw, r).await.unwrap();
+    assert_eq!(got.headers["x-request-id"], sent);
+    assert_eq!(seen.last().1["x-request-id"], sent);
+
+    // A refusal gets an id too.
+    let got = send(&c, gw, get("/Patient/%2e%2e/9000000009"))
+        .await
+        .unwrap();
+    got.assert_outcome(400, "REC_BAD_REQUEST");
+    let refused_id = got.headers["x-request-id"].to_str().unwrap().to_owned();
+    assert!(is_uuid_v4(&refused_id));
+    assert_ne!(refused_id, made_up);
+
+    signal(&child.0, "-TERM");
+    wait_exit(&mut child, Duration::from_secs(10)).expect("exits");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let access: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("fhirgate::access"))
+        .collect();
+    assert_eq!(access.len(), 3, "{log}");
+    assert!(
+        access[0].contains("path=/Patient/{id}/_history/{vid}"),
+        "{}",
+        access[0]
+    );
+    assert!(
+        access[0].contains(&format!("request_id=\"{made_up}\"")),
+        "{}",
+        access[0]
+    );
+    assert!(
+        access[1].contains("path=/Patient/{id}/$everything"),
+        "{}",
+        access[1]
+    );
+    assert!(
+        access[1].contains(&format!("request_id=\"{sent}\"")),
+        "{}",
+        access[1]
+    );
+    assert!(
+        access[2].contains(&format!("request_id=\"{refused_id}\"")),
+        "{}",
+        access[2]
+    );
+    for secret in ["9000000009", "smith"] {
+        assert!(!log.contains(secret), "{secret} logged:\n{log}");
+    }
+
+    // Development default (and an explicit `redact_paths: false`): the path as sent.
+    let yaml = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw.to_string());
+    let mut child = start_binary(&pki, &yaml, gw, &log_path);
+    assert_eq!(
+        send(&c, gw, get("/Patient/9000000009"))
+            .await
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
+    signal(&child.0, "-TERM");
+    wait_exit(&mut child, Duration::from_secs(10)).expect("exits");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("path=/Patient/9000000009"), "{log}");
+}
+
+/// With BaRS checks on, a missing `X-Request-ID` stays a 400 naming it (BaRS: the sender
+/// must send one); nothing is made up or echoed.
+#[tokio::test]
+async fn with_nhsd_checks_a_missing_request_id_is_still_refused() {
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.routes.push_str("nhsd: {}\n");
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    let mut r = Request::get("/Patient/1");
+    for (k, v) in nhsd::example_headers() {
+        if k != nhsd::REQUEST_ID {
+            r = r.header(k, v);
+        }
+    }
+    let got = send(&c, addr, r.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    got.assert_outcome(400, "REC_BAD_REQUEST");
+    let j = got.json();
+    assert!(
+        j["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("X-Request-ID"),
+        "{j}"
+    );
+    assert!(got.headers.get("x-request-id").is_none());
+    assert_eq!(seen.count(), 0);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
