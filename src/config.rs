@@ -565,7 +565,10 @@ impl Config {
             if r.path_prefix.len() > 1 && r.path_prefix.ends_with('/') {
                 return Err(err(format!("{f}.path_prefix"), "must not end with '/'"));
             }
-            if r.path_prefix.contains(['?', '#', '%', '*']) || r.path_prefix.contains("/.") {
+            // Dot segments are exactly "." and ".." (RFC 3986 5.2.4); "/.well-known" is a
+            // plain path (RFC 8615) that SMART discovery needs a route for.
+            let dot_segment = r.path_prefix.split('/').any(|s| s == "." || s == "..");
+            if r.path_prefix.contains(['?', '#', '%', '*']) || dot_segment {
                 return Err(err(
                     format!("{f}.path_prefix"),
                     "must be a plain path (no '?', '#', '%', '*' or dot segments)",
