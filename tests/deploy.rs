@@ -337,6 +337,7 @@ fn manifests_run_the_built_image_as_its_user_with_directory_mounts() {
                 "Deployment",
                 "Service",
                 "PodDisruptionBudget",
+                "NetworkPolicy",
             ],
         ),
     ];
@@ -490,6 +491,28 @@ fn manifests_run_the_built_image_as_its_user_with_directory_mounts() {
         let ports = svc["spec"]["ports"].as_array().expect("ports");
         assert_eq!(ports.len(), 1, "{file}");
         assert_eq!(ports[0]["targetPort"], "https", "{file}");
+
+        // A network policy, where there is one, admits partners to the TLS-MA port only
+        // and keeps the admin port for a named source.
+        for np in kind(&docs, file, "NetworkPolicy") {
+            assert_eq!(&np["spec"]["podSelector"]["matchLabels"], labels, "{file}");
+            for rule in np["spec"]["ingress"].as_array().expect("ingress") {
+                let ports: Vec<_> = rule["ports"]
+                    .as_array()
+                    .expect("ports")
+                    .iter()
+                    .map(|p| &p["port"])
+                    .collect();
+                if ports.iter().any(|p| *p == "admin") {
+                    assert!(
+                        rule["from"].is_array(),
+                        "{file}: admin port open to all: {rule}"
+                    );
+                } else {
+                    assert_eq!(ports, [&Value::from("https")], "{file}: {rule}");
+                }
+            }
+        }
 
         // The disruption budget covers these pods and leaves one to go.
         let pdb = kind(&docs, file, "PodDisruptionBudget")[0];
