@@ -44,6 +44,12 @@ pub struct FileLabel {
     pub file: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    pub bundle: String,
+    pub subject: String,
+}
+
 fn latency() -> Histogram {
     // 0.1 ms .. ~26 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
@@ -67,6 +73,8 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     pub server_cert_not_after: Gauge<i64, AtomicI64>,
     pub crl_next_update: Family<FileLabel, Gauge<i64, AtomicI64>>,
+    /// notAfter of each configured CA certificate, by bundle and subject.
+    pub cert_not_after: Family<CertLabels, Gauge<i64, AtomicI64>>,
 }
 
 impl Default for Metrics {
@@ -95,6 +103,7 @@ impl Metrics {
             reloads: Family::default(),
             server_cert_not_after: Gauge::default(),
             crl_next_update: Family::default(),
+            cert_not_after: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -177,7 +186,26 @@ impl Metrics {
             "nextUpdate of each configured CRL, Unix seconds",
             m.crl_next_update.clone(),
         );
+        registry.register(
+            "cert_not_after_seconds",
+            "notAfter of each trust-bundle CA certificate (Root CA, SubCA), Unix seconds",
+            m.cert_not_after.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Replaces the CA notAfter gauges with `(bundle, subject, notAfter)` of the current
+    /// configuration, so removed CAs do not linger after a reload.
+    pub fn set_cert_not_after<'a>(&self, certs: impl Iterator<Item = (&'a str, &'a str, i64)>) {
+        self.cert_not_after.clear();
+        for (bundle, subject, t) in certs {
+            self.cert_not_after
+                .get_or_create(&CertLabels {
+                    bundle: bundle.to_owned(),
+                    subject: subject.to_owned(),
+                })
+                .set(t);
+        }
     }
 
     pub fn handshake(&self, result: &str) {
