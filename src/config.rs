@@ -587,6 +587,19 @@ impl Config {
 
         self.auth
             .validate(self.environment == Environment::Production)?;
+        if self.auth.mode == crate::auth::AuthMode::None {
+            if let Some(i) = self
+                .routes
+                .iter()
+                .position(|r| r.token == TokenRequirement::Required)
+            {
+                return Err(err(
+                    format!("routes[{i}].token"),
+                    "required (the default), but auth.mode is none: set `token: none` on the \
+                     route, or configure auth.mode introspection or jwt",
+                ));
+            }
+        }
         self.auth
             .validate_jwt_claims(self.environment == Environment::Development)?;
         if let Some(n) = &self.nhsd {
@@ -636,7 +649,10 @@ impl Config {
             if r.path_prefix.len() > 1 && r.path_prefix.ends_with('/') {
                 return Err(err(format!("{f}.path_prefix"), "must not end with '/'"));
             }
-            if r.path_prefix.contains(['?', '#', '%', '*']) || r.path_prefix.contains("/.") {
+            // Dot segments are exactly "." and ".." (RFC 3986 5.2.4); "/.well-known" is a
+            // plain path (RFC 8615) that SMART discovery needs a route for.
+            let dot_segment = r.path_prefix.split('/').any(|s| s == "." || s == "..");
+            if r.path_prefix.contains(['?', '#', '%', '*']) || dot_segment {
                 return Err(err(
                     format!("{f}.path_prefix"),
                     "must be a plain path (no '?', '#', '%', '*' or dot segments)",
@@ -716,12 +732,16 @@ impl Config {
             crate::auth::AuthMode::Introspection => "introspection",
             crate::auth::AuthMode::Jwt => "jwt",
             crate::auth::AuthMode::Development => "development",
+            crate::auth::AuthMode::None => "none",
         };
         let _ = writeln!(
             s,
             "auth: {mode}{}",
             match (&self.auth.issuer, &self.auth.introspection_endpoint) {
                 _ if no_tokens => " (NO TOKEN CHECKS: bearer tokens are not checked)".into(),
+                _ if self.auth.mode == crate::auth::AuthMode::None => {
+                    " (no route checks tokens: TLS-MA and NHSD headers only)".into()
+                }
                 (_, Some(e)) => format!(" via {e}"),
                 (Some(i), None) => format!(" via discovery from {i}"),
                 _ => String::new(),

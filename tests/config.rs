@@ -27,6 +27,35 @@ fn valid_base_config_loads() {
     assert!(cfg.summary().contains("trust bundle \"nhs-int\""));
 }
 
+/// RFC 3986 5.2.4: dot segments are exactly "." and ".."; RFC 8615 well-known URIs start
+/// with a "." but are plain paths, and SMART discovery (`/.well-known/smart-configuration`)
+/// needs a route of its own (public, before the token-protected `/`).
+#[test]
+fn well_known_route_prefix_is_a_plain_path() {
+    let pki = Pki::new();
+    let yaml = base(&pki).replace(
+        "path_prefix: /",
+        "path_prefix: /.well-known/smart-configuration",
+    );
+    Config::from_yaml(&yaml, Path::new("/")).expect("/.well-known is not a dot segment");
+    let yaml = base(&pki).replace("path_prefix: /", "path_prefix: /a/./b");
+    assert!(load_err(&yaml).contains("routes[0].path_prefix"));
+}
+
+/// `auth.mode: none` is the BaRS receiver model (TLS-MA + NHSD headers, no tokens): it
+/// must not turn token checks off silently, so a route still requiring a token is refused.
+#[test]
+fn auth_mode_none_refuses_token_required_routes() {
+    let pki = Pki::new();
+    let none = base(&pki).replace("auth:\n  mode: development\n", "auth:\n  mode: none\n");
+    assert!(none.contains("mode: none"), "{none}");
+    let e = load_err(&none);
+    assert!(e.starts_with("routes[0].token: required"), "{e}");
+    let ok = none.replace("path_prefix: /\n", "path_prefix: /\n    token: none\n");
+    let cfg = Config::from_yaml(&ok, Path::new("/")).expect("every route token: none");
+    assert!(cfg.summary().contains("auth: none (no route checks tokens"));
+}
+
 #[test]
 fn each_bad_config_names_its_field() {
     let pki = Pki::new();
@@ -93,6 +122,10 @@ fn each_bad_config_names_its_field() {
         ),
         (
             b.replace("path_prefix: /", "path_prefix: /x/../y"),
+            "routes[0].path_prefix",
+        ),
+        (
+            b.replace("path_prefix: /", "path_prefix: /x/."),
             "routes[0].path_prefix",
         ),
         (

@@ -40,6 +40,10 @@ pub enum AuthMode {
     /// No token checks at all (the regional guide's "unrestricted access" development
     /// mode). Refused when `environment: production`; logged loudly.
     Development,
+    /// No route checks tokens: the BaRS receiver model, where the sender is authorised by
+    /// TLS-MA and the NHSD headers. A route with `token: required` is a config error, so
+    /// this cannot silently turn checks off the way `development` does.
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -201,6 +205,9 @@ fn default_discovery_refresh() -> Duration {
 
 impl AuthConfig {
     pub fn validate(&self, production: bool) -> Result<(), ConfigError> {
+        if self.mode == AuthMode::None {
+            return Ok(());
+        }
         if self.mode == AuthMode::Development {
             if production {
                 return Err(err(
@@ -524,7 +531,7 @@ impl Authoriser {
             needed_known.then(|| Arc::new(explicit)),
         ));
         let client = match cfg.mode {
-            AuthMode::Development => None,
+            AuthMode::Development | AuthMode::None => None,
             AuthMode::Introspection | AuthMode::Jwt => Some(AsClient::new(cfg)?),
         };
         let jwt = (cfg.mode == AuthMode::Jwt).then(|| {
@@ -574,7 +581,7 @@ impl Authoriser {
 
     /// Whether the endpoint this mode needs is known (for readiness).
     pub fn endpoint_known(&self) -> bool {
-        self.is_development() || self.endpoint().is_some()
+        self.is_development() || self.cfg.mode == AuthMode::None || self.endpoint().is_some()
     }
 
     /// The introspection endpoint or JWKS URL, whichever this mode uses.
@@ -598,6 +605,13 @@ impl Authoriser {
         cert_sha256: &str,
     ) -> Result<TokenFacts, AuthError> {
         let Some(client) = &self.client else {
+            if self.cfg.mode == AuthMode::None {
+                // Config validation keeps token-checked routes out of this mode; fail
+                // closed should one get here anyway.
+                return Err(AuthError::Unavailable(
+                    "auth.mode is none but the route requires a token".into(),
+                ));
+            }
             return Ok(TokenFacts {
                 development: true,
                 ..TokenFacts::default()
