@@ -49,6 +49,30 @@ pub struct Config {
     /// BaRS NHSD-* header checks; off when absent.
     #[serde(default)]
     pub nhsd: Option<NhsdConfig>,
+    /// Reload on file change (see [`crate::watch`]).
+    #[serde(default)]
+    pub reload: ReloadConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Reload, as SIGHUP does, when the config file or a certificate, key or CRL file it
+    /// names changes (directories are watched, so Kubernetes' symlink swaps are seen).
+    pub watch_files: bool,
+    /// Quiet time after the last change before reloading (editors and `kubectl` write
+    /// several files in a burst).
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch_files: true,
+            debounce: Duration::from_millis(500),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,6 +138,10 @@ pub struct TlsConfig {
     pub verify_depth: usize,
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Last good CRLs fetched over HTTP, per bundle: set by the running server (never
+    /// read from YAML) so that the verifier is built from files and fetched CRLs alike.
+    #[serde(skip)]
+    pub fetched_crls: crate::revocation::FetchedCrls,
 }
 
 fn default_verify_depth() -> usize {
@@ -133,6 +161,10 @@ pub struct TrustBundleConfig {
     /// PEM or DER CRLs published by the CAs of this chain.
     #[serde(default)]
     pub crl_files: Vec<PathBuf>,
+    /// http:// URLs the CAs of this chain publish their CRLs at; fetched at start and
+    /// every `revocation.refresh_interval` (see [`crate::revocation`]).
+    #[serde(default)]
+    pub crl_urls: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -161,6 +193,31 @@ pub struct RevocationConfig {
     pub unknown_status: UnknownRevocation,
     /// Refuse clients when a CRL is past its nextUpdate.
     pub enforce_crl_expiry: bool,
+    /// Also fetch the CRLs named in the CRL Distribution Points of the bundle's CAs.
+    pub fetch_distribution_points: bool,
+    /// How often fetched CRLs are refreshed (default 1h); they are also fetched again
+    /// shortly before a held CRL's nextUpdate.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Option<Duration>,
+    /// Time allowed for one CRL download, connect to last byte (default 10s).
+    #[serde(with = "humantime_serde")]
+    pub fetch_timeout: Option<Duration>,
+    /// Largest CRL accepted (default 10 MiB).
+    pub max_crl_bytes: Option<u64>,
+    /// Where the last good fetched CRLs are kept across restarts; none: memory only.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl RevocationConfig {
+    pub fn refresh_interval(&self) -> Duration {
+        self.refresh_interval.unwrap_or(Duration::from_secs(3600))
+    }
+    pub fn fetch_timeout(&self) -> Duration {
+        self.fetch_timeout.unwrap_or(Duration::from_secs(10))
+    }
+    pub fn max_crl_bytes(&self) -> u64 {
+        self.max_crl_bytes.unwrap_or(10 * 1024 * 1024)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -370,6 +427,9 @@ impl Config {
             b.ca_files.iter_mut().for_each(fix);
             b.crl_files.iter_mut().for_each(fix);
         }
+        if let Some(p) = &mut self.tls.revocation.cache_dir {
+            fix(p);
+        }
         for p in [
             &mut self.upstream.ca_file,
             &mut self.upstream.client_cert,
@@ -430,7 +490,21 @@ impl Config {
             for (j, p) in b.crl_files.iter().enumerate() {
                 readable(&format!("{f}.crl_files[{j}]"), p)?;
             }
+            for (j, u) in b.crl_urls.iter().enumerate() {
+                crate::revocation::check_url(u)
+                    .map_err(|r| err(format!("{f}.crl_urls[{j}]"), r))?;
+            }
         }
+        let r = &tls.revocation;
+        nonzero("tls.revocation.refresh_interval", r.refresh_interval())?;
+        nonzero("tls.revocation.fetch_timeout", r.fetch_timeout())?;
+        if r.max_crl_bytes() == 0 {
+            return Err(err(
+                "tls.revocation.max_crl_bytes",
+                "must be greater than 0",
+            ));
+        }
+        nonzero("reload.debounce", self.reload.debounce)?;
         if !(1..=10).contains(&tls.verify_depth) {
             return Err(err("tls.verify_depth", "must be between 1 and 10"));
         }

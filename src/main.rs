@@ -290,6 +290,8 @@ fn check(path: &Path) -> anyhow::Result<()> {
     // Parse certificates, keys and CRLs too, as `run` would.
     fhirgate::listener::Snapshot::build(&cfg, &Default::default())?;
     print!("{}", cfg.summary());
+    // CRL URLs and what the cache holds for each; no network, no writes.
+    print!("{}", fhirgate::revocation::describe(&cfg.tls)?);
     println!("configuration {} is valid", path.display());
     Ok(())
 }
@@ -348,11 +350,20 @@ async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Res
         });
     }
 
+    // reload.watch_files: a changed file reloads exactly as SIGHUP does.
+    let mut watched = None;
+    if cfg.reload.watch_files {
+        match fhirgate::watch::spawn(path, cfg.reload.debounce) {
+            Ok(rx) => watched = Some(rx),
+            Err(e) => tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP"),
+        }
+    }
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = hup.recv() => reload(&running, path),
+            Some(()) = async { match &mut watched { Some(rx) => rx.recv().await, None => None } } => reload(&running, path),
         }
     }
     let _ = sd_notify::notify(&[NotifyState::Stopping]);

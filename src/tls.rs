@@ -195,6 +195,9 @@ impl BundleVerifier {
                     crls.push(crl);
                 }
             }
+            // Files and the last good fetched CRLs, newest per issuer (see revocation).
+            let crls =
+                crate::revocation::newest_per_issuer(crls, cfg.fetched_crls.for_bundle(&b.name));
             hints.extend(roots.subjects());
             let mut builder =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())

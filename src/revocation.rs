@@ -1,0 +1,724 @@
+//! CRLs fetched from where the CA publishes them.
+//!
+//! Each trust bundle may list `crl_urls`, and with `tls.revocation.fetch_distribution_points`
+//! the http:// URLs in the CRL Distribution Points extension of its CA certificates are
+//! added. Every URL is fetched at start, every `refresh_interval`, and again shortly
+//! before the held CRL's nextUpdate. Plain HTTP is normal here because a CRL is signed
+//! (RFC 5280 §5): a fetched CRL is kept only if webpki (the verifier's own parser)
+//! accepts it, its signature verifies against a CA of the same bundle, and it is not
+//! older than the one held (CRL number, else thisUpdate). Size and time are bounded.
+//! A failed fetch changes nothing: the last good CRL keeps serving, and stays on disk in
+//! `cache_dir` (written atomically) for the next start.
+//!
+//! The verifier is built from `crl_files` plus [`FetchedCrls`]; for each issuer only the
+//! newest CRL is used ([`newest_per_issuer`]), because webpki consults the first CRL of a
+//! matching issuer it finds. When a fetched CRL changes, the server builds a new TLS
+//! context and swaps it in (new connections use it; open ones keep theirs).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::CertificateRevocationListDer;
+use sha2::{Digest, Sha256};
+use x509_parser::extensions::{DistributionPointName, GeneralName, ParsedExtension};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::config::{err, ConfigError, TlsConfig};
+use crate::metrics::{CrlFailureLabel, CrlLabel, Metrics};
+
+/// The last good fetched CRLs, by bundle name: an immutable copy handed to the verifier.
+#[derive(Clone, Default)]
+pub struct FetchedCrls(Arc<HashMap<String, Vec<CertificateRevocationListDer<'static>>>>);
+
+impl std::fmt::Debug for FetchedCrls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n: usize = self.0.values().map(Vec::len).sum();
+        write!(f, "FetchedCrls({n})")
+    }
+}
+
+impl FetchedCrls {
+    pub fn for_bundle(&self, bundle: &str) -> &[CertificateRevocationListDer<'static>] {
+        self.0.get(bundle).map(Vec::as_slice).unwrap_or_default()
+    }
+}
+
+/// Checks a configured CRL URL: http:// with a host (RFC 5280 §4.2.1.13 names HTTP for
+/// CRLs; a signed CRL needs no TLS, and https would make revocation depend on a
+/// second PKI).
+pub fn check_url(u: &str) -> Result<(), String> {
+    let uri: http::Uri = u.parse().map_err(|e| format!("not a valid URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(
+            "must be an http:// URL (CRLs are signed, so plain HTTP is what CAs publish them on)"
+                .into(),
+        );
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("must include a host".into());
+    }
+    Ok(())
+}
+
+/// Why a fetch was refused: a closed set, used as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    Timeout,
+    Connect,
+    HttpStatus,
+    TooLarge,
+    Parse,
+    UnknownIssuer,
+    BadSignature,
+    Older,
+    Io,
+}
+
+impl Failure {
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::Timeout => "timeout",
+            Failure::Connect => "connect",
+            Failure::HttpStatus => "http_status",
+            Failure::TooLarge => "too_large",
+            Failure::Parse => "parse",
+            Failure::UnknownIssuer => "unknown_issuer",
+            Failure::BadSignature => "bad_signature",
+            Failure::Older => "older",
+            Failure::Io => "io",
+        }
+    }
+}
+
+/// What the gateway needs to know about one CRL.
+#[derive(Debug, Clone)]
+struct CrlInfo {
+    /// Issuer name and Issuing Distribution Point (raw DER): CRLs with the same scope.
+    scope: (Vec<u8>, Option<Vec<u8>>),
+    /// CRL number, big-endian without leading zeros.
+    number: Option<Vec<u8>>,
+    this_update: i64,
+    next_update: Option<i64>,
+    revoked: usize,
+}
+
+impl CrlInfo {
+    fn parse(
+        der: &[u8],
+    ) -> Result<
+        (
+            CrlInfo,
+            x509_parser::revocation_list::CertificateRevocationList<'_>,
+        ),
+        String,
+    > {
+        // The verifier's parser first: what it refuses (e.g. a version 1 CRL) must
+        // never replace a CRL it can use.
+        webpki::OwnedCertRevocationList::from_der(der)
+            .map_err(|e| format!("refused by the verifier: {e}"))?;
+        let crl = match x509_parser::parse_x509_crl(der) {
+            Ok(([], crl)) => crl,
+            Ok(_) => return Err("trailing data after the CRL".into()),
+            Err(e) => return Err(format!("not a valid CRL: {e}")),
+        };
+        let idp = crl
+            .extensions()
+            .iter()
+            .find(|e| {
+                matches!(
+                    e.parsed_extension(),
+                    ParsedExtension::IssuingDistributionPoint(_)
+                )
+            })
+            .map(|e| e.value.to_vec());
+        let info = CrlInfo {
+            scope: (crl.issuer().as_raw().to_vec(), idp),
+            number: crl.crl_number().map(|n| n.to_bytes_be()),
+            this_update: crl.last_update().timestamp(),
+            next_update: crl.next_update().map(|t| t.timestamp()),
+            revoked: crl.iter_revoked_certificates().count(),
+        };
+        Ok((info, crl))
+    }
+
+    /// Newer, same or older: by CRL number when both have one (RFC 5280 §5.2.3: "a
+    /// monotonically increasing sequence number"), else by thisUpdate.
+    fn cmp_age(&self, other: &CrlInfo) -> std::cmp::Ordering {
+        match (&self.number, &other.number) {
+            (Some(a), Some(b)) => (a.len(), a).cmp(&(b.len(), b)),
+            _ => self.this_update.cmp(&other.this_update),
+        }
+    }
+}
+
+/// Keeps, per issuer and scope, only the newest of the CRLs from files and from fetches
+/// (the verifier would otherwise use whichever comes first). Unparsable CRLs are kept
+/// as they are, so that the verifier reports them with their field path.
+pub fn newest_per_issuer(
+    files: Vec<CertificateRevocationListDer<'static>>,
+    fetched: &[CertificateRevocationListDer<'static>],
+) -> Vec<CertificateRevocationListDer<'static>> {
+    if fetched.is_empty() {
+        return files;
+    }
+    let mut out: Vec<(Option<CrlInfo>, CertificateRevocationListDer<'static>)> = Vec::new();
+    for crl in files.into_iter().chain(fetched.iter().cloned()) {
+        let info = CrlInfo::parse(&crl).ok().map(|(i, _)| i);
+        let same = info.as_ref().and_then(|i| {
+            out.iter()
+                .position(|(o, _)| o.as_ref().is_some_and(|o| o.scope == i.scope))
+        });
+        match (same, info) {
+            (Some(at), Some(i)) => {
+                let held = out[at].0.as_ref().map(|o| i.cmp_age(o));
+                if held == Some(std::cmp::Ordering::Greater) {
+                    out[at] = (Some(i), crl);
+                }
+            }
+            (_, info) => out.push((info, crl)),
+        }
+    }
+    out.into_iter().map(|(_, c)| c).collect()
+}
+
+/// One CRL URL of one bundle, with the CAs its CRL may be signed by.
+#[derive(Clone)]
+pub struct Source {
+    pub bundle: String,
+    pub url: String,
+    /// Where the URL comes from, for `fhirgate check`.
+    pub origin: String,
+    cas: Arc<Vec<Vec<u8>>>,
+}
+
+/// Most URLs learned from distribution points per bundle (a CA lists one or two).
+const MAX_DP_URLS: usize = 16;
+
+/// The CRL sources of a configuration: `crl_urls`, then (if enabled) the http:// URLs in
+/// the CRL Distribution Points of each bundle's CA certificates. Reads files only.
+pub fn sources(tls: &TlsConfig) -> Result<Vec<Source>, ConfigError> {
+    let mut out: Vec<Source> = Vec::new();
+    for (i, b) in tls.trust_bundles.iter().enumerate() {
+        if b.crl_urls.is_empty() && !tls.revocation.fetch_distribution_points {
+            continue;
+        }
+        let mut cas = Vec::new();
+        for (j, p) in b.ca_files.iter().enumerate() {
+            let field = format!("tls.trust_bundles[{i}].ca_files[{j}]");
+            for c in crate::tls::load_certs(&field, p)? {
+                cas.push(c.to_vec());
+            }
+        }
+        let cas = Arc::new(cas);
+        let mut push = |url: String, origin: String| {
+            if !out.iter().any(|s| s.bundle == b.name && s.url == url) {
+                out.push(Source {
+                    bundle: b.name.clone(),
+                    url,
+                    origin,
+                    cas: cas.clone(),
+                });
+            }
+        };
+        for u in &b.crl_urls {
+            push(u.clone(), "crl_urls".into());
+        }
+        if tls.revocation.fetch_distribution_points {
+            let mut learned = 0;
+            for der in cas.iter() {
+                let Ok((_, cert)) = X509Certificate::from_der(der) else {
+                    continue;
+                };
+                for url in distribution_points(&cert) {
+                    if learned < MAX_DP_URLS {
+                        learned += 1;
+                        push(url, format!("CRL distribution point of {}", cert.subject()));
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The http:// URIs of a certificate's CRL Distribution Points (ldap:// ones are skipped).
+pub fn distribution_points(cert: &X509Certificate<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    for ext in cert.extensions() {
+        if let ParsedExtension::CRLDistributionPoints(points) = ext.parsed_extension() {
+            for p in points.iter() {
+                if let Some(DistributionPointName::FullName(names)) = &p.distribution_point {
+                    for n in names {
+                        if let GeneralName::URI(u) = n {
+                            if check_url(u).is_ok() {
+                                out.push((*u).to_owned());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Verifies a CRL's signature against the CA certificates it may come from: a CA whose
+/// subject is the CRL's issuer and that may sign CRLs (keyUsage cRLSign when present,
+/// RFC 5280 §4.2.1.3).
+fn verify_issuer(
+    crl: &x509_parser::revocation_list::CertificateRevocationList<'_>,
+    cas: &[Vec<u8>],
+) -> Result<(), Failure> {
+    let mut known = false;
+    for der in cas {
+        let Ok((_, ca)) = X509Certificate::from_der(der) else {
+            continue;
+        };
+        if ca.subject().as_raw() != crl.issuer().as_raw() {
+            continue;
+        }
+        if let Ok(Some(ku)) = ca.key_usage() {
+            if !ku.value.crl_sign() {
+                continue;
+            }
+        }
+        known = true;
+        if crl.verify_signature(ca.public_key()).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(if known {
+        Failure::BadSignature
+    } else {
+        Failure::UnknownIssuer
+    })
+}
+
+struct Held {
+    der: CertificateRevocationListDer<'static>,
+    info: CrlInfo,
+}
+
+/// Where one source is cached: a name derived from bundle and URL.
+fn cache_file(dir: &Path, bundle: &str, url: &str) -> PathBuf {
+    let h = Sha256::digest(format!("{bundle}\n{url}").as_bytes());
+    dir.join(format!("{}.crl", &hex::encode(h)[..32]))
+}
+
+/// Writes `bytes` to `path` by temp file + fsync + rename, so a crash never leaves a
+/// half-written CRL for the next start.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("crl");
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The fetched CRLs of a running gateway, and the means to refresh them.
+pub struct CrlStore {
+    held: Mutex<HashMap<(String, String), Held>>,
+    /// When each source is next due, and whether the first fetch has been tried.
+    due: Mutex<HashMap<(String, String), std::time::Instant>>,
+    metrics: Arc<Metrics>,
+    http: Client<HttpConnector, Empty<Bytes>>,
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl CrlStore {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        CrlStore {
+            held: Mutex::default(),
+            due: Mutex::default(),
+            metrics,
+            http: Client::builder(TokioExecutor::new()).build(http),
+        }
+    }
+
+    /// A copy of `cfg` whose TLS section carries the current fetched CRLs.
+    pub fn apply(&self, cfg: &crate::config::Config) -> crate::config::Config {
+        let mut cfg = cfg.clone();
+        cfg.tls.fetched_crls = self.snapshot();
+        cfg
+    }
+
+    fn snapshot(&self) -> FetchedCrls {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map: HashMap<String, Vec<_>> = HashMap::new();
+        for ((bundle, _), h) in held.iter() {
+            map.entry(bundle.clone()).or_default().push(h.der.clone());
+        }
+        FetchedCrls(Arc::new(map))
+    }
+
+    /// Loads the cached copies of every source not held yet (at start, or after a reload
+    /// added a URL), re-checking each as if it had just been fetched. Creates `cache_dir`.
+    pub fn load_cache(&self, tls: &TlsConfig) -> Result<(), ConfigError> {
+        let Some(dir) = &tls.revocation.cache_dir else {
+            return Ok(());
+        };
+        let srcs = sources(tls)?;
+        if srcs.is_empty() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir).map_err(|e| {
+            err(
+                "tls.revocation.cache_dir",
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })?;
+        for s in &srcs {
+            let key = (s.bundle.clone(), s.url.clone());
+            if self.lock_held().contains_key(&key) {
+                continue;
+            }
+            let path = cache_file(dir, &s.bundle, &s.url);
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            match self.accept(s, bytes, None) {
+                Ok(_) => {
+                    tracing::info!(bundle = %s.bundle, url = %s.url, file = %path.display(), "using cached CRL")
+                }
+                Err((kind, reason)) => tracing::warn!(
+                    bundle = %s.bundle, url = %s.url, file = %path.display(), kind = kind.label(), %reason,
+                    "cached CRL ignored"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks a CRL for `src` and holds it if it is newer than the one held. Returns
+    /// whether the held CRL changed.
+    fn accept(
+        &self,
+        src: &Source,
+        bytes: Vec<u8>,
+        cache_dir: Option<&Path>,
+    ) -> Result<bool, (Failure, String)> {
+        let (info, crl) = CrlInfo::parse(&bytes).map_err(|r| (Failure::Parse, r))?;
+        verify_issuer(&crl, &src.cas).map_err(|f| {
+            let why = match f {
+                Failure::BadSignature => {
+                    "signature does not verify with the bundle's CA of that name"
+                }
+                _ => "issued by no CA of this bundle",
+            };
+            (f, format!("{why} (issuer {})", crl.issuer()))
+        })?;
+        drop(crl);
+        let key = (src.bundle.clone(), src.url.clone());
+        let mut held = self.lock_held();
+        if let Some(h) = held.get(&key) {
+            if h.info.scope == info.scope {
+                match info.cmp_age(&h.info) {
+                    std::cmp::Ordering::Less => {
+                        return Err((
+                            Failure::Older,
+                            "older than the CRL held (CRL number / thisUpdate)".into(),
+                        ))
+                    }
+                    std::cmp::Ordering::Equal => return Ok(false),
+                    std::cmp::Ordering::Greater => {}
+                }
+            }
+        }
+        let labels = CrlLabel {
+            bundle: src.bundle.clone(),
+            url: src.url.clone(),
+        };
+        if let Some(n) = info.next_update {
+            self.metrics
+                .crl_fetched_next_update
+                .get_or_create(&labels)
+                .set(n);
+            if n < now_unix() {
+                tracing::warn!(bundle = %src.bundle, url = %src.url, "newest CRL available is past its nextUpdate");
+            }
+        }
+        self.metrics
+            .crl_revoked_entries
+            .get_or_create(&labels)
+            .set(i64::try_from(info.revoked).unwrap_or(i64::MAX));
+        held.insert(
+            key,
+            Held {
+                der: CertificateRevocationListDer::from(bytes),
+                info,
+            },
+        );
+        if let Some(dir) = cache_dir {
+            let h = &held[&(src.bundle.clone(), src.url.clone())];
+            if let Err(e) = write_atomic(&cache_file(dir, &src.bundle, &src.url), &h.der) {
+                // Still serving it from memory; only a restart loses it.
+                self.fail(src, Failure::Io, &format!("cannot write to cache_dir: {e}"));
+            }
+        }
+        Ok(true)
+    }
+
+    fn fail(&self, src: &Source, kind: Failure, reason: &str) {
+        self.metrics
+            .crl_fetch_failures
+            .get_or_create(&CrlFailureLabel {
+                bundle: src.bundle.clone(),
+                url: src.url.clone(),
+                reason: kind.label().into(),
+            })
+            .inc();
+        tracing::warn!(
+            bundle = %src.bundle, url = %src.url, kind = kind.label(), %reason,
+            "CRL fetch refused; the last good CRL stays in force"
+        );
+    }
+
+    async fn download(&self, url: &str, tls: &TlsConfig) -> Result<Vec<u8>, (Failure, String)> {
+        let max = tls.revocation.max_crl_bytes();
+        let work = async {
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|_| (Failure::Parse, "bad URL".to_string()))?;
+            let resp = self
+                .http
+                .get(uri)
+                .await
+                .map_err(|e| (Failure::Connect, e.to_string()))?;
+            if !resp.status().is_success() {
+                return Err((
+                    Failure::HttpStatus,
+                    format!("HTTP status {}", resp.status()),
+                ));
+            }
+            let declared = resp
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max) {
+                return Err((
+                    Failure::TooLarge,
+                    format!("larger than max_crl_bytes {max}"),
+                ));
+            }
+            let limit = usize::try_from(max).unwrap_or(usize::MAX);
+            match Limited::new(resp.into_body(), limit).collect().await {
+                Ok(b) => Ok(b.to_bytes().to_vec()),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => Err((
+                    Failure::TooLarge,
+                    format!("larger than max_crl_bytes {max}"),
+                )),
+                Err(e) => Err((Failure::Connect, e.to_string())),
+            }
+        };
+        match tokio::time::timeout(tls.revocation.fetch_timeout(), work).await {
+            Ok(r) => r,
+            Err(_) => Err((
+                Failure::Timeout,
+                format!(
+                    "no complete answer within {:?}",
+                    tls.revocation.fetch_timeout()
+                ),
+            )),
+        }
+    }
+
+    /// Fetches every source of `tls` that is due (all of them with `all`), concurrently.
+    /// Returns whether any held CRL changed, and when the next source is due.
+    pub async fn round(&self, tls: &TlsConfig, all: bool) -> (bool, std::time::Instant) {
+        let interval = tls.revocation.refresh_interval();
+        let now = std::time::Instant::now();
+        let srcs = match sources(tls) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the CA files for CRL fetching; retrying later");
+                return (false, now + interval.min(Duration::from_secs(60)));
+            }
+        };
+        let due_now: Vec<&Source> = {
+            let due = self.due.lock().unwrap_or_else(|p| p.into_inner());
+            srcs.iter()
+                .filter(|s| {
+                    all || due
+                        .get(&(s.bundle.clone(), s.url.clone()))
+                        .is_none_or(|d| *d <= now)
+                })
+                .collect()
+        };
+        let results = futures_util::future::join_all(
+            due_now
+                .iter()
+                .map(|s| async move { (*s, self.download(&s.url, tls).await) }),
+        )
+        .await;
+        let mut changed = false;
+        for (s, r) in results {
+            let outcome =
+                r.and_then(|bytes| self.accept(s, bytes, tls.revocation.cache_dir.as_deref()));
+            match outcome {
+                Ok(c) => {
+                    changed |= c;
+                    self.metrics
+                        .crl_fetch_success
+                        .get_or_create(&CrlLabel {
+                            bundle: s.bundle.clone(),
+                            url: s.url.clone(),
+                        })
+                        .set(now_unix());
+                    if c {
+                        tracing::info!(bundle = %s.bundle, url = %s.url, "new CRL fetched");
+                    }
+                }
+                Err((kind, reason)) => self.fail(s, kind, &reason),
+            }
+        }
+        // Next due: after one interval, or a minute before the held CRL's nextUpdate if
+        // that is sooner (a stale CRL is retried every 30 s at most).
+        let floor = interval.min(Duration::from_secs(30));
+        let mut due = self.due.lock().unwrap_or_else(|p| p.into_inner());
+        let held = self.lock_held();
+        let wall = now_unix();
+        for s in &due_now {
+            let key = (s.bundle.clone(), s.url.clone());
+            let mut wait = interval;
+            if let Some(next) = held.get(&key).and_then(|h| h.info.next_update) {
+                let before = u64::try_from(next - 60 - wall).unwrap_or(0);
+                wait = wait.min(Duration::from_secs(before).max(floor));
+            }
+            due.insert(key, now + wait);
+        }
+        due.retain(|k, _| srcs.iter().any(|s| s.bundle == k.0 && s.url == k.1));
+        let next = srcs
+            .iter()
+            .filter_map(|s| due.get(&(s.bundle.clone(), s.url.clone())).copied())
+            .min()
+            .unwrap_or(now + interval);
+        (changed, next)
+    }
+}
+
+/// The state of every CRL source, from the cache only (no network): for `fhirgate check`.
+pub fn describe(tls: &TlsConfig) -> Result<String, ConfigError> {
+    use std::fmt::Write;
+    let mut s = String::new();
+    for src in sources(tls)? {
+        let _ = write!(
+            s,
+            "CRL URL {} (bundle {:?}, {}): ",
+            src.url, src.bundle, src.origin
+        );
+        let Some(dir) = &tls.revocation.cache_dir else {
+            let _ = writeln!(
+                s,
+                "fetched at start (no cache_dir: not kept across restarts)"
+            );
+            continue;
+        };
+        let path = cache_file(dir, &src.bundle, &src.url);
+        match std::fs::read(&path) {
+            Err(_) => {
+                let _ = writeln!(s, "not cached yet ({})", path.display());
+            }
+            Ok(bytes) => match CrlInfo::parse(&bytes) {
+                Ok((info, _)) => {
+                    let t = |u: i64| {
+                        x509_parser::time::ASN1Time::from_timestamp(u)
+                            .map(|t| t.to_string())
+                            .unwrap_or_else(|_| u.to_string())
+                    };
+                    let stale = info.next_update.is_some_and(|n| n < now_unix());
+                    let _ = writeln!(
+                        s,
+                        "cached {}: thisUpdate {}, nextUpdate {}{}, {} revoked",
+                        path.display(),
+                        t(info.this_update),
+                        info.next_update.map(t).unwrap_or_else(|| "none".into()),
+                        if stale { " (STALE)" } else { "" },
+                        info.revoked
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(s, "cache file {} unusable: {e}", path.display());
+                }
+            },
+        }
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_http_urls_with_a_host() {
+        assert!(check_url("http://crl.nhs.uk/int/1d/crlc3.crl").is_ok());
+        for bad in [
+            "https://x/y.crl",
+            "ldap://x/cn=y",
+            "http:///y.crl",
+            "not a url",
+            "ftp://x/y",
+        ] {
+            assert!(check_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn newer_is_by_crl_number_then_this_update() {
+        let mk = |number: Option<Vec<u8>>, this_update| CrlInfo {
+            scope: (vec![1], None),
+            number,
+            this_update,
+            next_update: None,
+            revoked: 0,
+        };
+        use std::cmp::Ordering::*;
+        assert_eq!(mk(Some(vec![2]), 1).cmp_age(&mk(Some(vec![1]), 9)), Greater);
+        assert_eq!(
+            mk(Some(vec![1, 0]), 1).cmp_age(&mk(Some(vec![0xff]), 1)),
+            Greater
+        );
+        assert_eq!(mk(Some(vec![3]), 1).cmp_age(&mk(Some(vec![3]), 1)), Equal);
+        assert_eq!(mk(None, 5).cmp_age(&mk(Some(vec![9]), 6)), Less);
+    }
+
+    #[test]
+    fn cache_write_is_atomic_and_named_per_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = cache_file(dir.path(), "int", "http://h/a.crl");
+        assert_ne!(a, cache_file(dir.path(), "prod", "http://h/a.crl"));
+        write_atomic(&a, b"one").unwrap();
+        write_atomic(&a, b"two").unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temp file left behind");
+    }
+}
