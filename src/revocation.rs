@@ -49,6 +49,40 @@ impl FetchedCrls {
     }
 }
 
+/// A CRL from a throwaway issuer that no certificate names, for a bundle that expects
+/// fetched CRLs but holds none yet (CRL host unreachable at first start, no cache).
+/// webpki checks no revocation at all when a verifier has no CRL, which would fail open;
+/// with this one present, `unknown_status` decides (deny: refused until a CRL arrives).
+fn placeholder() -> Option<CertificateRevocationListDer<'static>> {
+    static ONE: std::sync::OnceLock<Option<CertificateRevocationListDer<'static>>> =
+        std::sync::OnceLock::new();
+    ONE.get_or_init(|| {
+        let make = || -> Result<CertificateRevocationListDer<'static>, rcgen::Error> {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+            ca.distinguished_name.push(
+                rcgen::DnType::CommonName,
+                "fhirgate placeholder: no CRL fetched yet",
+            );
+            ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            ca.key_usages = vec![rcgen::KeyUsagePurpose::CrlSign];
+            let now = time::OffsetDateTime::now_utc();
+            let crl = rcgen::CertificateRevocationListParams {
+                this_update: now,
+                next_update: now + time::Duration::days(36500),
+                crl_number: rcgen::SerialNumber::from(1u64),
+                issuing_distribution_point: None,
+                revoked_certs: Vec::new(),
+                key_identifier_method: rcgen::KeyIdMethod::Sha256,
+            }
+            .signed_by(&rcgen::Issuer::from_params(&ca, &key))?;
+            Ok(CertificateRevocationListDer::from(crl.der().to_vec()))
+        };
+        make().ok()
+    })
+    .clone()
+}
+
 /// Checks a configured CRL URL: http:// with a host (RFC 5280 §4.2.1.13 names HTTP for
 /// CRLs; a signed CRL needs no TLS, and https would make revocation depend on a
 /// second PKI).
@@ -361,15 +395,23 @@ impl CrlStore {
     /// A copy of `cfg` whose TLS section carries the current fetched CRLs.
     pub fn apply(&self, cfg: &crate::config::Config) -> crate::config::Config {
         let mut cfg = cfg.clone();
-        cfg.tls.fetched_crls = self.snapshot();
+        cfg.tls.fetched_crls = self.snapshot(&cfg.tls);
         cfg
     }
 
-    fn snapshot(&self) -> FetchedCrls {
-        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+    fn snapshot(&self, tls: &TlsConfig) -> FetchedCrls {
+        let held = self.lock_held();
         let mut map: HashMap<String, Vec<_>> = HashMap::new();
         for ((bundle, _), h) in held.iter() {
             map.entry(bundle.clone()).or_default().push(h.der.clone());
+        }
+        // A bundle with CRL sources but no CRL at all (from fetch, cache or files).
+        let srcs = sources(tls).unwrap_or_default();
+        for b in &tls.trust_bundles {
+            let expects = srcs.iter().any(|s| s.bundle == b.name);
+            if expects && b.crl_files.is_empty() && !map.contains_key(&b.name) {
+                map.insert(b.name.clone(), placeholder().into_iter().collect());
+            }
         }
         FetchedCrls(Arc::new(map))
     }
