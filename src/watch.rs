@@ -132,7 +132,7 @@ pub fn spawn(
                 }
             }
         })
-        .map_err(|e| notify::Error::io(e))?;
+        .map_err(notify::Error::io)?;
     Ok(rx)
 }
 
