@@ -126,7 +126,9 @@ pub fn inspect(path: &Path, config: Option<&Path>) -> anyhow::Result<String> {
         describe(&mut out, der, now)?;
     }
     if let Some(cfg_path) = config {
-        let cfg = Config::load(cfg_path)?;
+        let mut cfg = Config::load(cfg_path)?;
+        // CRLs fetched by a running gateway, as kept in tls.revocation.cache_dir.
+        cfg.tls.fetched_crls = crate::revocation::cached(&cfg.tls);
         let verifier = BundleVerifier::from_config(&cfg.tls, &provider())?;
         let _ = writeln!(out, "as a client of {}:", cfg_path.display());
         for (bundle, r) in verifier.verify_each(&chain[0], &chain[1..]) {

@@ -400,13 +400,16 @@ impl CrlStore {
     }
 
     fn snapshot(&self, tls: &TlsConfig) -> FetchedCrls {
+        let srcs = sources(tls).unwrap_or_default();
         let held = self.lock_held();
         let mut map: HashMap<String, Vec<_>> = HashMap::new();
-        for ((bundle, _), h) in held.iter() {
-            map.entry(bundle.clone()).or_default().push(h.der.clone());
+        for ((bundle, url), h) in held.iter() {
+            // Only URLs still configured: a CRL from a removed URL no longer counts.
+            if srcs.iter().any(|s| &s.bundle == bundle && &s.url == url) {
+                map.entry(bundle.clone()).or_default().push(h.der.clone());
+            }
         }
         // A bundle with CRL sources but no CRL at all (from fetch, cache or files).
-        let srcs = sources(tls).unwrap_or_default();
         for b in &tls.trust_bundles {
             let expects = srcs.iter().any(|s| s.bundle == b.name);
             if expects && b.crl_files.is_empty() && !map.contains_key(&b.name) {
@@ -419,6 +422,10 @@ impl CrlStore {
     /// Loads the cached copies of every source not held yet (at start, or after a reload
     /// added a URL), re-checking each as if it had just been fetched. Creates `cache_dir`.
     pub fn load_cache(&self, tls: &TlsConfig) -> Result<(), ConfigError> {
+        self.read_cache(tls, true)
+    }
+
+    fn read_cache(&self, tls: &TlsConfig, create: bool) -> Result<(), ConfigError> {
         let Some(dir) = &tls.revocation.cache_dir else {
             return Ok(());
         };
@@ -426,12 +433,14 @@ impl CrlStore {
         if srcs.is_empty() {
             return Ok(());
         }
-        std::fs::create_dir_all(dir).map_err(|e| {
-            err(
-                "tls.revocation.cache_dir",
-                format!("cannot create {}: {e}", dir.display()),
-            )
-        })?;
+        if create {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                err(
+                    "tls.revocation.cache_dir",
+                    format!("cannot create {}: {e}", dir.display()),
+                )
+            })?;
+        }
         for s in &srcs {
             let key = (s.bundle.clone(), s.url.clone());
             if self.lock_held().contains_key(&key) {
@@ -664,6 +673,16 @@ impl CrlStore {
             .unwrap_or(now + interval);
         (changed, next)
     }
+}
+
+/// The CRLs a gateway starting now would hold before fetching: the verified cached
+/// copies (read only). For `fhirgate inspect-cert --config`, to judge as the handshake.
+pub fn cached(tls: &TlsConfig) -> FetchedCrls {
+    let store = CrlStore::new(Arc::new(Metrics::new()));
+    if let Err(e) = store.read_cache(tls, false) {
+        tracing::debug!(error = %e, "no cached CRLs");
+    }
+    store.snapshot(tls)
 }
 
 /// The state of every CRL source, from the cache only (no network): for `fhirgate check`.

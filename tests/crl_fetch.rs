@@ -490,6 +490,25 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
     assert!(stdout.contains(&format!("CRL URL {root_url}")), "{stdout}");
     assert!(stdout.contains("CRL distribution point of"), "{stdout}");
     assert!(stdout.contains("1 revoked"), "{stdout}");
+    // inspect-cert --config judges with the cached CRLs, as the handshake does.
+    for (who, verdict) in [
+        (&pki.alice, "bundle test-int: ACCEPTED"),
+        (&pki.bob, "refused (revoked"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+            .arg("inspect-cert")
+            .arg(who)
+            .arg("--config")
+            .arg(&cfg_path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(verdict),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     assert_eq!(
         hits.load(Ordering::Relaxed),
         hits_before,
