@@ -108,6 +108,11 @@ fn describe(out: &mut String, der: &[u8], now: i64) -> anyhow::Result<()> {
             _ => {}
         }
     }
+    // Where its issuer's CRL is published: what to put in a bundle's crl_urls.
+    let cdp = crate::revocation::distribution_points(&c);
+    if !cdp.is_empty() {
+        let _ = writeln!(out, "  CRL at:      {}", cdp.join(", "));
+    }
     Ok(())
 }
 

@@ -490,7 +490,18 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
     assert!(stdout.contains(&format!("CRL URL {root_url}")), "{stdout}");
     assert!(stdout.contains("CRL distribution point of"), "{stdout}");
     assert!(stdout.contains("1 revoked"), "{stdout}");
-    // inspect-cert --config judges with the cached CRLs, as the handshake does.
+    // inspect-cert shows where a certificate's issuer publishes its CRL, and with
+    // --config judges with the cached CRLs, as the handshake does.
+    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .arg("inspect-cert")
+        .arg(pki.sub.join("ca.crt"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("CRL at:      {root_url}")),
+        "{stdout}"
+    );
     for (who, verdict) in [
         (&pki.alice, "bundle test-int: ACCEPTED"),
         (&pki.bob, "refused (revoked"),
