@@ -231,6 +231,22 @@ pub struct Source {
     cas: Arc<Vec<Vec<u8>>>,
 }
 
+const MAX_REDIRECTS: usize = 3;
+
+/// The http:// URL a `Location` header points to, relative ones resolved against `base`.
+fn redirect_target(base: &http::Uri, location: &str) -> Option<http::Uri> {
+    let target = if location.starts_with('/') && !location.starts_with("//") {
+        format!(
+            "http://{}{location}",
+            base.authority().map(|a| a.as_str()).unwrap_or_default()
+        )
+    } else {
+        location.to_owned()
+    };
+    check_url(&target).ok()?;
+    target.parse().ok()
+}
+
 /// Most URLs learned from distribution points per bundle (a CA lists one or two).
 const MAX_DP_URLS: usize = 16;
 
@@ -421,7 +437,22 @@ impl CrlStore {
 
     /// Loads the cached copies of every source not held yet (at start, or after a reload
     /// added a URL), re-checking each as if it had just been fetched. Creates `cache_dir`.
+    /// Also drops held CRLs that no longer verify against their bundle's CAs as now
+    /// configured (a CA replaced on reload), so that only CRLs of the current CAs count.
     pub fn load_cache(&self, tls: &TlsConfig) -> Result<(), ConfigError> {
+        let srcs = sources(tls)?;
+        self.lock_held().retain(|(bundle, url), h| {
+            let Some(src) = srcs.iter().find(|s| &s.bundle == bundle && &s.url == url) else {
+                return true; // not configured now: ignored by snapshot(), kept for a revert
+            };
+            let ok = x509_parser::parse_x509_crl(&h.der)
+                .ok()
+                .is_some_and(|(_, crl)| verify_issuer(&crl, &src.cas).is_ok());
+            if !ok {
+                tracing::warn!(%bundle, %url, "held CRL dropped: no CA of the bundle signed it now");
+            }
+            ok
+        });
         self.read_cache(tls, true)
     }
 
@@ -554,14 +585,39 @@ impl CrlStore {
     async fn download(&self, url: &str, tls: &TlsConfig) -> Result<Vec<u8>, (Failure, String)> {
         let max = tls.revocation.max_crl_bytes();
         let work = async {
-            let uri: http::Uri = url
+            let mut uri: http::Uri = url
                 .parse()
                 .map_err(|_| (Failure::Parse, "bad URL".to_string()))?;
-            let resp = self
-                .http
-                .get(uri)
-                .await
-                .map_err(|e| (Failure::Connect, e.to_string()))?;
+            // A few redirects to other http:// URLs (CDNs), never to another scheme.
+            let mut hops = 0;
+            let resp = loop {
+                let resp = self
+                    .http
+                    .get(uri.clone())
+                    .await
+                    .map_err(|e| (Failure::Connect, e.to_string()))?;
+                if !resp.status().is_redirection() || hops == MAX_REDIRECTS {
+                    break resp;
+                }
+                hops += 1;
+                let next = resp
+                    .headers()
+                    .get(http::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|l| redirect_target(&uri, l));
+                match next {
+                    Some(n) => uri = n,
+                    None => {
+                        return Err((
+                            Failure::HttpStatus,
+                            format!(
+                                "HTTP status {} without a usable http:// Location",
+                                resp.status()
+                            ),
+                        ))
+                    }
+                }
+            };
             if !resp.status().is_success() {
                 return Err((
                     Failure::HttpStatus,
@@ -650,20 +706,13 @@ impl CrlStore {
                 Err((kind, reason)) => self.fail(s, kind, &reason),
             }
         }
-        // Next due: after one interval, or a minute before the held CRL's nextUpdate if
-        // that is sooner (a stale CRL is retried every 30 s at most).
-        let floor = interval.min(Duration::from_secs(30));
         let mut due = self.due.lock().unwrap_or_else(|p| p.into_inner());
         let held = self.lock_held();
         let wall = now_unix();
         for s in &due_now {
             let key = (s.bundle.clone(), s.url.clone());
-            let mut wait = interval;
-            if let Some(next) = held.get(&key).and_then(|h| h.info.next_update) {
-                let before = u64::try_from(next - 60 - wall).unwrap_or(0);
-                wait = wait.min(Duration::from_secs(before).max(floor));
-            }
-            due.insert(key, now + wait);
+            let next_update = held.get(&key).and_then(|h| h.info.next_update);
+            due.insert(key, now + next_wait(interval, next_update, wall));
         }
         due.retain(|k, _| srcs.iter().any(|s| s.bundle == k.0 && s.url == k.1));
         let next = srcs
@@ -683,6 +732,17 @@ pub fn cached(tls: &TlsConfig) -> FetchedCrls {
         tracing::debug!(error = %e, "no cached CRLs");
     }
     store.snapshot(tls)
+}
+
+/// When to fetch a URL again: after one interval, or a minute before the held CRL's
+/// nextUpdate if that is sooner; a CRL at or past its nextUpdate is retried every 30 s
+/// (or every interval, if shorter) until the CA publishes a new one.
+fn next_wait(interval: Duration, next_update: Option<i64>, now_unix: i64) -> Duration {
+    let Some(next) = next_update else {
+        return interval;
+    };
+    let before = Duration::from_secs(u64::try_from(next - 60 - now_unix).unwrap_or(0));
+    interval.min(before.max(interval.min(Duration::from_secs(30))))
 }
 
 /// The state of every CRL source, from the cache only (no network): for `fhirgate check`.
@@ -769,6 +829,34 @@ mod tests {
         );
         assert_eq!(mk(Some(vec![3]), 1).cmp_age(&mk(Some(vec![3]), 1)), Equal);
         assert_eq!(mk(None, 5).cmp_age(&mk(Some(vec![9]), 6)), Less);
+    }
+
+    #[test]
+    fn redirects_stay_on_http() {
+        let base: http::Uri = "http://crl.example/a/b.crl".parse().unwrap();
+        let t = |l| redirect_target(&base, l).map(|u| u.to_string());
+        assert_eq!(t("/c.crl").as_deref(), Some("http://crl.example/c.crl"));
+        assert_eq!(
+            t("http://cdn.example/c.crl").as_deref(),
+            Some("http://cdn.example/c.crl")
+        );
+        assert_eq!(t("https://cdn.example/c.crl"), None);
+        assert_eq!(t("//cdn.example/c.crl"), None);
+        assert_eq!(t("file:///etc/passwd"), None);
+    }
+
+    #[test]
+    fn refetch_before_next_update() {
+        let h = Duration::from_secs(3600);
+        assert_eq!(next_wait(h, None, 0), h);
+        // nextUpdate a day away: the interval.
+        assert_eq!(next_wait(h, Some(86_400), 0), h);
+        // nextUpdate in 10 min: a minute before it.
+        assert_eq!(next_wait(h, Some(600), 0), Duration::from_secs(540));
+        // Stale: every 30 s; and never more often than a short interval asks.
+        assert_eq!(next_wait(h, Some(-5), 0), Duration::from_secs(30));
+        let s = Duration::from_secs(1);
+        assert_eq!(next_wait(s, Some(-5), 0), s);
     }
 
     #[test]

@@ -244,7 +244,7 @@ impl OpensslPki {
     }
 }
 
-/// What the CRL server answers for each path: status and body.
+/// What the CRL server answers for each path: status and body (for a 3xx, the Location).
 type Routes = Arc<Mutex<HashMap<String, (u16, Vec<u8>)>>>;
 
 /// A plain HTTP/1.1 server on 127.0.0.1 serving `routes`; counts requests. Stops when the
@@ -270,15 +270,15 @@ async fn crl_server(
                         .get(req.uri().path())
                         .cloned()
                         .unwrap_or((404, Vec::new()));
-                    async move {
-                        Ok::<_, Infallible>(
-                            hyper::Response::builder()
-                                .status(status)
-                                .header("content-type", "application/pkix-crl")
-                                .body(Full::new(Bytes::from(body)))
-                                .unwrap(),
-                        )
-                    }
+                    // A 3xx carries its Location as the body.
+                    let mut resp = hyper::Response::builder().status(status);
+                    resp = if (300..400).contains(&status) {
+                        resp.header("location", String::from_utf8_lossy(&body).to_string())
+                    } else {
+                        resp.header("content-type", "application/pkix-crl")
+                    };
+                    let resp = resp.body(Full::new(Bytes::from(body))).unwrap();
+                    async move { Ok::<_, Infallible>(resp) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)
@@ -337,10 +337,15 @@ async fn fetched_crls_revoke_refuse_bad_ones_and_survive_a_restart() {
     let routes: Routes = Arc::default();
     let hits = Arc::new(AtomicUsize::new(0));
     let first_sub_crl = gencrl(&pki.sub);
+    // The root's CRL sits behind a redirect, as on a CDN.
     routes
         .lock()
         .unwrap()
-        .insert("/root.crl".into(), (200, gencrl(&pki.root)));
+        .insert("/root.crl".into(), (302, b"/cdn/root.crl".to_vec()));
+    routes
+        .lock()
+        .unwrap()
+        .insert("/cdn/root.crl".into(), (200, gencrl(&pki.root)));
     routes
         .lock()
         .unwrap()
