@@ -185,6 +185,7 @@ impl Server {
                 tokio::select! {
                     _ = tokio::time::sleep_until(next.into()) => {}
                     _ = self.crl_wake.notified() => {}
+                    _ = self.crls.learned() => {}
                     _ = shutdown.changed() => return,
                 }
             }

@@ -32,20 +32,143 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::config::{err, ConfigError, TlsConfig};
 use crate::metrics::{CrlFailureLabel, CrlLabel, Metrics};
 
-/// The last good fetched CRLs, by bundle name: an immutable copy handed to the verifier.
+/// The last good fetched CRLs, by bundle name: an immutable copy handed to the verifier,
+/// with (when `fetch_distribution_points` is on) the means to learn CRL URLs from the
+/// client certificates the verifier sees.
 #[derive(Clone, Default)]
-pub struct FetchedCrls(Arc<HashMap<String, Vec<CertificateRevocationListDer<'static>>>>);
+pub struct FetchedCrls {
+    crls: Arc<HashMap<String, Vec<CertificateRevocationListDer<'static>>>>,
+    observer: Option<Arc<Observer>>,
+}
 
 impl std::fmt::Debug for FetchedCrls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n: usize = self.0.values().map(Vec::len).sum();
+        let n: usize = self.crls.values().map(Vec::len).sum();
         write!(f, "FetchedCrls({n})")
     }
 }
 
 impl FetchedCrls {
     pub fn for_bundle(&self, bundle: &str) -> &[CertificateRevocationListDer<'static>] {
-        self.0.get(bundle).map(Vec::as_slice).unwrap_or_default()
+        self.crls.get(bundle).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// Called by the verifier with each presented client leaf (accepted or not): a new
+    /// http:// URL in its CRL Distribution Points (where its issuing SubCA publishes) is
+    /// fetched from then on, if the leaf was really issued by a CA of a bundle (its
+    /// signature verifies), at most [`MAX_LEARNED_URLS`] per bundle. Cheap when nothing
+    /// is new: one certificate parse.
+    pub fn observe(&self, leaf: &[u8]) {
+        if let Some(o) = &self.observer {
+            o.observe(leaf);
+        }
+    }
+}
+
+/// Most URLs learned from client certificates per bundle (a SubCA has one CRL; a few
+/// SubCAs per root).
+pub const MAX_LEARNED_URLS: usize = 16;
+
+/// URLs learned from client certificates, shared by every snapshot of one server and
+/// kept in `cache_dir/learned-urls` for restarts.
+#[derive(Default)]
+struct Learner {
+    urls: Mutex<Vec<(String, String)>>,
+    wake: tokio::sync::Notify,
+    file: Mutex<Option<PathBuf>>,
+}
+
+impl Learner {
+    fn list(&self) -> Vec<(String, String)> {
+        self.urls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn contains(&self, bundle: &str, url: &str) -> bool {
+        let urls = self.urls.lock().unwrap_or_else(|p| p.into_inner());
+        urls.iter().any(|(b, u)| b == bundle && u == url)
+    }
+
+    /// Adds a URL (bounded per bundle); returns whether it is new.
+    fn add(&self, bundle: &str, url: &str) -> bool {
+        let mut urls = self.urls.lock().unwrap_or_else(|p| p.into_inner());
+        if urls.iter().any(|(b, u)| b == bundle && u == url)
+            || urls.iter().filter(|(b, _)| b == bundle).count() >= MAX_LEARNED_URLS
+        {
+            return false;
+        }
+        urls.push((bundle.to_owned(), url.to_owned()));
+        let file = self.file.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(f) = file {
+            let text: String = urls.iter().map(|(b, u)| format!("{b}\t{u}\n")).collect();
+            if let Err(e) = write_atomic(&f, text.as_bytes()) {
+                tracing::warn!(file = %f.display(), error = %e, "cannot keep learned CRL URLs");
+            }
+        }
+        true
+    }
+}
+
+/// Reads `cache_dir/learned-urls` (bundle TAB url per line); bad lines are skipped.
+fn read_learned(tls: &TlsConfig) -> Vec<(String, String)> {
+    let Some(dir) = &tls.revocation.cache_dir else {
+        return Vec::new();
+    };
+    let text = std::fs::read_to_string(dir.join(LEARNED_FILE)).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(_, u)| check_url(u).is_ok())
+        .map(|(b, u)| (b.to_owned(), u.to_owned()))
+        .collect()
+}
+
+const LEARNED_FILE: &str = "learned-urls";
+
+struct Observer {
+    learner: Arc<Learner>,
+    /// Each bundle's CA certificates (DER), for bundles that learn URLs.
+    bundles: Vec<(String, Arc<Vec<Vec<u8>>>)>,
+    /// URLs already fetched, per bundle: nothing to do for them.
+    known: std::collections::HashSet<(String, String)>,
+}
+
+impl Observer {
+    fn observe(&self, leaf: &[u8]) {
+        let Ok((_, cert)) = X509Certificate::from_der(leaf) else {
+            return;
+        };
+        let urls = distribution_points(&cert);
+        for (bundle, cas) in &self.bundles {
+            let new: Vec<&String> = urls
+                .iter()
+                .filter(|u| {
+                    !self.known.contains(&(bundle.clone(), (*u).clone()))
+                        && !self.learner.contains(bundle, u)
+                })
+                .collect();
+            if new.is_empty() {
+                continue;
+            }
+            // Only a certificate a CA of this bundle really issued may name URLs.
+            let issued = cas.iter().any(|der| {
+                X509Certificate::from_der(der).is_ok_and(|(_, ca)| {
+                    ca.subject().as_raw() == cert.issuer().as_raw()
+                        && cert.verify_signature(Some(ca.public_key())).is_ok()
+                })
+            });
+            if !issued {
+                continue;
+            }
+            let mut added = false;
+            for u in new {
+                if self.learner.add(bundle, u) {
+                    tracing::info!(%bundle, url = %u, issuer = %cert.issuer(), "CRL URL learned from a client certificate");
+                    added = true;
+                }
+            }
+            if added {
+                self.learner.wake.notify_one();
+            }
+        }
     }
 }
 
@@ -251,8 +374,12 @@ fn redirect_target(base: &http::Uri, location: &str) -> Option<http::Uri> {
 const MAX_DP_URLS: usize = 16;
 
 /// The CRL sources of a configuration: `crl_urls`, then (if enabled) the http:// URLs in
-/// the CRL Distribution Points of each bundle's CA certificates. Reads files only.
-pub fn sources(tls: &TlsConfig) -> Result<Vec<Source>, ConfigError> {
+/// the CRL Distribution Points of each bundle's CA certificates, and those `learned`
+/// from client certificates. Reads files only.
+pub fn sources(
+    tls: &TlsConfig,
+    learned_urls: &[(String, String)],
+) -> Result<Vec<Source>, ConfigError> {
     let mut out: Vec<Source> = Vec::new();
     for (i, b) in tls.trust_bundles.iter().enumerate() {
         if b.crl_urls.is_empty() && !tls.revocation.fetch_distribution_points {
@@ -291,6 +418,9 @@ pub fn sources(tls: &TlsConfig) -> Result<Vec<Source>, ConfigError> {
                         push(url, format!("CRL distribution point of {}", cert.subject()));
                     }
                 }
+            }
+            for (_, url) in learned_urls.iter().filter(|(lb, _)| lb == &b.name) {
+                push(url.clone(), "learned from a client certificate".into());
             }
         }
     }
@@ -387,6 +517,7 @@ pub struct CrlStore {
     due: Mutex<HashMap<(String, String), std::time::Instant>>,
     metrics: Arc<Metrics>,
     http: Client<HttpConnector, Empty<Bytes>>,
+    learner: Arc<Learner>,
 }
 
 fn now_unix() -> i64 {
@@ -405,7 +536,17 @@ impl CrlStore {
             due: Mutex::default(),
             metrics,
             http: Client::builder(TokioExecutor::new()).build(http),
+            learner: Arc::default(),
         }
+    }
+
+    /// Resolves when a client certificate taught a new CRL URL.
+    pub async fn learned(&self) {
+        self.learner.wake.notified().await
+    }
+
+    fn sources(&self, tls: &TlsConfig) -> Result<Vec<Source>, ConfigError> {
+        sources(tls, &self.learner.list())
     }
 
     /// A copy of `cfg` whose TLS section carries the current fetched CRLs.
@@ -416,7 +557,7 @@ impl CrlStore {
     }
 
     fn snapshot(&self, tls: &TlsConfig) -> FetchedCrls {
-        let srcs = sources(tls).unwrap_or_default();
+        let srcs = self.sources(tls).unwrap_or_default();
         let held = self.lock_held();
         let mut map: HashMap<String, Vec<_>> = HashMap::new();
         for ((bundle, url), h) in held.iter() {
@@ -432,7 +573,26 @@ impl CrlStore {
                 map.insert(b.name.clone(), placeholder().into_iter().collect());
             }
         }
-        FetchedCrls(Arc::new(map))
+        let observer = tls.revocation.fetch_distribution_points.then(|| {
+            let mut bundles: Vec<(String, Arc<Vec<Vec<u8>>>)> = Vec::new();
+            for s in &srcs {
+                if !bundles.iter().any(|(b, _)| b == &s.bundle) {
+                    bundles.push((s.bundle.clone(), s.cas.clone()));
+                }
+            }
+            Arc::new(Observer {
+                learner: self.learner.clone(),
+                bundles,
+                known: srcs
+                    .iter()
+                    .map(|s| (s.bundle.clone(), s.url.clone()))
+                    .collect(),
+            })
+        });
+        FetchedCrls {
+            crls: Arc::new(map),
+            observer,
+        }
     }
 
     /// Loads the cached copies of every source not held yet (at start, or after a reload
@@ -440,7 +600,15 @@ impl CrlStore {
     /// Also drops held CRLs that no longer verify against their bundle's CAs as now
     /// configured (a CA replaced on reload), so that only CRLs of the current CAs count.
     pub fn load_cache(&self, tls: &TlsConfig) -> Result<(), ConfigError> {
-        let srcs = sources(tls)?;
+        for (b, u) in read_learned(tls) {
+            self.learner.add(&b, &u);
+        }
+        *self.learner.file.lock().unwrap_or_else(|p| p.into_inner()) = tls
+            .revocation
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(LEARNED_FILE));
+        let srcs = self.sources(tls)?;
         self.lock_held().retain(|(bundle, url), h| {
             let Some(src) = srcs.iter().find(|s| &s.bundle == bundle && &s.url == url) else {
                 return true; // not configured now: ignored by snapshot(), kept for a revert
@@ -460,7 +628,7 @@ impl CrlStore {
         let Some(dir) = &tls.revocation.cache_dir else {
             return Ok(());
         };
-        let srcs = sources(tls)?;
+        let srcs = self.sources(tls)?;
         if srcs.is_empty() {
             return Ok(());
         }
@@ -662,7 +830,7 @@ impl CrlStore {
     pub async fn round(&self, tls: &TlsConfig, all: bool) -> (bool, std::time::Instant) {
         let interval = tls.revocation.refresh_interval();
         let now = std::time::Instant::now();
-        let srcs = match sources(tls) {
+        let srcs = match self.sources(tls) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the CA files for CRL fetching; retrying later");
@@ -728,6 +896,9 @@ impl CrlStore {
 /// copies (read only). For `fhirgate inspect-cert --config`, to judge as the handshake.
 pub fn cached(tls: &TlsConfig) -> FetchedCrls {
     let store = CrlStore::new(Arc::new(Metrics::new()));
+    for (b, u) in read_learned(tls) {
+        store.learner.add(&b, &u);
+    }
     if let Err(e) = store.read_cache(tls, false) {
         tracing::debug!(error = %e, "no cached CRLs");
     }
@@ -749,7 +920,7 @@ fn next_wait(interval: Duration, next_update: Option<i64>, now_unix: i64) -> Dur
 pub fn describe(tls: &TlsConfig) -> Result<String, ConfigError> {
     use std::fmt::Write;
     let mut s = String::new();
-    for src in sources(tls)? {
+    for src in sources(tls, &read_learned(tls))? {
         let _ = write!(
             s,
             "CRL URL {} (bundle {:?}, {}): ",

@@ -153,6 +153,8 @@ pub struct BundleVerifier {
     max_depth: usize,
     /// nextUpdate of every loaded CRL: (file, Unix seconds).
     pub crl_next_updates: Vec<(String, i64)>,
+    /// Fetched CRLs; shown each presented leaf to learn its CRL URL (revocation.rs).
+    fetched: crate::revocation::FetchedCrls,
 }
 
 impl fmt::Debug for BundleVerifier {
@@ -224,6 +226,7 @@ impl BundleVerifier {
             hints,
             max_depth: cfg.verify_depth,
             crl_next_updates,
+            fetched: cfg.fetched_crls.clone(),
         })
     }
 
@@ -285,6 +288,7 @@ impl ClientCertVerifier for BundleVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        self.fetched.observe(end_entity);
         if intermediates.len() + 1 > self.max_depth {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                 rustls::OtherError(Arc::new(ChainTooDeep(self.max_depth))),

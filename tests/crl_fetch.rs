@@ -59,7 +59,7 @@ subjectKeyIdentifier = hash\n\
 [subca_ext]\nbasicConstraints = critical,CA:TRUE,pathlen:0\nkeyUsage = critical,keyCertSign,cRLSign\n\
 subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid,issuer\ncrlDistributionPoints = URI:{cdp}\n\
 [client_ext]\nbasicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
-extendedKeyUsage = clientAuth\nauthorityKeyIdentifier = keyid,issuer\n\
+extendedKeyUsage = clientAuth\nauthorityKeyIdentifier = keyid,issuer\ncrlDistributionPoints = URI:{cdp}\n\
 [server_ext]\nbasicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
 extendedKeyUsage = serverAuth\nsubjectAltName = DNS:localhost,IP:127.0.0.1\n\
 [crl_ext]\nauthorityKeyIdentifier = keyid:always\n",
@@ -187,11 +187,13 @@ struct OpensslPki {
 }
 
 impl OpensslPki {
-    fn new(root_crl_url: &str) -> Self {
+    /// The SubCA certificate names `root_crl_url` in its CRL Distribution Points, the
+    /// client certificates name `sub_crl_url`, as NHS certificates do.
+    fn new(root_crl_url: &str, sub_crl_url: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path();
         let root = root_ca(base, "root", "/O=Test NHS/CN=Test Root CA", root_crl_url);
-        let sub = ca_dir(base, "sub", "http://127.0.0.1:1/unused.crl");
+        let sub = ca_dir(base, "sub", sub_crl_url);
         // The SubCA certificate carries the root's CRL distribution point, as NHS ones do.
         issue(&root, &sub, "ca", "/O=Test NHS/CN=Test SubCA", "subca_ext");
         let server = issue(&root, base, "server", "/CN=localhost", "server_ext");
@@ -333,7 +335,7 @@ async fn fetched_crls_revoke_refuse_bad_ones_and_survive_a_restart() {
     let crl_addr = http.local_addr().unwrap();
     let root_url = format!("http://{crl_addr}/root.crl");
     let sub_url = format!("http://{crl_addr}/sub.crl");
-    let pki = OpensslPki::new(&root_url);
+    let pki = OpensslPki::new(&root_url, &sub_url);
     let routes: Routes = Arc::default();
     let hits = Arc::new(AtomicUsize::new(0));
     let first_sub_crl = gencrl(&pki.sub);
@@ -601,7 +603,10 @@ enum Swap {
 }
 
 async fn revoked_after_file_swap(swap: Swap) {
-    let pki = OpensslPki::new("http://127.0.0.1:1/unused.crl");
+    let pki = OpensslPki::new(
+        "http://127.0.0.1:1/unused.crl",
+        "http://127.0.0.1:1/unused.crl",
+    );
     let (up, _) = upstream(UpstreamMode::Echo).await;
     let root_crl = pki.path("root.crl");
     std::fs::write(&root_crl, gencrl(&pki.root)).unwrap();
@@ -687,4 +692,119 @@ async fn crl_file_renamed_over_is_picked_up_without_sighup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_secret_symlink_swap_is_picked_up_without_sighup() {
     revoked_after_file_swap(Swap::KubernetesSymlink).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subca_crl_url_is_learned_from_client_certificates_it_issued() {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let crl_addr = http.local_addr().unwrap();
+    let root_url = format!("http://{crl_addr}/root.crl");
+    let sub_url = format!("http://{crl_addr}/sub.crl");
+    let pki = OpensslPki::new(&root_url, &sub_url);
+    let routes: Routes = Arc::default();
+    let hits = Arc::new(AtomicUsize::new(0));
+    routes
+        .lock()
+        .unwrap()
+        .insert("/root.crl".into(), (200, gencrl(&pki.root)));
+    routes
+        .lock()
+        .unwrap()
+        .insert("/sub.crl".into(), (200, gencrl(&pki.sub)));
+    routes
+        .lock()
+        .unwrap()
+        .insert("/forged.crl".into(), (200, b"never asked for".to_vec()));
+    let _server = crl_server(http, routes.clone(), hits.clone()).await;
+
+    // A forger's self-signed leaf that claims the SubCA as issuer and names its own URL.
+    let forged = pki.path("forged.crt");
+    openssl(
+        pki.dir.path(),
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "forged.key",
+            "-out",
+            "forged.crt",
+            "-days",
+            "30",
+            "-subj",
+            "/O=Test NHS/CN=Test SubCA",
+            "-addext",
+            &format!("crlDistributionPoints=URI:http://{crl_addr}/forged.crl"),
+        ],
+    );
+
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let cache = pki.path("crl-cache");
+    // No crl_urls: only distribution points (the SubCA's, naming the root's CRL; the
+    // clients', naming the SubCA's).
+    let yaml = gateway_yaml(
+        &pki,
+        up,
+        "",
+        &format!(
+            "  revocation:\n    fetch_distribution_points: true\n    refresh_interval: 1h\n    \
+cache_dir: {}\n",
+            cache.display()
+        ),
+    );
+    let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let running = listener::start(&cfg).await.unwrap();
+    let addr = running.addrs[0];
+    let alice = pki.client(&pki.alice);
+
+    let forger = pki.client(&forged);
+    assert!(!accepted(&forger, addr).await, "forged leaf refused");
+    // The first client of the SubCA is refused (no CRL from its issuer yet: fail closed)
+    // but teaches the gateway the URL; the SubCA's CRL is fetched at once, not after the
+    // 1 h refresh interval.
+    assert!(
+        !accepted(&alice, addr).await,
+        "no SubCA CRL yet: unknown status, refused"
+    );
+    let took = within(
+        Duration::from_secs(5),
+        "alice served once the SubCA CRL is learned",
+        async || accepted(&alice, addr).await,
+    )
+    .await;
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    let text = running.server().metrics().encode();
+    assert!(
+        text.contains(&format!(
+            "fhirgate_crl_fetch_success_timestamp_seconds{{bundle=\"test-int\",url=\"{sub_url}\"}}"
+        )),
+        "{text}"
+    );
+    running.shutdown(Duration::from_secs(2)).await;
+
+    // Only a certificate a bundle CA really signed may point the gateway somewhere.
+    let learned = std::fs::read_to_string(cache.join("learned-urls")).unwrap();
+    assert_eq!(learned, format!("test-int\t{sub_url}\n"));
+    assert!(
+        !text.contains("forged.crl"),
+        "the forged URL was never fetched: {text}"
+    );
+
+    // Kept for restarts: check lists it.
+    let cfg_path = pki.path("config.yaml");
+    std::fs::write(&cfg_path, &yaml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .args(["check", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "CRL URL {sub_url} (bundle \"test-int\", learned from a client certificate): cached"
+        )),
+        "{stdout}"
+    );
 }
