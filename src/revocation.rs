@@ -2,7 +2,8 @@
 //!
 //! Each trust bundle may list `crl_urls`, and with `tls.revocation.fetch_distribution_points`
 //! the http:// URLs in the CRL Distribution Points extension of its CA certificates are
-//! added. Every URL is fetched at start, every `refresh_interval`, and again shortly
+//! added, and those of client certificates its CAs issued (learned in the handshake,
+//! see [`FetchedCrls::observe`]). Every URL is fetched at start, every `refresh_interval`, and again shortly
 //! before the held CRL's nextUpdate. Plain HTTP is normal here because a CRL is signed
 //! (RFC 5280 §5): a fetched CRL is kept only if webpki (the verifier's own parser)
 //! accepts it, its signature verifies against a CA of the same bundle, and it is not
@@ -385,14 +386,7 @@ pub fn sources(
         if b.crl_urls.is_empty() && !tls.revocation.fetch_distribution_points {
             continue;
         }
-        let mut cas = Vec::new();
-        for (j, p) in b.ca_files.iter().enumerate() {
-            let field = format!("tls.trust_bundles[{i}].ca_files[{j}]");
-            for c in crate::tls::load_certs(&field, p)? {
-                cas.push(c.to_vec());
-            }
-        }
-        let cas = Arc::new(cas);
+        let cas = bundle_cas(tls, i)?;
         let mut push = |url: String, origin: String| {
             if !out.iter().any(|s| s.bundle == b.name && s.url == url) {
                 out.push(Source {
@@ -425,6 +419,20 @@ pub fn sources(
         }
     }
     Ok(out)
+}
+
+/// The CA certificates (DER) of bundle `i`.
+fn bundle_cas(tls: &TlsConfig, i: usize) -> Result<Arc<Vec<Vec<u8>>>, ConfigError> {
+    let mut cas = Vec::new();
+    if let Some(b) = tls.trust_bundles.get(i) {
+        for (j, p) in b.ca_files.iter().enumerate() {
+            let field = format!("tls.trust_bundles[{i}].ca_files[{j}]");
+            for c in crate::tls::load_certs(&field, p)? {
+                cas.push(c.to_vec());
+            }
+        }
+    }
+    Ok(Arc::new(cas))
 }
 
 /// The http:// URIs of a certificate's CRL Distribution Points (ldap:// ones are skipped).
@@ -574,12 +582,13 @@ impl CrlStore {
             }
         }
         let observer = tls.revocation.fetch_distribution_points.then(|| {
-            let mut bundles: Vec<(String, Arc<Vec<Vec<u8>>>)> = Vec::new();
-            for s in &srcs {
-                if !bundles.iter().any(|(b, _)| b == &s.bundle) {
-                    bundles.push((s.bundle.clone(), s.cas.clone()));
-                }
-            }
+            // Every bundle learns, also one whose CAs name no distribution point.
+            let bundles = tls
+                .trust_bundles
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| Some((b.name.clone(), bundle_cas(tls, i).ok()?)))
+                .collect();
             Arc::new(Observer {
                 learner: self.learner.clone(),
                 bundles,
@@ -718,16 +727,17 @@ impl CrlStore {
             .crl_revoked_entries
             .get_or_create(&labels)
             .set(i64::try_from(info.revoked).unwrap_or(i64::MAX));
+        let der = CertificateRevocationListDer::from(bytes);
         held.insert(
             key,
             Held {
-                der: CertificateRevocationListDer::from(bytes),
+                der: der.clone(),
                 info,
             },
         );
+        drop(held);
         if let Some(dir) = cache_dir {
-            let h = &held[&(src.bundle.clone(), src.url.clone())];
-            if let Err(e) = write_atomic(&cache_file(dir, &src.bundle, &src.url), &h.der) {
+            if let Err(e) = write_atomic(&cache_file(dir, &src.bundle, &src.url), &der) {
                 // Still serving it from memory; only a restart loses it.
                 self.fail(src, Failure::Io, &format!("cannot write to cache_dir: {e}"));
             }
