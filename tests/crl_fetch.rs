@@ -415,6 +415,7 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
     })
     .await;
     // One refresh interval (1 s) plus a fetch and the rebuild.
+    eprintln!("revoked client refused {took:?} after the new CRL was published");
     assert!(took < Duration::from_millis(2500), "took {took:?}");
     assert!(accepted(&alice, addr).await);
     let got = open.send_request(h1_get("/metadata")).await.unwrap();
@@ -672,12 +673,13 @@ async fn revoked_after_file_swap(swap: Swap) {
         }
     }
     // No SIGHUP is sent.
-    within(
+    let took = within(
         Duration::from_secs(5),
         "bob refused after the file swap",
         async || !accepted(&bob, gw).await,
     )
     .await;
+    eprintln!("{swap:?}: revoked client refused {took:?} after the file swap");
     assert!(accepted(&alice, gw).await);
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("watched file changed"), "{log}");
