@@ -156,15 +156,32 @@ fn default_handshake_timeout() -> Duration {
 #[serde(deny_unknown_fields)]
 pub struct TrustBundleConfig {
     pub name: String,
-    /// PEM files with the Root CA and SubCA certificates of this chain.
+    /// PEM or DER files with the Root CA and SubCA certificates of this chain. The
+    /// self-signed Root CA is the trust anchor; SubCAs are pinned intermediates.
     pub ca_files: Vec<PathBuf>,
     /// PEM or DER CRLs published by the CAs of this chain.
     #[serde(default)]
     pub crl_files: Vec<PathBuf>,
+    /// `root` (default): the self-signed Root CA is the anchor. `subca`: the listed
+    /// SubCAs are anchors (no Root CA available), so a revoked SubCA cannot be detected.
+    #[serde(default)]
+    pub anchor: AnchorMode,
     /// http:// URLs the CAs of this chain publish their CRLs at; fetched at start and
     /// every `revocation.refresh_interval` (see [`crate::revocation`]).
     #[serde(default)]
     pub crl_urls: Vec<String>,
+}
+
+/// Which configured CA certificates are trust anchors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AnchorMode {
+    /// Self-signed roots are anchors; every other CA is a pinned intermediate whose
+    /// revocation is checked against its issuer's CRL.
+    #[default]
+    Root,
+    /// Every listed CA is an anchor (opt-in for bundles without their Root CA).
+    Subca,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -186,37 +203,62 @@ pub enum UnknownRevocation {
     Allow,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RevocationConfig {
     pub scope: RevocationScope,
     pub unknown_status: UnknownRevocation,
-    /// Refuse clients when a CRL is past its nextUpdate.
-    pub enforce_crl_expiry: bool,
-    /// Also fetch the CRLs named in the CRL Distribution Points of the bundle's CAs.
+    /// Refuse clients when a CRL is past its nextUpdate. Unset: true outside
+    /// `environment: development` ([`Config::from_yaml`] fills it in).
+    pub enforce_crl_expiry: Option<bool>,
+    /// Warn (log, `check`, `/readyz`) this long before a CRL's nextUpdate.
+    #[serde(with = "humantime_serde")]
+    pub warn_before: Duration,
+    /// Also fetch the CRLs named in the CRL Distribution Points of the bundle's CAs and
+    /// of the client certificates they issued.
     pub fetch_distribution_points: bool,
     /// How often fetched CRLs are refreshed (default 1h); they are also fetched again
     /// shortly before a held CRL's nextUpdate.
     #[serde(with = "humantime_serde")]
-    pub refresh_interval: Option<Duration>,
+    pub refresh_interval: Duration,
     /// Time allowed for one CRL download, connect to last byte (default 10s).
     #[serde(with = "humantime_serde")]
-    pub fetch_timeout: Option<Duration>,
+    pub fetch_timeout: Duration,
     /// Largest CRL accepted (default 10 MiB).
-    pub max_crl_bytes: Option<u64>,
+    pub max_crl_bytes: u64,
     /// Where the last good fetched CRLs are kept across restarts; none: memory only.
     pub cache_dir: Option<PathBuf>,
 }
 
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        RevocationConfig {
+            scope: RevocationScope::default(),
+            unknown_status: UnknownRevocation::default(),
+            enforce_crl_expiry: None,
+            warn_before: Duration::from_secs(24 * 3600),
+            fetch_distribution_points: false,
+            refresh_interval: Duration::from_secs(3600),
+            fetch_timeout: Duration::from_secs(10),
+            max_crl_bytes: 10 * 1024 * 1024,
+            cache_dir: None,
+        }
+    }
+}
+
 impl RevocationConfig {
+    /// Whether a CRL past its nextUpdate refuses clients (true unless development set it).
+    pub fn enforce_crl_expiry(&self) -> bool {
+        self.enforce_crl_expiry.unwrap_or(true)
+    }
     pub fn refresh_interval(&self) -> Duration {
-        self.refresh_interval.unwrap_or(Duration::from_secs(3600))
+        self.refresh_interval
     }
     pub fn fetch_timeout(&self) -> Duration {
-        self.fetch_timeout.unwrap_or(Duration::from_secs(10))
+        self.fetch_timeout
     }
     pub fn max_crl_bytes(&self) -> u64 {
-        self.max_crl_bytes.unwrap_or(10 * 1024 * 1024)
+        self.max_crl_bytes
     }
 }
 
@@ -411,6 +453,11 @@ impl Config {
         let mut cfg: Config =
             serde_saphyr::from_str(text).map_err(|e| err("(yaml)", e.to_string()))?;
         cfg.resolve_paths(base);
+        // Secure by default: a stale CRL refuses clients everywhere but development.
+        cfg.tls
+            .revocation
+            .enforce_crl_expiry
+            .get_or_insert(cfg.environment != Environment::Development);
         cfg.validate()?;
         Ok(cfg)
     }
@@ -690,7 +737,7 @@ impl Config {
             "revocation: scope={:?} unknown_status={:?} enforce_crl_expiry={}",
             self.tls.revocation.scope,
             self.tls.revocation.unknown_status,
-            self.tls.revocation.enforce_crl_expiry
+            self.tls.revocation.enforce_crl_expiry()
         );
         let _ = writeln!(s, "upstream: {}", self.upstream.url);
         let _ = writeln!(

@@ -59,6 +59,12 @@ pub struct CrlFailureLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    pub bundle: String,
+    pub subject: String,
+}
+
 fn latency() -> Histogram {
     // 0.1 ms .. ~26 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
@@ -86,6 +92,8 @@ pub struct Metrics {
     pub crl_fetch_failures: Family<CrlFailureLabel, Counter>,
     pub crl_fetched_next_update: Family<CrlLabel, Gauge<i64, AtomicI64>>,
     pub crl_revoked_entries: Family<CrlLabel, Gauge<i64, AtomicI64>>,
+    /// notAfter of each configured CA certificate, by bundle and subject.
+    pub cert_not_after: Family<CertLabels, Gauge<i64, AtomicI64>>,
 }
 
 impl Default for Metrics {
@@ -118,6 +126,7 @@ impl Metrics {
             crl_fetch_failures: Family::default(),
             crl_fetched_next_update: Family::default(),
             crl_revoked_entries: Family::default(),
+            cert_not_after: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -220,7 +229,26 @@ impl Metrics {
             "Entries in the CRL held for each CRL URL",
             m.crl_revoked_entries.clone(),
         );
+        registry.register(
+            "cert_not_after_seconds",
+            "notAfter of each trust-bundle CA certificate (Root CA, SubCA), Unix seconds",
+            m.cert_not_after.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Replaces the CA notAfter gauges with `(bundle, subject, notAfter)` of the current
+    /// configuration, so removed CAs do not linger after a reload.
+    pub fn set_cert_not_after<'a>(&self, certs: impl Iterator<Item = (&'a str, &'a str, i64)>) {
+        self.cert_not_after.clear();
+        for (bundle, subject, t) in certs {
+            self.cert_not_after
+                .get_or_create(&CertLabels {
+                    bundle: bundle.to_owned(),
+                    subject: subject.to_owned(),
+                })
+                .set(t);
+        }
     }
 
     pub fn handshake(&self, result: &str) {

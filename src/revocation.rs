@@ -12,7 +12,7 @@
 //! `cache_dir` (written atomically) for the next start.
 //!
 //! The verifier is built from `crl_files` plus [`FetchedCrls`]; for each issuer only the
-//! newest CRL is used ([`newest_per_issuer`]), because webpki consults the first CRL of a
+//! newest CRL is used ([`add_fetched`]), because webpki consults the first CRL of a
 //! matching issuer it finds. When a fetched CRL changes, the server builds a new TLS
 //! context and swaps it in (new connections use it; open ones keep theirs).
 
@@ -31,6 +31,7 @@ use x509_parser::extensions::{DistributionPointName, GeneralName, ParsedExtensio
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::{err, ConfigError, TlsConfig};
+use crate::tls::{LoadedBundle, LoadedCrl};
 use crate::metrics::{CrlFailureLabel, CrlLabel, Metrics};
 
 /// The last good fetched CRLs, by bundle name: an immutable copy handed to the verifier,
@@ -38,7 +39,8 @@ use crate::metrics::{CrlFailureLabel, CrlLabel, Metrics};
 /// client certificates the verifier sees.
 #[derive(Clone, Default)]
 pub struct FetchedCrls {
-    crls: Arc<HashMap<String, Vec<CertificateRevocationListDer<'static>>>>,
+    /// Bundle name → (URL, CRL).
+    crls: Arc<HashMap<String, Vec<(String, CertificateRevocationListDer<'static>)>>>,
     observer: Option<Arc<Observer>>,
 }
 
@@ -50,10 +52,6 @@ impl std::fmt::Debug for FetchedCrls {
 }
 
 impl FetchedCrls {
-    pub fn for_bundle(&self, bundle: &str) -> &[CertificateRevocationListDer<'static>] {
-        self.crls.get(bundle).map(Vec::as_slice).unwrap_or_default()
-    }
-
     /// Called by the verifier with each presented client leaf (accepted or not): a new
     /// http:// URL in its CRL Distribution Points (where its issuing SubCA publishes) is
     /// fetched from then on, if the leaf was really issued by a CA of a bundle (its
@@ -315,35 +313,50 @@ impl CrlInfo {
     }
 }
 
-/// Keeps, per issuer and scope, only the newest of the CRLs from files and from fetches
-/// (the verifier would otherwise use whichever comes first). Unparsable CRLs are kept
-/// as they are, so that the verifier reports them with their field path.
-pub fn newest_per_issuer(
-    files: Vec<CertificateRevocationListDer<'static>>,
-    fetched: &[CertificateRevocationListDer<'static>],
-) -> Vec<CertificateRevocationListDer<'static>> {
-    if fetched.is_empty() {
-        return files;
-    }
-    let mut out: Vec<(Option<CrlInfo>, CertificateRevocationListDer<'static>)> = Vec::new();
-    for crl in files.into_iter().chain(fetched.iter().cloned()) {
-        let info = CrlInfo::parse(&crl).ok().map(|(i, _)| i);
-        let same = info.as_ref().and_then(|i| {
-            out.iter()
-                .position(|(o, _)| o.as_ref().is_some_and(|o| o.scope == i.scope))
-        });
-        match (same, info) {
-            (Some(at), Some(i)) => {
-                let held = out[at].0.as_ref().map(|o| i.cmp_age(o));
-                if held == Some(std::cmp::Ordering::Greater) {
-                    out[at] = (Some(i), crl);
-                }
+/// Adds the fetched CRLs to the bundles read from files (called by
+/// [`crate::tls::load_bundles`]), keeping per issuer and scope only the newest CRL:
+/// webpki would otherwise use whichever of two CRLs of one issuer comes first, e.g. a
+/// stale seed file before the fresh fetched one.
+pub fn add_fetched(bundles: &mut [LoadedBundle], fetched: &FetchedCrls) {
+    for lb in bundles.iter_mut() {
+        let Some(list) = fetched.crls.get(&lb.name) else {
+            continue;
+        };
+        for (url, der) in list {
+            let field = format!("{}.crl_urls", lb.field);
+            match crate::tls::parse_crl(&field, url, der.to_vec()) {
+                Ok(c) => merge_newest(&mut lb.crls, c),
+                // Checked when fetched; only a future webpki could disagree.
+                Err(e) => tracing::warn!(error = %e, "fetched CRL not used"),
             }
-            (_, info) => out.push((info, crl)),
         }
     }
-    out.into_iter().map(|(_, c)| c).collect()
 }
+
+fn merge_newest(list: &mut Vec<LoadedCrl>, new: LoadedCrl) {
+    let Ok((ni, _)) = CrlInfo::parse(&new.der) else {
+        list.push(new);
+        return;
+    };
+    for held in list.iter_mut() {
+        if let Ok((hi, _)) = CrlInfo::parse(&held.der) {
+            if hi.scope == ni.scope {
+                if ni.cmp_age(&hi) == std::cmp::Ordering::Greater {
+                    *held = new;
+                }
+                return;
+            }
+        }
+    }
+    list.push(new);
+}
+
+/// Whether a CRL is the stand-in for "no CRL fetched yet" (see [`placeholder`]).
+pub fn is_placeholder(c: &LoadedCrl) -> bool {
+    c.source == PLACEHOLDER_SOURCE
+}
+
+const PLACEHOLDER_SOURCE: &str = "(no CRL fetched yet)";
 
 /// One CRL URL of one bundle, with the CAs its CRL may be signed by.
 #[derive(Clone)]
@@ -571,14 +584,17 @@ impl CrlStore {
         for ((bundle, url), h) in held.iter() {
             // Only URLs still configured: a CRL from a removed URL no longer counts.
             if srcs.iter().any(|s| &s.bundle == bundle && &s.url == url) {
-                map.entry(bundle.clone()).or_default().push(h.der.clone());
+                map.entry(bundle.clone())
+                    .or_default()
+                    .push((url.clone(), h.der.clone()));
             }
         }
         // A bundle with CRL sources but no CRL at all (from fetch, cache or files).
         for b in &tls.trust_bundles {
             let expects = srcs.iter().any(|s| s.bundle == b.name);
             if expects && b.crl_files.is_empty() && !map.contains_key(&b.name) {
-                map.insert(b.name.clone(), placeholder().into_iter().collect());
+                let p = placeholder().map(|d| (PLACEHOLDER_SOURCE.to_owned(), d));
+                map.insert(b.name.clone(), p.into_iter().collect());
             }
         }
         let observer = tls.revocation.fetch_distribution_points.then(|| {
