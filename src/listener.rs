@@ -32,8 +32,8 @@ use crate::identity::ClientIdentity;
 use crate::metrics::{FileLabel, Metrics};
 use crate::revocation::CrlStore;
 use crate::tls::{
-    handshake_failure_kind, server_tls, BundleVerifier, PresentedCert, ServerTls,
-    TrustInventory, REFUSED_CERT,
+    handshake_failure_kind, server_tls, BundleVerifier, PresentedCert, ServerTls, TrustInventory,
+    REFUSED_CERT,
 };
 use arc_swap::ArcSwap;
 

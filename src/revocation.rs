@@ -31,8 +31,8 @@ use x509_parser::extensions::{DistributionPointName, GeneralName, ParsedExtensio
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::{err, ConfigError, TlsConfig};
-use crate::tls::{LoadedBundle, LoadedCrl};
 use crate::metrics::{CrlFailureLabel, CrlLabel, Metrics};
+use crate::tls::{LoadedBundle, LoadedCrl};
 
 /// The last good fetched CRLs, by bundle name: an immutable copy handed to the verifier,
 /// with (when `fetch_distribution_points` is on) the means to learn CRL URLs from the
