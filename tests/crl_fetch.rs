@@ -498,6 +498,11 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
     assert!(stdout.contains(&format!("CRL URL {root_url}")), "{stdout}");
     assert!(stdout.contains("CRL distribution point of"), "{stdout}");
     assert!(stdout.contains("1 revoked"), "{stdout}");
+    // The cached fetched CRLs are judged like CRL files (nextUpdate, stale flags).
+    assert!(
+        stdout.contains(&format!("CRL [test-int] {sub_url} issuer")),
+        "{stdout}"
+    );
     // inspect-cert shows where a certificate's issuer publishes its CRL, and with
     // --config judges with the cached CRLs, as the handshake does.
     let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
