@@ -534,7 +534,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// The fetched CRLs of a running gateway, and the means to refresh them.
 pub struct CrlStore {
     held: Mutex<HashMap<(String, String), Held>>,
-    /// When each source is next due, and whether the first fetch has been tried.
+    /// When each source is next due (a source not listed is due now).
     due: Mutex<HashMap<(String, String), std::time::Instant>>,
     metrics: Arc<Metrics>,
     http: Client<HttpConnector, Empty<Bytes>>,

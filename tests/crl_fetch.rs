@@ -815,3 +815,63 @@ cache_dir: {}\n",
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_added_on_reload_is_fetched_at_once_and_beats_an_older_crl_file() {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let crl_addr = http.local_addr().unwrap();
+    let sub_url = format!("http://{crl_addr}/sub.crl");
+    let pki = OpensslPki::new(
+        "http://127.0.0.1:1/unused.crl",
+        "http://127.0.0.1:1/unused.crl",
+    );
+    // Seed files: the root's CRL and the SubCA's first CRL (number 1, nothing revoked).
+    let root_crl = pki.path("root.crl");
+    let sub_crl = pki.path("sub.crl");
+    std::fs::write(&root_crl, gencrl(&pki.root)).unwrap();
+    std::fs::write(&sub_crl, gencrl(&pki.sub)).unwrap();
+    revoke(&pki.sub, &pki.bob);
+    let routes: Routes = Arc::default();
+    routes
+        .lock()
+        .unwrap()
+        .insert("/sub.crl".into(), (200, gencrl(&pki.sub)));
+    let _server = crl_server(http, routes, Arc::default()).await;
+
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let files = format!(
+        "      crl_files: [{}, {}]\n",
+        root_crl.display(),
+        sub_crl.display()
+    );
+    let tls_extra = "  revocation:\n    refresh_interval: 1h\n";
+    let yaml = gateway_yaml(&pki, up, &files, tls_extra);
+    let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap();
+    let running = listener::start(&cfg).await.unwrap();
+    let addr = running.addrs[0];
+    let bob = pki.client(&pki.bob);
+    assert!(
+        accepted(&bob, addr).await,
+        "the seed file does not revoke bob"
+    );
+
+    // The operator adds the CA's URL. With a 1 h refresh interval, only the reload's own
+    // wake-up explains a fetch within seconds; the fetched CRL (number 2) is newer than
+    // the file (number 1) for the same issuer, so it is the one used.
+    let yaml2 = gateway_yaml(
+        &pki,
+        up,
+        &format!("{files}      crl_urls: [\"{sub_url}\"]\n"),
+        tls_extra,
+    );
+    let cfg2 = Config::from_yaml(&yaml2, Path::new("/")).unwrap();
+    running.server().reload(&cfg2).unwrap();
+    within(
+        Duration::from_secs(5),
+        "bob refused by the fetched CRL",
+        async || !accepted(&bob, addr).await,
+    )
+    .await;
+    assert!(accepted(&pki.client(&pki.alice), addr).await);
+    running.shutdown(Duration::from_secs(2)).await;
+}
