@@ -41,6 +41,8 @@ use crate::tls::{LoadedBundle, LoadedCrl};
 pub struct FetchedCrls {
     /// Bundle name → (URL, CRL).
     crls: Arc<HashMap<String, Vec<(String, CertificateRevocationListDer<'static>)>>>,
+    /// Bundles that get CRLs by fetching (`crl_urls` or distribution points).
+    fetching: Arc<std::collections::HashSet<String>>,
     observer: Option<Arc<Observer>>,
 }
 
@@ -319,6 +321,7 @@ impl CrlInfo {
 /// stale seed file before the fresh fetched one.
 pub fn add_fetched(bundles: &mut [LoadedBundle], fetched: &FetchedCrls) {
     for lb in bundles.iter_mut() {
+        lb.fetches_crls = fetched.fetching.contains(&lb.name);
         let Some(list) = fetched.crls.get(&lb.name) else {
             continue;
         };
@@ -614,8 +617,17 @@ impl CrlStore {
                     .collect(),
             })
         });
+        let fetching = tls
+            .trust_bundles
+            .iter()
+            .filter(|b| {
+                tls.revocation.fetch_distribution_points || srcs.iter().any(|s| s.bundle == b.name)
+            })
+            .map(|b| b.name.clone())
+            .collect();
         FetchedCrls {
             crls: Arc::new(map),
+            fetching: Arc::new(fetching),
             observer,
         }
     }

@@ -375,6 +375,10 @@ pub struct LoadedBundle {
     /// (config field, certificate) for every configured CA.
     pub cas: Vec<(String, CertificateDer<'static>)>,
     pub crls: Vec<LoadedCrl>,
+    /// CRLs also come from fetching (`crl_urls`, distribution points): a CA with no CRL
+    /// yet is then a passing state (`check` lists each URL and its cache), not a set-up
+    /// warning. Set by [`crate::revocation::add_fetched`].
+    pub fetches_crls: bool,
 }
 
 /// Reads the CA and CRL files of bundle `i`.
@@ -397,6 +401,7 @@ pub fn load_bundle(i: usize, b: &TrustBundleConfig) -> Result<LoadedBundle, Conf
         anchor: b.anchor,
         cas,
         crls,
+        fetches_crls: false,
     })
 }
 
@@ -769,7 +774,7 @@ fn build_bundle(
             "{f}.crl_files: none configured: revocation is NOT checked for bundle {:?}              (unknown_status does not apply without CRLs)",
             lb.name
         ));
-    } else if rev.unknown_status == UnknownRevocation::Deny {
+    } else if rev.unknown_status == UnknownRevocation::Deny && !lb.fetches_crls {
         for (raw, subject, anchor) in &issuers {
             // A CA needs a CRL when something it issues is revocation-checked: with
             // `chain` every CA (roots issue the SubCAs); with `end_entity` only issuers

@@ -370,6 +370,24 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
         ),
     );
     let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    // First deployment: nothing cached yet. `check --strict` (the systemd unit's
+    // ExecStartPre) must let the gateway start and fetch, and says what is missing.
+    let cfg_path = pki.path("config.yaml");
+    std::fs::write(&cfg_path, &yaml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .args(["check", "--strict", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("not cached yet"), "{stdout}");
+    assert_eq!(hits.load(Ordering::Relaxed), 0, "check fetched nothing");
+    assert!(!cache.exists(), "check wrote nothing");
     let running = listener::start(&cfg).await.unwrap();
     let addr = running.addrs[0];
     let metrics = running.server().metrics().clone();
@@ -480,8 +498,6 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
     assert_eq!(cached, 2, "one cache file per CRL URL");
 
     // `fhirgate check` lists the URLs and the cache, without a single request.
-    let cfg_path = pki.path("config.yaml");
-    std::fs::write(&cfg_path, &yaml).unwrap();
     let hits_before = hits.load(Ordering::Relaxed);
     let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
         .args(["check", "--config"])
