@@ -53,6 +53,30 @@ pub struct Config {
     /// BaRS NHSD-* header checks; off when absent.
     #[serde(default)]
     pub nhsd: Option<NhsdConfig>,
+    /// Reload on file change (see [`crate::watch`]).
+    #[serde(default)]
+    pub reload: ReloadConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Reload, as SIGHUP does, when the config file or a certificate, key or CRL file it
+    /// names changes (directories are watched, so Kubernetes' symlink swaps are seen).
+    pub watch_files: bool,
+    /// Quiet time after the last change before reloading (editors and `kubectl` write
+    /// several files in a burst).
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch_files: true,
+            debounce: Duration::from_millis(500),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -125,6 +149,10 @@ pub struct TlsConfig {
         with = "crate::config::duration"
     )]
     pub handshake_timeout: Duration,
+    /// Last good CRLs fetched over HTTP, per bundle: set by the running server (never
+    /// read from YAML) so that the verifier is built from files and fetched CRLs alike.
+    #[serde(skip)]
+    pub fetched_crls: crate::revocation::FetchedCrls,
 }
 
 fn default_verify_depth() -> usize {
@@ -149,6 +177,10 @@ pub struct TrustBundleConfig {
     /// SubCAs are anchors (no Root CA available), so a revoked SubCA cannot be detected.
     #[serde(default)]
     pub anchor: AnchorMode,
+    /// http:// URLs the CAs of this chain publish their CRLs at; fetched at start and
+    /// every `revocation.refresh_interval` (see [`crate::revocation`]).
+    #[serde(default)]
+    pub crl_urls: Vec<String>,
 }
 
 /// Which configured CA certificates are trust anchors.
@@ -193,6 +225,20 @@ pub struct RevocationConfig {
     /// Warn (log, `check`, `/readyz`) this long before a CRL's nextUpdate.
     #[serde(with = "humantime_serde")]
     pub warn_before: Duration,
+    /// Also fetch the CRLs named in the CRL Distribution Points of the bundle's CAs and
+    /// of the client certificates they issued.
+    pub fetch_distribution_points: bool,
+    /// How often fetched CRLs are refreshed (default 1h); they are also fetched again
+    /// shortly before a held CRL's nextUpdate.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// Time allowed for one CRL download, connect to last byte (default 10s).
+    #[serde(with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// Largest CRL accepted (default 10 MiB).
+    pub max_crl_bytes: u64,
+    /// Where the last good fetched CRLs are kept across restarts; none: memory only.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for RevocationConfig {
@@ -202,6 +248,11 @@ impl Default for RevocationConfig {
             unknown_status: UnknownRevocation::default(),
             enforce_crl_expiry: None,
             warn_before: Duration::from_secs(24 * 3600),
+            fetch_distribution_points: false,
+            refresh_interval: Duration::from_secs(3600),
+            fetch_timeout: Duration::from_secs(10),
+            max_crl_bytes: 10 * 1024 * 1024,
+            cache_dir: None,
         }
     }
 }
@@ -210,6 +261,15 @@ impl RevocationConfig {
     /// Whether a CRL past its nextUpdate refuses clients (true unless development set it).
     pub fn enforce_crl_expiry(&self) -> bool {
         self.enforce_crl_expiry.unwrap_or(true)
+    }
+    pub fn refresh_interval(&self) -> Duration {
+        self.refresh_interval
+    }
+    pub fn fetch_timeout(&self) -> Duration {
+        self.fetch_timeout
+    }
+    pub fn max_crl_bytes(&self) -> u64 {
+        self.max_crl_bytes
     }
 }
 
@@ -439,6 +499,9 @@ impl Config {
             b.ca_files.iter_mut().for_each(fix);
             b.crl_files.iter_mut().for_each(fix);
         }
+        if let Some(p) = &mut self.tls.revocation.cache_dir {
+            fix(p);
+        }
         for p in [
             &mut self.upstream.ca_file,
             &mut self.upstream.client_cert,
@@ -499,7 +562,21 @@ impl Config {
             for (j, p) in b.crl_files.iter().enumerate() {
                 readable(&format!("{f}.crl_files[{j}]"), p)?;
             }
+            for (j, u) in b.crl_urls.iter().enumerate() {
+                crate::revocation::check_url(u)
+                    .map_err(|r| err(format!("{f}.crl_urls[{j}]"), r))?;
+            }
         }
+        let r = &tls.revocation;
+        nonzero("tls.revocation.refresh_interval", r.refresh_interval())?;
+        nonzero("tls.revocation.fetch_timeout", r.fetch_timeout())?;
+        if r.max_crl_bytes() == 0 {
+            return Err(err(
+                "tls.revocation.max_crl_bytes",
+                "must be greater than 0",
+            ));
+        }
+        nonzero("reload.debounce", self.reload.debounce)?;
         if !(1..=10).contains(&tls.verify_depth) {
             return Err(err("tls.verify_depth", "must be between 1 and 10"));
         }

@@ -104,6 +104,11 @@ fn describe(out: &mut String, der: &[u8], now: i64) -> anyhow::Result<()> {
             _ => {}
         }
     }
+    // Where its issuer's CRL is published: what to put in a bundle's crl_urls.
+    let cdp = crate::revocation::distribution_points(&c);
+    if !cdp.is_empty() {
+        let _ = writeln!(out, "  CRL at:      {}", cdp.join(", "));
+    }
     Ok(())
 }
 
@@ -122,7 +127,9 @@ pub fn inspect(path: &Path, config: Option<&Path>) -> anyhow::Result<String> {
         describe(&mut out, der, now)?;
     }
     if let Some(cfg_path) = config {
-        let cfg = Config::load(cfg_path)?;
+        let mut cfg = Config::load(cfg_path)?;
+        // CRLs fetched by a running gateway, as kept in tls.revocation.cache_dir.
+        cfg.tls.fetched_crls = crate::revocation::cached(&cfg.tls);
         let verifier = BundleVerifier::from_config(&cfg.tls, &provider())?;
         let _ = writeln!(out, "as a client of {}:", cfg_path.display());
         for (bundle, r) in verifier.verify_each(&chain[0], &chain[1..]) {

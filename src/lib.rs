@@ -22,5 +22,7 @@ pub mod nhsd;
 pub mod outcome;
 pub mod pki;
 pub mod policy;
+pub mod revocation;
 pub mod tls;
 pub mod upstream;
+pub mod watch;

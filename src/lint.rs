@@ -9,7 +9,9 @@ use std::fmt;
 use std::path::Path;
 
 use crate::auth::AuthMode;
-use crate::config::{Config, Environment, TokenRequirement, TrustBundleConfig, UnknownRevocation};
+use crate::config::{
+    Config, Environment, RevocationConfig, TokenRequirement, TrustBundleConfig, UnknownRevocation,
+};
 use crate::nhsd::HeaderRequirement;
 
 /// One risky setting: the dotted field path, what is risky, and how to fix it.
@@ -38,11 +40,11 @@ fn warn(field: impl Into<String>, risk: impl Into<String>, fix: impl Into<String
     }
 }
 
-/// Where a bundle gets revocation information from. The only source today is
-/// `crl_files`; further sources (CRL URLs, distribution points) belong here too, so the
-/// "no CRLs" lint stays one check.
-fn has_revocation_source(b: &TrustBundleConfig) -> bool {
-    !b.crl_files.is_empty()
+/// Where a bundle gets revocation information from: `crl_files`, `crl_urls`, or the
+/// distribution points of its CAs and client certificates (with those, a bundle holding
+/// no CRL yet refuses its clients rather than skipping revocation; see revocation.rs).
+fn has_revocation_source(b: &TrustBundleConfig, r: &RevocationConfig) -> bool {
+    !b.crl_files.is_empty() || !b.crl_urls.is_empty() || r.fetch_distribution_points
 }
 
 /// Risky settings in `cfg`, in field order. Development configurations only get the
@@ -79,15 +81,15 @@ pub fn lint(cfg: &Config) -> Vec<Lint> {
     };
 
     for (i, b) in cfg.tls.trust_bundles.iter().enumerate() {
-        if !has_revocation_source(b) {
+        if !has_revocation_source(b, &cfg.tls.revocation) {
             out.push(warn(
                 format!("tls.trust_bundles[{i}].crl_files"),
                 format!(
                     "bundle {:?} has no CRLs, so its revoked client certificates are accepted",
                     b.name
                 ),
-                "list the CRLs of the bundle's Root CA and SubCA in crl_files and refresh them \
-                 before nextUpdate",
+                "let the gateway fetch them (crl_urls, or tls.revocation.\
+                 fetch_distribution_points: true), or list them in crl_files",
             ));
         }
     }
@@ -411,6 +413,21 @@ routes:
             l.risk.contains("\"nhs-int\"") && l.risk.contains("revoked"),
             "{l}"
         );
+        // CRLs the gateway fetches itself count as a source.
+        let (_d, c) = cfg("environment: integration", |y| {
+            y.replace(
+                "crl_files: [ca.crl]",
+                "crl_files: []\n      crl_urls: [\"http://crl.example/ca.crl\"]",
+            )
+        });
+        assert_eq!(lint(&c), vec![], "crl_urls");
+        let (_d, c) = cfg("environment: integration", |y| {
+            y.replace("crl_files: [ca.crl]", "crl_files: []").replace(
+                "{enforce_crl_expiry: true}",
+                "{enforce_crl_expiry: true, fetch_distribution_points: true}",
+            )
+        });
+        assert_eq!(lint(&c), vec![], "distribution points");
     }
 
     #[test]

@@ -30,8 +30,10 @@ use crate::config::{Config, ConfigError, Limits};
 use crate::gateway::{ConnInfo, Gateway};
 use crate::identity::ClientIdentity;
 use crate::metrics::{FileLabel, Metrics};
+use crate::revocation::CrlStore;
 use crate::tls::{
-    handshake_failure_kind, server_tls, BundleVerifier, PresentedCert, TrustInventory, REFUSED_CERT,
+    handshake_failure_kind, server_tls, BundleVerifier, PresentedCert, ServerTls, TrustInventory,
+    REFUSED_CERT,
 };
 use arc_swap::ArcSwap;
 
@@ -114,22 +116,51 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// The same snapshot with a new TLS context (new fetched CRLs): the gateway, with its
+    /// token cache, is shared.
+    fn with_tls(&self, tls: ServerTls) -> Snapshot {
+        Snapshot {
+            gateway: self.gateway.clone(),
+            acceptor: TlsAcceptor::from(tls.config),
+            verifier: tls.verifier,
+            limits: self.limits.clone(),
+            handshake_timeout: self.handshake_timeout,
+            http: self.http.clone(),
+            inventory: Arc::new(tls.inventory),
+            warn_before: self.warn_before,
+        }
+    }
+}
+
 /// The serving state shared by all listeners.
 pub struct Server {
     current: ArcSwap<Snapshot>,
     connections: Arc<Semaphore>,
     max_connections: usize,
     metrics: Arc<Metrics>,
+    /// CRLs fetched over HTTP (see [`crate::revocation`]).
+    crls: CrlStore,
+    /// The configuration of the current snapshot, to rebuild its TLS context when a
+    /// fetched CRL changes; the lock also keeps that rebuild and a reload from crossing.
+    config: std::sync::Mutex<Arc<Config>>,
+    /// Wakes the CRL fetcher after a reload (new URLs are fetched at once).
+    crl_wake: tokio::sync::Notify,
 }
 
 impl Server {
     pub fn from_config(cfg: &Config, metrics: Arc<Metrics>) -> Result<Arc<Self>, ConfigError> {
-        let snapshot = Snapshot::build(cfg, &metrics)?;
+        let crls = CrlStore::new(metrics.clone());
+        crls.load_cache(&cfg.tls)?;
+        let snapshot = Snapshot::build(&crls.apply(cfg), &metrics)?;
         Ok(Arc::new(Server {
             current: ArcSwap::from_pointee(snapshot),
             connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             max_connections: cfg.limits.max_connections,
             metrics,
+            crls,
+            config: std::sync::Mutex::new(Arc::new(cfg.clone())),
+            crl_wake: tokio::sync::Notify::new(),
         }))
     }
 
@@ -137,12 +168,75 @@ impl Server {
     /// fixed at start; everything else (certificates, trust bundles, CRLs, routes,
     /// upstream, limits) takes effect for new connections.
     pub fn reload(&self, cfg: &Config) -> Result<(), ConfigError> {
-        let result = Snapshot::build(cfg, &self.metrics);
+        let mut held = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let result = self
+            .crls
+            .load_cache(&cfg.tls)
+            .and_then(|()| Snapshot::build(&self.crls.apply(cfg), &self.metrics));
         self.metrics.reload(result.is_ok());
         self.current.store(Arc::new(result?));
+        *held = Arc::new(cfg.clone());
+        drop(held);
+        self.crl_wake.notify_one();
         // A changed limits.max_connections (fixed at start) is reported by the caller
         // with the other settings that need a restart.
         Ok(())
+    }
+
+    /// Fetches the CRLs that are due (all with `all`) and, if one changed, swaps in a TLS
+    /// context built with it. Returns when the next fetch is due.
+    pub async fn refresh_crls(&self, all: bool) -> Instant {
+        let cfg = self
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (changed, next) = self.crls.round(&cfg.tls, all).await;
+        if changed {
+            let held = self.config.lock().unwrap_or_else(|p| p.into_inner());
+            // Built from the configuration in force now (a reload may have come meanwhile).
+            match server_tls(&self.crls.apply(&held).tls) {
+                Ok(tls) => {
+                    for (source, next) in &tls.crl_next_updates {
+                        self.metrics
+                            .crl_next_update
+                            .get_or_create(&FileLabel {
+                                file: source.clone(),
+                            })
+                            .set(*next);
+                    }
+                    self.current
+                        .store(Arc::new(self.current.load().with_tls(tls)));
+                    tracing::info!("fetched CRLs in force for new connections");
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "cannot use the fetched CRLs; previous TLS configuration still serving"
+                ),
+            }
+        }
+        next
+    }
+
+    /// Refreshes CRLs when due until `shutdown` turns true.
+    async fn crl_fetcher(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut next = Instant::now() + Duration::from_secs(3600);
+        let mut first = true;
+        loop {
+            if !first {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next.into()) => {}
+                    _ = self.crl_wake.notified() => {}
+                    _ = self.crls.learned() => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+            first = false;
+            next = tokio::select! {
+                n = self.refresh_crls(false) => n,
+                _ = shutdown.changed() => return,
+            };
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -605,9 +699,12 @@ impl Running {
 /// Binds every configured listener and starts serving.
 pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
     let server = Server::from_config(cfg, Arc::new(Metrics::new()))?;
+    // Fetch CRLs before serving (each fetch is bounded by fetch_timeout), so that the
+    // first clients are judged on fresh revocation data.
+    server.refresh_crls(true).await;
     let (tx, rx) = watch::channel(false);
     let mut addrs = Vec::new();
-    let mut tasks = Vec::new();
+    let mut tasks = vec![tokio::spawn(server.clone().crl_fetcher(rx.clone()))];
     for (i, l) in cfg.listeners.iter().enumerate() {
         let listener = TcpListener::bind(l.address).await.map_err(|e| {
             anyhow::anyhow!("listeners[{i}].address: cannot bind {}: {e}", l.address)

@@ -340,7 +340,9 @@ fn nhsd_cmd(cmd: NhsdCmd) -> anyhow::Result<()> {
 }
 
 fn check(path: &Path, strict: bool, allow: &[String]) -> anyhow::Result<()> {
-    let cfg = Config::load(path)?;
+    let mut cfg = Config::load(path)?;
+    // Judge with the fetched CRLs kept in cache_dir, as `run` starts with (read only).
+    cfg.tls.fetched_crls = fhirgate::revocation::cached(&cfg.tls);
     // Parse certificates, keys and CRLs too, as `run` would.
     let snapshot = fhirgate::listener::Snapshot::build(&cfg, &Default::default())?;
     print!("{}", cfg.summary());
@@ -353,6 +355,8 @@ fn check(path: &Path, strict: bool, allow: &[String]) -> anyhow::Result<()> {
     for line in inv.stale(now, snapshot.warn_before()) {
         println!("WARNING: {line}");
     }
+    // CRL URLs and what the cache holds for each; no network, no writes.
+    print!("{}", fhirgate::revocation::describe(&cfg.tls)?);
     let allowed = |field: &str| {
         allow.iter().any(|a| {
             field == a
@@ -497,19 +501,33 @@ async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Res
         });
     }
 
+    // reload.watch_files: a changed file reloads exactly as SIGHUP does.
+    let mut watched = None;
+    if cfg.reload.watch_files {
+        match fhirgate::watch::spawn(path, cfg.reload.debounce) {
+            Ok(rx) => watched = Some(rx),
+            Err(e) => tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP"),
+        }
+    }
     // The last configuration applied (for drain_timeout); settings fixed at start are
     // compared with `cfg`, the one the process started with.
     let mut current = cfg.clone();
     if !stopped_early {
         loop {
+            // SIGHUP or a watched file changed: both reload the same way.
             tokio::select! {
                 _ = int.recv() => break,
                 _ = term.recv() => break,
-                _ = hup.recv() => {
-                    if let Some(new) = reload(&running, path, cfg) {
-                        current = new;
+                _ = hup.recv() => {}
+                Some(()) = async {
+                    match &mut watched {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
                     }
-                }
+                } => {}
+            }
+            if let Some(new) = reload(&running, path, cfg) {
+                current = new;
             }
         }
     }

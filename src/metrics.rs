@@ -44,6 +44,21 @@ pub struct FileLabel {
     pub file: String,
 }
 
+/// One fetched CRL: its bundle and URL (both from config, so the set is bounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CrlLabel {
+    pub bundle: String,
+    pub url: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CrlFailureLabel {
+    pub bundle: String,
+    pub url: String,
+    /// One of [`crate::revocation::Failure::label`].
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabels {
     pub bundle: String,
@@ -73,6 +88,10 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     pub server_cert_not_after: Gauge<i64, AtomicI64>,
     pub crl_next_update: Family<FileLabel, Gauge<i64, AtomicI64>>,
+    pub crl_fetch_success: Family<CrlLabel, Gauge<i64, AtomicI64>>,
+    pub crl_fetch_failures: Family<CrlFailureLabel, Counter>,
+    pub crl_fetched_next_update: Family<CrlLabel, Gauge<i64, AtomicI64>>,
+    pub crl_revoked_entries: Family<CrlLabel, Gauge<i64, AtomicI64>>,
     /// notAfter of each configured CA certificate, by bundle and subject.
     pub cert_not_after: Family<CertLabels, Gauge<i64, AtomicI64>>,
 }
@@ -103,6 +122,10 @@ impl Metrics {
             reloads: Family::default(),
             server_cert_not_after: Gauge::default(),
             crl_next_update: Family::default(),
+            crl_fetch_success: Family::default(),
+            crl_fetch_failures: Family::default(),
+            crl_fetched_next_update: Family::default(),
+            crl_revoked_entries: Family::default(),
             cert_not_after: Family::default(),
             registry: Registry::default(),
         };
@@ -185,6 +208,26 @@ impl Metrics {
             "crl_next_update_seconds",
             "nextUpdate of each configured CRL, Unix seconds",
             m.crl_next_update.clone(),
+        );
+        registry.register(
+            "crl_fetch_success_timestamp_seconds",
+            "Last time each CRL URL answered with a valid CRL, Unix seconds",
+            m.crl_fetch_success.clone(),
+        );
+        registry.register(
+            "crl_fetch_failures",
+            "CRL fetches refused, by bundle, URL and reason",
+            m.crl_fetch_failures.clone(),
+        );
+        registry.register(
+            "crl_fetched_next_update_seconds",
+            "nextUpdate of the CRL held for each CRL URL, Unix seconds",
+            m.crl_fetched_next_update.clone(),
+        );
+        registry.register(
+            "crl_revoked_certificates",
+            "Entries in the CRL held for each CRL URL",
+            m.crl_revoked_entries.clone(),
         );
         registry.register(
             "cert_not_after_seconds",

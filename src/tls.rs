@@ -375,6 +375,10 @@ pub struct LoadedBundle {
     /// (config field, certificate) for every configured CA.
     pub cas: Vec<(String, CertificateDer<'static>)>,
     pub crls: Vec<LoadedCrl>,
+    /// CRLs also come from fetching (`crl_urls`, distribution points): a CA with no CRL
+    /// yet is then a passing state (`check` lists each URL and its cache), not a set-up
+    /// warning. Set by [`crate::revocation::add_fetched`].
+    pub fetches_crls: bool,
 }
 
 /// Reads the CA and CRL files of bundle `i`.
@@ -397,16 +401,21 @@ pub fn load_bundle(i: usize, b: &TrustBundleConfig) -> Result<LoadedBundle, Conf
         anchor: b.anchor,
         cas,
         crls,
+        fetches_crls: false,
     })
 }
 
 /// Reads every trust bundle of `cfg`.
 pub fn load_bundles(cfg: &TlsConfig) -> Result<Vec<LoadedBundle>, ConfigError> {
-    cfg.trust_bundles
+    let mut bundles: Vec<LoadedBundle> = cfg
+        .trust_bundles
         .iter()
         .enumerate()
         .map(|(i, b)| load_bundle(i, b))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    // Plus the last good CRLs fetched over HTTP, newest per issuer (see revocation).
+    crate::revocation::add_fetched(&mut bundles, &cfg.fetched_crls);
+    Ok(bundles)
 }
 
 /// A configured certificate's expiry, for logs, `check`, `/readyz` and metrics.
@@ -747,6 +756,9 @@ fn build_bundle(
         ));
     }
     for c in &lb.crls {
+        if crate::revocation::is_placeholder(c) {
+            continue; // stands for "no CRL yet"; the per-CA warnings below say so
+        }
         inv.crls.push((lb.name.clone(), c.clone()));
         if !issuers.iter().any(|(raw, _, _)| *raw == c.issuer_raw) {
             inv.warnings.push(format!(
@@ -762,7 +774,7 @@ fn build_bundle(
             "{f}.crl_files: none configured: revocation is NOT checked for bundle {:?}              (unknown_status does not apply without CRLs)",
             lb.name
         ));
-    } else if rev.unknown_status == UnknownRevocation::Deny {
+    } else if rev.unknown_status == UnknownRevocation::Deny && !lb.fetches_crls {
         for (raw, subject, anchor) in &issuers {
             // A CA needs a CRL when something it issues is revocation-checked: with
             // `chain` every CA (roots issue the SubCAs); with `end_entity` only issuers
@@ -816,6 +828,8 @@ pub struct BundleVerifier {
     pub crl_next_updates: Vec<(String, i64)>,
     /// CAs, CRLs and warnings of every bundle.
     pub inventory: TrustInventory,
+    /// Fetched CRLs; shown each presented leaf to learn its CRL URL (revocation.rs).
+    fetched: crate::revocation::FetchedCrls,
 }
 
 impl fmt::Debug for BundleVerifier {
@@ -868,6 +882,7 @@ impl BundleVerifier {
             max_depth: cfg.verify_depth,
             crl_next_updates,
             inventory,
+            fetched: cfg.fetched_crls.clone(),
         })
     }
 
@@ -960,6 +975,7 @@ impl ClientCertVerifier for BundleVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        self.fetched.observe(end_entity);
         if intermediates.len() + 1 > self.max_depth {
             let _ = REFUSED_CERT.try_with(|slot| {
                 if let Ok(mut slot) = slot.lock() {

@@ -110,6 +110,8 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
     let mut o = Opts::new(up);
     o.routes
         .push_str(&format!("admin:\n  address: {admin_addr}\n"));
+    // This test counts SIGHUP reloads; file-change reloads are tested in crl_fetch.rs.
+    o.routes.push_str("reload:\n  watch_files: false\n");
     let cfg_path = pki.path("config.yaml");
     let yaml = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw_addr.to_string());
     std::fs::write(&cfg_path, &yaml).unwrap();

@@ -1,0 +1,893 @@
+//! CRLs fetched over HTTP from where the CA publishes them, and reload on file change.
+//!
+//! The PKI is made with the openssl CLI as a CA would (RSA, `openssl ca`, DER CRLs from
+//! `openssl ca -gencrl`); CRLs are served by a small HTTP server on 127.0.0.1 written
+//! here, so each refusal case (garbage, another CA's signature, an older CRL, too large,
+//! an HTTP error) can be served on demand.
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use fhirgate::config::Config;
+use fhirgate::listener;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl CLI");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An `openssl ca` directory: its config, index, serial and CRL number.
+fn ca_dir(base: &Path, name: &str, cdp: &str) -> PathBuf {
+    let d = base.join(name);
+    std::fs::create_dir_all(d.join("newcerts")).unwrap();
+    std::fs::write(d.join("index.txt"), "").unwrap();
+    std::fs::write(d.join("serial"), "1000\n").unwrap();
+    std::fs::write(d.join("crlnumber"), "01\n").unwrap();
+    let cnf = format!(
+        "[ca]\ndefault_ca = ca_default\n\
+[ca_default]\ndir = {dir}\ndatabase = $dir/index.txt\nnew_certs_dir = $dir/newcerts\n\
+serial = $dir/serial\ncrlnumber = $dir/crlnumber\ncertificate = $dir/ca.crt\n\
+private_key = $dir/ca.key\ndefault_md = sha256\ndefault_days = 365\ndefault_crl_days = 7\n\
+policy = policy_any\npreserve = yes\nunique_subject = no\ncopy_extensions = none\ncrl_extensions = crl_ext\n\
+[policy_any]\ncommonName = supplied\norganizationName = optional\n\
+[req]\ndistinguished_name = dn\n[dn]\n\
+[root_ext]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n\
+subjectKeyIdentifier = hash\n\
+[subca_ext]\nbasicConstraints = critical,CA:TRUE,pathlen:0\nkeyUsage = critical,keyCertSign,cRLSign\n\
+subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid,issuer\ncrlDistributionPoints = URI:{cdp}\n\
+[client_ext]\nbasicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
+extendedKeyUsage = clientAuth\nauthorityKeyIdentifier = keyid,issuer\ncrlDistributionPoints = URI:{cdp}\n\
+[server_ext]\nbasicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
+extendedKeyUsage = serverAuth\nsubjectAltName = DNS:localhost,IP:127.0.0.1\n\
+[crl_ext]\nauthorityKeyIdentifier = keyid:always\n",
+        dir = d.display()
+    );
+    std::fs::write(d.join("ca.cnf"), cnf).unwrap();
+    d
+}
+
+/// A self-signed RSA root CA; the SubCAs it issues carry `cdp` (its own CRL's URL).
+fn root_ca(base: &Path, name: &str, cn: &str, cdp: &str) -> PathBuf {
+    let d = ca_dir(base, name, cdp);
+    openssl(
+        &d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "3650",
+            "-subj",
+            cn,
+            "-config",
+            "ca.cnf",
+            "-extensions",
+            "root_ext",
+        ],
+    );
+    d
+}
+
+/// A CA with exactly the name of the CA in `of` (same subject bytes) but its own key.
+fn impostor(base: &Path, of: &Path) -> PathBuf {
+    let d = ca_dir(base, "impostor", "http://127.0.0.1:1/unused.crl");
+    openssl(&d, &["genpkey", "-algorithm", "RSA", "-out", "ca.key"]);
+    let real = of.join("ca.crt");
+    // `x509 -signkey` keeps the subject, puts the new public key in and self-signs.
+    openssl(
+        &d,
+        &[
+            "x509",
+            "-in",
+            real.to_str().unwrap(),
+            "-signkey",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ],
+    );
+    d
+}
+
+/// Issues `name` from the CA in `ca` with extension section `ext`; returns the cert path.
+fn issue(ca: &Path, out: &Path, name: &str, cn: &str, ext: &str) -> PathBuf {
+    let key = out.join(format!("{name}.key"));
+    let csr = out.join(format!("{name}.csr"));
+    let crt = out.join(format!("{name}.crt"));
+    let (k, c, t) = (
+        key.to_str().unwrap(),
+        csr.to_str().unwrap(),
+        crt.to_str().unwrap(),
+    );
+    openssl(
+        ca,
+        &[
+            "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", k, "-out", c, "-subj", cn,
+            "-config", "ca.cnf",
+        ],
+    );
+    openssl(
+        ca,
+        &[
+            "ca",
+            "-batch",
+            "-notext",
+            "-config",
+            "ca.cnf",
+            "-extensions",
+            ext,
+            "-in",
+            c,
+            "-out",
+            t,
+        ],
+    );
+    crt
+}
+
+/// `openssl ca -gencrl`, converted to DER as CAs publish it.
+fn gencrl(ca: &Path) -> Vec<u8> {
+    openssl(
+        ca,
+        &["ca", "-gencrl", "-config", "ca.cnf", "-out", "crl.pem"],
+    );
+    openssl(
+        ca,
+        &[
+            "crl", "-in", "crl.pem", "-outform", "DER", "-out", "crl.der",
+        ],
+    );
+    std::fs::read(ca.join("crl.der")).unwrap()
+}
+
+fn revoke(ca: &Path, cert: &Path) {
+    openssl(
+        ca,
+        &["ca", "-config", "ca.cnf", "-revoke", cert.to_str().unwrap()],
+    );
+}
+
+/// Root → SubCA → clients alice and bob, a server certificate, and two impostor CAs.
+struct OpensslPki {
+    dir: tempfile::TempDir,
+    root: PathBuf,
+    sub: PathBuf,
+    server: PathBuf,
+    alice: PathBuf,
+    bob: PathBuf,
+}
+
+impl OpensslPki {
+    /// The SubCA certificate names `root_crl_url` in its CRL Distribution Points, the
+    /// client certificates name `sub_crl_url`, as NHS certificates do.
+    fn new(root_crl_url: &str, sub_crl_url: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        let root = root_ca(base, "root", "/O=Test NHS/CN=Test Root CA", root_crl_url);
+        let sub = ca_dir(base, "sub", sub_crl_url);
+        // The SubCA certificate carries the root's CRL distribution point, as NHS ones do.
+        issue(&root, &sub, "ca", "/O=Test NHS/CN=Test SubCA", "subca_ext");
+        let server = issue(&root, base, "server", "/CN=localhost", "server_ext");
+        let alice = issue(
+            &sub,
+            base,
+            "alice",
+            "/O=Sender A/CN=alice.example",
+            "client_ext",
+        );
+        let bob = issue(
+            &sub,
+            base,
+            "bob",
+            "/O=Sender B/CN=bob.example",
+            "client_ext",
+        );
+        OpensslPki {
+            dir,
+            root,
+            sub,
+            server,
+            alice,
+            bob,
+        }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    /// A TLS client presenting only its leaf, as NHS clients commonly do.
+    fn client(&self, cert: &Path) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(self.root.join("ca.crt")).unwrap())
+            .unwrap();
+        let chain = vec![CertificateDer::from_pem_file(cert).unwrap()];
+        let key = PrivateKeyDer::from_pem_file(cert.with_extension("key")).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+        // Every connection is a full handshake, judged on the CRLs in force.
+        cfg.resumption = rustls::client::Resumption::disabled();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    }
+}
+
+/// What the CRL server answers for each path: status and body (for a 3xx, the Location).
+type Routes = Arc<Mutex<HashMap<String, (u16, Vec<u8>)>>>;
+
+/// A plain HTTP/1.1 server on 127.0.0.1 serving `routes`; counts requests. Stops when the
+/// returned handle is aborted.
+async fn crl_server(
+    listener: tokio::net::TcpListener,
+    routes: Routes,
+    hits: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let routes = routes.clone();
+            let hits = hits.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    hits.fetch_add(1, Ordering::Relaxed);
+                    let (status, body) = routes
+                        .lock()
+                        .unwrap()
+                        .get(req.uri().path())
+                        .cloned()
+                        .unwrap_or((404, Vec::new()));
+                    // A 3xx carries its Location as the body.
+                    let mut resp = hyper::Response::builder().status(status);
+                    resp = if (300..400).contains(&status) {
+                        resp.header("location", String::from_utf8_lossy(&body).to_string())
+                    } else {
+                        resp.header("content-type", "application/pkix-crl")
+                    };
+                    let resp = resp.body(Full::new(Bytes::from(body))).unwrap();
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    })
+}
+
+fn gateway_yaml(pki: &OpensslPki, up: SocketAddr, bundle_extra: &str, tls_extra: &str) -> String {
+    format!(
+        "environment: development\n\
+listeners:\n  - address: 127.0.0.1:0\n\
+tls:\n  server_cert: {sc}\n  server_key: {sk}\n  handshake_timeout: 2s\n{tls_extra}  trust_bundles:\n    - name: test-int\n      ca_files: [{root}, {sub}]\n{bundle_extra}\
+upstream:\n  url: http://{up}\n  connect_timeout: 1s\n  response_timeout: 2s\n\
+auth:\n  mode: development\n\
+routes:\n  - name: all\n    path_prefix: /\n",
+        sc = pki.server.display(),
+        sk = pki.server.with_extension("key").display(),
+        root = pki.root.join("ca.crt").display(),
+        sub = pki.sub.join("ca.crt").display(),
+    )
+}
+
+async fn accepted(c: &tokio_rustls::TlsConnector, addr: SocketAddr) -> bool {
+    matches!(send(c, addr, get("/metadata")).await, Ok(g) if g.status == http::StatusCode::OK)
+}
+
+/// Polls `cond` every 50 ms for at most `limit`; returns how long it took.
+async fn within(limit: Duration, what: &str, mut cond: impl AsyncFnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond().await {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within {limit:?}");
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetched_crls_revoke_refuse_bad_ones_and_survive_a_restart() {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let crl_addr = http.local_addr().unwrap();
+    let root_url = format!("http://{crl_addr}/root.crl");
+    let sub_url = format!("http://{crl_addr}/sub.crl");
+    let pki = OpensslPki::new(&root_url, &sub_url);
+    let routes: Routes = Arc::default();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let first_sub_crl = gencrl(&pki.sub);
+    // The root's CRL sits behind a redirect, as on a CDN.
+    routes
+        .lock()
+        .unwrap()
+        .insert("/root.crl".into(), (302, b"/cdn/root.crl".to_vec()));
+    routes
+        .lock()
+        .unwrap()
+        .insert("/cdn/root.crl".into(), (200, gencrl(&pki.root)));
+    routes
+        .lock()
+        .unwrap()
+        .insert("/sub.crl".into(), (200, first_sub_crl.clone()));
+    let server = crl_server(http, routes.clone(), hits.clone()).await;
+
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let cache = pki.path("crl-cache");
+    // No crl_files at all: the SubCA's CRL comes from crl_urls, the root's from the
+    // SubCA certificate's CRL Distribution Points. With the default unknown_status: deny
+    // a client is served only once both have been fetched and verified.
+    let yaml = gateway_yaml(
+        &pki,
+        up,
+        &format!("      crl_urls: [\"{sub_url}\"]\n"),
+        &format!(
+            "  revocation:\n    fetch_distribution_points: true\n    refresh_interval: 1s\n    \
+fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
+            cache.display()
+        ),
+    );
+    let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    // First deployment: nothing cached yet. `check --strict` (the systemd unit's
+    // ExecStartPre) must let the gateway start and fetch, and says what is missing.
+    let cfg_path = pki.path("config.yaml");
+    std::fs::write(&cfg_path, &yaml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .args(["check", "--strict", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("not cached yet"), "{stdout}");
+    assert_eq!(hits.load(Ordering::Relaxed), 0, "check fetched nothing");
+    assert!(!cache.exists(), "check wrote nothing");
+    let running = listener::start(&cfg).await.unwrap();
+    let addr = running.addrs[0];
+    let metrics = running.server().metrics().clone();
+    let alice = pki.client(&pki.alice);
+    let bob = pki.client(&pki.bob);
+    assert!(
+        accepted(&alice, addr).await,
+        "alice served after the first fetch"
+    );
+    assert!(accepted(&bob, addr).await, "bob not revoked yet");
+    let text = metrics.encode();
+    for url in [&sub_url, &root_url] {
+        let label = format!("{{bundle=\"test-int\",url=\"{url}\"}}");
+        assert!(
+            metric(
+                &text,
+                &format!("fhirgate_crl_fetch_success_timestamp_seconds{label}")
+            ) > 1.7e9,
+            "{text}"
+        );
+        assert!(
+            metric(
+                &text,
+                &format!("fhirgate_crl_fetched_next_update_seconds{label}")
+            ) > 1.7e9,
+            "{text}"
+        );
+    }
+
+    // A request on a connection opened before the CRL changes still completes.
+    let (mut open, _task) = open_h1(&alice, addr).await.unwrap();
+
+    // The CA revokes bob and publishes a new CRL. RFC 5280 §5: "When a conforming CA
+    // issues a CRL, ... the CRL number MUST be monotonically increasing".
+    revoke(&pki.sub, &pki.bob);
+    let revoked_crl = gencrl(&pki.sub);
+    routes
+        .lock()
+        .unwrap()
+        .insert("/sub.crl".into(), (200, revoked_crl));
+    let took = within(Duration::from_secs(5), "bob refused", async || {
+        !accepted(&bob, addr).await
+    })
+    .await;
+    // One refresh interval (1 s) plus a fetch and the rebuild.
+    eprintln!("revoked client refused {took:?} after the new CRL was published");
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    assert!(accepted(&alice, addr).await);
+    let got = open.send_request(h1_get("/metadata")).await.unwrap();
+    assert_eq!(
+        got.status(),
+        http::StatusCode::OK,
+        "open connection unaffected"
+    );
+    let text = metrics.encode();
+    assert!(
+        text.contains("fhirgate_tls_handshakes_total{result=\"revoked\"}"),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &format!("fhirgate_crl_revoked_certificates{{bundle=\"test-int\",url=\"{sub_url}\"}}")
+        ),
+        1.0,
+        "{text}"
+    );
+
+    // Impostors: a CA with the SubCA's name but another key, and an unrelated CA. Their
+    // CRLs revoke nothing, so were one accepted, bob would be served again.
+    let evil = impostor(pki.dir.path(), &pki.sub);
+    let other = root_ca(
+        pki.dir.path(),
+        "other",
+        "/CN=Some Other CA",
+        "http://127.0.0.1:1/unused.crl",
+    );
+    // 150 kB that start like a DER SEQUENCE: too large whatever they hold.
+    let mut oversize = vec![0x30, 0x83, 0x02, 0x49, 0xf0];
+    oversize.resize(150_000, 0);
+    let cases: [(&str, (u16, Vec<u8>)); 6] = [
+        ("parse", (200, b"this is not a CRL".to_vec())),
+        ("bad_signature", (200, gencrl(&evil))),
+        ("unknown_issuer", (200, gencrl(&other))),
+        ("older", (200, first_sub_crl.clone())),
+        ("http_status", (503, Vec::new())),
+        ("too_large", (200, oversize)),
+    ];
+    for (reason, answer) in cases {
+        let key = format!(
+            "fhirgate_crl_fetch_failures_total{{bundle=\"test-int\",url=\"{sub_url}\",reason=\"{reason}\"}}"
+        );
+        let before = metric(&metrics.encode(), &key);
+        routes.lock().unwrap().insert("/sub.crl".into(), answer);
+        within(Duration::from_secs(5), reason, async || {
+            metric(&metrics.encode(), &key) > before
+        })
+        .await;
+        assert!(!accepted(&bob, addr).await, "{reason}: bob still revoked");
+        assert!(accepted(&alice, addr).await, "{reason}: alice still served");
+    }
+
+    // Restart while the CRL host is down: the cached copies are used.
+    running.shutdown(Duration::from_secs(2)).await;
+    server.abort();
+    let _ = server.await;
+    let cached = std::fs::read_dir(&cache).unwrap().count();
+    assert_eq!(cached, 2, "one cache file per CRL URL");
+
+    // `fhirgate check` lists the URLs and the cache, without a single request.
+    let hits_before = hits.load(Ordering::Relaxed);
+    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .args(["check", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("CRL URL {sub_url}")), "{stdout}");
+    assert!(stdout.contains(&format!("CRL URL {root_url}")), "{stdout}");
+    assert!(stdout.contains("CRL distribution point of"), "{stdout}");
+    assert!(stdout.contains("1 revoked"), "{stdout}");
+    // The cached fetched CRLs are judged like CRL files (nextUpdate, stale flags).
+    assert!(
+        stdout.contains(&format!("CRL [test-int] {sub_url} issuer")),
+        "{stdout}"
+    );
+    // inspect-cert shows where a certificate's issuer publishes its CRL, and with
+    // --config judges with the cached CRLs, as the handshake does.
+    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .arg("inspect-cert")
+        .arg(pki.sub.join("ca.crt"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("CRL at:      {root_url}")),
+        "{stdout}"
+    );
+    for (who, verdict) in [
+        (&pki.alice, "bundle test-int: ACCEPTED"),
+        (&pki.bob, "refused (revoked"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+            .arg("inspect-cert")
+            .arg(who)
+            .arg("--config")
+            .arg(&cfg_path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(verdict),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        hits.load(Ordering::Relaxed),
+        hits_before,
+        "check fetched nothing"
+    );
+
+    let running = listener::start(&cfg).await.unwrap();
+    let addr = running.addrs[0];
+    let text = running.server().metrics().encode();
+    assert!(
+        text.contains("fhirgate_crl_fetch_failures_total{bundle=\"test-int\",url=")
+            && text.contains("reason=\"connect\""),
+        "the CRL host is down: {text}"
+    );
+    assert!(
+        accepted(&alice, addr).await,
+        "alice served from cached CRLs"
+    );
+    assert!(
+        !accepted(&bob, addr).await,
+        "bob still revoked from the cache"
+    );
+    running.shutdown(Duration::from_secs(2)).await;
+
+    // Without the cache nothing is known about the issuers: unknown status, refused.
+    let empty = yaml.replace(
+        &cache.display().to_string(),
+        &pki.path("empty-cache").display().to_string(),
+    );
+    let cfg = Config::from_yaml(&empty, Path::new("/")).unwrap();
+    let running = listener::start(&cfg).await.unwrap();
+    // (webpki alone would check nothing with no CRL at all: that must not fail open.)
+    assert!(
+        !accepted(&alice, running.addrs[0]).await,
+        "no CRL, no service"
+    );
+    let m = running.server().metrics().clone();
+    within(
+        Duration::from_secs(2),
+        "unknown_revocation counted",
+        async || {
+            m.encode()
+                .contains("fhirgate_tls_handshakes_total{result=\"unknown_revocation\"}")
+        },
+    )
+    .await;
+    running.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Kills the gateway if the test fails half-way.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// How a CRL file is replaced on disk.
+#[derive(Clone, Copy, Debug)]
+enum Swap {
+    /// New CRL written to a temp file, renamed over the old one.
+    Rename,
+    /// Kubernetes Secret/ConfigMap volume: `sub.crl -> ..data/sub.crl`, `..data ->
+    /// ..<timestamp>`; an update writes a new timestamped dir and renames a new `..data`
+    /// symlink over the old one.
+    KubernetesSymlink,
+}
+
+async fn revoked_after_file_swap(swap: Swap) {
+    let pki = OpensslPki::new(
+        "http://127.0.0.1:1/unused.crl",
+        "http://127.0.0.1:1/unused.crl",
+    );
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let root_crl = pki.path("root.crl");
+    std::fs::write(&root_crl, gencrl(&pki.root)).unwrap();
+    let vol = pki.path("secret");
+    std::fs::create_dir(&vol).unwrap();
+    let sub_crl = vol.join("sub.crl");
+    match swap {
+        Swap::Rename => std::fs::write(&sub_crl, gencrl(&pki.sub)).unwrap(),
+        Swap::KubernetesSymlink => {
+            std::fs::create_dir(vol.join("..2026_01")).unwrap();
+            std::fs::write(vol.join("..2026_01/sub.crl"), gencrl(&pki.sub)).unwrap();
+            std::os::unix::fs::symlink("..2026_01", vol.join("..data")).unwrap();
+            std::os::unix::fs::symlink("..data/sub.crl", &sub_crl).unwrap();
+        }
+    }
+    let gw = free_addr();
+    let admin = free_addr();
+    let yaml = gateway_yaml(
+        &pki,
+        up,
+        &format!(
+            "      crl_files: [{}, {}]\n",
+            root_crl.display(),
+            sub_crl.display()
+        ),
+        "",
+    )
+    .replace("127.0.0.1:0", &gw.to_string())
+        + &format!("admin:\n  address: {admin}\nreload:\n  debounce: 300ms\n");
+    let cfg_path = pki.path("config.yaml");
+    std::fs::write(&cfg_path, &yaml).unwrap();
+    let log_path = pki.path("gateway.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let _child = KillOnDrop(child);
+    let alice = pki.client(&pki.alice);
+    let bob = pki.client(&pki.bob);
+    within(Duration::from_secs(10), "gateway up", async || {
+        accepted(&alice, gw).await
+    })
+    .await;
+    assert!(accepted(&bob, gw).await);
+
+    revoke(&pki.sub, &pki.bob);
+    let new_crl = gencrl(&pki.sub);
+    match swap {
+        Swap::Rename => {
+            let tmp = vol.join(".sub.crl.tmp");
+            std::fs::write(&tmp, &new_crl).unwrap();
+            std::fs::rename(&tmp, &sub_crl).unwrap();
+        }
+        Swap::KubernetesSymlink => {
+            std::fs::create_dir(vol.join("..2026_02")).unwrap();
+            std::fs::write(vol.join("..2026_02/sub.crl"), &new_crl).unwrap();
+            std::os::unix::fs::symlink("..2026_02", vol.join("..data_tmp")).unwrap();
+            std::fs::rename(vol.join("..data_tmp"), vol.join("..data")).unwrap();
+            std::fs::remove_dir_all(vol.join("..2026_01")).unwrap();
+        }
+    }
+    // No SIGHUP is sent.
+    let took = within(
+        Duration::from_secs(5),
+        "bob refused after the file swap",
+        async || !accepted(&bob, gw).await,
+    )
+    .await;
+    eprintln!("{swap:?}: revoked client refused {took:?} after the file swap");
+    assert!(accepted(&alice, gw).await);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("watched file changed"), "{log}");
+    assert!(log.contains("configuration reloaded"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crl_file_renamed_over_is_picked_up_without_sighup() {
+    revoked_after_file_swap(Swap::Rename).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_secret_symlink_swap_is_picked_up_without_sighup() {
+    revoked_after_file_swap(Swap::KubernetesSymlink).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subca_crl_url_is_learned_from_client_certificates_it_issued() {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let crl_addr = http.local_addr().unwrap();
+    let root_url = format!("http://{crl_addr}/root.crl");
+    let sub_url = format!("http://{crl_addr}/sub.crl");
+    let pki = OpensslPki::new(&root_url, &sub_url);
+    let routes: Routes = Arc::default();
+    let hits = Arc::new(AtomicUsize::new(0));
+    routes
+        .lock()
+        .unwrap()
+        .insert("/root.crl".into(), (200, gencrl(&pki.root)));
+    routes
+        .lock()
+        .unwrap()
+        .insert("/sub.crl".into(), (200, gencrl(&pki.sub)));
+    routes
+        .lock()
+        .unwrap()
+        .insert("/forged.crl".into(), (200, b"never asked for".to_vec()));
+    let _server = crl_server(http, routes.clone(), hits.clone()).await;
+
+    // A forger's self-signed leaf that claims the SubCA as issuer and names its own URL.
+    let forged = pki.path("forged.crt");
+    openssl(
+        pki.dir.path(),
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "forged.key",
+            "-out",
+            "forged.crt",
+            "-days",
+            "30",
+            "-subj",
+            "/O=Test NHS/CN=Test SubCA",
+            "-addext",
+            &format!("crlDistributionPoints=URI:http://{crl_addr}/forged.crl"),
+        ],
+    );
+
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let cache = pki.path("crl-cache");
+    // No crl_urls: only distribution points (the SubCA's, naming the root's CRL; the
+    // clients', naming the SubCA's).
+    let yaml = gateway_yaml(
+        &pki,
+        up,
+        "",
+        &format!(
+            "  revocation:\n    fetch_distribution_points: true\n    refresh_interval: 1h\n    \
+cache_dir: {}\n",
+            cache.display()
+        ),
+    );
+    let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let running = listener::start(&cfg).await.unwrap();
+    let addr = running.addrs[0];
+    let alice = pki.client(&pki.alice);
+
+    let forger = pki.client(&forged);
+    assert!(!accepted(&forger, addr).await, "forged leaf refused");
+    // The first client of the SubCA is refused (no CRL from its issuer yet: fail closed)
+    // but teaches the gateway the URL; the SubCA's CRL is fetched at once, not after the
+    // 1 h refresh interval.
+    assert!(
+        !accepted(&alice, addr).await,
+        "no SubCA CRL yet: unknown status, refused"
+    );
+    let took = within(
+        Duration::from_secs(5),
+        "alice served once the SubCA CRL is learned",
+        async || accepted(&alice, addr).await,
+    )
+    .await;
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    let text = running.server().metrics().encode();
+    assert!(
+        text.contains(&format!(
+            "fhirgate_crl_fetch_success_timestamp_seconds{{bundle=\"test-int\",url=\"{sub_url}\"}}"
+        )),
+        "{text}"
+    );
+    running.shutdown(Duration::from_secs(2)).await;
+
+    // Only a certificate a bundle CA really signed may point the gateway somewhere.
+    let learned = std::fs::read_to_string(cache.join("learned-urls")).unwrap();
+    assert_eq!(learned, format!("test-int\t{sub_url}\n"));
+    assert!(
+        !text.contains("forged.crl"),
+        "the forged URL was never fetched: {text}"
+    );
+
+    // Kept for restarts: check lists it.
+    let cfg_path = pki.path("config.yaml");
+    std::fs::write(&cfg_path, &yaml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .args(["check", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "CRL URL {sub_url} (bundle \"test-int\", learned from a client certificate): cached"
+        )),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_added_on_reload_is_fetched_at_once_and_beats_an_older_crl_file() {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let crl_addr = http.local_addr().unwrap();
+    let sub_url = format!("http://{crl_addr}/sub.crl");
+    let pki = OpensslPki::new(
+        "http://127.0.0.1:1/unused.crl",
+        "http://127.0.0.1:1/unused.crl",
+    );
+    // Seed files: the root's CRL and the SubCA's first CRL (number 1, nothing revoked).
+    let root_crl = pki.path("root.crl");
+    let sub_crl = pki.path("sub.crl");
+    std::fs::write(&root_crl, gencrl(&pki.root)).unwrap();
+    std::fs::write(&sub_crl, gencrl(&pki.sub)).unwrap();
+    revoke(&pki.sub, &pki.bob);
+    let routes: Routes = Arc::default();
+    routes
+        .lock()
+        .unwrap()
+        .insert("/sub.crl".into(), (200, gencrl(&pki.sub)));
+    let _server = crl_server(http, routes, Arc::default()).await;
+
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let files = format!(
+        "      crl_files: [{}, {}]\n",
+        root_crl.display(),
+        sub_crl.display()
+    );
+    let tls_extra = "  revocation:\n    refresh_interval: 1h\n";
+    let yaml = gateway_yaml(&pki, up, &files, tls_extra);
+    let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap();
+    let running = listener::start(&cfg).await.unwrap();
+    let addr = running.addrs[0];
+    let bob = pki.client(&pki.bob);
+    assert!(
+        accepted(&bob, addr).await,
+        "the seed file does not revoke bob"
+    );
+
+    // The operator adds the CA's URL. With a 1 h refresh interval, only the reload's own
+    // wake-up explains a fetch within seconds; the fetched CRL (number 2) is newer than
+    // the file (number 1) for the same issuer, so it is the one used.
+    let yaml2 = gateway_yaml(
+        &pki,
+        up,
+        &format!("{files}      crl_urls: [\"{sub_url}\"]\n"),
+        tls_extra,
+    );
+    let cfg2 = Config::from_yaml(&yaml2, Path::new("/")).unwrap();
+    running.server().reload(&cfg2).unwrap();
+    within(
+        Duration::from_secs(5),
+        "bob refused by the fetched CRL",
+        async || !accepted(&bob, addr).await,
+    )
+    .await;
+    assert!(accepted(&pki.client(&pki.alice), addr).await);
+    running.shutdown(Duration::from_secs(2)).await;
+}
