@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::auth::AuthConfig;
 use crate::nhsd::NhsdPolicy;
+use crate::service::ServiceLevelsConfig;
 
 /// Which environment this gateway serves; `production` forbids development shortcuts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -49,6 +50,9 @@ pub struct Config {
     /// BaRS NHSD-* header checks; off when absent.
     #[serde(default)]
     pub nhsd: Option<NhsdConfig>,
+    /// Default time budget, unmatched-path answer, Accept versions and rate limit.
+    #[serde(default)]
+    pub service_levels: ServiceLevelsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -177,6 +181,8 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Connections one client certificate may hold open at once; 0: no cap.
+    pub max_connections_per_client: usize,
 }
 
 impl Default for Limits {
@@ -190,6 +196,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_concurrent_streams: 100,
             drain_timeout: Duration::from_secs(30),
+            max_connections_per_client: 0,
         }
     }
 }
@@ -298,6 +305,9 @@ pub struct RouteConfig {
     /// NHSD header policy for this route, replacing `nhsd.headers`.
     #[serde(default)]
     pub nhsd: Option<NhsdPolicy>,
+    /// Replaces the top-level `service_levels` field by field for this route.
+    #[serde(default)]
+    pub service_levels: ServiceLevelsConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -589,7 +599,10 @@ impl Config {
                     return Err(err(format!("{f}.allow_sans[{j}]"), "must not be empty"));
                 }
             }
+            r.service_levels
+                .validate(&format!("{f}.service_levels"), true)?;
         }
+        self.service_levels.validate("service_levels", false)?;
         Ok(())
     }
 

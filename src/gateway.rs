@@ -26,6 +26,7 @@ use crate::metrics::{HeaderLabel, Metrics};
 use crate::nhsd;
 use crate::outcome::{Body, Rejection};
 use crate::policy::{prefix_covers, Route, RoutePolicy};
+use crate::service::{self, Levels, LimitKey, Limiters, ServiceLevels, Unmatched};
 use crate::upstream::Upstream;
 
 /// What the listener learnt about a connection; shared by its requests.
@@ -44,6 +45,7 @@ pub struct Gateway {
     max_body_bytes: u64,
     max_headers: usize,
     metrics: Arc<Metrics>,
+    levels: ServiceLevels,
 }
 
 /// What the pipeline learnt about one request, for the access line and metrics.
@@ -63,7 +65,18 @@ const ECHOED: [&str; 2] = ["x-request-id", "x-correlation-id"];
 
 impl Gateway {
     pub fn from_config(cfg: &Config, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
+        Self::with_limiters(cfg, metrics, &Limiters::default())
+    }
+
+    /// As [`Gateway::from_config`], taking rate limiters from `limiters`, which outlives
+    /// reloads, so unchanged limits keep their buckets.
+    pub fn with_limiters(
+        cfg: &Config,
+        metrics: Arc<Metrics>,
+        limiters: &Limiters,
+    ) -> Result<Self, ConfigError> {
         Ok(Gateway {
+            levels: ServiceLevels::new(&cfg.service_levels, &cfg.routes, limiters),
             policy: RoutePolicy::new(&cfg.routes),
             upstream: Upstream::from_config(&cfg.upstream)?,
             identity_headers: cfg.identity_headers.clone(),
@@ -94,7 +107,7 @@ impl Gateway {
             .filter_map(|n| echoable(req.headers(), n).map(|v| (*n, v)))
             .collect();
         let mut trace = Trace::default();
-        let mut response = match self.forward(req, conn, &mut trace).await {
+        let mut response = match self.forward_in_budget(req, conn, &mut trace, start).await {
             Ok(r) => {
                 trace.upstream_status = Some(r.status().as_u16());
                 r
@@ -145,6 +158,65 @@ impl Gateway {
             "request"
         );
         response
+    }
+
+    /// [`Gateway::forward`] under the route's total time budget, if it has one: the
+    /// budget runs from `start` (the request's arrival) to the response headers, token
+    /// check and upstream included, and its expiry abandons whatever is in progress.
+    async fn forward_in_budget(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+        trace: &mut Trace,
+        start: Instant,
+    ) -> Result<Response<Body>, Rejection> {
+        let route = self
+            .policy
+            .covering(req.uri().path())
+            .map(|r| r.name.as_str());
+        let Some(budget) = self.levels.of(route).budget.clone() else {
+            return self.forward(req, conn, trace).await;
+        };
+        let deadline = tokio::time::Instant::from_std(start + budget.limit);
+        match tokio::time::timeout_at(deadline, self.forward(req, conn, trace)).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(target: "fhirgate::upstream", budget_ms = budget.limit.as_millis() as u64, "request not answered within its time budget");
+                Err(budget.rejection())
+            }
+        }
+    }
+
+    /// Takes one request from the route's rate limit at `stage`: limits keyed by the
+    /// certificate are checked before the token (so a flood costs no introspection),
+    /// limits keyed by `client_id` after it.
+    fn rate_limit(
+        &self,
+        levels: &Levels,
+        route: &str,
+        conn: &ConnInfo,
+        client_id: Option<&str>,
+        stage: LimitKey,
+    ) -> Result<(), Rejection> {
+        let Some(limiter) = &levels.limiter else {
+            return Ok(());
+        };
+        if limiter.key != stage {
+            return Ok(());
+        }
+        let key = match (limiter.key, client_id) {
+            (LimitKey::ClientId, Some(c)) => format!("client_id:{c}"),
+            _ => format!("cert:{}", conn.identity.fingerprint_sha256),
+        };
+        limiter.check(&key).map_err(|wait| {
+            self.metrics
+                .rate_limited
+                .get_or_create(&crate::metrics::RouteLabel {
+                    route: route.to_owned(),
+                })
+                .inc();
+            Rejection::too_many_requests(service::retry_after_secs(wait))
+        })
     }
 
     /// Whether tokens can be verified: `(ok, detail)`, for `/readyz` and start-up.
@@ -200,8 +272,16 @@ impl Gateway {
         if req.headers().len() > self.max_headers {
             return Err(Rejection::too_many_headers(self.max_headers));
         }
-        let route = self.policy.decide(req.uri().path(), &conn.identity)?;
+        let route = self
+            .policy
+            .decide(req.uri().path(), &conn.identity)
+            .map_err(|r| match self.levels.unmatched {
+                Unmatched::NotImplemented if r.reason == "no_route" => Rejection::not_implemented(),
+                _ => r,
+            })?;
         trace.route = Some(route.name.clone());
+        let levels = self.levels.of(Some(&route.name));
+        self.rate_limit(levels, &route.name, conn, None, LimitKey::Fingerprint)?;
         let token = match route.token {
             TokenRequirement::None => None,
             TokenRequirement::Required => {
@@ -221,8 +301,11 @@ impl Gateway {
                 Some(facts)
             }
         };
+        let client_id = token.as_ref().and_then(|t| t.client_id.as_deref());
+        self.rate_limit(levels, &route.name, conn, client_id, LimitKey::ClientId)?;
         let facts = self.check_nhsd(route, &req)?;
         trace.ods_code = facts.as_ref().and_then(|f| f.ods_code.clone());
+        service::check_accept(req.headers(), &levels.accept_versions)?;
 
         if let Some(len) = content_length(req.headers()) {
             if len > self.max_body_bytes {

@@ -21,5 +21,6 @@ pub mod nhsd;
 pub mod outcome;
 pub mod pki;
 pub mod policy;
+pub mod service;
 pub mod tls;
 pub mod upstream;

@@ -30,6 +30,8 @@ use crate::config::{Config, ConfigError, Limits};
 use crate::gateway::{ConnInfo, Gateway};
 use crate::identity::ClientIdentity;
 use crate::metrics::{FileLabel, Metrics};
+use crate::outcome::Rejection;
+use crate::service::{ClientConnections, Limiters};
 use crate::tls::{handshake_failure_kind, server_tls, BundleVerifier};
 use arc_swap::ArcSwap;
 
@@ -46,8 +48,17 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn build(cfg: &Config, metrics: &Arc<Metrics>) -> Result<Self, ConfigError> {
+        Self::build_with(cfg, metrics, &Limiters::default())
+    }
+
+    /// As [`Snapshot::build`], with rate limiters that outlive this snapshot.
+    pub fn build_with(
+        cfg: &Config,
+        metrics: &Arc<Metrics>,
+        limiters: &Limiters,
+    ) -> Result<Self, ConfigError> {
         let tls = server_tls(&cfg.tls)?;
-        let gateway = Arc::new(Gateway::from_config(cfg, metrics.clone())?);
+        let gateway = Arc::new(Gateway::with_limiters(cfg, metrics.clone(), limiters)?);
         let limits = cfg.limits.clone();
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
@@ -88,12 +99,18 @@ pub struct Server {
     connections: Arc<Semaphore>,
     max_connections: usize,
     metrics: Arc<Metrics>,
+    /// Kept across reloads: rate-limit buckets and per-client connection counts.
+    limiters: Limiters,
+    client_connections: Arc<ClientConnections>,
 }
 
 impl Server {
     pub fn from_config(cfg: &Config, metrics: Arc<Metrics>) -> Result<Arc<Self>, ConfigError> {
-        let snapshot = Snapshot::build(cfg, &metrics)?;
+        let limiters = Limiters::default();
+        let snapshot = Snapshot::build_with(cfg, &metrics, &limiters)?;
         Ok(Arc::new(Server {
+            limiters,
+            client_connections: Arc::default(),
             current: ArcSwap::from_pointee(snapshot),
             connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             max_connections: cfg.limits.max_connections,
@@ -105,7 +122,7 @@ impl Server {
     /// fixed at start; everything else (certificates, trust bundles, CRLs, routes,
     /// upstream, limits) takes effect for new connections.
     pub fn reload(&self, cfg: &Config) -> Result<(), ConfigError> {
-        let result = Snapshot::build(cfg, &self.metrics);
+        let result = Snapshot::build_with(cfg, &self.metrics, &self.limiters);
         self.metrics.reload(result.is_ok());
         self.current.store(Arc::new(result?));
         if cfg.limits.max_connections != self.max_connections {
@@ -146,9 +163,12 @@ impl Server {
                     let snapshot = self.current.load_full();
                     let metrics = self.metrics.clone();
                     let shutdown = shutdown.clone();
+                    let clients = self.client_connections.clone();
                     tokio::spawn(async move {
                         metrics.open_connections.inc();
-                        snapshot.connection(tcp, peer, &metrics, shutdown).await;
+                        snapshot
+                            .connection(tcp, peer, &metrics, shutdown, &clients)
+                            .await;
                         metrics.open_connections.dec();
                         drop(permit);
                     });
@@ -180,6 +200,7 @@ impl Snapshot {
         peer: SocketAddr,
         metrics: &Metrics,
         mut shutdown: watch::Receiver<bool>,
+        clients: &Arc<ClientConnections>,
     ) {
         let _ = tcp.set_nodelay(true);
         let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp))
@@ -224,6 +245,13 @@ impl Snapshot {
         };
         metrics.handshake("ok");
         tracing::debug!(target: "fhirgate::tls", %peer, subject = %identity.subject, bundle = %identity.bundle, "handshake ok");
+        let max_per_client = self.limits.max_connections_per_client;
+        let Some(_slot) = clients.open(&identity.fingerprint_sha256, max_per_client) else {
+            metrics.connections_over_client_cap.inc();
+            tracing::warn!(target: "fhirgate::tls", %peer, subject = %identity.subject, fingerprint = %identity.fingerprint_sha256, max_per_client, "client over its connection cap: answering 429 and closing");
+            self.refuse_over_cap(tls, max_per_client).await;
+            return;
+        };
 
         let conn = Arc::new(ConnInfo { identity, peer });
         let activity = Arc::new(Activity::new());
@@ -293,6 +321,28 @@ impl Snapshot {
                 }
             }
         }
+    }
+}
+
+impl Snapshot {
+    /// Answers every request on a connection over the per-client cap with 429
+    /// `REC_TOO_MANY_REQUESTS` (`Connection: close` on HTTP/1.1), for at most the
+    /// handshake timeout: the sender gets an answer BaRS tells it to retry on, rather
+    /// than a reset it might report as a TLS failure.
+    async fn refuse_over_cap<T>(&self, tls: T, max: usize)
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = service_fn(move |_req| async move {
+            let mut resp = Rejection::too_many_connections(max, 1).into_response();
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            Ok::<_, Infallible>(resp)
+        });
+        let served = self.http.serve_connection(TokioIo::new(tls), svc);
+        let _ = tokio::time::timeout(self.handshake_timeout, served).await;
     }
 }
 

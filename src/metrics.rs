@@ -67,6 +67,8 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     pub server_cert_not_after: Gauge<i64, AtomicI64>,
     pub crl_next_update: Family<FileLabel, Gauge<i64, AtomicI64>>,
+    pub rate_limited: Family<RouteLabel, Counter>,
+    pub connections_over_client_cap: Counter,
 }
 
 impl Default for Metrics {
@@ -95,6 +97,8 @@ impl Metrics {
             reloads: Family::default(),
             server_cert_not_after: Gauge::default(),
             crl_next_update: Family::default(),
+            rate_limited: Family::default(),
+            connections_over_client_cap: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -176,6 +180,16 @@ impl Metrics {
             "crl_next_update_seconds",
             "nextUpdate of each configured CRL, Unix seconds",
             m.crl_next_update.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429 by a per-client rate limit, by route ('-': no route)",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "connections_over_client_cap",
+            "Connections refused because their client already had limits.max_connections_per_client open",
+            m.connections_over_client_cap.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -91,6 +91,12 @@ impl RoutePolicy {
         RoutePolicy { routes }
     }
 
+    /// The route covering `path`, whoever asks (for per-route settings needed before the
+    /// route decision, such as the time budget).
+    pub fn covering(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.covers(path))
+    }
+
     /// The route for `path`, if the client may use it.
     pub fn decide(&self, path: &str, id: &ClientIdentity) -> Result<&Route, Rejection> {
         check_path(path)?;
@@ -212,6 +218,7 @@ mod tests {
             nhsd: None,
             token: TokenRequirement::Required,
             required_scopes: vec![],
+            service_levels: Default::default(),
         }
     }
 

@@ -1,0 +1,379 @@
+//! Service levels and per-client limits over real mTLS connections to the in-process
+//! gateway: the BaRS time budget (408 `REC_TIMEOUT`), unmatched paths (501), the
+//! `Accept` version check (406), per-client rate limits (429 + `Retry-After`) kept across
+//! reloads, and the per-client connection cap.
+
+mod common;
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use fhirgate::config::Config;
+use http::StatusCode;
+use support::{metric, wait_metric};
+
+/// `auth:` plus extra top-level sections (the harness appends it verbatim).
+fn dev_auth_with(extra: &str) -> String {
+    format!("auth:\n  mode: development\n{extra}")
+}
+
+/// BaRS non-functional requirements: a request MUST be answered within 5,000 ms, and one
+/// that cannot be is answered `408` `REC_TIMEOUT`. Here the budget is 1 s (the config
+/// example uses 5 s) and the upstream takes 3 s: the client must get 408 within
+/// 1 s ± 100 ms, measured on an already-open connection.
+#[tokio::test]
+async fn slow_upstream_gets_408_within_the_budget() {
+    let pki = Pki::new();
+    let (up, _seen) = upstream(UpstreamMode::Slow(Duration::from_secs(3))).await;
+    let mut o = Opts::new(up);
+    o.auth = dev_auth_with("service_levels:\n  response_timeout: 1s\n");
+    // A route with its own budget and status replaces the default.
+    o.routes = "  - name: quick\n    path_prefix: /quick\n    service_levels: {response_timeout: 300ms, timeout_status: 504}\n  - name: all\n    path_prefix: /\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let client = tls_client(&pki, Some("client"), H1);
+
+    let (mut tx, _task) = open_h1(&client, addr).await.expect("connect");
+    let t = Instant::now();
+    let resp = tx
+        .send_request(h1_get("/Patient/1"))
+        .await
+        .expect("response");
+    let took = t.elapsed();
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    assert!(
+        took >= Duration::from_millis(900) && took <= Duration::from_millis(1100),
+        "answered after {took:?}, budget 1 s ± 100 ms"
+    );
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let j: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(j["issue"][0]["details"]["coding"][0]["code"], "REC_TIMEOUT");
+    assert_eq!(j["issue"][0]["code"], "timeout");
+
+    let (mut tx, _task) = open_h1(&client, addr).await.expect("connect");
+    let t = Instant::now();
+    let resp = tx.send_request(h1_get("/quick/1")).await.expect("response");
+    let took = t.elapsed();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        took >= Duration::from_millis(200) && took <= Duration::from_millis(400),
+        "answered after {took:?}, route budget 300 ms ± 100 ms"
+    );
+    wait_metric(
+        &gw,
+        "fhirgate_rejections_total{kind=\"response_budget\"}",
+        2.0,
+    )
+    .await;
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Without a budget the old behaviour stays: 504 after `upstream.response_timeout` (2 s
+/// in the harness).
+#[tokio::test]
+async fn no_budget_keeps_504_after_upstream_timeout() {
+    let pki = Pki::new();
+    let (up, _seen) = upstream(UpstreamMode::Slow(Duration::from_secs(3))).await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let client = tls_client(&pki, Some("client"), H1);
+    let got = send(&client, addr, get("/Patient/1"))
+        .await
+        .expect("response");
+    got.assert_outcome(504, "REC_TIMEOUT");
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+/// BaRS OperationOutcome examples: an endpoint the receiver has not implemented is
+/// `501` `REC_NOT_IMPLEMENTED`. The default stays 403 `REC_FORBIDDEN`.
+#[tokio::test]
+async fn unmatched_path_is_501_when_configured_403_by_default() {
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let client = tls_client(&pki, Some("client"), H1);
+    let routes = "  - name: meta\n    path_prefix: /metadata\n";
+
+    let mut o = Opts::new(up);
+    o.routes = routes.into();
+    o.auth = dev_auth_with("service_levels:\n  unmatched: not_implemented\n");
+    let (gw, addr) = gateway(&pki, &o).await;
+    let got = send(&client, addr, get("/Patient/1"))
+        .await
+        .expect("response");
+    got.assert_outcome(501, "REC_NOT_IMPLEMENTED");
+    assert_eq!(got.json()["issue"][0]["code"], "not-supported");
+    // A covered path still works, and a route the client may not use is still 403.
+    let ok = send(&client, addr, get("/metadata"))
+        .await
+        .expect("response");
+    assert_eq!(ok.status, StatusCode::OK);
+    gw.shutdown(Duration::from_secs(1)).await;
+
+    let mut o = Opts::new(up);
+    o.routes = routes.into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let got = send(&client, addr, get("/Patient/1"))
+        .await
+        .expect("response");
+    got.assert_outcome(403, "REC_FORBIDDEN");
+    assert_eq!(seen.count(), 1, "only /metadata reached the upstream");
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn route_forbidden_stays_403_with_not_implemented() {
+    let pki = Pki::new();
+    let (up, _seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.routes =
+        "  - name: ops\n    path_prefix: /ops\n    allow_subjects: [\"*CN=nobody*\"]\n".into();
+    o.auth = dev_auth_with("service_levels:\n  unmatched: not_implemented\n");
+    let (gw, addr) = gateway(&pki, &o).await;
+    let client = tls_client(&pki, Some("client"), H1);
+    let got = send(&client, addr, get("/ops/x")).await.expect("response");
+    got.assert_outcome(403, "REC_FORBIDDEN");
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+fn accept(path: &str, value: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut r = get(path);
+    r.headers_mut()
+        .insert("accept", value.parse().expect("header value"));
+    r
+}
+
+/// BaRS: senders send `Accept: application/fhir+json; version=1.4.0`; a receiver that
+/// does not support the version answers `406` `REC_NOT_ACCEPTABLE`.
+#[tokio::test]
+async fn accept_version_not_supported_is_406() {
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = dev_auth_with("service_levels:\n  accept_versions: [\"1.4.0\", \"1.3.0\"]\n");
+    o.routes = "  - name: any\n    path_prefix: /any\n    service_levels: {accept_versions: []}\n  - name: all\n    path_prefix: /\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let client = tls_client(&pki, Some("client"), H2);
+
+    let got = send(
+        &client,
+        addr,
+        accept("/Patient", "application/fhir+json; version=1.2.0"),
+    )
+    .await
+    .expect("response");
+    got.assert_outcome(406, "REC_NOT_ACCEPTABLE");
+    let diag = got.json()["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(diag.contains("1.4.0, 1.3.0"), "{diag}");
+    assert_eq!(seen.count(), 0, "refused before the upstream");
+
+    for ok in [
+        "application/fhir+json; version=1.4.0",
+        "application/fhir+json;version=\"1.3.0\"",
+        "application/fhir+json",
+    ] {
+        let got = send(&client, addr, accept("/Patient", ok))
+            .await
+            .expect("response");
+        assert_eq!(got.status, StatusCode::OK, "Accept: {ok}");
+    }
+    let got = send(&client, addr, get("/Patient"))
+        .await
+        .expect("response");
+    assert_eq!(got.status, StatusCode::OK, "no Accept");
+    let got = send(
+        &client,
+        addr,
+        accept("/any/x", "application/fhir+json; version=1.2.0"),
+    )
+    .await
+    .expect("response");
+    assert_eq!(got.status, StatusCode::OK, "route with no version check");
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+const LIMITED: &str = "service_levels:\n  rate_limit: {rate: 1, per: 10s, burst: 3}\n";
+
+/// A burst over the limit gets 429 `REC_TOO_MANY_REQUESTS` with `Retry-After`; another
+/// client (different certificate) is unaffected.
+#[tokio::test]
+async fn burst_over_the_limit_is_429_other_client_unaffected() {
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = dev_auth_with(LIMITED);
+    let (gw, addr) = gateway(&pki, &o).await;
+    let a = tls_client(&pki, Some("client"), H1);
+    let b = tls_client(&pki, Some("second-client"), H2);
+
+    for i in 0..3 {
+        let got = send(&a, addr, get("/Patient")).await.expect("response");
+        assert_eq!(
+            got.status,
+            StatusCode::OK,
+            "request {i} is inside the burst"
+        );
+    }
+    let got = send(&a, addr, get("/Patient")).await.expect("response");
+    got.assert_outcome(429, "REC_TOO_MANY_REQUESTS");
+    // RFC 9110 §10.2.3: Retry-After = delay-seconds. One request per 10 s: the next
+    // is due in at most 10 s, so 1..=10 whole seconds (rounded up).
+    let retry: u64 = got.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("delay-seconds");
+    assert!((1..=10).contains(&retry), "Retry-After {retry}");
+    assert_eq!(
+        seen.count(),
+        3,
+        "the refused request never reached the upstream"
+    );
+
+    let got = send(&b, addr, get("/Patient")).await.expect("response");
+    assert_eq!(
+        got.status,
+        StatusCode::OK,
+        "another certificate has its own bucket"
+    );
+    wait_metric(&gw, "fhirgate_rate_limited_total{route=\"all\"}", 1.0).await;
+    assert_eq!(
+        metric(&gw, "fhirgate_rate_limited_total{route=\"all\"}"),
+        1.0
+    );
+
+    // A reload with the same limit keeps the buckets; a changed limit starts afresh.
+    let reload = |extra: &str| {
+        let mut o2 = Opts::new(up);
+        o2.auth = dev_auth_with(extra);
+        let yaml = config_yaml(&pki, &o2);
+        Config::from_yaml(&yaml, Path::new("/")).expect("config")
+    };
+    gw.server().reload(&reload(LIMITED)).expect("reload");
+    let got = send(&a, addr, get("/Patient")).await.expect("response");
+    assert_eq!(got.status, StatusCode::TOO_MANY_REQUESTS, "buckets kept");
+    gw.server()
+        .reload(&reload(
+            "service_levels:\n  rate_limit: {rate: 2, per: 10s, burst: 3}\n",
+        ))
+        .expect("reload");
+    let got = send(&a, addr, get("/Patient")).await.expect("response");
+    assert_eq!(got.status, StatusCode::OK, "changed limit: fresh buckets");
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A route's own limit is separate from the default one.
+#[tokio::test]
+async fn route_limit_is_separate_from_default() {
+    let pki = Pki::new();
+    let (up, _seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = dev_auth_with("service_levels:\n  rate_limit: {rate: 1, per: 1m, burst: 1}\n");
+    o.routes = "  - name: meta\n    path_prefix: /metadata\n    service_levels: {rate_limit: {rate: 100, per: 1s}}\n  - name: all\n    path_prefix: /\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let a = tls_client(&pki, Some("client"), H1);
+    assert_eq!(
+        send(&a, addr, get("/Patient")).await.expect("r").status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&a, addr, get("/Patient")).await.expect("r").status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            send(&a, addr, get("/metadata")).await.expect("r").status,
+            StatusCode::OK
+        );
+    }
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+/// `limits.max_connections_per_client`: the connection over the cap gets 429 with
+/// `Connection: close`; other clients and the first connections are unaffected.
+#[tokio::test]
+async fn connection_cap_per_client() {
+    let pki = Pki::new();
+    let (up, _seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.limits = "  max_connections_per_client: 2\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let a = tls_client(&pki, Some("client"), H1);
+
+    let (mut c1, _t1) = open_h1(&a, addr).await.expect("connect");
+    let (mut c2, _t2) = open_h1(&a, addr).await.expect("connect");
+    for c in [&mut c1, &mut c2] {
+        let r = c.send_request(h1_get("/Patient")).await.expect("response");
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let got = send(&a, addr, get("/Patient")).await.expect("response");
+    got.assert_outcome(429, "REC_TOO_MANY_REQUESTS");
+    assert_eq!(got.headers["connection"], "close");
+    assert!(got.headers.contains_key("retry-after"));
+    wait_metric(&gw, "fhirgate_connections_over_client_cap_total", 1.0).await;
+
+    let b = tls_client(&pki, Some("second-client"), H1);
+    let got = send(&b, addr, get("/Patient")).await.expect("response");
+    assert_eq!(got.status, StatusCode::OK, "another client is unaffected");
+    // The first two still serve.
+    let r = c1.send_request(h1_get("/Patient")).await.expect("response");
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // Closing one frees a slot.
+    drop(c1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = send(&a, addr, get("/Patient")).await.expect("response");
+        if got.status == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let pki = Pki::new();
+    let up = "127.0.0.1:9".parse().expect("addr");
+    for (extra, routes, want) in [
+        (
+            "service_levels:\n  timeout_status: 418\n",
+            "",
+            "service_levels.timeout_status: must be 408, 503 or 504",
+        ),
+        (
+            "service_levels:\n  rate_limit: {rate: 0}\n",
+            "",
+            "service_levels.rate_limit.rate: must be greater than 0",
+        ),
+        (
+            "",
+            "    service_levels: {unmatched: not_implemented}\n",
+            "routes[0].service_levels.unmatched: only valid in the top-level",
+        ),
+        (
+            "service_levels:\n  timeout_code: REC_NOPE\n",
+            "",
+            "service_levels.timeout_code: must be one of REC_TIMEOUT",
+        ),
+        (
+            "service_levels:\n  accept_versions: [\"1.4 .0\"]\n",
+            "",
+            "service_levels.accept_versions[0]: must be a version",
+        ),
+    ] {
+        let mut o = Opts::new(up);
+        o.auth = dev_auth_with(extra);
+        o.routes = format!("  - name: all\n    path_prefix: /\n{routes}");
+        let e =
+            Config::from_yaml(&config_yaml(&pki, &o), Path::new("/")).expect_err("invalid config");
+        assert!(e.to_string().starts_with(want), "{e}");
+    }
+}
