@@ -27,6 +27,7 @@ use crate::nhsd;
 use crate::outcome::{Body, Rejection};
 use crate::policy::{prefix_covers, Route, RoutePolicy};
 use crate::service::{self, Levels, LimitKey, Limiters, ServiceLevels, Unmatched};
+use crate::tracecontext::TraceContext;
 use crate::upstream::Upstream;
 
 /// What the listener learnt about a connection; shared by its requests.
@@ -58,6 +59,8 @@ struct Trace {
     ods_code: Option<String>,
     client_id: Option<String>,
     token_hash: Option<String>,
+    /// W3C trace context: continued from the client's `traceparent` or new.
+    context: Option<TraceContext>,
 }
 
 /// Transaction-id headers echoed on every response, refusals included (BaRS).
@@ -106,7 +109,10 @@ impl Gateway {
             .iter()
             .filter_map(|n| echoable(req.headers(), n).map(|v| (*n, v)))
             .collect();
-        let mut trace = Trace::default();
+        let mut trace = Trace {
+            context: Some(TraceContext::from_headers(req.headers())),
+            ..Trace::default()
+        };
         let mut response = match self.forward_in_budget(req, conn, &mut trace, start).await {
             Ok(r) => {
                 trace.upstream_status = Some(r.status().as_u16());
@@ -155,6 +161,8 @@ impl Gateway {
             rejection = trace.rejection.unwrap_or("-"),
             request_id = id("x-request-id"),
             correlation_id = id("x-correlation-id"),
+            trace_id = trace.context.as_ref().map_or_else(String::new, TraceContext::trace_id_hex),
+            span_id = trace.context.as_ref().map_or_else(String::new, TraceContext::span_id_hex),
             "request"
         );
         response
@@ -333,6 +341,9 @@ impl Gateway {
             conn.peer,
             original_host.as_deref(),
         );
+        if let Some(tc) = &trace.context {
+            tc.set_upstream(&mut parts.headers);
+        }
         if let Some(t) = &token {
             for (name, value) in auth::upstream_headers(t) {
                 parts.headers.insert(name, forward::header_value(value));

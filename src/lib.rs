@@ -23,4 +23,5 @@ pub mod pki;
 pub mod policy;
 pub mod service;
 pub mod tls;
+pub mod tracecontext;
 pub mod upstream;

@@ -377,3 +377,145 @@ fn config_errors_name_the_field() {
         assert!(e.to_string().starts_with(want), "{e}");
     }
 }
+
+/// Access lines written by the in-process gateway, as JSON, for the whole test binary.
+static LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        LOG.lock().expect("log").extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(|| LogWriter)
+        .try_init();
+}
+
+/// The access line whose `trace_id` is `trace_id`, waiting up to 5 s for it.
+async fn access_line(trace_id: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = String::from_utf8_lossy(&LOG.lock().expect("log")).into_owned();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|j| j["fields"]["trace_id"] == trace_id);
+        if let Some(j) = found {
+            return j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access line with trace_id {trace_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn traceparent_parts(v: &str) -> (String, String, String) {
+    let p: Vec<&str> = v.split('-').collect();
+    assert_eq!(p.len(), 4, "{v}");
+    assert_eq!(p[0], "00", "the gateway sends version 00: {v}");
+    (p[1].into(), p[2].into(), p[3].into())
+}
+
+/// W3C Trace Context: the gateway continues a valid trace (same trace-id, its own span
+/// as the new parent-id, tracestate unchanged), starts a new one for a missing or
+/// invalid `traceparent`, and logs the trace id on the access line.
+#[tokio::test]
+async fn traceparent_is_propagated_upstream_and_logged() {
+    capture_logs();
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let client = tls_client(&pki, Some("client"), H2);
+
+    let incoming_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let incoming_parent = "00f067aa0ba902b7";
+    let mut r = get("/Patient/1");
+    r.headers_mut().insert(
+        "traceparent",
+        format!("00-{incoming_trace}-{incoming_parent}-01")
+            .parse()
+            .expect("hv"),
+    );
+    r.headers_mut().insert(
+        "tracestate",
+        "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+            .parse()
+            .expect("hv"),
+    );
+    let got = send(&client, addr, r).await.expect("response");
+    assert_eq!(got.status, StatusCode::OK);
+    let (_, headers, _) = seen.last();
+    let (trace, parent, flags) = traceparent_parts(headers["traceparent"].to_str().expect("ascii"));
+    // "the vendor MUST … modify the parent-id" (§3.2.2.4 / §4.2): a hop, same trace.
+    assert_eq!(trace, incoming_trace);
+    assert_ne!(parent, incoming_parent);
+    assert_eq!(parent.len(), 16);
+    assert_eq!(flags, "01");
+    assert_eq!(
+        headers["tracestate"],
+        "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+    );
+    let line = access_line(incoming_trace).await;
+    assert_eq!(line["fields"]["span_id"], parent.as_str(), "{line}");
+    assert_eq!(line["fields"]["path"], "/Patient/1");
+
+    // Invalid (uppercase hex): a new trace; the tracestate of the old one is dropped.
+    let mut r = get("/Patient/2");
+    r.headers_mut().insert(
+        "traceparent",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01"
+            .parse()
+            .expect("hv"),
+    );
+    r.headers_mut()
+        .insert("tracestate", "rojo=1".parse().expect("hv"));
+    send(&client, addr, r).await.expect("response");
+    let (_, headers, _) = seen.last();
+    let (trace2, parent2, _) = traceparent_parts(headers["traceparent"].to_str().expect("ascii"));
+    assert_ne!(
+        trace2.to_ascii_uppercase(),
+        "4BF92F3577B34DA6A3CE929D0E0E4736"
+    );
+    assert!(trace2
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert_ne!(trace2, "0".repeat(32));
+    assert!(headers.get("tracestate").is_none(), "tracestate dropped");
+    let line = access_line(&trace2).await;
+    assert_eq!(line["fields"]["span_id"], parent2.as_str());
+
+    // Absent: a new trace too, different from the last.
+    send(&client, addr, get("/Patient/3"))
+        .await
+        .expect("response");
+    let (_, headers, _) = seen.last();
+    let (trace3, _, _) = traceparent_parts(headers["traceparent"].to_str().expect("ascii"));
+    assert_ne!(trace3, trace2);
+    access_line(&trace3).await;
+
+    // Refusals are logged with a trace id too.
+    let mut r = get("/%2e%2e/x");
+    r.headers_mut().insert(
+        "traceparent",
+        "00-11111111111111111111111111111111-2222222222222222-00"
+            .parse()
+            .expect("hv"),
+    );
+    let got = send(&client, addr, r).await.expect("response");
+    assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    let line = access_line("11111111111111111111111111111111").await;
+    assert_eq!(line["fields"]["status"], 400);
+    gw.shutdown(Duration::from_secs(1)).await;
+}
