@@ -519,3 +519,61 @@ async fn traceparent_is_propagated_upstream_and_logged() {
     assert_eq!(line["fields"]["status"], 400);
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+/// The commented-out examples in the shipped config.yaml (service levels, route limits,
+/// connection cap) are valid once uncommented, and mean what they say.
+#[test]
+fn shipped_config_examples_are_valid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml"))
+        .expect("config.yaml");
+    fhirgate::pki::ensure_dev_pki(&dir.path().join("certs/dev")).expect("pki");
+    fhirgate::devauth::ensure_credentials(&dir.path().join("certs/dev")).expect("creds");
+    let mut uncommented = String::new();
+    let mut in_example = false;
+    for line in shipped.lines() {
+        let t = line.trim_start();
+        let indent = &line[..line.len() - t.len()];
+        let example_start =
+            t.starts_with("# service_levels:") || t.starts_with("# max_connections_per_client:");
+        if example_start {
+            in_example = true;
+        } else if in_example && !t.starts_with("#   ") {
+            in_example = false;
+        }
+        if in_example {
+            uncommented.push_str(indent);
+            uncommented.push_str(&t[2..]);
+        } else {
+            uncommented.push_str(line);
+        }
+        uncommented.push('\n');
+    }
+    let cfg = Config::from_yaml(&uncommented, dir.path())
+        .unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+    let sl = &cfg.service_levels;
+    assert_eq!(sl.response_timeout, Some(Duration::from_secs(5)));
+    assert_eq!(sl.timeout_status, Some(408));
+    assert_eq!(
+        sl.unmatched,
+        Some(fhirgate::service::Unmatched::NotImplemented)
+    );
+    assert_eq!(
+        sl.accept_versions.as_deref(),
+        Some(&["1.4.0".to_string()][..])
+    );
+    assert_eq!(
+        sl.rate_limit.as_ref().map(|r| (r.rate, r.burst)),
+        Some((10, Some(20)))
+    );
+    assert_eq!(cfg.limits.max_connections_per_client, 20);
+    let fhir = cfg
+        .routes
+        .iter()
+        .find(|r| r.name == "fhir")
+        .expect("fhir route");
+    assert_eq!(
+        fhir.service_levels.rate_limit.as_ref().map(|r| r.rate),
+        Some(5)
+    );
+}
