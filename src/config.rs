@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::auth::AuthConfig;
 use crate::nhsd::NhsdPolicy;
 use crate::service::ServiceLevelsConfig;
+use crate::tracecontext::TelemetryConfig;
 
 /// Which environment this gateway serves; `production` forbids development shortcuts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -53,6 +54,9 @@ pub struct Config {
     /// Default time budget, unmatched-path answer, Accept versions and rate limit.
     #[serde(default)]
     pub service_levels: ServiceLevelsConfig,
+    /// OTLP span export (W3C trace context handling is always on).
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -603,6 +607,7 @@ impl Config {
                 .validate(&format!("{f}.service_levels"), true)?;
         }
         self.service_levels.validate("service_levels", false)?;
+        self.telemetry.validate()?;
         Ok(())
     }
 

@@ -47,6 +47,8 @@ pub struct Gateway {
     max_headers: usize,
     metrics: Arc<Metrics>,
     levels: ServiceLevels,
+    #[cfg(feature = "otlp")]
+    otlp: Option<crate::otlp::Exporter>,
 }
 
 /// What the pipeline learnt about one request, for the access line and metrics.
@@ -80,6 +82,14 @@ impl Gateway {
     ) -> Result<Self, ConfigError> {
         Ok(Gateway {
             levels: ServiceLevels::new(&cfg.service_levels, &cfg.routes, limiters),
+            #[cfg(feature = "otlp")]
+            otlp: match &cfg.telemetry.otlp_endpoint {
+                // `fhirgate check` builds a gateway outside a runtime and serves nothing.
+                Some(url) if tokio::runtime::Handle::try_current().is_ok() => {
+                    Some(crate::otlp::Exporter::new(&cfg.telemetry, url)?)
+                }
+                _ => None,
+            },
             policy: RoutePolicy::new(&cfg.routes),
             upstream: Upstream::from_config(&cfg.upstream)?,
             identity_headers: cfg.identity_headers.clone(),
@@ -165,6 +175,22 @@ impl Gateway {
             span_id = trace.context.as_ref().map_or_else(String::new, TraceContext::span_id_hex),
             "request"
         );
+        #[cfg(feature = "otlp")]
+        if let (Some(x), Some(tc)) = (&self.otlp, &trace.context) {
+            let end = std::time::SystemTime::now();
+            x.record(
+                tc,
+                &crate::otlp::RequestSpan {
+                    method: method.as_str(),
+                    path: &path,
+                    route,
+                    status,
+                    rejection: trace.rejection,
+                    start: end - start.elapsed(),
+                    end,
+                },
+            );
+        }
         response
     }
 

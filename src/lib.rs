@@ -18,6 +18,8 @@ pub mod inspect;
 pub mod listener;
 pub mod metrics;
 pub mod nhsd;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod outcome;
 pub mod pki;
 pub mod policy;

@@ -5,7 +5,71 @@
 //! parent-id, the gateway's own span id. A missing or invalid `traceparent` starts a new
 //! trace (and then `tracestate` is dropped, since it belongs to the trace it came with).
 
+use std::time::Duration;
+
 use http::header::{HeaderMap, HeaderValue};
+use serde::Deserialize;
+
+use crate::config::{err, ConfigError};
+
+/// `telemetry`: OTLP/HTTP span export (a build with the `otlp` cargo feature only).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP traces URL, e.g. `http://127.0.0.1:4318/v1/traces`; absent: no export.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// How often queued spans are sent.
+    #[serde(with = "humantime_serde")]
+    pub export_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "fhirgate".into(),
+            export_interval: Duration::from_secs(5),
+            export_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let Some(url) = &self.otlp_endpoint else {
+            return Ok(());
+        };
+        if !cfg!(feature = "otlp") {
+            return Err(err(
+                "telemetry.otlp_endpoint",
+                "this build has no OTLP export; build with `--features otlp` or remove it",
+            ));
+        }
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|_| err("telemetry.otlp_endpoint", "not a valid URL"))?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            return Err(err(
+                "telemetry.otlp_endpoint",
+                "must be an http:// URL with a host (a local collector or sidecar)",
+            ));
+        }
+        if self.service_name.trim().is_empty() {
+            return Err(err("telemetry.service_name", "must not be empty"));
+        }
+        if self.export_interval.is_zero() || self.export_timeout.is_zero() {
+            return Err(err(
+                "telemetry.export_interval",
+                "export_interval and export_timeout must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+}
 
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";

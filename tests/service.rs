@@ -368,6 +368,11 @@ fn config_errors_name_the_field() {
             "",
             "service_levels.accept_versions[0]: must be a version",
         ),
+        (
+            "telemetry:\n  otlp_endpoint: https://collector.example/v1/traces\n",
+            "",
+            "telemetry.otlp_endpoint: must be an http:// URL",
+        ),
     ] {
         let mut o = Opts::new(up);
         o.auth = dev_auth_with(extra);
@@ -534,8 +539,9 @@ fn shipped_config_examples_are_valid() {
     for line in shipped.lines() {
         let t = line.trim_start();
         let indent = &line[..line.len() - t.len()];
-        let example_start =
-            t.starts_with("# service_levels:") || t.starts_with("# max_connections_per_client:");
+        let example_start = t.starts_with("# service_levels:")
+            || t.starts_with("# max_connections_per_client:")
+            || t.starts_with("# telemetry:");
         if example_start {
             in_example = true;
         } else if in_example && !t.starts_with("#   ") {
@@ -567,6 +573,10 @@ fn shipped_config_examples_are_valid() {
         Some((10, Some(20)))
     );
     assert_eq!(cfg.limits.max_connections_per_client, 20);
+    assert_eq!(
+        cfg.telemetry.otlp_endpoint.as_deref(),
+        Some("http://127.0.0.1:4318/v1/traces")
+    );
     let fhir = cfg
         .routes
         .iter()
@@ -576,4 +586,157 @@ fn shipped_config_examples_are_valid() {
         fhir.service_levels.rate_limit.as_ref().map(|r| r.rate),
         Some(5)
     );
+}
+
+/// What the test's OTLP/HTTP collector received: path, content type, body.
+type Export = (String, String, bytes::Bytes);
+
+/// A minimal OTLP/HTTP collector (OTLP spec, "OTLP/HTTP": `POST /v1/traces` with a
+/// binary protobuf `ExportTraceServiceRequest`, answered 200 with an
+/// `ExportTraceServiceResponse`, here empty).
+async fn otlp_collector() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Export>,
+) {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        let ct = req
+                            .headers()
+                            .get("content-type")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let body = http_body_util::BodyExt::collect(req.into_body())
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let _ = tx.send((path, ct, body));
+                        let mut r =
+                            http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                        r.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/x-protobuf"),
+                        );
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// With `telemetry.otlp_endpoint`, each request's span reaches an OTLP/HTTP collector:
+/// the gateway's span id is the parent-id the upstream saw, its parent the caller's
+/// span; a trace the caller did not sample is not exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_spans_reach_a_local_collector() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use prost::Message;
+
+    let (collector, mut exports) = otlp_collector().await;
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = dev_auth_with(&format!(
+        "telemetry:\n  otlp_endpoint: http://{collector}/v1/traces\n  service_name: fhirgate-test\n  export_interval: 100ms\n"
+    ));
+    let (gw, addr) = gateway(&pki, &o).await;
+    let client = tls_client(&pki, Some("client"), H1);
+    let with_tp = |tp: &str| {
+        let mut r = get("/Patient/1");
+        r.headers_mut()
+            .insert("traceparent", tp.parse().expect("hv"));
+        r
+    };
+    let unsampled = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let sampled = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    send(
+        &client,
+        addr,
+        with_tp(&format!("00-{unsampled}-{caller_span}-00")),
+    )
+    .await
+    .expect("response");
+    let got = send(
+        &client,
+        addr,
+        with_tp(&format!("00-{sampled}-{caller_span}-01")),
+    )
+    .await
+    .expect("response");
+    assert_eq!(got.status, StatusCode::OK);
+    let (_, headers, _) = seen.last();
+    let (_, gateway_span, _) = traceparent_parts(headers["traceparent"].to_str().expect("ascii"));
+
+    let mut spans = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some((path, ct, body))) = tokio::time::timeout(left, exports.recv()).await else {
+            panic!("no span of trace {sampled} exported within 10 s; saw {spans:?}");
+        };
+        assert_eq!(path, "/v1/traces");
+        assert_eq!(ct, "application/x-protobuf");
+        let req = ExportTraceServiceRequest::decode(body).expect("protobuf");
+        let mut hit = None;
+        for rs in &req.resource_spans {
+            let service = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                .and_then(|a| a.value.as_ref())
+                .and_then(|v| v.value.clone());
+            for ss in &rs.scope_spans {
+                for s in &ss.spans {
+                    spans.push(hex::encode(&s.trace_id));
+                    if hex::encode(&s.trace_id) == sampled {
+                        hit = Some((s.clone(), service.clone()));
+                    }
+                }
+            }
+        }
+        if let Some(h) = hit {
+            break h;
+        }
+    };
+    let (span, service) = found;
+    assert_eq!(service, Some(Value::StringValue("fhirgate-test".into())));
+    assert_eq!(
+        hex::encode(&span.span_id),
+        gateway_span,
+        "the parent-id sent upstream"
+    );
+    assert_eq!(hex::encode(&span.parent_span_id), caller_span);
+    assert_eq!(span.kind, 2, "SPAN_KIND_SERVER");
+    assert!(span.end_time_unix_nano >= span.start_time_unix_nano);
+    let status = span
+        .attributes
+        .iter()
+        .find(|a| a.key == "http.response.status_code")
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| v.value.clone());
+    assert_eq!(status, Some(Value::IntValue(200)));
+    assert!(
+        !spans.contains(&unsampled.to_string()),
+        "an unsampled trace was exported: {spans:?}"
+    );
+    gw.shutdown(Duration::from_secs(1)).await;
 }
