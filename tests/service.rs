@@ -740,3 +740,98 @@ async fn otlp_spans_reach_a_local_collector() {
     );
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+fn bearer(path: &str, token: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut r = get(path);
+    r.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("hv"),
+    );
+    r
+}
+
+/// The budget covers the token check too: an authorisation server that takes 5 s still
+/// gets the client its 408 within the 1 s budget ± 100 ms.
+#[tokio::test]
+async fn budget_covers_a_slow_token_check() {
+    let pki = Pki::new();
+    let stub = support::StubAs::start().await;
+    stub.set(support::AsFault::Slow);
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = stub.auth_yaml(
+        &pki,
+        "  timeout: 10s\nservice_levels:\n  response_timeout: 1s\n",
+    );
+    // The stub's own `timeout: 1s` line comes first; make the AS timeout longer than the
+    // budget so the budget is what fires.
+    o.auth = o.auth.replacen("  timeout: 1s\n", "", 1);
+    let (gw, addr) = gateway(&pki, &o).await;
+    let client = tls_client(&pki, Some("client"), H1);
+    let (mut tx, _task) = open_h1(&client, addr).await.expect("connect");
+    let mut req = h1_get("/Patient/1");
+    req.headers_mut()
+        .insert("authorization", "Bearer good-slow".parse().expect("hv"));
+    let t = Instant::now();
+    let resp = tx.send_request(req).await.expect("response");
+    let took = t.elapsed();
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    assert!(
+        took >= Duration::from_millis(900) && took <= Duration::from_millis(1100),
+        "answered after {took:?}"
+    );
+    assert_eq!(seen.count(), 0, "nothing was forwarded");
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+/// `key: client_id`: the limit follows the token's client, whichever certificate
+/// carries it; a fingerprint-keyed limit is checked before the token, so refused
+/// requests cost no introspection.
+#[tokio::test]
+async fn rate_limit_keys_client_id_and_fingerprint() {
+    let pki = Pki::new();
+    let stub = support::StubAs::start().await;
+    let (up, _seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = stub.auth_yaml(
+        &pki,
+        "service_levels:\n  rate_limit: {rate: 1, per: 1m, burst: 2, key: client_id}\n",
+    );
+    o.routes = "  - name: meta\n    path_prefix: /metadata\n    token: none\n    service_levels: {rate_limit: {rate: 1, per: 1m, burst: 1}}\n  - name: all\n    path_prefix: /\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let a = tls_client(&pki, Some("client"), H1);
+    let b = tls_client(&pki, Some("second-client"), H1);
+    // The stub gives every `good*` token client_id "sender-1".
+    let got = send(&a, addr, bearer("/Patient", "good-1"))
+        .await
+        .expect("r");
+    assert_eq!(got.status, StatusCode::OK);
+    let got = send(&b, addr, bearer("/Patient", "good-2"))
+        .await
+        .expect("r");
+    assert_eq!(got.status, StatusCode::OK);
+    let got = send(&b, addr, bearer("/Patient", "good-3"))
+        .await
+        .expect("r");
+    got.assert_outcome(429, "REC_TOO_MANY_REQUESTS");
+    assert!(got.headers.contains_key("retry-after"));
+
+    // Fingerprint-keyed route: the second request is refused before any token check.
+    assert_eq!(
+        send(&a, addr, get("/metadata")).await.expect("r").status,
+        StatusCode::OK
+    );
+    let calls = stub.calls();
+    let got = send(&a, addr, bearer("/metadata", "bad-token"))
+        .await
+        .expect("r");
+    got.assert_outcome(429, "REC_TOO_MANY_REQUESTS");
+    assert_eq!(
+        stub.calls(),
+        calls,
+        "no introspection for a rate-limited request"
+    );
+    wait_metric(&gw, "fhirgate_rate_limited_total{route=\"meta\"}", 1.0).await;
+    wait_metric(&gw, "fhirgate_rate_limited_total{route=\"all\"}", 1.0).await;
+    gw.shutdown(Duration::from_secs(1)).await;
+}
