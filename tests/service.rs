@@ -46,6 +46,7 @@ async fn slow_upstream_gets_408_within_the_budget() {
         took >= Duration::from_millis(900) && took <= Duration::from_millis(1100),
         "answered after {took:?}, budget 1 s ± 100 ms"
     );
+    eprintln!("budget 1 s, upstream 3 s: 408 after {took:?}");
     let body = http_body_util::BodyExt::collect(resp.into_body())
         .await
         .expect("body")
@@ -780,6 +781,7 @@ async fn budget_covers_a_slow_token_check() {
         took >= Duration::from_millis(900) && took <= Duration::from_millis(1100),
         "answered after {took:?}"
     );
+    eprintln!("budget 1 s, token check 5 s: 408 after {took:?}");
     assert_eq!(seen.count(), 0, "nothing was forwarded");
     gw.shutdown(Duration::from_secs(1)).await;
 }
