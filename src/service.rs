@@ -195,20 +195,21 @@ impl Levels {
         limiters: &Limiters,
         default_limiter: &Option<Arc<ClientLimiter>>,
     ) -> Self {
+        // Each field: the route's own value if it sets one, else the default's.
         let pick = |f: fn(&ServiceLevelsConfig) -> bool| own.filter(|o| f(o)).unwrap_or(default);
-        let t = pick(|c| c.response_timeout.is_some());
-        let budget = t.response_timeout.map(|limit| Budget {
-            limit,
-            status: t
-                .timeout_status
-                .and_then(|s| StatusCode::from_u16(s).ok())
-                .unwrap_or(StatusCode::REQUEST_TIMEOUT),
-            code: t
-                .timeout_code
-                .as_deref()
-                .and_then(|c| TIMEOUT_CODES.iter().find(|k| **k == c).copied())
-                .unwrap_or("REC_TIMEOUT"),
-        });
+        let timeout_status = pick(|c| c.timeout_status.is_some()).timeout_status;
+        let timeout_code = pick(|c| c.timeout_code.is_some()).timeout_code.as_deref();
+        let budget = pick(|c| c.response_timeout.is_some())
+            .response_timeout
+            .map(|limit| Budget {
+                limit,
+                status: timeout_status
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .unwrap_or(StatusCode::REQUEST_TIMEOUT),
+                code: timeout_code
+                    .and_then(|c| TIMEOUT_CODES.iter().find(|k| **k == c).copied())
+                    .unwrap_or("REC_TIMEOUT"),
+            });
         let accept_versions = pick(|c| c.accept_versions.is_some())
             .accept_versions
             .clone()
@@ -581,6 +582,32 @@ mod tests {
         drop(a1);
         assert!(c.open("a", 2).is_some(), "a slot freed");
         assert!(c.open("z", 0).is_some(), "0: no cap");
+    }
+
+    #[test]
+    fn route_levels_replace_defaults_field_by_field() {
+        let yaml = |t: &str| -> ServiceLevelsConfig { serde_saphyr::from_str(t).expect("yaml") };
+        let default =
+            yaml("{response_timeout: 5s, accept_versions: [\"1.4.0\"], rate_limit: {rate: 1}}");
+        let ls = Limiters::default();
+        let none = None;
+        let own = yaml("{timeout_status: 504}");
+        let l = Levels::resolve("r", Some(&own), &default, &ls, &none);
+        let r = l.budget.as_ref().expect("default budget").rejection();
+        assert_eq!((r.status.as_u16(), r.nhs_code), (504, "REC_TIMEOUT"));
+        assert_eq!(l.accept_versions, ["1.4.0"]);
+        let own = yaml("{response_timeout: 1s, accept_versions: []}");
+        let l = Levels::resolve("r", Some(&own), &default, &ls, &none);
+        let b = l.budget.expect("own budget");
+        assert_eq!(b.limit, Duration::from_secs(1));
+        assert_eq!(
+            b.rejection().status,
+            StatusCode::REQUEST_TIMEOUT,
+            "BaRS default 408"
+        );
+        assert!(l.accept_versions.is_empty(), "[] turns the check off");
+        let l = Levels::resolve("", None, &ServiceLevelsConfig::default(), &ls, &none);
+        assert!(l.budget.is_none() && l.accept_versions.is_empty() && l.limiter.is_none());
     }
 
     fn accept(v: &str) -> HeaderMap {

@@ -315,6 +315,11 @@ async fn connection_cap_per_client() {
     let got = send(&a, addr, get("/Patient")).await.expect("response");
     got.assert_outcome(429, "REC_TOO_MANY_REQUESTS");
     assert_eq!(got.headers["connection"], "close");
+    // The same over HTTP/2 (no Connection header there; the stream still gets 429).
+    let a2 = tls_client(&pki, Some("client"), H2);
+    let got = send(&a2, addr, get("/Patient")).await.expect("response");
+    assert_eq!(got.version, http::Version::HTTP_2);
+    got.assert_outcome(429, "REC_TOO_MANY_REQUESTS");
     assert!(got.headers.contains_key("retry-after"));
     wait_metric(&gw, "fhirgate_connections_over_client_cap_total", 1.0).await;
 
