@@ -572,6 +572,33 @@ mod tests {
         assert_eq!(again.check("x"), Ok(()), "no snapshot used it: dropped");
     }
 
+    /// The sweeper task evicts idle buckets of a live limiter on its own, and ends once
+    /// no configuration uses the limiter any more.
+    #[tokio::test]
+    async fn sweeper_evicts_idle_keys_in_the_background() {
+        let ls = Limiters::new(Duration::from_millis(20));
+        let l = ls.get("", &rl(1000, 1)).expect("limiter");
+        for i in 0..1000 {
+            assert_eq!(l.check(&format!("k{i}")), Ok(()));
+        }
+        assert_eq!(l.len(), 1000);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !l.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} keys left",
+                l.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let weak = Arc::downgrade(&l);
+        drop(l);
+        assert!(
+            weak.upgrade().is_none(),
+            "the sweeper holds no strong reference"
+        );
+    }
+
     #[test]
     fn connection_cap_counts_per_client() {
         let c = Arc::new(ClientConnections::default());
