@@ -136,11 +136,28 @@ fn default_handshake_timeout() -> Duration {
 #[serde(deny_unknown_fields)]
 pub struct TrustBundleConfig {
     pub name: String,
-    /// PEM files with the Root CA and SubCA certificates of this chain.
+    /// PEM or DER files with the Root CA and SubCA certificates of this chain. The
+    /// self-signed Root CA is the trust anchor; SubCAs are pinned intermediates.
     pub ca_files: Vec<PathBuf>,
     /// PEM or DER CRLs published by the CAs of this chain.
     #[serde(default)]
     pub crl_files: Vec<PathBuf>,
+    /// `root` (default): the self-signed Root CA is the anchor. `subca`: the listed
+    /// SubCAs are anchors (no Root CA available), so a revoked SubCA cannot be detected.
+    #[serde(default)]
+    pub anchor: AnchorMode,
+}
+
+/// Which configured CA certificates are trust anchors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AnchorMode {
+    /// Self-signed roots are anchors; every other CA is a pinned intermediate whose
+    /// revocation is checked against its issuer's CRL.
+    #[default]
+    Root,
+    /// Every listed CA is an anchor (opt-in for bundles without their Root CA).
+    Subca,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -162,13 +179,35 @@ pub enum UnknownRevocation {
     Allow,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RevocationConfig {
     pub scope: RevocationScope,
     pub unknown_status: UnknownRevocation,
-    /// Refuse clients when a CRL is past its nextUpdate.
-    pub enforce_crl_expiry: bool,
+    /// Refuse clients when a CRL is past its nextUpdate. Unset: true outside
+    /// `environment: development` ([`Config::from_yaml`] fills it in).
+    pub enforce_crl_expiry: Option<bool>,
+    /// Warn (log, `check`, `/readyz`) this long before a CRL's nextUpdate.
+    #[serde(with = "humantime_serde")]
+    pub warn_before: Duration,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        RevocationConfig {
+            scope: RevocationScope::default(),
+            unknown_status: UnknownRevocation::default(),
+            enforce_crl_expiry: None,
+            warn_before: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl RevocationConfig {
+    /// Whether a CRL past its nextUpdate refuses clients (true unless development set it).
+    pub fn enforce_crl_expiry(&self) -> bool {
+        self.enforce_crl_expiry.unwrap_or(true)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -368,6 +407,11 @@ impl Config {
         let mut cfg: Config =
             serde_saphyr::from_str(text).map_err(|e| err("(yaml)", e.to_string()))?;
         cfg.resolve_paths(base);
+        // Secure by default: a stale CRL refuses clients everywhere but development.
+        cfg.tls
+            .revocation
+            .enforce_crl_expiry
+            .get_or_insert(cfg.environment != Environment::Development);
         cfg.validate()?;
         Ok(cfg)
     }
@@ -634,7 +678,7 @@ impl Config {
             "revocation: scope={:?} unknown_status={:?} enforce_crl_expiry={}",
             self.tls.revocation.scope,
             self.tls.revocation.unknown_status,
-            self.tls.revocation.enforce_crl_expiry
+            self.tls.revocation.enforce_crl_expiry()
         );
         let _ = writeln!(s, "upstream: {}", self.upstream.url);
         let _ = writeln!(

@@ -16,11 +16,7 @@ use crate::tls::{load_certs, provider, rustls_error_kind, BundleVerifier};
 
 /// Reads certificates from PEM (one or more blocks) or a single DER file.
 fn read_chain(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    if bytes.starts_with(b"-----") || bytes.iter().take(64).all(|b| b.is_ascii()) {
-        return Ok(load_certs("FILE", path)?);
-    }
-    Ok(vec![CertificateDer::from(bytes)])
+    Ok(load_certs("FILE", path)?)
 }
 
 fn describe(out: &mut String, der: &[u8], now: i64) -> anyhow::Result<()> {
@@ -142,6 +138,10 @@ pub fn inspect(path: &Path, config: Option<&Path>) -> anyhow::Result<String> {
                     );
                 }
             }
+        }
+        // What the verdicts above cannot see (e.g. `anchor: subca`, no CRLs).
+        for w in &verifier.inventory.warnings {
+            let _ = writeln!(out, "  note: {w}");
         }
     }
     Ok(out)

@@ -32,7 +32,9 @@ use crate::identity::ClientIdentity;
 use crate::metrics::{FileLabel, Metrics};
 use crate::outcome::Rejection;
 use crate::service::{ClientConnections, Limiters};
-use crate::tls::{handshake_failure_kind, server_tls, BundleVerifier};
+use crate::tls::{
+    handshake_failure_kind, server_tls, BundleVerifier, PresentedCert, TrustInventory, REFUSED_CERT,
+};
 use arc_swap::ArcSwap;
 
 /// Everything built from one version of the config. A reload builds a new snapshot and
@@ -44,6 +46,10 @@ pub struct Snapshot {
     limits: Limits,
     handshake_timeout: Duration,
     http: auto::Builder<TokioExecutor>,
+    /// CAs, server certificate and CRLs of this configuration, for expiry reports.
+    inventory: Arc<TrustInventory>,
+    /// `tls.revocation.warn_before`, in seconds.
+    warn_before: i64,
 }
 
 impl Snapshot {
@@ -82,6 +88,13 @@ impl Snapshot {
                 .get_or_create(&FileLabel { file: file.clone() })
                 .set(*next);
         }
+        metrics.set_cert_not_after(
+            tls.inventory
+                .certs
+                .iter()
+                .filter(|c| c.bundle != "server")
+                .map(|c| (c.bundle.as_str(), c.subject.as_str(), c.not_after)),
+        );
         Ok(Snapshot {
             gateway,
             acceptor: TlsAcceptor::from(tls.config),
@@ -89,7 +102,20 @@ impl Snapshot {
             handshake_timeout: cfg.tls.handshake_timeout,
             limits,
             http,
+            inventory: Arc::new(tls.inventory),
+            warn_before: i64::try_from(cfg.tls.revocation.warn_before.as_secs())
+                .unwrap_or(i64::MAX),
         })
+    }
+
+    /// Every CA, the server certificate, every CRL and configuration warnings.
+    pub fn inventory(&self) -> &TrustInventory {
+        &self.inventory
+    }
+
+    /// `tls.revocation.warn_before` in seconds.
+    pub fn warn_before(&self) -> i64 {
+        self.warn_before
     }
 }
 
@@ -133,6 +159,26 @@ impl Server {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Stale or soon-stale CRLs and certificates of the current configuration, one line
+    /// each (empty when all is current).
+    pub fn trust_stale(&self) -> Vec<String> {
+        let s = self.current.load();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        s.inventory.stale(now, s.warn_before)
+    }
+
+    /// Logs a WARN line per stale item and per configuration warning (at start, after a
+    /// reload and periodically).
+    pub fn log_trust_warnings(&self) {
+        let s = self.current.load();
+        for w in &s.inventory.warnings {
+            tracing::warn!(target: "fhirgate::tls", warning = %w, "trust configuration");
+        }
+        for line in self.trust_stale() {
+            tracing::warn!(target: "fhirgate::tls", item = %line, "certificate or CRL expiring or stale");
+        }
     }
 
     /// Whether the current configuration can verify tokens: `(ok, detail)`.
@@ -203,14 +249,35 @@ impl Snapshot {
         clients: &Arc<ClientConnections>,
     ) {
         let _ = tcp.set_nodelay(true);
-        let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp))
-            .await
-        {
+        // The verifier leaves a refused client certificate here (task-local: the
+        // handshake runs inside this future), so the refusal line can name it.
+        let refused: Arc<std::sync::Mutex<Option<PresentedCert>>> = Arc::default();
+        let handshake = REFUSED_CERT.scope(
+            refused.clone(),
+            tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp)),
+        );
+        let tls = match handshake.await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let kind = handshake_failure_kind(&e);
                 metrics.handshake(kind);
-                tracing::warn!(target: "fhirgate::tls", %peer, kind, error = %e, "handshake refused");
+                let cert = refused.lock().ok().and_then(|mut c| c.take());
+                match cert {
+                    Some(c) => tracing::warn!(
+                        target: "fhirgate::tls",
+                        %peer,
+                        kind,
+                        error = %e,
+                        subject = %c.subject,
+                        issuer = %c.issuer,
+                        serial = %c.serial,
+                        not_after = %c.not_after,
+                        "handshake refused"
+                    ),
+                    None => {
+                        tracing::warn!(target: "fhirgate::tls", %peer, kind, error = %e, "handshake refused")
+                    }
+                }
                 return;
             }
             Err(_) => {
@@ -231,7 +298,8 @@ impl Snapshot {
             };
             let Some(bundle) = self.verifier.bundle_of(leaf, intermediates) else {
                 metrics.handshake("unknown_ca");
-                tracing::warn!(target: "fhirgate::tls", %peer, kind = "unknown_ca", "verified chain matches no bundle");
+                let c = PresentedCert::from_der(leaf).unwrap_or_default();
+                tracing::warn!(target: "fhirgate::tls", %peer, kind = "unknown_ca", subject = %c.subject, issuer = %c.issuer, serial = %c.serial, not_after = %c.not_after, "verified chain matches no bundle");
                 return;
             };
             match ClientIdentity::from_der(leaf, bundle) {

@@ -288,8 +288,17 @@ fn nhsd_cmd(cmd: NhsdCmd) -> anyhow::Result<()> {
 fn check(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     // Parse certificates, keys and CRLs too, as `run` would.
-    fhirgate::listener::Snapshot::build(&cfg, &Default::default())?;
+    let snapshot = fhirgate::listener::Snapshot::build(&cfg, &Default::default())?;
     print!("{}", cfg.summary());
+    let inv = snapshot.inventory();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    print!("{}", inv.render(now, snapshot.warn_before()));
+    for w in &inv.warnings {
+        println!("WARNING: {w}");
+    }
+    for line in inv.stale(now, snapshot.warn_before()) {
+        println!("WARNING: {line}");
+    }
     println!("configuration {} is valid", path.display());
     Ok(())
 }
@@ -319,6 +328,30 @@ async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Res
     }
     let server = running.server().clone();
     ready.add_check("token_verification", Box::new(move || server.auth_status()));
+    // Stale CRLs and expiring certificates are reported, not failed: the gateway still
+    // serves (what a stale CRL does is `enforce_crl_expiry`'s business).
+    let server = running.server().clone();
+    ready.add_check(
+        "certificates_and_crls",
+        Box::new(move || {
+            let stale = server.trust_stale();
+            if stale.is_empty() {
+                (true, "all current".into())
+            } else {
+                (true, format!("STALE: {}", stale.join("; ")))
+            }
+        }),
+    );
+    // At start and hourly: WARN for CRLs near or past nextUpdate and certificates near
+    // or past notAfter.
+    let server = running.server().clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            server.log_trust_warnings();
+        }
+    });
     ready.serving.store(true, Ordering::Relaxed);
     // READY=1 only once listeners are bound, TLS is loaded and discovery has run. If the
     // authorisation server stays unreachable, report ready after a minute anyway (below
@@ -380,7 +413,10 @@ fn reload(running: &listener::Running, path: &Path) {
         .map_err(|e| e.to_string())
         .and_then(|cfg| running.server().reload(&cfg).map_err(|e| e.to_string()));
     match result {
-        Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
+        Ok(()) => {
+            tracing::info!(config = %path.display(), "configuration reloaded");
+            running.server().log_trust_warnings();
+        }
         Err(e) => tracing::error!(
             config = %path.display(),
             error = %e,

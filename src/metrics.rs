@@ -44,6 +44,12 @@ pub struct FileLabel {
     pub file: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    pub bundle: String,
+    pub subject: String,
+}
+
 fn latency() -> Histogram {
     // 0.1 ms .. ~26 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
@@ -69,6 +75,8 @@ pub struct Metrics {
     pub crl_next_update: Family<FileLabel, Gauge<i64, AtomicI64>>,
     pub rate_limited: Family<RouteLabel, Counter>,
     pub connections_over_client_cap: Counter,
+    /// notAfter of each configured CA certificate, by bundle and subject.
+    pub cert_not_after: Family<CertLabels, Gauge<i64, AtomicI64>>,
 }
 
 impl Default for Metrics {
@@ -99,6 +107,7 @@ impl Metrics {
             crl_next_update: Family::default(),
             rate_limited: Family::default(),
             connections_over_client_cap: Counter::default(),
+            cert_not_after: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -191,7 +200,26 @@ impl Metrics {
             "Connections refused because their client already had limits.max_connections_per_client open",
             m.connections_over_client_cap.clone(),
         );
+        registry.register(
+            "cert_not_after_seconds",
+            "notAfter of each trust-bundle CA certificate (Root CA, SubCA), Unix seconds",
+            m.cert_not_after.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Replaces the CA notAfter gauges with `(bundle, subject, notAfter)` of the current
+    /// configuration, so removed CAs do not linger after a reload.
+    pub fn set_cert_not_after<'a>(&self, certs: impl Iterator<Item = (&'a str, &'a str, i64)>) {
+        self.cert_not_after.clear();
+        for (bundle, subject, t) in certs {
+            self.cert_not_after
+                .get_or_create(&CertLabels {
+                    bundle: bundle.to_owned(),
+                    subject: subject.to_owned(),
+                })
+                .set(t);
+        }
     }
 
     pub fn handshake(&self, result: &str) {

@@ -2,8 +2,10 @@
 //!
 //! Each trust bundle (e.g. NHS INT, NHS PROD) gets its own webpki verifier with its own
 //! CRLs, so a chain is judged only against the CAs of one environment; a client is
-//! accepted when any bundle accepts it. Root *and* SubCA certificates are installed as
-//! trust anchors because NHS clients commonly send only their leaf.
+//! accepted when any bundle accepts it. Only self-signed Root CAs are trust anchors; a
+//! configured SubCA is a pinned intermediate: paths are built leaf → configured SubCA →
+//! root (NHS clients commonly send only their leaf), so the SubCA itself is checked
+//! against the root's CRL, and a client under another SubCA of the same root is refused.
 
 use std::fmt;
 use std::path::Path;
@@ -20,73 +22,295 @@ use rustls::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 
+use x509_parser::extensions::ParsedExtension;
+use x509_parser::prelude::X509Certificate;
+
 use crate::config::{err, ConfigError};
-use crate::config::{RevocationScope, TlsConfig, UnknownRevocation};
+use crate::config::{
+    AnchorMode, RevocationConfig, RevocationScope, TlsConfig, TrustBundleConfig, UnknownRevocation,
+};
 
 /// The crypto provider used for every TLS context of the gateway.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Reads every certificate of a PEM file; an empty file is an error.
+/// Human names of the PEM blocks in `text`, to say what a file holds instead.
+fn pem_labels(bytes: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("-----BEGIN "))
+        .filter_map(|l| l.strip_suffix("-----"))
+        .map(str::to_owned)
+        .collect();
+    out.dedup();
+    out
+}
+
+fn read(field: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| err(field, format!("cannot read {}: {e}", path.display())))
+}
+
+/// Whether `bytes` look like DER (a SEQUENCE) rather than PEM text.
+fn is_der(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&0x30)
+}
+
+/// Checks that `der` is one whole X.509 certificate, with a message fit for an operator.
+fn check_cert_der(field: &str, path: &Path, der: &[u8], what: &str) -> Result<(), ConfigError> {
+    match x509_parser::parse_x509_certificate(der) {
+        Ok(([], _)) => Ok(()),
+        Ok(_) => Err(err(
+            field,
+            format!(
+                "{}: {what} has trailing data after the certificate",
+                path.display()
+            ),
+        )),
+        Err(_) => Err(err(
+            field,
+            format!(
+                "{}: {what} is not a valid X.509 certificate (its DER encoding could not be parsed)",
+                path.display()
+            ),
+        )),
+    }
+}
+
+/// Reads every certificate of a PEM file (one or more `CERTIFICATE` blocks) or a DER
+/// file (one certificate); an empty file is an error.
 pub fn load_certs(field: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| err(field, format!("{}: {e}", path.display())))?
+    let bytes = read(field, path)?;
+    if is_der(&bytes) {
+        check_cert_der(field, path, &bytes, "the DER file")?;
+        return Ok(vec![CertificateDer::from(bytes)]);
+    }
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
         .map_err(|e| err(field, format!("{}: bad PEM: {e}", path.display())))?;
     if certs.is_empty() {
+        let found = pem_labels(&bytes);
+        let hint = if found.is_empty() {
+            "expected PEM `-----BEGIN CERTIFICATE-----` blocks or a DER certificate".to_owned()
+        } else {
+            format!(
+                "the file holds {} (is it in the wrong field?)",
+                found.join(", ")
+            )
+        };
         return Err(err(
             field,
-            format!("{}: no CERTIFICATE found", path.display()),
+            format!("{}: no CERTIFICATE found: {hint}", path.display()),
         ));
+    }
+    for (i, c) in certs.iter().enumerate() {
+        check_cert_der(field, path, c, &format!("PEM block {}", i + 1))?;
     }
     Ok(certs)
 }
 
+/// Reads a private key: PEM (PKCS#8 `PRIVATE KEY`, PKCS#1 `RSA PRIVATE KEY`, SEC1 `EC
+/// PRIVATE KEY`) or DER. An encrypted key is refused with the command that decrypts it.
 pub fn load_key(field: &str, path: &Path) -> Result<PrivateKeyDer<'static>, ConfigError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+    let bytes = read(field, path)?;
+    let text = String::from_utf8_lossy(&bytes);
+    if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(err(
+            field,
+            format!(
+                "{p}: the private key is encrypted (fhirgate cannot prompt for a passphrase); \
+                 decrypt it with `openssl pkey -in {p} -out {p}.dec`, keep the result readable \
+                 only by the service user (chmod 600) and point {field} at it",
+                p = path.display()
+            ),
+        ));
+    }
+    if is_der(&bytes) {
+        return PrivateKeyDer::try_from(bytes).map_err(|_| {
+            err(
+                field,
+                format!(
+                    "{}: not a PKCS#8, PKCS#1 or SEC1 private key (DER); an encrypted \
+                     PKCS#8 DER key must be decrypted with `openssl pkey -inform DER -in KEY -out KEY.pem`",
+                    path.display()
+                ),
+            )
+        });
+    }
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| {
+        let found = pem_labels(&bytes);
+        let hint = if found.is_empty() {
+            "expected a PEM `PRIVATE KEY`, `RSA PRIVATE KEY` or `EC PRIVATE KEY` block, or a DER key"
+                .to_owned()
+        } else {
+            format!(
+                "the file holds {} (is it in the wrong field?)",
+                found.join(", ")
+            )
+        };
         err(
             field,
-            format!("{}: no usable private key: {e}", path.display()),
+            format!("{}: no usable private key: {hint}", path.display()),
         )
     })
 }
 
+/// A parsed CRL and where it came from, for the verifier and for expiry reports.
+#[derive(Clone, Debug)]
+pub struct LoadedCrl {
+    pub der: CertificateRevocationListDer<'static>,
+    /// File path (or, for fetched CRLs, the URL).
+    pub source: String,
+    /// Config field it came from, for messages.
+    pub field: String,
+    /// RFC 4514 issuer DN.
+    pub issuer: String,
+    /// DER of the issuer name, to match it to a CA of the bundle.
+    pub issuer_raw: Vec<u8>,
+    /// thisUpdate, Unix seconds.
+    pub this_update: i64,
+    /// nextUpdate, Unix seconds (RFC 5280 profile: always present).
+    pub next_update: Option<i64>,
+    pub revoked: usize,
+}
+
+/// Parses one DER CRL as the verifier will and explains any refusal. `source` names it in
+/// messages; fetched CRLs can be fed through here too.
+pub fn parse_crl(field: &str, source: &str, der: Vec<u8>) -> Result<LoadedCrl, ConfigError> {
+    let crl = match x509_parser::parse_x509_crl(&der) {
+        Ok(([], c)) => c,
+        Ok(_) => return Err(err(field, format!("{source}: trailing data after the CRL"))),
+        Err(_) => {
+            return Err(err(
+                field,
+                format!(
+                    "{source}: not a valid CRL (its DER encoding could not be parsed as an \
+                     X.509 CertificateList)"
+                ),
+            ))
+        }
+    };
+    // RFC 5280 §5.1.2.1: "When extensions are used, as required by this profile, this
+    // field MUST be present and MUST specify version 2"; webpki refuses v1 CRLs.
+    if crl.version() != Some(x509_parser::x509::X509Version::V2) {
+        return Err(err(
+            field,
+            format!(
+                "{source}: version 1 CRLs are not supported (RFC 5280 requires v2); ask the CA \
+                 for a v2 CRL (`openssl ca -gencrl` writes v2 when a crlnumber file or \
+                 crl_extensions is configured)"
+            ),
+        ));
+    }
+    // The remaining webpki limits (delta, indirect, critical extensions) are found by
+    // letting webpki parse it alone, so the message names this CRL.
+    let loaded = LoadedCrl {
+        source: source.to_owned(),
+        field: field.to_owned(),
+        issuer: crl.issuer().to_string(),
+        issuer_raw: crl.issuer().as_raw().to_vec(),
+        this_update: crl.last_update().timestamp(),
+        next_update: crl.next_update().map(|t| t.timestamp()),
+        revoked: crl.iter_revoked_certificates().count(),
+        der: CertificateRevocationListDer::from(der.clone()),
+    };
+    if let Err(e) = webpki_accepts_crl(&loaded.der) {
+        return Err(err(field, format!("{source}: {e}")));
+    }
+    Ok(loaded)
+}
+
+/// Asks webpki to parse one CRL (it does so when a verifier is built).
+fn webpki_accepts_crl(crl: &CertificateRevocationListDer<'static>) -> Result<(), String> {
+    use rustls::server::VerifierBuilderError as V;
+    use rustls::CertRevocationListError as C;
+    // Any anchor will do: only the CRL's own encoding is examined at build time.
+    static DUMMY: std::sync::OnceLock<Option<Arc<RootCertStore>>> = std::sync::OnceLock::new();
+    let Some(roots) = DUMMY.get_or_init(|| {
+        let key = rcgen::KeyPair::generate().ok()?;
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .ok()?
+            .self_signed(&key)
+            .ok()?;
+        let mut r = RootCertStore::empty();
+        r.add(cert.der().clone()).ok()?;
+        Some(Arc::new(r))
+    }) else {
+        return Ok(());
+    };
+    match WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .with_crls([crl.clone()])
+        .build()
+    {
+        Ok(_) => Ok(()),
+        Err(V::InvalidCrl(c)) => Err(match c {
+            C::UnsupportedCrlVersion => {
+                "version 1 CRLs are not supported (RFC 5280 requires v2)".into()
+            }
+            C::UnsupportedDeltaCrl => {
+                "delta CRLs are not supported: configure the CA's full (base) CRL".into()
+            }
+            C::UnsupportedIndirectCrl => {
+                "indirect CRLs (entries for another CA's certificates) are not supported".into()
+            }
+            C::UnsupportedCriticalExtension => {
+                "the CRL, or an entry in it, has a critical extension the verifier does not support"
+                    .into()
+            }
+            C::UnsupportedRevocationReason => {
+                "an entry has a revocation reason RFC 5280 §5.3.1 does not define".into()
+            }
+            C::InvalidCrlNumber => "the CRL number is not a valid positive integer".into(),
+            C::InvalidRevokedCertSerialNumber => {
+                "an entry has an invalid certificate serial number".into()
+            }
+            _ => "not a CRL the verifier can use (malformed RFC 5280 CertificateList)".into(),
+        }),
+        Err(_) => Ok(()),
+    }
+}
+
 /// Reads CRLs from a PEM file (one or more `X509 CRL` blocks) or a single DER file.
 /// Each CRL is parsed here so that a corrupt file is reported with its own field path.
+pub fn load_crl_file(field: &str, path: &Path) -> Result<Vec<LoadedCrl>, ConfigError> {
+    let bytes = read(field, path)?;
+    let source = path.display().to_string();
+    let ders: Vec<Vec<u8>> = if is_der(&bytes) {
+        vec![bytes]
+    } else {
+        let ders: Vec<CertificateRevocationListDer<'static>> =
+            CertificateRevocationListDer::pem_slice_iter(&bytes)
+                .collect::<Result<_, _>>()
+                .map_err(|e| err(field, format!("{source}: bad PEM: {e}")))?;
+        if ders.is_empty() {
+            let found = pem_labels(&bytes);
+            let hint = if found.is_empty() {
+                "expected a PEM `-----BEGIN X509 CRL-----` block or a DER CRL".to_owned()
+            } else {
+                format!(
+                    "the file holds {} (is it in the wrong field?)",
+                    found.join(", ")
+                )
+            };
+            return Err(err(field, format!("{source}: no X509 CRL found: {hint}")));
+        }
+        ders.into_iter().map(|d| d.as_ref().to_vec()).collect()
+    };
+    ders.into_iter()
+        .map(|d| parse_crl(field, &source, d))
+        .collect()
+}
+
+/// Reads CRLs from a PEM or DER file (see [`load_crl_file`]).
 pub fn load_crls(
     field: &str,
     path: &Path,
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, ConfigError> {
-    let bytes = std::fs::read(path).map_err(|e| err(field, format!("{}: {e}", path.display())))?;
-    let crls: Vec<CertificateRevocationListDer<'static>> = if bytes.first() == Some(&0x30) {
-        vec![CertificateRevocationListDer::from(bytes)]
-    } else {
-        CertificateRevocationListDer::pem_slice_iter(&bytes)
-            .collect::<Result<_, _>>()
-            .map_err(|e| err(field, format!("{}: bad PEM: {e}", path.display())))?
-    };
-    if crls.is_empty() {
-        return Err(err(field, format!("{}: no X509 CRL found", path.display())));
-    }
-    for crl in &crls {
-        match x509_parser::parse_x509_crl(crl) {
-            Ok(([], _)) => {}
-            Ok(_) => {
-                return Err(err(
-                    field,
-                    format!("{}: trailing data after CRL", path.display()),
-                ))
-            }
-            Err(e) => {
-                return Err(err(
-                    field,
-                    format!("{}: not a valid CRL: {e}", path.display()),
-                ))
-            }
-        }
-    }
-    Ok(crls)
+    Ok(load_crl_file(field, path)?
+        .into_iter()
+        .map(|c| c.der)
+        .collect())
 }
 
 /// An outbound HTTP(S) connector (to the upstream or the authorisation server) that
@@ -139,10 +363,447 @@ pub fn client_connector(
     })
 }
 
+/// A trust bundle's certificates and CRLs as read from its files, before the verifier
+/// is built. CRLs obtained elsewhere (e.g. fetched) are added to `crls` before
+/// [`BundleVerifier::from_loaded`]: this list is the one place a bundle's CRLs come from.
+#[derive(Clone, Debug)]
+pub struct LoadedBundle {
+    pub name: String,
+    /// `tls.trust_bundles[i]`, for messages.
+    pub field: String,
+    pub anchor: AnchorMode,
+    /// (config field, certificate) for every configured CA.
+    pub cas: Vec<(String, CertificateDer<'static>)>,
+    pub crls: Vec<LoadedCrl>,
+}
+
+/// Reads the CA and CRL files of bundle `i`.
+pub fn load_bundle(i: usize, b: &TrustBundleConfig) -> Result<LoadedBundle, ConfigError> {
+    let f = format!("tls.trust_bundles[{i}]");
+    let mut cas = Vec::new();
+    for (j, p) in b.ca_files.iter().enumerate() {
+        let field = format!("{f}.ca_files[{j}]");
+        for c in load_certs(&field, p)? {
+            cas.push((field.clone(), c));
+        }
+    }
+    let mut crls = Vec::new();
+    for (j, p) in b.crl_files.iter().enumerate() {
+        crls.extend(load_crl_file(&format!("{f}.crl_files[{j}]"), p)?);
+    }
+    Ok(LoadedBundle {
+        name: b.name.clone(),
+        field: f,
+        anchor: b.anchor,
+        cas,
+        crls,
+    })
+}
+
+/// Reads every trust bundle of `cfg`.
+pub fn load_bundles(cfg: &TlsConfig) -> Result<Vec<LoadedBundle>, ConfigError> {
+    cfg.trust_bundles
+        .iter()
+        .enumerate()
+        .map(|(i, b)| load_bundle(i, b))
+        .collect()
+}
+
+/// A configured certificate's expiry, for logs, `check`, `/readyz` and metrics.
+#[derive(Clone, Debug)]
+pub struct CertFact {
+    /// Bundle name, or `server` for the gateway's own certificate.
+    pub bundle: String,
+    pub field: String,
+    /// `root CA`, `SubCA`, `SubCA (anchor)` or `server certificate`.
+    pub role: &'static str,
+    pub subject: String,
+    pub not_after: i64,
+}
+
+/// What the trust configuration holds and what may go stale: every CA, the server
+/// certificate, every CRL, and configuration warnings.
+#[derive(Clone, Debug, Default)]
+pub struct TrustInventory {
+    pub certs: Vec<CertFact>,
+    /// (bundle name, CRL).
+    pub crls: Vec<(String, LoadedCrl)>,
+    /// Weaknesses of an accepted configuration (e.g. `anchor: subca`), for `check` and
+    /// the start-up log.
+    pub warnings: Vec<String>,
+    pub enforce_crl_expiry: bool,
+}
+
+/// Certificates are flagged this long before their notAfter.
+pub const CERT_WARN_SECS: i64 = 30 * 86_400;
+
+/// `2026-12-01T10:00:00Z` for Unix seconds.
+pub fn utc(t: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(t) {
+        Ok(d) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            d.year(),
+            u8::from(d.month()),
+            d.day(),
+            d.hour(),
+            d.minute(),
+            d.second()
+        ),
+        Err(_) => t.to_string(),
+    }
+}
+
+fn ago_or_in(t: i64, now: i64) -> String {
+    let d = t - now;
+    let (n, unit) = if d.abs() >= 2 * 86_400 {
+        (d.abs() / 86_400, "days")
+    } else if d.abs() >= 3600 {
+        (d.abs() / 3600, "hours")
+    } else {
+        (d.abs() / 60, "minutes")
+    };
+    if d < 0 {
+        format!("{n} {unit} ago")
+    } else {
+        format!("in {n} {unit}")
+    }
+}
+
+impl TrustInventory {
+    /// One line per CRL past or within `warn_before` of its nextUpdate and per
+    /// certificate past or within 30 days of its notAfter; empty when all is current.
+    pub fn stale(&self, now: i64, warn_before: i64) -> Vec<String> {
+        let mut out = Vec::new();
+        for (bundle, c) in &self.crls {
+            if let Some(next) = c.next_update {
+                if next <= now {
+                    out.push(format!(
+                        "CRL {} (bundle {bundle}, issuer {}) is past its nextUpdate {} ({}): {}",
+                        c.source,
+                        c.issuer,
+                        utc(next),
+                        ago_or_in(next, now),
+                        if self.enforce_crl_expiry {
+                            "clients it covers are REFUSED (enforce_crl_expiry)"
+                        } else {
+                            "stale revocation data is being trusted (enforce_crl_expiry: false)"
+                        }
+                    ));
+                } else if next - now <= warn_before {
+                    out.push(format!(
+                        "CRL {} (bundle {bundle}, issuer {}) reaches its nextUpdate {} ({}): replace it before then",
+                        c.source,
+                        c.issuer,
+                        utc(next),
+                        ago_or_in(next, now)
+                    ));
+                }
+            }
+        }
+        for c in &self.certs {
+            if c.not_after <= now {
+                out.push(format!(
+                    "{} {} ({}, {}) EXPIRED at {} ({})",
+                    c.role,
+                    c.subject,
+                    c.bundle,
+                    c.field,
+                    utc(c.not_after),
+                    ago_or_in(c.not_after, now)
+                ));
+            } else if c.not_after - now <= CERT_WARN_SECS {
+                out.push(format!(
+                    "{} {} ({}, {}) expires {} ({})",
+                    c.role,
+                    c.subject,
+                    c.bundle,
+                    c.field,
+                    utc(c.not_after),
+                    ago_or_in(c.not_after, now)
+                ));
+            }
+        }
+        out
+    }
+
+    /// The `fhirgate check` listing: every certificate's notAfter and every CRL's
+    /// nextUpdate, stale ones flagged.
+    pub fn render(&self, now: i64, warn_before: i64) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        for c in &self.certs {
+            let flag = if c.not_after <= now {
+                "  EXPIRED"
+            } else if c.not_after - now <= CERT_WARN_SECS {
+                "  EXPIRES SOON"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                s,
+                "certificate [{}] {} {}: notAfter {} ({}){flag}",
+                c.bundle,
+                c.role,
+                c.subject,
+                utc(c.not_after),
+                ago_or_in(c.not_after, now)
+            );
+        }
+        for (bundle, c) in &self.crls {
+            let (next, flag) = match c.next_update {
+                Some(n) if n <= now => (format!("{} ({})", utc(n), ago_or_in(n, now)), "  STALE"),
+                Some(n) if n - now <= warn_before => (
+                    format!("{} ({})", utc(n), ago_or_in(n, now)),
+                    "  STALE SOON",
+                ),
+                Some(n) => (format!("{} ({})", utc(n), ago_or_in(n, now)), ""),
+                None => ("none".to_owned(), ""),
+            };
+            let _ = writeln!(
+                s,
+                "CRL [{bundle}] {} issuer {}: {} revoked, nextUpdate {next}{flag}",
+                c.source, c.issuer, c.revoked
+            );
+        }
+        s
+    }
+}
+
+/// Whether a certificate is self-signed: issuer = subject and, when both are present,
+/// the authority key identifier is its own subject key identifier (RFC 5280 §3.2).
+fn is_self_signed(c: &X509Certificate<'_>) -> bool {
+    if c.subject().as_raw() != c.issuer().as_raw() {
+        return false;
+    }
+    let mut ski = None;
+    let mut aki = None;
+    for e in c.extensions() {
+        match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => ski = Some(k.0),
+            ParsedExtension::AuthorityKeyIdentifier(a) => {
+                aki = a.key_identifier.as_ref().map(|k| k.0)
+            }
+            _ => {}
+        }
+    }
+    match (ski, aki) {
+        (Some(s), Some(a)) => s == a,
+        _ => true,
+    }
+}
+
 /// One trust bundle's verifier.
 struct Bundle {
     name: String,
     verifier: Arc<dyn ClientCertVerifier>,
+    /// Configured non-anchor CAs (SubCAs).
+    intermediates: Vec<CertificateDer<'static>>,
+    /// Build paths only from `intermediates`, ignoring what the client sends.
+    pinned: bool,
+    /// Subject DER of each of `intermediates`: a pinned bundle's leaves must be issued
+    /// by one of them.
+    intermediate_subjects: Vec<Vec<u8>>,
+}
+
+impl Bundle {
+    /// Verifies a client chain against this bundle.
+    ///
+    /// When the bundle lists SubCAs (`pinned`), the intermediates a client sends are
+    /// ignored and the path is built from the configured SubCAs only. This is what keeps
+    /// trust pinned: NHS roots sign several SubCAs, and if client-sent intermediates took
+    /// part in path building, a client of an unlisted SubCA of the same root would be
+    /// accepted by sending that SubCA. It also makes a leaf-only client and a
+    /// full-chain client get the same verdict, with every SubCA in the path checked
+    /// against the root's CRL. A leaf issued by the root itself is refused too. Chains
+    /// deeper than root → SubCA → leaf need every
+    /// intermediate listed in `ca_files`. A bundle with only roots (no SubCA listed)
+    /// trusts everything under them, so there the client's intermediates are used; so
+    /// does an `anchor: subca` bundle, where every path must end at a listed SubCA anyway.
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        sent: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let intermediates: &[CertificateDer<'_>] = if self.pinned {
+            // A leaf the root issued directly is not under a listed SubCA either.
+            if let Ok((_, leaf)) = x509_parser::parse_x509_certificate(end_entity) {
+                let issuer = leaf.issuer().as_raw();
+                if !self.intermediate_subjects.iter().any(|s| s == issuer) {
+                    return Err(rustls::Error::InvalidCertificate(
+                        CertificateError::UnknownIssuer,
+                    ));
+                }
+            }
+            &self.intermediates
+        } else {
+            sent
+        };
+        self.verifier
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+}
+
+/// Builds one bundle's verifier from its CA certificates and CRLs, and adds its facts
+/// and warnings to `inv`.
+fn build_bundle(
+    lb: &LoadedBundle,
+    rev: &RevocationConfig,
+    provider: &Arc<CryptoProvider>,
+    inv: &mut TrustInventory,
+    hints: &mut Vec<DistinguishedName>,
+) -> Result<Bundle, ConfigError> {
+    let f = &lb.field;
+    let mut roots = RootCertStore::empty();
+    let mut intermediates = Vec::new();
+    let mut intermediate_subjects = Vec::new();
+    // (subject DER, subject text, is anchor) of every CA, to match CRLs to issuers.
+    let mut issuers: Vec<(Vec<u8>, String, bool)> = Vec::new();
+    let mut self_signed_any = None;
+    let mut sub_any = None;
+    for (field, der) in &lb.cas {
+        let (_, c) = x509_parser::parse_x509_certificate(der)
+            .map_err(|_| err(field, "not a valid X.509 certificate"))?;
+        let subject = c.subject().to_string();
+        let root = is_self_signed(&c);
+        if root {
+            self_signed_any.get_or_insert(field.clone());
+        } else {
+            sub_any.get_or_insert((field.clone(), subject.clone()));
+            if !c.is_ca() {
+                return Err(err(
+                    field,
+                    format!(
+                        "{subject} is not a CA certificate (no basicConstraints CA:TRUE): is a \
+                         leaf certificate in the wrong field?"
+                    ),
+                ));
+            }
+        }
+        let anchor = root || lb.anchor == AnchorMode::Subca;
+        hints.push(DistinguishedName::from(c.subject().as_raw().to_vec()));
+        issuers.push((c.subject().as_raw().to_vec(), subject.clone(), anchor));
+        inv.certs.push(CertFact {
+            bundle: lb.name.clone(),
+            field: field.clone(),
+            role: match (root, anchor) {
+                (true, _) => "root CA",
+                (false, true) => "SubCA (anchor)",
+                (false, false) => "SubCA",
+            },
+            subject: subject.clone(),
+            not_after: c.validity().not_after.timestamp(),
+        });
+        if anchor {
+            roots.add(der.clone()).map_err(|_| {
+                err(
+                    field,
+                    format!("{subject} cannot be used as a trust anchor (unsupported encoding)"),
+                )
+            })?;
+        } else {
+            intermediates.push(der.clone());
+            intermediate_subjects.push(c.subject().as_raw().to_vec());
+        }
+    }
+    match lb.anchor {
+        AnchorMode::Root if self_signed_any.is_none() => {
+            let sub = sub_any.map(|(_, s)| s).unwrap_or_default();
+            return Err(err(
+                format!("{f}.ca_files"),
+                format!(
+                    "no self-signed Root CA listed (only {sub}): add the Root CA that issued it \
+                     so that a revoked SubCA is detected through the root's CRL, or set \
+                     `anchor: subca` on this bundle to trust the SubCA itself (a revoked SubCA \
+                     then cannot be detected)"
+                ),
+            ));
+        }
+        AnchorMode::Subca => {
+            if let Some(field) = self_signed_any {
+                return Err(err(
+                    format!("{f}.anchor"),
+                    format!(
+                        "`subca` is for bundles without their Root CA, but {field} is a \
+                         self-signed root: remove `anchor: subca` (recommended: the root \
+                         anchors the chain and SubCA revocation is checked) or the root"
+                    ),
+                ));
+            }
+            inv.warnings.push(format!(
+                "{f}.anchor: subca: the SubCAs of bundle {:?} are trust anchors, so a revoked \
+                 SubCA cannot be detected; list the Root CA instead when you can",
+                lb.name
+            ));
+        }
+        AnchorMode::Root => {}
+    }
+    let pinned = !intermediates.is_empty();
+    if pinned && rev.scope == RevocationScope::EndEntity {
+        inv.warnings.push(format!(
+            "tls.revocation.scope: end_entity: a revoked SubCA of bundle {:?} is not detected \
+             (use `chain` with the root's CRL)",
+            lb.name
+        ));
+    }
+    for c in &lb.crls {
+        inv.crls.push((lb.name.clone(), c.clone()));
+        if !issuers.iter().any(|(raw, _, _)| *raw == c.issuer_raw) {
+            inv.warnings.push(format!(
+                "{}: CRL {} is issued by {}, which is not a CA of bundle {:?}: it is never used",
+                c.field, c.source, c.issuer, lb.name
+            ));
+        }
+    }
+    // Fail-closed set-ups that would refuse every client are worth saying out loud.
+    if lb.crls.is_empty() {
+        // rustls/webpki check no revocation at all for a verifier without CRLs.
+        inv.warnings.push(format!(
+            "{f}.crl_files: none configured: revocation is NOT checked for bundle {:?}              (unknown_status does not apply without CRLs)",
+            lb.name
+        ));
+    } else if rev.unknown_status == UnknownRevocation::Deny {
+        for (raw, subject, anchor) in &issuers {
+            // A CA needs a CRL when something it issues is revocation-checked: with
+            // `chain` every CA (roots issue the SubCAs); with `end_entity` only issuers
+            // of leaves (the SubCAs, or the root when none is listed).
+            let needed = match rev.scope {
+                RevocationScope::Chain => true,
+                RevocationScope::EndEntity => !pinned || !*anchor,
+            };
+            if needed && !lb.crls.iter().any(|c| c.issuer_raw == *raw) {
+                inv.warnings.push(format!(
+                    "{f}.crl_files: no CRL from {subject}: with unknown_status: deny, \
+                     certificates it issued are refused (unknown_revocation); add its CRL"
+                ));
+            }
+        }
+    }
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .with_crls(lb.crls.iter().map(|c| c.der.clone()));
+    if rev.scope == RevocationScope::EndEntity {
+        builder = builder.only_check_end_entity_revocation();
+    }
+    if rev.unknown_status == UnknownRevocation::Allow {
+        builder = builder.allow_unknown_revocation_status();
+    }
+    if rev.enforce_crl_expiry() {
+        builder = builder.enforce_revocation_expiration();
+    }
+    let verifier = builder.build().map_err(|e| {
+        err(
+            format!("{f}.crl_files"),
+            format!("the verifier refused this bundle's CRLs: {e}"),
+        )
+    })?;
+    Ok(Bundle {
+        name: lb.name.clone(),
+        verifier,
+        intermediates,
+        pinned,
+        intermediate_subjects,
+    })
 }
 
 /// Accepts a client whose chain verifies against any configured bundle, and refuses
@@ -153,6 +814,8 @@ pub struct BundleVerifier {
     max_depth: usize,
     /// nextUpdate of every loaded CRL: (file, Unix seconds).
     pub crl_next_updates: Vec<(String, i64)>,
+    /// CAs, CRLs and warnings of every bundle.
+    pub inventory: TrustInventory,
 }
 
 impl fmt::Debug for BundleVerifier {
@@ -170,57 +833,41 @@ impl BundleVerifier {
         cfg: &TlsConfig,
         provider: &Arc<CryptoProvider>,
     ) -> Result<Self, ConfigError> {
-        let mut bundles = Vec::new();
+        Self::from_loaded(cfg, &load_bundles(cfg)?, provider)
+    }
+
+    /// Builds the verifier from bundles already read (plus any CRLs added to them).
+    pub fn from_loaded(
+        cfg: &TlsConfig,
+        loaded: &[LoadedBundle],
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, ConfigError> {
+        let mut inventory = TrustInventory {
+            enforce_crl_expiry: cfg.revocation.enforce_crl_expiry(),
+            ..Default::default()
+        };
         let mut hints = Vec::new();
-        let mut crl_next_updates = Vec::new();
-        for (i, b) in cfg.trust_bundles.iter().enumerate() {
-            let f = format!("tls.trust_bundles[{i}]");
-            let mut roots = RootCertStore::empty();
-            for (j, p) in b.ca_files.iter().enumerate() {
-                let field = format!("{f}.ca_files[{j}]");
-                for c in load_certs(&field, p)? {
-                    roots.add(c).map_err(|e| {
-                        err(&field, format!("{}: not a usable CA: {e}", p.display()))
-                    })?;
-                }
-            }
-            let mut crls = Vec::new();
-            for (j, p) in b.crl_files.iter().enumerate() {
-                for crl in load_crls(&format!("{f}.crl_files[{j}]"), p)? {
-                    if let Ok((_, c)) = x509_parser::parse_x509_crl(&crl) {
-                        if let Some(next) = c.next_update() {
-                            crl_next_updates.push((p.display().to_string(), next.timestamp()));
-                        }
-                    }
-                    crls.push(crl);
-                }
-            }
-            hints.extend(roots.subjects());
-            let mut builder =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                    .with_crls(crls);
-            if cfg.revocation.scope == RevocationScope::EndEntity {
-                builder = builder.only_check_end_entity_revocation();
-            }
-            if cfg.revocation.unknown_status == UnknownRevocation::Allow {
-                builder = builder.allow_unknown_revocation_status();
-            }
-            if cfg.revocation.enforce_crl_expiry {
-                builder = builder.enforce_revocation_expiration();
-            }
-            let verifier = builder
-                .build()
-                .map_err(|e| err(format!("{f}.crl_files"), e.to_string()))?;
-            bundles.push(Bundle {
-                name: b.name.clone(),
-                verifier,
-            });
+        let mut bundles = Vec::new();
+        for lb in loaded {
+            bundles.push(build_bundle(
+                lb,
+                &cfg.revocation,
+                provider,
+                &mut inventory,
+                &mut hints,
+            )?);
         }
+        let crl_next_updates = inventory
+            .crls
+            .iter()
+            .filter_map(|(_, c)| c.next_update.map(|n| (c.source.clone(), n)))
+            .collect();
         Ok(BundleVerifier {
             bundles,
             hints,
             max_depth: cfg.verify_depth,
             crl_next_updates,
+            inventory,
         })
     }
 
@@ -237,29 +884,31 @@ impl BundleVerifier {
         let now = UnixTime::now();
         self.bundles
             .iter()
-            .find(|b| {
-                b.verifier
-                    .verify_client_cert(end_entity, intermediates, now)
-                    .is_ok()
-            })
+            .find(|b| b.verify(end_entity, intermediates, now).is_ok())
             .map(|b| b.name.as_str())
     }
 
     /// Verifies a client chain against every bundle separately, with each bundle's
-    /// result (for `fhirgate inspect-cert`; the handshake uses [`ClientCertVerifier`]).
+    /// result (for `fhirgate inspect-cert`; the handshake uses the same
+    /// [`Bundle::verify`] through [`ClientCertVerifier`]).
     pub fn verify_each(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
     ) -> Vec<(&str, Result<(), rustls::Error>)> {
         let now = UnixTime::now();
+        let too_deep = intermediates.len() + 1 > self.max_depth;
         self.bundles
             .iter()
             .map(|b| {
-                let r = b
-                    .verifier
-                    .verify_client_cert(end_entity, intermediates, now)
-                    .map(|_| ());
+                // The same depth limit the handshake applies first.
+                let r = if too_deep {
+                    Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                        rustls::OtherError(Arc::new(ChainTooDeep(self.max_depth))),
+                    )))
+                } else {
+                    b.verify(end_entity, intermediates, now).map(|_| ())
+                };
                 (b.name.as_str(), r)
             })
             .collect()
@@ -269,6 +918,35 @@ impl BundleVerifier {
         // from_config refuses an empty bundle list, so index 0 exists.
         &self.bundles[0].verifier
     }
+}
+
+/// Subject, issuer, serial and notAfter of a certificate a client presented, for the
+/// log line of a refused handshake.
+#[derive(Clone, Debug, Default)]
+pub struct PresentedCert {
+    pub subject: String,
+    pub issuer: String,
+    pub serial: String,
+    pub not_after: String,
+}
+
+impl PresentedCert {
+    /// `None` when the bytes are not a certificate (nothing more to say about them).
+    pub fn from_der(der: &[u8]) -> Option<Self> {
+        let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+        Some(PresentedCert {
+            subject: c.subject().to_string(),
+            issuer: c.issuer().to_string(),
+            serial: c.raw_serial_as_string(),
+            not_after: utc(c.validity().not_after.timestamp()),
+        })
+    }
+}
+
+tokio::task_local! {
+    /// Set by the listener around one handshake; the verifier leaves the refused leaf
+    /// here so the "handshake refused" line can name it together with the peer.
+    pub static REFUSED_CERT: Arc<std::sync::Mutex<Option<PresentedCert>>>;
 }
 
 impl ClientCertVerifier for BundleVerifier {
@@ -283,16 +961,18 @@ impl ClientCertVerifier for BundleVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         if intermediates.len() + 1 > self.max_depth {
+            let _ = REFUSED_CERT.try_with(|slot| {
+                if let Ok(mut slot) = slot.lock() {
+                    *slot = PresentedCert::from_der(end_entity);
+                }
+            });
             return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                 rustls::OtherError(Arc::new(ChainTooDeep(self.max_depth))),
             )));
         }
         let mut best: Option<rustls::Error> = None;
         for b in &self.bundles {
-            match b
-                .verifier
-                .verify_client_cert(end_entity, intermediates, now)
-            {
+            match b.verify(end_entity, intermediates, now) {
                 Ok(v) => return Ok(v),
                 // "Unknown issuer" from one bundle says nothing; a revoked or expired
                 // verdict from the bundle that knows the issuer is the one to report.
@@ -307,6 +987,12 @@ impl ClientCertVerifier for BundleVerifier {
                 }
             }
         }
+        // Only reached on refusal: parse the leaf so the log can name it.
+        let _ = REFUSED_CERT.try_with(|slot| {
+            if let Ok(mut slot) = slot.lock() {
+                *slot = PresentedCert::from_der(end_entity);
+            }
+        });
         Err(best.unwrap_or(rustls::Error::InvalidCertificate(
             CertificateError::UnknownIssuer,
         )))
@@ -355,19 +1041,42 @@ pub struct ServerTls {
     pub server_not_after: Option<i64>,
     /// nextUpdate of every CRL (file path, Unix seconds), for expiry alerts.
     pub crl_next_updates: Vec<(String, i64)>,
+    /// Every CA, the server certificate and every CRL, for expiry reports.
+    pub inventory: TrustInventory,
 }
 
 /// Builds the server configuration: TLS 1.2 + 1.3, mandatory client certificates, ALPN
 /// `h2` and `http/1.1`, stateful resumption and stateless tickets.
 pub fn server_tls(cfg: &TlsConfig) -> Result<ServerTls, ConfigError> {
+    server_tls_with(cfg, &load_bundles(cfg)?)
+}
+
+/// [`server_tls`] from bundles already read (with any extra CRLs added to them).
+pub fn server_tls_with(
+    cfg: &TlsConfig,
+    bundles: &[LoadedBundle],
+) -> Result<ServerTls, ConfigError> {
     let provider = provider();
-    let verifier = Arc::new(BundleVerifier::from_config(cfg, &provider)?);
+    let verifier = Arc::new(BundleVerifier::from_loaded(cfg, bundles, &provider)?);
     let chain = load_certs("tls.server_cert", &cfg.server_cert)?;
-    let server_not_after = chain.first().and_then(|c| {
-        x509_parser::parse_x509_certificate(c)
-            .ok()
-            .map(|(_, x)| x.validity().not_after.timestamp())
-    });
+    let leaf = chain
+        .first()
+        .and_then(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, x)| x));
+    let server_not_after = leaf.as_ref().map(|x| x.validity().not_after.timestamp());
+    let mut inventory = verifier.inventory.clone();
+    if let Some(x) = &leaf {
+        inventory.certs.insert(
+            0,
+            CertFact {
+                bundle: "server".into(),
+                field: "tls.server_cert".into(),
+                role: "server certificate",
+                subject: x.subject().to_string(),
+                not_after: x.validity().not_after.timestamp(),
+            },
+        );
+    }
+    drop(leaf);
     let crl_next_updates = verifier.crl_next_updates.clone();
     let key = load_key("tls.server_key", &cfg.server_key)?;
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -378,7 +1087,16 @@ pub fn server_tls(cfg: &TlsConfig) -> Result<ServerTls, ConfigError> {
         .map_err(|e| {
             err(
                 "tls.server_key",
-                format!("does not match tls.server_cert: {e}"),
+                match e {
+                    rustls::Error::InconsistentKeys(_) => format!(
+                        "{} does not match the certificate in tls.server_cert",
+                        cfg.server_key.display()
+                    ),
+                    _ => format!(
+                        "{}: not a key rustls can use with tls.server_cert (RSA, ECDSA P-256/P-384 or Ed25519)",
+                        cfg.server_key.display()
+                    ),
+                },
             )
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -389,6 +1107,7 @@ pub fn server_tls(cfg: &TlsConfig) -> Result<ServerTls, ConfigError> {
         verifier,
         server_not_after,
         crl_next_updates,
+        inventory,
     })
 }
 
@@ -433,5 +1152,103 @@ pub fn rustls_error_kind(inner: &rustls::Error) -> &'static str {
         E::InvalidMessage(_) => "bad_message",
         E::NoApplicationProtocol => "no_alpn",
         _ => "tls_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Made = (rcgen::CertificateParams, rcgen::KeyPair, rcgen::Certificate);
+
+    fn ca(name: &str, issuer: Option<&Made>) -> Made {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = match issuer {
+            None => p.self_signed(&key).unwrap(),
+            Some((ip, ik, _)) => p
+                .signed_by(&key, &rcgen::Issuer::from_params(ip, ik))
+                .unwrap(),
+        };
+        (p, key, cert)
+    }
+
+    #[test]
+    fn roots_are_self_signed_subcas_are_not_and_hints_match_rustls_encoding() {
+        let made = ca("Root", None);
+        let (_, _, sub) = ca("Sub", Some(&made));
+        let root = &made.2;
+        let parse = |c: &rcgen::Certificate| {
+            x509_parser::parse_x509_certificate(c.der())
+                .unwrap()
+                .1
+                .subject()
+                .as_raw()
+                .to_vec()
+        };
+        assert!(is_self_signed(
+            &x509_parser::parse_x509_certificate(root.der()).unwrap().1
+        ));
+        assert!(!is_self_signed(
+            &x509_parser::parse_x509_certificate(sub.der()).unwrap().1
+        ));
+        // Our hints (full Name TLV) are what RootCertStore::subjects gives for anchors.
+        let mut store = RootCertStore::empty();
+        store.add(root.der().clone()).unwrap();
+        assert_eq!(store.subjects()[0].as_ref(), parse(root).as_slice());
+    }
+
+    #[test]
+    fn pem_labels_say_what_a_file_holds() {
+        let text = b"-----BEGIN X509 CRL-----\nAA==\n-----END X509 CRL-----\n";
+        assert_eq!(pem_labels(text), vec!["X509 CRL".to_owned()]);
+        assert!(pem_labels(b"garbage").is_empty());
+    }
+
+    #[test]
+    fn stale_lists_past_and_soon_crls_and_expiring_certificates_only() {
+        let crl = |next: i64| LoadedCrl {
+            der: CertificateRevocationListDer::from(vec![]),
+            source: format!("crl-{next}"),
+            field: "f".into(),
+            issuer: "CN=x".into(),
+            issuer_raw: vec![],
+            this_update: 0,
+            next_update: Some(next),
+            revoked: 0,
+        };
+        let cert = |t: i64| CertFact {
+            bundle: "b".into(),
+            field: "f".into(),
+            role: "root CA",
+            subject: format!("CN=c{t}"),
+            not_after: t,
+        };
+        let now = 1_000_000;
+        let inv = TrustInventory {
+            certs: vec![
+                cert(now - 1),
+                cert(now + 10 * 86_400),
+                cert(now + 60 * 86_400),
+            ],
+            crls: vec![
+                ("b".into(), crl(now - 1)),
+                ("b".into(), crl(now + 3600)),
+                ("b".into(), crl(now + 3 * 86_400)),
+            ],
+            warnings: vec![],
+            enforce_crl_expiry: true,
+        };
+        let stale = inv.stale(now, 86_400);
+        assert_eq!(stale.len(), 4, "{stale:#?}");
+        assert!(stale[0].contains("past its nextUpdate") && stale[0].contains("REFUSED"));
+        assert!(stale[1].contains("reaches its nextUpdate"));
+        assert!(stale[2].contains("EXPIRED"));
+        assert!(stale[3].contains(&format!("CN=c{}", now + 10 * 86_400)));
+        let r = inv.render(now, 86_400);
+        assert_eq!(r.matches("STALE SOON").count(), 1, "{r}");
+        assert_eq!(r.matches("  STALE\n").count(), 1, "{r}");
     }
 }

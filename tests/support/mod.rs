@@ -4,6 +4,8 @@
 //! metric reads through the library API.
 #![allow(dead_code)]
 
+pub mod openssl_pki;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

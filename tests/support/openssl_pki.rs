@@ -1,0 +1,375 @@
+//! A PKI made with the openssl CLI the way real CAs (and the NHS) make theirs: `openssl
+//! req`/`openssl ca` certificates with an index database, revocation with `openssl ca
+//! -revoke`, CRLs with `openssl ca -gencrl`, DER and PEM. Each CA lives in its own
+//! directory under one temporary directory.
+//!
+//! ```ignore
+//! let pki = OpensslPki::new();
+//! let root = pki.root("Test Root CA", Alg::Rsa2048);
+//! let sub = pki.sub_ca(&root, "Test SubCA", Alg::Rsa2048);
+//! let client = pki.client(&sub, "client1", Alg::Rsa2048);   // client.cert, .key, .chain
+//! let server = pki.server(&sub, "server", Alg::EcP256);      // SAN localhost, 127.0.0.1
+//! pki.revoke(&root, &sub.cert);
+//! let crl = pki.crl(&root, CrlTimes::Hours(24));             // PEM, v2, with CRL number
+//! let der = pki.der(&crl, Kind::Crl);
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Key algorithm of a generated key.
+#[derive(Clone, Copy, Debug)]
+pub enum Alg {
+    Rsa2048,
+    Rsa4096,
+    EcP256,
+}
+
+/// What a PEM file holds, for [`OpensslPki::der`].
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    Cert,
+    Crl,
+    Key,
+}
+
+/// lastUpdate / nextUpdate of a generated CRL.
+#[derive(Clone, Copy, Debug)]
+pub enum CrlTimes {
+    /// Now until now + hours (`-crlhours`).
+    Hours(u32),
+    /// Explicit Unix seconds (`-crl_lastupdate` / `-crl_nextupdate`), e.g. in the past.
+    At { last: i64, next: i64 },
+}
+
+/// A CA: its directory (openssl `ca` database), PEM certificate and PKCS#8 PEM key, and
+/// `chain`: its certificate followed by its issuers' up to the root (PEM).
+#[derive(Clone, Debug)]
+pub struct Ca {
+    pub name: String,
+    pub dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub chain: PathBuf,
+}
+
+/// An end-entity certificate: `cert` (PEM leaf), `key` (PKCS#8 PEM), `chain` (leaf then
+/// every CA certificate up to and including the root's issuer chain, root excluded).
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub chain: PathBuf,
+}
+
+pub struct OpensslPki {
+    pub dir: tempfile::TempDir,
+}
+
+/// Runs openssl with `args`; panics with its stderr when it fails.
+pub fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        out.status.success(),
+        "openssl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 temp path")
+}
+
+/// `YYYYMMDDHHMMSSZ` for openssl.
+fn gtime(t: i64) -> String {
+    let d = time::OffsetDateTime::from_unix_timestamp(t).expect("time in range");
+    format!(
+        "{:04}{:02}{:02}{:02}{:02}{:02}Z",
+        d.year(),
+        u8::from(d.month()),
+        d.day(),
+        d.hour(),
+        d.minute(),
+        d.second()
+    )
+}
+
+fn ca_cnf(dir: &Path, v2: bool) -> String {
+    // A v2 CRL needs a crlnumber file or CRL extensions; without both openssl writes v1.
+    let (crlnumber, crl_ext) = if v2 {
+        ("crlnumber = $dir/crlnumber\n", "crl_extensions = crl_ext\n")
+    } else {
+        ("", "")
+    };
+    format!(
+        "[ ca ]\ndefault_ca = CA_default\n\
+[ CA_default ]\ndir = {dir}\ndatabase = $dir/index.txt\nnew_certs_dir = $dir/newcerts\n\
+serial = $dir/serial\n{crlnumber}certificate = $dir/ca.crt\nprivate_key = $dir/ca.key\n\
+default_md = sha256\ndefault_days = 365\ndefault_crl_hours = 24\npolicy = policy_any\n\
+unique_subject = no\ncopy_extensions = none\nemail_in_dn = no\n{crl_ext}\
+[ policy_any ]\ncommonName = supplied\norganizationName = optional\n\
+[ crl_ext ]\nauthorityKeyIdentifier = keyid:always\n\
+[ req ]\ndistinguished_name = dn\nprompt = no\n[ dn ]\nCN = unused\n\
+[ v3_root ]\nbasicConstraints = critical, CA:true\nkeyUsage = critical, keyCertSign, cRLSign\n\
+subjectKeyIdentifier = hash\n\
+[ v3_sub_ca ]\nbasicConstraints = critical, CA:true, pathlen:0\n\
+keyUsage = critical, keyCertSign, cRLSign\nsubjectKeyIdentifier = hash\n\
+authorityKeyIdentifier = keyid:always\n\
+[ client ]\nbasicConstraints = critical, CA:false\nkeyUsage = critical, digitalSignature\n\
+extendedKeyUsage = clientAuth\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n\
+[ server ]\nbasicConstraints = critical, CA:false\nkeyUsage = critical, digitalSignature\n\
+extendedKeyUsage = serverAuth\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n\
+subjectAltName = DNS:localhost, IP:127.0.0.1\n",
+        dir = dir.display()
+    )
+}
+
+impl Default for OpensslPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl OpensslPki {
+    pub fn new() -> Self {
+        OpensslPki {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A new private key (PKCS#8 PEM) at `name`.
+    pub fn key(&self, name: &str, alg: Alg) -> PathBuf {
+        let out = self.path(name);
+        let mut args = vec!["genpkey", "-out", s(&out)];
+        match alg {
+            Alg::Rsa2048 => args.extend(["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]),
+            Alg::Rsa4096 => args.extend(["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:4096"]),
+            Alg::EcP256 => args.extend(["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+        }
+        openssl(&args);
+        out
+    }
+
+    fn new_ca_dir(&self, name: &str) -> PathBuf {
+        let dir = self.path(&name.replace(' ', "_"));
+        std::fs::create_dir_all(dir.join("newcerts")).expect("ca dir");
+        std::fs::write(dir.join("index.txt"), "").expect("index");
+        std::fs::write(dir.join("index.txt.attr"), "unique_subject = no\n").expect("attr");
+        // Distinct serial ranges per CA make serials in logs easy to tell apart.
+        let serial = format!("{:016X}\n", 0x1000 + (name.len() as u64) * 0x100);
+        std::fs::write(dir.join("serial"), serial).expect("serial");
+        std::fs::write(dir.join("crlnumber"), "01\n").expect("crlnumber");
+        std::fs::write(dir.join("ca.cnf"), ca_cnf(&dir, true)).expect("cnf");
+        std::fs::write(dir.join("ca-v1.cnf"), ca_cnf(&dir, false)).expect("cnf");
+        dir
+    }
+
+    /// A self-signed Root CA (`openssl req -x509`), valid ten years.
+    pub fn root(&self, name: &str, alg: Alg) -> Ca {
+        let dir = self.new_ca_dir(name);
+        let key = dir.join("ca.key");
+        let cert = dir.join("ca.crt");
+        let k = self.key(&format!("{}.key", name.replace(' ', "_")), alg);
+        std::fs::rename(&k, &key).expect("move key");
+        let subj = format!("/O=fhirgate test/CN={name}");
+        openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-config",
+            s(&dir.join("ca.cnf")),
+            "-extensions",
+            "v3_root",
+            "-key",
+            s(&key),
+            "-subj",
+            &subj,
+            "-days",
+            "3650",
+            "-sha256",
+            "-out",
+            s(&cert),
+        ]);
+        let chain = dir.join("chain.pem");
+        std::fs::copy(&cert, &chain).expect("chain");
+        Ca {
+            name: name.into(),
+            dir,
+            cert,
+            key,
+            chain,
+        }
+    }
+
+    /// Signs a CSR for `subj` with `ca` using the `ext` section; returns the PEM path.
+    fn sign(&self, ca: &Ca, key: &Path, subj: &str, ext: &str, out: &Path) {
+        let csr = out.with_extension("csr");
+        openssl(&[
+            "req",
+            "-new",
+            "-key",
+            s(key),
+            "-subj",
+            subj,
+            "-out",
+            s(&csr),
+        ]);
+        openssl(&[
+            "ca",
+            "-batch",
+            "-notext",
+            "-config",
+            s(&ca.dir.join("ca.cnf")),
+            "-extensions",
+            ext,
+            "-in",
+            s(&csr),
+            "-out",
+            s(out),
+        ]);
+    }
+
+    /// A SubCA issued by `parent` with `openssl ca` (pathlen 0, keyCertSign + cRLSign).
+    pub fn sub_ca(&self, parent: &Ca, name: &str, alg: Alg) -> Ca {
+        let dir = self.new_ca_dir(name);
+        let key = dir.join("ca.key");
+        let cert = dir.join("ca.crt");
+        let k = self.key(&format!("{}.key", name.replace(' ', "_")), alg);
+        std::fs::rename(&k, &key).expect("move key");
+        self.sign(
+            parent,
+            &key,
+            &format!("/O=fhirgate test/CN={name}"),
+            "v3_sub_ca",
+            &cert,
+        );
+        let chain = dir.join("chain.pem");
+        let mut pem = std::fs::read(&cert).expect("cert");
+        pem.extend(std::fs::read(&parent.chain).expect("parent chain"));
+        std::fs::write(&chain, pem).expect("chain");
+        Ca {
+            name: name.into(),
+            dir,
+            cert,
+            key,
+            chain,
+        }
+    }
+
+    fn leaf(&self, ca: &Ca, name: &str, alg: Alg, ext: &str) -> Issued {
+        let key = self.key(&format!("{name}.key"), alg);
+        let cert = self.path(&format!("{name}.crt"));
+        self.sign(ca, &key, &format!("/O=fhirgate test/CN={name}"), ext, &cert);
+        // Leaf + issuing CAs, root excluded (what a TLS peer sends).
+        let chain = self.path(&format!("{name}.chain.pem"));
+        let mut pem = std::fs::read(&cert).expect("cert");
+        let ca_chain = std::fs::read_to_string(&ca.chain).expect("ca chain");
+        let blocks: Vec<&str> = ca_chain
+            .split_inclusive("-----END CERTIFICATE-----\n")
+            .collect();
+        for b in &blocks[..blocks.len().saturating_sub(1)] {
+            pem.extend(b.as_bytes());
+        }
+        std::fs::write(&chain, pem).expect("chain");
+        Issued { cert, key, chain }
+    }
+
+    /// A clientAuth leaf `CN=name` issued by `ca`.
+    pub fn client(&self, ca: &Ca, name: &str, alg: Alg) -> Issued {
+        self.leaf(ca, name, alg, "client")
+    }
+
+    /// A serverAuth leaf for `localhost` / 127.0.0.1 issued by `ca`.
+    pub fn server(&self, ca: &Ca, name: &str, alg: Alg) -> Issued {
+        self.leaf(ca, name, alg, "server")
+    }
+
+    /// Marks `cert` (issued by `ca`) revoked in `ca`'s database (keyCompromise).
+    pub fn revoke(&self, ca: &Ca, cert: &Path) {
+        openssl(&[
+            "ca",
+            "-config",
+            s(&ca.dir.join("ca.cnf")),
+            "-revoke",
+            s(cert),
+            "-crl_reason",
+            "keyCompromise",
+        ]);
+    }
+
+    /// A v2 CRL (with CRL number and AKI) of `ca`, PEM, at `<ca dir>/<n>.crl.pem`.
+    pub fn crl(&self, ca: &Ca, times: CrlTimes) -> PathBuf {
+        self.gencrl(ca, times, "ca.cnf")
+    }
+
+    /// A version 1 CRL (no extensions, no CRL number), PEM.
+    pub fn crl_v1(&self, ca: &Ca) -> PathBuf {
+        self.gencrl(ca, CrlTimes::Hours(24), "ca-v1.cnf")
+    }
+
+    fn gencrl(&self, ca: &Ca, times: CrlTimes, cnf: &str) -> PathBuf {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let out = ca.dir.join(format!("{n}.crl.pem"));
+        let cnf = ca.dir.join(cnf);
+        let mut args: Vec<String> = ["ca", "-gencrl", "-config", s(&cnf), "-out", s(&out)]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        match times {
+            CrlTimes::Hours(h) => args.extend(["-crlhours".into(), h.to_string()]),
+            CrlTimes::At { last, next } => args.extend([
+                "-crl_lastupdate".into(),
+                gtime(last),
+                "-crl_nextupdate".into(),
+                gtime(next),
+            ]),
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        openssl(&refs);
+        out
+    }
+
+    /// The DER form of a PEM certificate, CRL or key, next to it with `.der`.
+    pub fn der(&self, pem: &Path, kind: Kind) -> PathBuf {
+        let out = pem.with_extension("der");
+        let cmd = match kind {
+            Kind::Cert => "x509",
+            Kind::Crl => "crl",
+            Kind::Key => "pkey",
+        };
+        openssl(&[cmd, "-in", s(pem), "-outform", "DER", "-out", s(&out)]);
+        out
+    }
+
+    /// The key in its traditional form: PKCS#1 `RSA PRIVATE KEY` or SEC1 `EC PRIVATE KEY`.
+    pub fn traditional_key(&self, key: &Path) -> PathBuf {
+        let out = key.with_extension("trad.key");
+        openssl(&["pkey", "-in", s(key), "-traditional", "-out", s(&out)]);
+        out
+    }
+
+    /// The key encrypted with a passphrase (`ENCRYPTED PRIVATE KEY`, AES-256).
+    pub fn encrypted_key(&self, key: &Path) -> PathBuf {
+        let out = key.with_extension("enc.key");
+        openssl(&[
+            "pkey",
+            "-in",
+            s(key),
+            "-aes256",
+            "-passout",
+            "pass:secret",
+            "-out",
+            s(&out),
+        ]);
+        out
+    }
+}

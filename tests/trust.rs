@@ -1,0 +1,928 @@
+//! Trust decisions on an openssl-made, NHS-shaped PKI (Root CA → several SubCAs →
+//! leaves, `openssl ca` certificates and CRLs, PEM and DER), through real TLS handshakes
+//! with the running gateway, `fhirgate check`, `fhirgate inspect-cert` and `/readyz`.
+
+mod common;
+mod support;
+
+use std::io::{BufRead, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{get, send, upstream, UpstreamMode};
+use fhirgate::config::Config;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use support::metric;
+use support::openssl_pki::{Alg, Ca, CrlTimes, Issued, Kind, OpensslPki};
+use tokio_rustls::TlsConnector;
+
+/// Root CA with three SubCAs: A (listed, good), B (not listed), R (listed, revoked in
+/// the root's CRL), and a client under each; the server certificate is under A.
+struct Nhs {
+    pki: OpensslPki,
+    root: Ca,
+    sub_a: Ca,
+    sub_b: Ca,
+    sub_r: Ca,
+    server: Issued,
+    good: Issued,
+    other: Issued,
+    under_revoked: Issued,
+    root_crl: PathBuf,
+    a_crl: PathBuf,
+    b_crl: PathBuf,
+    r_crl: PathBuf,
+}
+
+fn nhs() -> Nhs {
+    let pki = OpensslPki::new();
+    let a = Alg::Rsa2048;
+    let root = pki.root("Test NHS Root CA", a);
+    let sub_a = pki.sub_ca(&root, "Test NHS SubCA A", a);
+    let sub_b = pki.sub_ca(&root, "Test NHS SubCA B", a);
+    let sub_r = pki.sub_ca(&root, "Test NHS SubCA R", a);
+    let server = pki.server(&sub_a, "server", a);
+    let good = pki.client(&sub_a, "good-client", a);
+    let other = pki.client(&sub_b, "other-subca-client", a);
+    let under_revoked = pki.client(&sub_r, "revoked-subca-client", a);
+    pki.revoke(&root, &sub_r.cert);
+    // The root's CRL (ARL) in DER, as the NHS publishes it; the SubCA CRLs in PEM.
+    let root_crl = pki.der(&pki.crl(&root, CrlTimes::Hours(48)), Kind::Crl);
+    let a_crl = pki.crl(&sub_a, CrlTimes::Hours(48));
+    let b_crl = pki.crl(&sub_b, CrlTimes::Hours(48));
+    let r_crl = pki.crl(&sub_r, CrlTimes::Hours(48));
+    Nhs {
+        pki,
+        root,
+        sub_a,
+        sub_b,
+        sub_r,
+        server,
+        good,
+        other,
+        under_revoked,
+        root_crl,
+        a_crl,
+        b_crl,
+        r_crl,
+    }
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn list(paths: &[&Path]) -> String {
+    paths.iter().map(|x| p(x)).collect::<Vec<_>>().join(", ")
+}
+
+/// A gateway config: one bundle `nhs-int` with `cas` and `crls`, the given environment
+/// and extra `tls.revocation` lines.
+fn yaml(
+    env: &str,
+    server: &Issued,
+    cas: &[&Path],
+    crls: &[&Path],
+    bundle_extra: &str,
+    revocation: &str,
+    upstream: SocketAddr,
+) -> String {
+    let auth = if env == "production" {
+        // Production refuses development auth; tokens are never reached in these tests.
+        "auth:\n  mode: jwt\n  issuer: https://127.0.0.1:9\n  jwks_uri: https://127.0.0.1:9/jwks\n  ca_file: "
+            .to_owned()
+            + &p(&server.chain)
+            + "\n"
+    } else {
+        "auth:\n  mode: development\n".to_owned()
+    };
+    format!(
+        "environment: {env}\n\
+listeners:\n  - address: 127.0.0.1:0\n\
+tls:\n  server_cert: {sc}\n  server_key: {sk}\n  handshake_timeout: 2s\n  trust_bundles:\n    - name: nhs-int\n      ca_files: [{cas}]\n      crl_files: [{crls}]\n{bundle_extra}  revocation:\n    scope: chain\n{revocation}\
+upstream:\n  url: http://{upstream}\n\
+{auth}\
+routes:\n  - name: all\n    path_prefix: /\n    token: none\n",
+        sc = p(&server.chain),
+        sk = p(&server.key),
+        cas = list(cas),
+        crls = list(crls),
+    )
+}
+
+async fn start(yaml: &str) -> (fhirgate::listener::Running, SocketAddr) {
+    let cfg = Config::from_yaml(yaml, Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let running = fhirgate::listener::start(&cfg)
+        .await
+        .expect("gateway starts");
+    let addr = running.addrs[0];
+    (running, addr)
+}
+
+/// A client trusting `root` and presenting `chain` (PEM, leaf first) with `key`.
+fn client(root: &Path, chain: &Path, key: &Path) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(root).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(chain)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    TlsConnector::from(Arc::new(cfg))
+}
+
+/// Status of a GET / as `who` sending `chain`, or the error text when refused.
+async fn status(addr: SocketAddr, root: &Path, chain: &Path, key: &Path) -> Result<u16, String> {
+    send(&client(root, chain, key), addr, get("/"))
+        .await
+        .map(|g| g.status.as_u16())
+}
+
+/// The same request with curl (OpenSSL) as the client: the status, or `None` when the
+/// handshake or request failed.
+async fn curl(addr: SocketAddr, cacert: &Path, cert: &Path, key: &Path) -> Option<u16> {
+    let args = [
+        "-sS".to_owned(),
+        "-o".into(),
+        "/dev/null".into(),
+        "-w".into(),
+        "%{http_code}".into(),
+        "--max-time".into(),
+        "5".into(),
+        "--cacert".into(),
+        p(cacert),
+        "--cert".into(),
+        p(cert),
+        "--key".into(),
+        p(key),
+        format!("https://localhost:{}/", addr.port()),
+    ];
+    let out = tokio::task::spawn_blocking(move || Command::new("curl").args(&args).output())
+        .await
+        .unwrap()
+        .expect("curl is installed");
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+fn fhirgate(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .args(args)
+        .output()
+        .expect("fhirgate runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write_cfg(pki: &OpensslPki, name: &str, yaml: &str) -> String {
+    let path = pki.path(name);
+    std::fs::write(&path, yaml).unwrap();
+    p(&path)
+}
+
+/// The verdict line of `inspect-cert --config` for bundle nhs-int.
+fn inspect(cfg: &str, cert: &Path) -> String {
+    let (ok, out, err) = fhirgate(&["inspect-cert", &p(cert), "--config", cfg]);
+    assert!(ok, "{err}");
+    out.lines()
+        .find(|l| l.contains("bundle nhs-int:"))
+        .unwrap_or_else(|| panic!("no verdict in {out}"))
+        .to_owned()
+}
+
+async fn wait_for(gw: &fhirgate::listener::Running, sample: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(gw, sample) < want {
+        assert!(
+            Instant::now() < deadline,
+            "{sample} below {want}:\n{}",
+            gw.server().metrics().encode()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const REVOKED: &str = "fhirgate_tls_handshakes_total{result=\"revoked\"}";
+const UNKNOWN_CA: &str = "fhirgate_tls_handshakes_total{result=\"unknown_ca\"}";
+const EXPIRED_CRL: &str = "fhirgate_tls_handshakes_total{result=\"expired_crl\"}";
+
+// RFC 5280 §6.1.3 (a)(2): "At the current time, the certificate is not revoked" holds for
+// every certificate of the path but the trust anchor, SubCAs included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subca_revoked_by_the_root_crl_is_refused_leaf_only_and_full_chain() {
+    let n = nhs();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let cas = [&*n.root.cert, &*n.sub_a.cert, &*n.sub_r.cert];
+    let crls = [&*n.root_crl, &*n.a_crl, &*n.r_crl];
+    let y = yaml("development", &n.server, &cas, &crls, "", "", up);
+    let (gw, addr) = start(&y).await;
+    let root = &n.root.cert;
+
+    // A good client of a listed SubCA: 200 sending its leaf only and its full chain.
+    assert_eq!(status(addr, root, &n.good.cert, &n.good.key).await, Ok(200));
+    assert_eq!(
+        status(addr, root, &n.good.chain, &n.good.key).await,
+        Ok(200)
+    );
+    assert_eq!(seen.count(), 2);
+
+    // A client of the SubCA the root revoked: refused either way, as `revoked`.
+    let r = &n.under_revoked;
+    assert!(status(addr, root, &r.cert, &r.key).await.is_err());
+    assert!(status(addr, root, &r.chain, &r.key).await.is_err());
+    wait_for(&gw, REVOKED, 2.0).await;
+    assert_eq!(
+        seen.count(),
+        2,
+        "nothing from the revoked SubCA reached the upstream"
+    );
+
+    // The same with curl (OpenSSL) as the peer.
+    assert_eq!(curl(addr, root, &n.good.cert, &n.good.key).await, Some(200));
+    assert_eq!(curl(addr, root, &r.cert, &r.key).await, None);
+    assert_eq!(curl(addr, root, &r.chain, &r.key).await, None);
+    wait_for(&gw, REVOKED, 4.0).await;
+    assert_eq!(seen.count(), 3);
+
+    // inspect-cert gives the handshake's verdicts.
+    let cfg = write_cfg(&n.pki, "sub.yaml", &y);
+    assert!(inspect(&cfg, &n.good.cert).contains("ACCEPTED"));
+    assert!(inspect(&cfg, &n.good.chain).contains("ACCEPTED"));
+    for f in [&r.cert, &r.chain] {
+        let v = inspect(&cfg, f);
+        assert!(v.contains("refused (revoked"), "{v}");
+    }
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_of_an_unlisted_subca_of_the_listed_root_is_refused_whatever_unknown_status() {
+    let n = nhs();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let root = &n.root.cert;
+    let direct = n.pki.client(&n.root, "root-issued-client", Alg::Rsa2048);
+    for unknown in ["allow", "deny"] {
+        // The bundle pins SubCA A; B is another SubCA of the same root, and its CRL is
+        // even configured: the client sends B with its leaf, and is still refused.
+        let cas = [&*n.root.cert, &*n.sub_a.cert];
+        let crls = [&*n.root_crl, &*n.a_crl, &*n.b_crl];
+        let rev = format!("    unknown_status: {unknown}\n");
+        let y = yaml("development", &n.server, &cas, &crls, "", &rev, up);
+        let (gw, addr) = start(&y).await;
+        let before = seen.count();
+        assert_eq!(status(addr, root, &n.good.cert, &n.good.key).await, Ok(200));
+        assert!(status(addr, root, &n.other.chain, &n.other.key)
+            .await
+            .is_err());
+        assert!(status(addr, root, &n.other.cert, &n.other.key)
+            .await
+            .is_err());
+        // Nor a leaf the root issued itself: it is not under a listed SubCA.
+        assert!(status(addr, root, &direct.cert, &direct.key).await.is_err());
+        wait_for(&gw, UNKNOWN_CA, 3.0).await;
+        assert_eq!(seen.count(), before + 1, "unknown_status: {unknown}");
+        let cfg = write_cfg(&n.pki, &format!("pin-{unknown}.yaml"), &y);
+        let v = inspect(&cfg, &n.other.chain);
+        assert!(v.contains("refused (unknown_ca"), "{unknown}: {v}");
+        let v = inspect(&cfg, &direct.cert);
+        assert!(v.contains("refused (unknown_ca"), "{unknown}: {v}");
+        gw.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+#[test]
+fn a_bundle_without_its_root_is_an_error_unless_anchor_subca_which_check_warns_about() {
+    let n = nhs();
+    let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let y = yaml(
+        "development",
+        &n.server,
+        &[&n.sub_a.cert],
+        &[&n.a_crl],
+        "",
+        "",
+        up,
+    );
+    let cfg = write_cfg(&n.pki, "noroot.yaml", &y);
+    let (ok, _, err) = fhirgate(&["check", "--config", &cfg]);
+    assert!(!ok);
+    assert!(
+        err.contains("tls.trust_bundles[0].ca_files: no self-signed Root CA listed"),
+        "{err}"
+    );
+    assert!(err.contains("anchor: subca"), "{err}");
+
+    let y = yaml(
+        "development",
+        &n.server,
+        &[&n.sub_a.cert],
+        &[&n.a_crl],
+        "      anchor: subca\n",
+        "",
+        up,
+    );
+    let cfg = write_cfg(&n.pki, "subca.yaml", &y);
+    let (ok, out, err) = fhirgate(&["check", "--config", &cfg]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("WARNING: tls.trust_bundles[0].anchor: subca")
+            && out.contains("a revoked SubCA cannot be detected"),
+        "{out}"
+    );
+    // inspect-cert accepts the SubCA's client and repeats the caveat.
+    let (ok, out, err) = fhirgate(&["inspect-cert", &p(&n.good.cert), "--config", &cfg]);
+    assert!(ok, "{err}");
+    assert!(out.contains("bundle nhs-int: ACCEPTED"), "{out}");
+    assert!(
+        out.contains("note: tls.trust_bundles[0].anchor: subca"),
+        "{out}"
+    );
+
+    // `anchor: subca` with the root listed as well is contradictory.
+    let y = yaml(
+        "development",
+        &n.server,
+        &[&n.root.cert, &n.sub_a.cert],
+        &[&n.a_crl],
+        "      anchor: subca\n",
+        "",
+        up,
+    );
+    let cfg = write_cfg(&n.pki, "subca-root.yaml", &y);
+    let (ok, _, err) = fhirgate(&["check", "--config", &cfg]);
+    assert!(!ok && err.contains("tls.trust_bundles[0].anchor:"), "{err}");
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+// RFC 5280 §5.1.2.5: nextUpdate "indicates the date by which the next CRL will be issued";
+// past it, the CRL no longer says whether a certificate is revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_crl_is_flagged_by_check_and_refuses_clients_outside_development() {
+    let n = nhs();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let stale = n.pki.crl(
+        &n.sub_a,
+        CrlTimes::At {
+            last: now() - 2 * 86_400,
+            next: now() - 3600,
+        },
+    );
+    let cas = [&*n.root.cert, &*n.sub_a.cert];
+    let crls = [&*n.root_crl, &*stale];
+    let root = &n.root.cert;
+
+    // check: the stale CRL is listed with its nextUpdate and flagged; the CAs' notAfter too.
+    let y = yaml("development", &n.server, &cas, &crls, "", "", up);
+    let cfg = write_cfg(&n.pki, "stale.yaml", &y);
+    let (ok, out, err) = fhirgate(&["check", "--config", &cfg]);
+    assert!(ok, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("CRL [nhs-int]") && l.contains(&p(&stale)))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.ends_with("STALE"), "{line}");
+    assert!(
+        out.lines().any(|l| l.starts_with("CRL [nhs-int]")
+            && l.contains(&p(&n.root_crl))
+            && !l.contains("STALE")),
+        "the current root CRL is not flagged: {out}"
+    );
+    assert!(
+        out.contains("WARNING: CRL") && out.contains("past its nextUpdate"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "certificate [nhs-int] root CA O=fhirgate test, CN=Test NHS Root CA: notAfter"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("certificate [server] server certificate"),
+        "{out}"
+    );
+    assert!(
+        out.contains("enforce_crl_expiry=false"),
+        "development default: {out}"
+    );
+
+    // Development: served, with the warning above.
+    let (gw, addr) = start(&y).await;
+    assert_eq!(status(addr, root, &n.good.cert, &n.good.key).await, Ok(200));
+    assert!(!gw.server().trust_stale().is_empty());
+    gw.shutdown(Duration::from_secs(2)).await;
+
+    // Integration and production (no enforce_crl_expiry set): refused, as `expired_crl`.
+    for env in ["integration", "production"] {
+        let y = yaml(env, &n.server, &cas, &crls, "", "", up);
+        let (gw, addr) = start(&y).await;
+        let before = seen.count();
+        assert!(
+            status(addr, root, &n.good.cert, &n.good.key).await.is_err(),
+            "{env}"
+        );
+        wait_for(&gw, EXPIRED_CRL, 1.0).await;
+        assert_eq!(seen.count(), before, "{env}");
+        gw.shutdown(Duration::from_secs(2)).await;
+    }
+
+    // A CRL within warn_before of its nextUpdate is flagged as soon-stale, not stale.
+    let soon = n.pki.crl(&n.sub_a, CrlTimes::Hours(2));
+    let y = yaml(
+        "development",
+        &n.server,
+        &cas,
+        &[&n.root_crl, &soon],
+        "",
+        "    warn_before: 3h\n",
+        up,
+    );
+    let cfg = write_cfg(&n.pki, "soon.yaml", &y);
+    let (ok, out, err) = fhirgate(&["check", "--config", &cfg]);
+    assert!(ok, "{err}");
+    assert!(out.contains("STALE SOON"), "{out}");
+    assert!(out.contains("reaches its nextUpdate"), "{out}");
+}
+
+/// The real binary, its stderr collected line by line.
+struct Proc {
+    child: std::process::Child,
+    log: Arc<Mutex<String>>,
+    tls: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Proc {
+    // The child is killed and waited for by `Drop` (or before the panic below).
+    #[allow(clippy::zombie_processes)]
+    fn start(cfg: &str) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+            .args(["run", "--config", cfg])
+            .env("FHIRGATE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("fhirgate runs");
+        let log = Arc::new(Mutex::new(String::new()));
+        let l = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                let mut g = l.lock().unwrap();
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        let addr_after = |text: &str, msg: &str| -> Option<SocketAddr> {
+            let line = text.lines().find(|l| l.contains(msg))?;
+            let a = line.split("address=").nth(1)?;
+            a.split_whitespace().next()?.parse().ok()
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = log.lock().unwrap().clone();
+            if let (Some(tls), Some(admin)) = (
+                addr_after(&text, "listening (TLS-MA)"),
+                addr_after(&text, "admin listener"),
+            ) {
+                return Proc {
+                    child,
+                    log,
+                    tls,
+                    admin,
+                };
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("gateway did not start:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn get(&self, path: &str) -> String {
+        let mut s = std::net::TcpStream::connect(self.admin).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    /// Waits (up to 5 s) for a log line containing every one of `parts`.
+    fn wait_log(&self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = self.log.lock().unwrap().clone();
+            if let Some(l) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return l.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no line with {parts:?} in\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_lists_stale_crls_and_refusals_name_the_certificate() {
+    let n = nhs();
+    let (up, _seen) = upstream(UpstreamMode::Echo).await;
+    let stale = n.pki.crl(
+        &n.sub_a,
+        CrlTimes::At {
+            last: now() - 2 * 86_400,
+            next: now() - 3600,
+        },
+    );
+    let y = yaml(
+        "development",
+        &n.server,
+        &[&n.root.cert, &n.sub_a.cert, &n.sub_r.cert],
+        &[&n.root_crl, &stale, &n.r_crl],
+        "",
+        "",
+        up,
+    ) + "admin:\n  address: 127.0.0.1:0\n";
+    let cfg = write_cfg(&n.pki, "run.yaml", &y);
+    let gw = Proc::start(&cfg);
+
+    // Start-up WARN for the stale CRL.
+    gw.wait_log(&["WARN", "past its nextUpdate", &p(&stale)]);
+    // /readyz stays 200 (the gateway serves) and names the stale CRL.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let r = gw.get("/readyz");
+        if r.starts_with("HTTP/1.1 200") || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains("certificates_and_crls: ok (STALE: CRL") && body.contains(&p(&stale)),
+        "{body}"
+    );
+    // The CA notAfter gauges, by bundle and subject.
+    let metrics = gw.get("/metrics");
+    assert!(
+        metrics.contains(
+            "fhirgate_cert_not_after_seconds{bundle=\"nhs-int\",subject=\"CN=Test NHS SubCA A, O=fhirgate test\"}"
+        ),
+        "{metrics}"
+    );
+
+    // Refusals name the presented certificate: subject, issuer, serial, notAfter, reason.
+    let root = &n.root.cert;
+    assert!(status(gw.tls, root, &n.other.chain, &n.other.key)
+        .await
+        .is_err());
+    let line = gw.wait_log(&["handshake refused", "CN=other-subca-client"]);
+    let serial = {
+        let out = Command::new("openssl")
+            .args(["x509", "-noout", "-serial", "-in", &p(&n.other.cert)])
+            .output()
+            .unwrap();
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        s.trim_start_matches("serial=").to_ascii_lowercase()
+    };
+    assert!(
+        line.contains("kind=\"unknown_ca\"") || line.contains("kind=unknown_ca"),
+        "{line}"
+    );
+    assert!(line.contains("issuer=CN=Test NHS SubCA B"), "{line}");
+    assert!(
+        line.to_ascii_lowercase().replace(':', "").contains(&serial),
+        "serial {serial}: {line}"
+    );
+    assert!(line.contains("not_after="), "{line}");
+    assert!(
+        status(gw.tls, root, &n.under_revoked.cert, &n.under_revoked.key)
+            .await
+            .is_err()
+    );
+    let line = gw.wait_log(&["handshake refused", "CN=revoked-subca-client"]);
+    assert!(line.contains("revoked"), "{line}");
+}
+
+/// One chain of `alg`: root and SubCA, a server and a client certificate.
+struct Chain {
+    root: Ca,
+    sub: Ca,
+    server: Issued,
+    client: Issued,
+}
+
+fn chain(pki: &OpensslPki, tag: &str, alg: Alg) -> Chain {
+    let root = pki.root(&format!("{tag} Root"), alg);
+    let sub = pki.sub_ca(&root, &format!("{tag} SubCA"), alg);
+    let server = pki.server(&sub, &format!("{tag}-server"), alg);
+    let client = pki.client(&sub, &format!("{tag}-client"), alg);
+    Chain {
+        root,
+        sub,
+        server,
+        client,
+    }
+}
+
+// Real NHS files: RSA-2048 and RSA-4096 (NHS roots), ECDSA P-256; DER and PEM for CA
+// files, CRLs and the server certificate; PKCS#1, SEC1 and PKCS#8 keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_2048_4096_and_ecdsa_chains_in_der_and_pem_with_pkcs1_and_pkcs8_keys() {
+    let pki = OpensslPki::new();
+    let (up, _seen) = upstream(UpstreamMode::Echo).await;
+    for (tag, alg, der, traditional) in [
+        ("rsa2048", Alg::Rsa2048, true, true),
+        ("rsa4096", Alg::Rsa4096, false, false),
+        ("ecdsa", Alg::EcP256, true, true),
+    ] {
+        let c = chain(&pki, tag, alg);
+        let root_crl = pki.crl(&c.root, CrlTimes::Hours(48));
+        let sub_crl = pki.crl(&c.sub, CrlTimes::Hours(48));
+        let (root, sub, root_crl, sub_crl) = if der {
+            (
+                pki.der(&c.root.cert, Kind::Cert),
+                pki.der(&c.sub.cert, Kind::Cert),
+                pki.der(&root_crl, Kind::Crl),
+                pki.der(&sub_crl, Kind::Crl),
+            )
+        } else {
+            (c.root.cert.clone(), c.sub.cert.clone(), root_crl, sub_crl)
+        };
+        let mut server = c.server.clone();
+        let mut client_key = c.client.key.clone();
+        if traditional {
+            // PKCS#1 `RSA PRIVATE KEY` / SEC1 `EC PRIVATE KEY`, as older NHS tooling writes.
+            server.key = pki.traditional_key(&c.server.key);
+            client_key = pki.traditional_key(&c.client.key);
+            let head = std::fs::read_to_string(&server.key).unwrap();
+            assert!(
+                head.starts_with("-----BEGIN RSA PRIVATE KEY")
+                    || head.starts_with("-----BEGIN EC PRIVATE KEY"),
+                "{head}"
+            );
+        }
+        if der {
+            // A DER server certificate holds the leaf alone.
+            server.chain = pki.der(&c.server.cert, Kind::Cert);
+        } else {
+            // A DER PKCS#8 key.
+            server.key = pki.der(&c.server.key, Kind::Key);
+        }
+        let y = yaml(
+            "development",
+            &server,
+            &[&root, &sub],
+            &[&root_crl, &sub_crl],
+            "",
+            "",
+            up,
+        );
+        let cfg = write_cfg(&pki, &format!("{tag}.yaml"), &y);
+        let (ok, out, err) = fhirgate(&["check", "--config", &cfg]);
+        assert!(ok, "{tag}: {err}");
+        assert!(out.contains("is valid"), "{tag}: {out}");
+        let (gw, addr) = start(&y).await;
+        assert_eq!(
+            curl(addr, &c.sub.chain, &c.client.cert, &client_key).await,
+            Some(200),
+            "{tag} with curl"
+        );
+        assert_eq!(
+            status(addr, &c.sub.chain, &c.client.cert, &client_key).await,
+            Ok(200),
+            "{tag}"
+        );
+        assert_eq!(
+            status(addr, &c.sub.chain, &c.client.chain, &client_key).await,
+            Ok(200),
+            "{tag}"
+        );
+        gw.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+#[test]
+fn unusable_certificate_key_and_crl_files_get_clear_errors_naming_file_and_field() {
+    let n = nhs();
+    let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let cas = [&*n.root.cert, &*n.sub_a.cert];
+    let check = |name: &str, server: &Issued, cas: &[&Path], crls: &[&Path]| -> String {
+        let y = yaml("development", server, cas, crls, "", "", up);
+        let cfg = write_cfg(&n.pki, name, &y);
+        let (ok, out, err) = fhirgate(&["check", "--config", &cfg]);
+        assert!(!ok, "{name} passed: {out}");
+        // No Rust debug text: no struct or enum dumps.
+        for bad in [
+            "{",
+            "Der(",
+            "UnexpectedTag",
+            "ParseError",
+            "Some(",
+            "Error(",
+        ] {
+            assert!(!err.contains(bad), "{name}: debug text {bad:?} in {err}");
+        }
+        err
+    };
+
+    // An encrypted key: say so, and how to decrypt it.
+    let mut enc = n.server.clone();
+    enc.key = n.pki.encrypted_key(&n.server.key);
+    let e = check("enc.yaml", &enc, &cas, &[&n.root_crl, &n.a_crl]);
+    assert!(
+        e.contains("tls.server_key:") && e.contains(&p(&enc.key)),
+        "{e}"
+    );
+    assert!(
+        e.contains("encrypted") && e.contains("openssl pkey -in"),
+        "{e}"
+    );
+
+    // A version 1 CRL.
+    let v1 = n.pki.crl_v1(&n.sub_a);
+    let e = check("v1.yaml", &n.server, &cas, &[&n.root_crl, &v1]);
+    assert!(
+        e.contains("tls.trust_bundles[0].crl_files[1]:")
+            && e.contains(&p(&v1))
+            && e.contains("version 1 CRLs are not supported (RFC 5280 requires v2)"),
+        "{e}"
+    );
+
+    // Garbage CRLs: text, and bytes that start like DER.
+    let junk = n.pki.path("junk.crl");
+    std::fs::write(&junk, "this is not a CRL\n").unwrap();
+    let e = check("junk.yaml", &n.server, &cas, &[&junk]);
+    assert!(
+        e.contains("tls.trust_bundles[0].crl_files[0]:")
+            && e.contains(&p(&junk))
+            && e.contains("no X509 CRL found"),
+        "{e}"
+    );
+    let junk_der = n.pki.path("junk.der.crl");
+    std::fs::write(&junk_der, [0x30, 0x03, 0x02, 0x01, 0x05]).unwrap();
+    let e = check("junkder.yaml", &n.server, &cas, &[&junk_der]);
+    assert!(
+        e.contains("crl_files[0]:") && e.contains("not a valid CRL"),
+        "{e}"
+    );
+    // A certificate where a CRL belongs.
+    let e = check("swap.yaml", &n.server, &cas, &[&n.sub_b.cert]);
+    assert!(
+        e.contains("crl_files[0]:") && e.contains("CERTIFICATE") && e.contains("wrong field"),
+        "{e}"
+    );
+
+    // Garbage CA file, PEM and DER-looking.
+    let junk_ca = n.pki.path("junk-ca.pem");
+    std::fs::write(
+        &junk_ca,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let e = check(
+        "junkca.yaml",
+        &n.server,
+        &[&n.root.cert, &junk_ca],
+        &[&n.a_crl],
+    );
+    assert!(
+        e.contains("tls.trust_bundles[0].ca_files[1]:") && e.contains(&p(&junk_ca)),
+        "{e}"
+    );
+    let e = check("derca.yaml", &n.server, &[&junk_der], &[&n.a_crl]);
+    assert!(
+        e.contains("tls.trust_bundles[0].ca_files[0]:")
+            && e.contains("not a valid X.509 certificate"),
+        "{e}"
+    );
+
+    // A key that is not the server certificate's.
+    let mut wrong = n.server.clone();
+    wrong.key = n.good.key.clone();
+    let e = check("wrongkey.yaml", &wrong, &cas, &[&n.a_crl]);
+    assert!(
+        e.contains("tls.server_key:") && e.contains("does not match"),
+        "{e}"
+    );
+    let _ = (&n.sub_r, &n.b_crl, &n.r_crl);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_only_bundle_uses_client_intermediates_and_still_checks_them() {
+    let n = nhs();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let root = &n.root.cert;
+    // No SubCA listed: everything under the root is trusted, so paths are built from
+    // what the client sends, and every SubCA in them is checked against the root's CRL.
+    let y = yaml(
+        "development",
+        &n.server,
+        &[root],
+        &[&n.root_crl, &n.a_crl, &n.b_crl, &n.r_crl],
+        "",
+        "",
+        up,
+    );
+    let (gw, addr) = start(&y).await;
+    // The server certificate is under SubCA A, so this client trusts A's chain.
+    let trust = &n.sub_a.chain;
+    assert_eq!(
+        status(addr, trust, &n.good.chain, &n.good.key).await,
+        Ok(200)
+    );
+    assert_eq!(
+        status(addr, trust, &n.other.chain, &n.other.key).await,
+        Ok(200)
+    );
+    // Here a leaf the root issued itself is accepted: nothing narrower was configured.
+    let direct = n.pki.client(&n.root, "root-issued-client", Alg::Rsa2048);
+    assert_eq!(
+        status(addr, trust, &direct.cert, &direct.key).await,
+        Ok(200)
+    );
+    // A SubCA's leaf alone cannot be chained to the root.
+    assert!(status(addr, trust, &n.good.cert, &n.good.key)
+        .await
+        .is_err());
+    wait_for(&gw, UNKNOWN_CA, 1.0).await;
+    let r = &n.under_revoked;
+    assert!(status(addr, trust, &r.chain, &r.key).await.is_err());
+    wait_for(&gw, REVOKED, 1.0).await;
+    assert_eq!(seen.count(), 3);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_root_crl_chain_scope_fails_closed_and_check_says_why() {
+    let n = nhs();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let y = yaml(
+        "development",
+        &n.server,
+        &[&n.root.cert, &n.sub_a.cert],
+        &[&n.a_crl],
+        "",
+        "",
+        up,
+    );
+    let cfg = write_cfg(&n.pki, "noarl.yaml", &y);
+    let (ok, out, err) = fhirgate(&["check", "--config", &cfg]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("WARNING: tls.trust_bundles[0].crl_files: no CRL from O=fhirgate test, CN=Test NHS Root CA"),
+        "{out}"
+    );
+    // unknown_status: deny and no CRL from the root: the SubCA's status is unknown, so
+    // its clients are refused rather than waved through.
+    let (gw, addr) = start(&y).await;
+    assert!(status(addr, &n.root.cert, &n.good.cert, &n.good.key)
+        .await
+        .is_err());
+    wait_for(
+        &gw,
+        "fhirgate_tls_handshakes_total{result=\"unknown_revocation\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(seen.count(), 0);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
