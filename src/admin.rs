@@ -108,7 +108,10 @@ pub async fn start(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
+    // Name the address: "Address already in use" alone does not say which port.
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("admin.address: cannot bind {addr}: {e}"))
+    })?;
     let local = listener.local_addr()?;
     if !local.ip().is_loopback() {
         tracing::warn!(address = %local, "admin listener is not on loopback: restrict it with a firewall");

@@ -279,22 +279,30 @@ fn roots(cacert: Option<&Path>) -> anyhow::Result<rustls::RootCertStore> {
     Ok(roots)
 }
 
+/// The TLS client configuration: `cacert` (or the system roots), presenting `cert`.
+fn tls_config(
+    cacert: Option<&Path>,
+    cert: Option<(&Path, &Path)>,
+) -> anyhow::Result<rustls::ClientConfig> {
+    let b = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(cacert)?);
+    Ok(match cert {
+        Some((c, k)) => b.with_client_auth_cert(
+            crate::tls::load_certs("--cert", c)?,
+            crate::tls::load_key("--key", k)?,
+        )?,
+        None => b.with_no_client_auth(),
+    })
+}
+
 /// An HTTPS client (http:// allowed, for loopback test servers) presenting `cert`.
 pub fn http_client(
     cacert: Option<&Path>,
     cert: Option<(&Path, &Path)>,
     timeout: Duration,
 ) -> anyhow::Result<Http> {
-    let b = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots(cacert)?);
-    let tls = match cert {
-        Some((c, k)) => b.with_client_auth_cert(
-            crate::tls::load_certs("--cert", c)?,
-            crate::tls::load_key("--key", k)?,
-        )?,
-        None => b.with_no_client_auth(),
-    };
+    let tls = tls_config(cacert, cert)?;
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(timeout));
     http.enforce_http(false);
@@ -317,7 +325,10 @@ async fn get_json(
     let resp = tokio::time::timeout(timeout, http.request(req))
         .await
         .map_err(|_| anyhow::anyhow!("{uri}: timed out"))?
-        .map_err(|e| anyhow::anyhow!("{uri}: {}", crate::upstream::error_chain(&e)))?;
+        .map_err(|e| match tls_failure(&e) {
+            Some(t) => anyhow::anyhow!("{uri}: {t}"),
+            None => anyhow::anyhow!("{uri}: {}", crate::upstream::error_chain(&e)),
+        })?;
     let status = resp.status().as_u16();
     let body = tokio::time::timeout(timeout, resp.into_body().collect())
         .await
@@ -569,7 +580,10 @@ pub async fn send(
     let resp = tokio::time::timeout(timeout, http.request(req))
         .await
         .map_err(|_| anyhow::anyhow!("{}: timed out", o.url))?
-        .map_err(|e| anyhow::anyhow!("{}: {}", o.url, crate::upstream::error_chain(&e)))?;
+        .map_err(|e| match tls_failure(&e) {
+            Some(t) => anyhow::anyhow!("{}: {t}", o.url),
+            None => anyhow::anyhow!("{}: {}", o.url, crate::upstream::error_chain(&e)),
+        })?;
     let (parts, body) = resp.into_parts();
     let body = tokio::time::timeout(timeout, body.collect())
         .await
@@ -582,6 +596,127 @@ pub async fn send(
         headers: parts.headers,
         body,
     })
+}
+
+/// The rustls error somewhere in `e`'s source chain, described for a person. `io::Error`
+/// hides its inner error from `source()`, so each one is opened with `get_ref`.
+pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<rustls::Error>());
+        if let Some(t) = err.downcast_ref::<rustls::Error>().or(inner) {
+            return Some(describe_tls_error(t));
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn describe_tls_error(e: &rustls::Error) -> String {
+    use rustls::AlertDescription as A;
+    match e {
+        rustls::Error::AlertReceived(a) => {
+            let (name, hint) = match a {
+                A::CertificateRevoked => (
+                    "certificate revoked",
+                    "the server's CRL lists our client certificate",
+                ),
+                A::CertificateExpired => (
+                    "certificate expired",
+                    "our client certificate, or a CA in its chain, is expired or not yet valid",
+                ),
+                A::UnknownCA => (
+                    "unknown CA",
+                    "the server does not trust our certificate's issuer; another environment's PKI?",
+                ),
+                A::UnsupportedCertificate | A::BadCertificate => (
+                    if *a == A::BadCertificate {
+                        "bad certificate"
+                    } else {
+                        "unsupported certificate"
+                    },
+                    "the server does not accept our certificate for client authentication; it \
+                     needs extended key usage clientAuth",
+                ),
+                A::CertificateRequired => (
+                    "certificate required",
+                    "the server wants a client certificate: pass --cert and --key",
+                ),
+                A::CertificateUnknown => (
+                    "certificate unknown",
+                    "the server could not verify our certificate",
+                ),
+                A::AccessDenied => ("access denied", "the server refuses this client"),
+                A::HandshakeFailure => (
+                    "handshake failure",
+                    "no common TLS version, cipher or signature scheme",
+                ),
+                _ => ("", ""),
+            };
+            if name.is_empty() {
+                format!("TLS handshake refused by the server: alert {a:?}")
+            } else {
+                format!("TLS handshake refused by the server: alert {name}: {hint}")
+            }
+        }
+        rustls::Error::InvalidCertificate(_) => {
+            format!("the server's certificate is not trusted: {e} (check --cacert)")
+        }
+        other => format!("TLS error: {other}"),
+    }
+}
+
+/// Why a TLS connection to `url` fails, found by a bare handshake: hyper reports a refused
+/// client certificate as "connection closed" or "broken pipe", because in TLS 1.3 the
+/// server judges the certificate after the client has finished and its alert arrives while
+/// the request is being written. `None` when the handshake and a first exchange succeed,
+/// or the host cannot be reached at all.
+pub async fn diagnose_tls(
+    url: &str,
+    cacert: Option<&Path>,
+    cert: Option<(&Path, &Path)>,
+    timeout: Duration,
+) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let uri: http::Uri = url.parse().ok()?;
+    if uri.scheme_str() != Some("https") {
+        return None;
+    }
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(443);
+    let mut cfg = tls_config(cacert, cert).ok()?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).ok()?;
+    let wait = timeout.min(Duration::from_secs(10));
+    let tcp = tokio::time::timeout(wait, tokio::net::TcpStream::connect((host, port)))
+        .await
+        .ok()?
+        .ok()?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let mut tls = match tokio::time::timeout(wait, connector.connect(name, tcp))
+        .await
+        .ok()?
+    {
+        Ok(s) => s,
+        Err(e) => return tls_failure(&e),
+    };
+    // The verdict on our certificate is the first thing a refusing server sends: read
+    // before writing, so a reset caused by our own write cannot swallow the alert.
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(2).min(wait), tls.read(&mut buf)).await {
+        Ok(Err(e)) => return tls_failure(&e),
+        Ok(Ok(_)) => return None,
+        Err(_) => {}
+    }
+    let req = format!("HEAD / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let _ = tls.write_all(req.as_bytes()).await;
+    match tokio::time::timeout(wait, tls.read(&mut buf)).await {
+        Ok(Err(e)) => tls_failure(&e),
+        _ => None,
+    }
 }
 
 /// Decodes one `NHSD-*` value back to its JSON, for `--verbose` output.
@@ -636,5 +771,27 @@ mod tests {
         let mut p = NhsdProfile::example();
         p.ods_code = Some("not an ods code!".into());
         assert!(p.headers().is_err());
+    }
+
+    #[test]
+    fn tls_failure_opens_io_errors_in_the_chain() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("client error (SendRequest)")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked);
+        let e = Outer(std::io::Error::new(std::io::ErrorKind::InvalidData, alert));
+        let t = tls_failure(&e).expect("found inside the io::Error");
+        assert!(t.contains("alert certificate revoked"), "{t}");
+        let plain = Outer(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert_eq!(tls_failure(&plain), None);
     }
 }

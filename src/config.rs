@@ -33,6 +33,10 @@ pub enum Environment {
 pub struct Config {
     #[serde(default)]
     pub environment: Environment,
+    /// Whether the file names `environment` itself (not the development default); set by
+    /// [`Config::from_yaml`], used by `fhirgate check`'s lints.
+    #[serde(skip)]
+    pub environment_explicit: bool,
     pub listeners: Vec<ListenerConfig>,
     pub tls: TlsConfig,
     #[serde(default)]
@@ -120,7 +124,10 @@ pub struct TlsConfig {
     /// Longest chain accepted from a client, leaf included.
     #[serde(default = "default_verify_depth")]
     pub verify_depth: usize,
-    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_handshake_timeout",
+        with = "crate::config::duration"
+    )]
     pub handshake_timeout: Duration,
 }
 
@@ -213,16 +220,16 @@ impl RevocationConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub header_read_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_body_bytes: u64,
     pub max_connections: usize,
     pub max_concurrent_streams: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub drain_timeout: Duration,
     /// Connections one client certificate may hold open at once; 0: no cap.
     pub max_connections_per_client: usize,
@@ -257,12 +264,12 @@ pub struct UpstreamConfig {
     pub client_cert: Option<PathBuf>,
     #[serde(default)]
     pub client_key: Option<PathBuf>,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde(default = "default_connect_timeout", with = "crate::config::duration")]
     pub connect_timeout: Duration,
     /// Time allowed until the upstream's response headers arrive.
-    #[serde(default = "default_response_timeout", with = "humantime_serde")]
+    #[serde(default = "default_response_timeout", with = "crate::config::duration")]
     pub response_timeout: Duration,
-    #[serde(default = "default_pool_idle", with = "humantime_serde")]
+    #[serde(default = "default_pool_idle", with = "crate::config::duration")]
     pub pool_idle_timeout: Duration,
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_host: usize,
@@ -404,8 +411,17 @@ impl Config {
 
     /// Parses and validates YAML text; relative paths are resolved against `base`.
     pub fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> {
-        let mut cfg: Config =
-            serde_saphyr::from_str(text).map_err(|e| err("(yaml)", e.to_string()))?;
+        let mut path = None;
+        let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                path = Some(e.path().to_string());
+                e.into_inner()
+            })
+        });
+        let mut cfg: Config = parsed.map_err(|e| yaml_error(&e, path.as_deref()))?;
+        cfg.environment_explicit = serde_saphyr::from_str::<EnvironmentProbe>(text)
+            .map(|p| p.environment.is_some())
+            .unwrap_or(false);
         cfg.resolve_paths(base);
         // Secure by default: a stale CRL refuses clients everywhere but development.
         cfg.tls
@@ -655,11 +671,25 @@ impl Config {
         Ok(())
     }
 
-    /// A short human summary of the effective configuration (for `fhirgate check`).
+    /// A short human summary of the effective configuration (for `fhirgate check`), in
+    /// the words the YAML uses (`scope=chain`, `token=required`).
     pub fn summary(&self) -> String {
         let mut s = String::new();
         use fmt::Write;
-        let _ = writeln!(s, "environment: {:?}", self.environment);
+        let env = match self.environment {
+            Environment::Development => "development",
+            Environment::Integration => "integration",
+            Environment::Production => "production",
+        };
+        let _ = writeln!(
+            s,
+            "environment: {env}{}",
+            if self.environment_explicit {
+                ""
+            } else {
+                " (default: not set in the file)"
+            }
+        );
         for l in &self.listeners {
             let _ = writeln!(s, "listener: https://{}", l.address);
         }
@@ -673,29 +703,58 @@ impl Config {
                 b.crl_files.len()
             );
         }
+        let r = &self.tls.revocation;
         let _ = writeln!(
             s,
-            "revocation: scope={:?} unknown_status={:?} enforce_crl_expiry={}",
-            self.tls.revocation.scope,
-            self.tls.revocation.unknown_status,
-            self.tls.revocation.enforce_crl_expiry()
+            "revocation: scope={} unknown_status={} enforce_crl_expiry={}",
+            match r.scope {
+                RevocationScope::Chain => "chain",
+                RevocationScope::EndEntity => "end_entity",
+            },
+            match r.unknown_status {
+                UnknownRevocation::Deny => "deny",
+                UnknownRevocation::Allow => "allow",
+            },
+            r.enforce_crl_expiry()
         );
         let _ = writeln!(s, "upstream: {}", self.upstream.url);
+        let no_tokens = self.auth.mode == crate::auth::AuthMode::Development;
+        let mode = match self.auth.mode {
+            crate::auth::AuthMode::Introspection => "introspection",
+            crate::auth::AuthMode::Jwt => "jwt",
+            crate::auth::AuthMode::Development => "development",
+        };
         let _ = writeln!(
             s,
-            "auth: {:?}{}",
-            self.auth.mode,
+            "auth: {mode}{}",
             match (&self.auth.issuer, &self.auth.introspection_endpoint) {
+                _ if no_tokens => " (NO TOKEN CHECKS: bearer tokens are not checked)".into(),
                 (_, Some(e)) => format!(" via {e}"),
                 (Some(i), None) => format!(" via discovery from {i}"),
-                _ => " (NO TOKEN CHECKS)".into(),
+                _ => String::new(),
             }
         );
+        let list = |v: &[String]| -> String {
+            if v.is_empty() {
+                "any".into()
+            } else {
+                v.join(",")
+            }
+        };
         for r in &self.routes {
+            let token = match (no_tokens, r.token) {
+                (true, _) => "not checked (auth.mode: development)",
+                (false, TokenRequirement::Required) => "required",
+                (false, TokenRequirement::None) => "none",
+            };
             let _ = writeln!(
                 s,
-                "route {:?}: {} bundles={:?} subjects={:?} sans={:?} token={:?}",
-                r.name, r.path_prefix, r.bundles, r.allow_subjects, r.allow_sans, r.token
+                "route {:?}: {} bundles={} subjects={} sans={} token={token}",
+                r.name,
+                r.path_prefix,
+                list(&r.bundles),
+                list(&r.allow_subjects),
+                list(&r.allow_sans),
             );
         }
         s
@@ -722,5 +781,45 @@ fn nonzero(field: &str, d: Duration) -> Result<(), ConfigError> {
         Err(err(field, "must be greater than zero"))
     } else {
         Ok(())
+    }
+}
+
+/// Only the top-level `environment` key, to tell an explicit value from the default.
+#[derive(Deserialize)]
+struct EnvironmentProbe {
+    #[serde(default)]
+    environment: Option<serde::de::IgnoredAny>,
+}
+
+/// A YAML/serde error as a [`ConfigError`]. Duration errors are reported with the
+/// field's dotted path (from `serde_path_to_error`), like every other config error.
+fn yaml_error(e: &serde_saphyr::Error, path: Option<&str>) -> ConfigError {
+    let msg = e.to_string();
+    match path {
+        Some(path) if msg.contains(duration::EXPECTED) => {
+            let got = msg
+                .split("invalid value: string ")
+                .nth(1)
+                .and_then(|r| r.split(", expected").next())
+                .unwrap_or_default();
+            err(path, format!("expected {}, got {got}", duration::EXPECTED))
+        }
+        _ => err("(yaml)", msg),
+    }
+}
+
+/// Durations in the config: humantime's forms (`10s`, `500ms`, `1h 30m`, `2 minutes`),
+/// with an error that shows an example instead of serde's bare "expected a duration".
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{de, Deserialize, Deserializer};
+
+    pub(crate) const EXPECTED: &str = "a duration like 10s, 500ms or 1h";
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime_serde::re::humantime::parse_duration(s.trim())
+            .map_err(|_| de::Error::invalid_value(de::Unexpected::Str(&s), &EXPECTED))
     }
 }

@@ -618,7 +618,13 @@ pub async fn spawn(
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let listener = TcpListener::bind(addr).await?;
+    // Name the address: "Address already in use" alone does not say which port.
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("auth.issuer (demo authorisation server): cannot bind {addr}: {e}"),
+        )
+    })?;
     let local = listener.local_addr()?;
     tokio::spawn(server.serve(listener, TlsAcceptor::from(Arc::new(cfg))));
     Ok(local)

@@ -110,7 +110,13 @@ pub async fn serve_upstream(listener: TcpListener) {
 
 /// Binds and spawns the development upstream; returns its address.
 pub async fn spawn_upstream(addr: SocketAddr) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
+    // Name the address: "Address already in use" alone does not say which port.
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("upstream.url (demo upstream): cannot bind {addr}: {e}"),
+        )
+    })?;
     let local = listener.local_addr()?;
     tokio::spawn(serve_upstream(listener));
     Ok(local)

@@ -15,6 +15,7 @@ pub mod forward;
 pub mod gateway;
 pub mod identity;
 pub mod inspect;
+pub mod lint;
 pub mod listener;
 pub mod metrics;
 pub mod nhsd;

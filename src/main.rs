@@ -30,17 +30,27 @@ struct Cli {
 enum Cmd {
     /// Run the gateway.
     Run {
+        /// Configuration file (YAML); relative paths in it are resolved against its directory.
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a config file and print the effective configuration (like `nginx -t`).
+    /// Validate a config file and print the effective configuration (like `nginx -t`),
+    /// then warnings for risky settings in integration/production.
     Check {
+        /// Configuration file (YAML) to validate.
         #[arg(long, short)]
         config: PathBuf,
+        /// Fail (exit 1) on any warning, not only on errors (for ExecStartPre and CI).
+        #[arg(long)]
+        strict: bool,
+        /// Accept the warning for this field path (e.g. admin.address) knowingly; repeatable.
+        #[arg(long, value_name = "FIELD")]
+        allow: Vec<String>,
     },
     /// Development setup: generate a dev PKI if missing, start the built-in upstream and
     /// run the gateway on the given config (default: the shipped config.yaml).
     Demo {
+        /// Configuration file; the development PKI is written to certs/dev next to it.
         #[arg(long, short, default_value = "config.yaml")]
         config: PathBuf,
     },
@@ -53,6 +63,7 @@ enum Cmd {
     InspectCert {
         /// PEM (leaf first, then any intermediates) or DER certificate.
         file: PathBuf,
+        /// Gateway configuration whose trust bundles (CAs, CRLs) judge the certificate.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -75,6 +86,7 @@ struct ClientArgs {
     /// YAML sender profile (tls, auth, nhsd sections); flags override it.
     #[arg(long, short)]
     profile: Option<PathBuf>,
+    /// HTTP method.
     #[arg(short = 'X', long, default_value = "GET")]
     method: String,
     /// Request body: literal JSON, @FILE, or @- for stdin.
@@ -89,6 +101,7 @@ struct ClientArgs {
     /// Client certificate (PEM chain) and key for mutual TLS.
     #[arg(long)]
     cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
     #[arg(long)]
     key: Option<PathBuf>,
     /// Authorisation server issuer (token endpoint by discovery).
@@ -97,6 +110,7 @@ struct ClientArgs {
     /// Token endpoint (instead of discovery).
     #[arg(long)]
     token_url: Option<String>,
+    /// OAuth client id registered at the authorisation server.
     #[arg(long)]
     client_id: Option<String>,
     /// Client secret file: client_secret_basic.
@@ -105,11 +119,13 @@ struct ClientArgs {
     /// Private key (PEM): private_key_jwt client assertion.
     #[arg(long)]
     private_key_file: Option<PathBuf>,
+    /// `kid` header of the private_key_jwt client assertion.
     #[arg(long)]
     key_id: Option<String>,
     /// ES256 (default), RS256 or PS256.
     #[arg(long)]
     algorithm: Option<String>,
+    /// Scopes to request, space-separated (e.g. "system/Patient.read").
     #[arg(long)]
     scope: Option<String>,
     /// Send no Authorization header even if the profile configures a token.
@@ -124,18 +140,25 @@ struct ClientArgs {
     /// Send no NHSD-* / X-Request-ID / X-Correlation-ID headers.
     #[arg(long)]
     no_nhsd: bool,
+    /// ODS code of the sending organisation (NHSD-End-User-Organisation).
     #[arg(long)]
     ods: Option<String>,
+    /// Name of the sending organisation (NHSD-End-User-Organisation).
     #[arg(long)]
     org_name: Option<String>,
+    /// Receiving service identifier, e.g. a DoS id (NHSD-Target-Identifier).
     #[arg(long)]
     target: Option<String>,
+    /// System of --target (default: the DoS service system).
     #[arg(long)]
     target_system: Option<String>,
+    /// Sending software's device identifier (NHSD-Requesting-Software).
     #[arg(long)]
     software_id: Option<String>,
+    /// Sending software's product name (NHSD-Requesting-Software).
     #[arg(long)]
     software_name: Option<String>,
+    /// Sending software's version (NHSD-Requesting-Software).
     #[arg(long)]
     software_version: Option<String>,
     /// SDS role profile id of the requesting practitioner.
@@ -144,6 +167,7 @@ struct ClientArgs {
     /// SNOMED CT code of the practitioner's role.
     #[arg(long)]
     practitioner_role_code: Option<String>,
+    /// X-Correlation-ID to send (default: a new UUID).
     #[arg(long)]
     correlation_id: Option<String>,
     /// Send the request this many times (one token, a new X-Request-ID each time).
@@ -165,14 +189,18 @@ enum NhsdCmd {
     /// Base64-encode a FHIR resource (JSON file, or - for stdin) as header NAME, checking
     /// it the way the gateway will.
     Encode {
+        /// Header name, e.g. NHSD-End-User-Organisation (any case).
         #[arg(long)]
         header: String,
+        /// JSON file with the resource, or - for stdin.
         file: PathBuf,
     },
     /// Decode header NAME's VALUE to pretty JSON and say whether the gateway accepts it.
     Decode {
+        /// Header name, e.g. NHSD-End-User-Organisation (any case).
         #[arg(long)]
         header: String,
+        /// The header's value as sent on the wire.
         value: String,
     },
     /// Print a complete valid set of BaRS headers, one `Name: value` per line.
@@ -184,6 +212,7 @@ enum PkiCmd {
     /// (Re)generate the development PKI (root, SubCA, server, client, revoked, expired,
     /// foreign certificates and CRLs). Development only.
     Dev {
+        /// Directory to write the certificates, keys, CRLs and secrets to.
         #[arg(long, default_value = "certs/dev")]
         out: PathBuf,
     },
@@ -229,13 +258,26 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.cmd {
             Cmd::Run { config } => run(&config).await,
-            Cmd::Check { config } => check(&config),
+            Cmd::Check {
+                config,
+                strict,
+                allow,
+            } => check(&config, strict, &allow),
             Cmd::Demo { config } => demo(&config).await,
             Cmd::Nhsd { cmd } => nhsd_cmd(cmd),
             Cmd::Client(args) => client_cmd(*args).await,
             Cmd::InspectCert { file, config } => {
-                print!("{}", fhirgate::inspect::inspect(&file, config.as_deref())?);
-                Ok(())
+                let report = fhirgate::inspect::inspect(&file, config.as_deref())?;
+                print!("{report}");
+                match config {
+                    // Scripts and CI can test the verdict: no bundle accepts it, exit 1.
+                    Some(c) if !any_bundle_accepts(&report) => Err(anyhow::anyhow!(
+                        "no trust bundle of {} accepts {} as a client certificate",
+                        c.display(),
+                        file.display()
+                    )),
+                    _ => Ok(()),
+                }
             }
             Cmd::Pki {
                 cmd: PkiCmd::Dev { out },
@@ -256,6 +298,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether an `inspect-cert --config` report has a `bundle NAME: ACCEPTED` line.
+fn any_bundle_accepts(report: &str) -> bool {
+    report.lines().any(|l| {
+        l.trim_start()
+            .strip_prefix("bundle ")
+            .is_some_and(|r| r.ends_with(": ACCEPTED") || r.contains(": ACCEPTED "))
+    })
+}
+
 fn nhsd_cmd(cmd: NhsdCmd) -> anyhow::Result<()> {
     use fhirgate::nhsd;
     match cmd {
@@ -271,10 +322,13 @@ fn nhsd_cmd(cmd: NhsdCmd) -> anyhow::Result<()> {
             );
         }
         NhsdCmd::Decode { header, value } => {
-            println!(
-                "{}",
-                nhsd::decode_header(&header, &value).map_err(anyhow::Error::msg)?
-            );
+            let (text, valid) =
+                nhsd::decode_header_verdict(&header, &value).map_err(anyhow::Error::msg)?;
+            println!("{text}");
+            if !valid {
+                // The verdict is on stdout already; the status lets scripts act on it.
+                anyhow::bail!("{header}: the gateway would refuse this value");
+            }
         }
         NhsdCmd::Example => {
             for (name, value) in nhsd::example_headers() {
@@ -285,7 +339,7 @@ fn nhsd_cmd(cmd: NhsdCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check(path: &Path) -> anyhow::Result<()> {
+fn check(path: &Path, strict: bool, allow: &[String]) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     // Parse certificates, keys and CRLs too, as `run` would.
     let snapshot = fhirgate::listener::Snapshot::build(&cfg, &Default::default())?;
@@ -293,18 +347,66 @@ fn check(path: &Path) -> anyhow::Result<()> {
     let inv = snapshot.inventory();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     print!("{}", inv.render(now, snapshot.warn_before()));
-    for w in &inv.warnings {
-        println!("WARNING: {w}");
-    }
+    // Stale CRLs and expiring certificates are reported but do not fail --strict: the
+    // systemd unit runs `check --strict` before every start, and a CRL the gateway will
+    // fetch itself must not keep it from starting. Weak trust set-ups do count.
     for line in inv.stale(now, snapshot.warn_before()) {
         println!("WARNING: {line}");
     }
-    println!("configuration {} is valid", path.display());
+    let allowed = |field: &str| {
+        allow.iter().any(|a| {
+            field == a
+                || field
+                    .strip_prefix(a.as_str())
+                    .is_some_and(|r| r.starts_with(['.', '[', ':']))
+        })
+    };
+    let mut warnings = fhirgate::lint::lint(&cfg);
+    warnings.extend(fhirgate::lint::file_modes(&cfg));
+    warnings.retain(|w| !allowed(&w.field));
+    // A finding the linter also made (with its fix) is said once.
+    let trust: Vec<&String> = inv
+        .warnings
+        .iter()
+        .filter(|w| !allowed(w))
+        .filter(|w| {
+            !warnings
+                .iter()
+                .any(|l| w.starts_with(&format!("{}:", l.field)))
+        })
+        .collect();
+    for w in &trust {
+        println!("WARNING: {w}");
+    }
+    for w in &warnings {
+        eprintln!("{w}");
+    }
+    let total = warnings.len() + trust.len();
+    if strict && total > 0 {
+        anyhow::bail!(
+            "{}: {total} warning(s) and --strict: fix them or accept one with --allow FIELD",
+            path.display(),
+        );
+    }
+    match total {
+        0 => println!("configuration {} is valid", path.display()),
+        n => println!(
+            "configuration {} is valid, with {n} warning(s)",
+            path.display()
+        ),
+    }
     Ok(())
 }
 
 async fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
+    // The same warnings as `fhirgate check`, in the log of every start.
+    for w in fhirgate::lint::lint(&cfg)
+        .into_iter()
+        .chain(fhirgate::lint::file_modes(&cfg))
+    {
+        tracing::warn!(field = %w.field, fix = %w.fix, "risky setting: {}", w.risk);
+    }
     serve(&cfg, path, None).await
 }
 
@@ -581,7 +683,19 @@ async fn client_cmd(a: ClientArgs) -> anyhow::Result<()> {
             headers,
             body: body.clone(),
         };
-        let answer = client::send(&http, &out, token.as_deref(), timeout).await?;
+        let answer = match client::send(&http, &out, token.as_deref(), timeout).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                // "connection closed" may hide a refused certificate: ask the server why.
+                let why =
+                    client::diagnose_tls(&a.url, profile.tls.cacert.as_deref(), cert, timeout)
+                        .await;
+                return Err(match why {
+                    Some(w) => anyhow::anyhow!("{}: {w}", a.url),
+                    None => e,
+                });
+            }
+        };
         if a.repeat > 1 {
             println!("# request {}", i + 1);
         }
@@ -663,6 +777,18 @@ fn sq(s: &str) -> String {
 }
 
 async fn demo(path: &Path) -> anyhow::Result<()> {
+    // Check before writing anything: run elsewhere, demo would leave certs/dev behind.
+    if !path.is_file() {
+        let here = std::env::current_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|_| ".".into());
+        anyhow::bail!(
+            "{}: no such config file (looked in {here}); run `fhirgate demo` from the fhirgate \
+             repository root, where the shipped config.yaml is, or pass --config PATH/config.yaml \
+             (certs/dev is generated next to it)",
+            path.display()
+        );
+    }
     let dir = path.parent().unwrap_or(Path::new(".")).join("certs/dev");
     if pki::ensure_dev_pki(&dir)? {
         tracing::info!(dir = %dir.display(), "generated development PKI (never use it in production)");
@@ -695,7 +821,7 @@ async fn demo(path: &Path) -> anyhow::Result<()> {
     let ca = sq(&format!("{d}/root-ca.crt"));
     let curl = |who: &str| {
         format!(
-            "curl -sS --cacert {ca} --cert {} --key {}",
+            "curl -sS -i --cacert {ca} --cert {} --key {}",
             sq(&format!("{d}/{who}.crt")),
             sq(&format!("{d}/{who}.key"))
         )
@@ -728,7 +854,8 @@ async fn demo(path: &Path) -> anyhow::Result<()> {
         ")."
     });
     b.push_str(
-        "\nPaste these into bash; each `# [expect ...]` line says what the next command shows.\n",
+        "\nPaste these into bash; each `# [expect ...]` line says what the next command shows\n\
+         (curl -i and fhirgate client print the status line first).\n",
     );
     b.push_str("# --- begin ---\n");
     b.push_str(&format!("NHSD=({})\n", h(&nhsd_example)));
@@ -773,8 +900,10 @@ async fn demo(path: &Path) -> anyhow::Result<()> {
         b.push_str(&format!(
             "# [expect 200] the capability statement needs neither a token nor NHSD headers\n\
              {c} {url}/metadata\n\
-             # [expect refused] a revoked client certificate: refused in the TLS handshake\n\
-             {r} {url}/metadata\n\
+             # [expect refused] a revoked client certificate: refused in the TLS handshake (alert certificate revoked)\n\
+             {r} --http1.1 {url}/metadata\n\
+             # [expect refused] fhirgate client names the alert too\n\
+             {me} client --cacert {ca} --cert {rc} --key {rk} --no-nhsd --no-token {url}/metadata\n\
              # [expect 200] fhirgate client: token by client credentials (Basic), NHSD headers from the profile\n\
              {me} client --profile {pb} {url}/Patient/1\n\
              # [expect 200] fhirgate client as a private_key_jwt sender (signed JWT client assertion)\n\
@@ -785,6 +914,8 @@ async fn demo(path: &Path) -> anyhow::Result<()> {
              {me} client --profile {pb} --no-token {url}/Patient/1\n",
             c = curl("client"),
             r = curl("revoked-client"),
+            rc = sq(&format!("{d}/revoked-client.crt")),
+            rk = sq(&format!("{d}/revoked-client.key")),
             pb = p("sender-basic.yaml"),
             pj = p("sender-jwt.yaml"),
             pr = p("reader.yaml"),
@@ -795,8 +926,8 @@ async fn demo(path: &Path) -> anyhow::Result<()> {
              {c} \"${{NHSD[@]}}\" {url}/Patient/1\n\
              # [expect 400] the same without NHSD headers\n\
              {c} {url}/Patient/1\n\
-             # [expect refused] a revoked client certificate: refused in the TLS handshake\n\
-             {r} {url}/metadata\n",
+             # [expect refused] a revoked client certificate: refused in the TLS handshake (alert certificate revoked)\n\
+             {r} --http1.1 {url}/metadata\n",
             c = curl("client"),
             r = curl("revoked-client"),
         ));

@@ -194,3 +194,215 @@ fn shipped_config_is_valid_with_a_dev_pki() {
     let cfg = Config::from_yaml(&shipped, dir.path()).expect("shipped config.yaml is valid");
     fhirgate::tls::server_tls(&cfg.tls).expect("shipped TLS config builds");
 }
+
+#[test]
+fn durations_take_humantime_forms_and_errors_name_the_field_with_an_example() {
+    let pki = Pki::new();
+    let b = base(&pki);
+    for (form, secs) in [
+        ("2s", 2.0),
+        ("500ms", 0.5),
+        ("1h 30m", 5400.0),
+        ("10 seconds", 10.0),
+    ] {
+        let cfg = Config::from_yaml(
+            &b.replace(
+                "handshake_timeout: 2s",
+                &format!("handshake_timeout: {form}"),
+            ),
+            Path::new("/"),
+        )
+        .unwrap_or_else(|e| panic!("{form}: {e}"));
+        assert_eq!(cfg.tls.handshake_timeout.as_secs_f64(), secs, "{form}");
+    }
+    for (from, to, field) in [
+        (
+            "handshake_timeout: 2s",
+            "handshake_timeout: ten",
+            "tls.handshake_timeout",
+        ),
+        (
+            "idle_timeout: 5s",
+            "idle_timeout: 5 parsecs",
+            "limits.idle_timeout",
+        ),
+        ("idle_timeout: 5s", "idle_timeout: 5", "limits.idle_timeout"),
+        (
+            "mode: development\n",
+            "mode: development\n  cache: {max_ttl: five}\n",
+            "auth.cache.max_ttl",
+        ),
+    ] {
+        let e = load_err(&b.replace(from, to));
+        assert!(
+            e.starts_with(&format!(
+                "{field}: expected a duration like 10s, 500ms or 1h, got "
+            )),
+            "{to}: {e}"
+        );
+    }
+}
+
+fn check_cmd(cfg: &Path, extra: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .args(["check", "--config"])
+        .arg(cfg)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_speaks_the_yaml_words_not_rust_names() {
+    let pki = Pki::new();
+    let good = pki.path("good.yaml");
+    std::fs::write(&good, base(&pki)).unwrap();
+    let (ok, out, err) = check_cmd(&good, &["--strict"]);
+    assert!(
+        ok,
+        "a development config on loopback has nothing to warn about: {err}"
+    );
+    assert!(out.contains("environment: development\n"), "{out}");
+    assert!(
+        out.contains("revocation: scope=chain unknown_status=deny enforce_crl_expiry=false"),
+        "{out}"
+    );
+    assert!(out.contains("auth: development (NO TOKEN CHECKS"), "{out}");
+    // auth.mode: development checks no tokens, whatever the route says.
+    assert!(
+        out.contains("token=not checked (auth.mode: development)"),
+        "{out}"
+    );
+    for debug in [
+        "Chain",
+        "Deny",
+        "Required",
+        "Development",
+        "Introspection",
+        "[\"",
+    ] {
+        assert!(!out.contains(debug), "Rust debug text {debug:?} in:\n{out}");
+    }
+    let intro = pki.path("intro.yaml");
+    std::fs::write(
+        &intro,
+        base(&pki)
+            .replace(
+                "auth:\n  mode: development\n",
+                "auth:\n  mode: jwt\n  jwks_uri: https://auth.example.nhs.uk/jwks\n",
+            )
+            .replace(
+                "  - name: all\n",
+                "  - name: meta\n    path_prefix: /metadata\n    token: none\n  - name: all\n",
+            ),
+    )
+    .unwrap();
+    let (ok, out, err) = check_cmd(&intro, &[]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("/metadata bundles=any subjects=any sans=any token=none"),
+        "{out}"
+    );
+    assert!(
+        out.contains("route \"all\": / bundles=any subjects=any sans=any token=required"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_warns_on_risky_settings_and_strict_fails() {
+    let pki = Pki::new();
+    let risky = pki.path("risky.yaml");
+    let crls = format!(
+        "      crl_files: [{}, {}]\n",
+        pki.path("sub-ca.crl").display(),
+        pki.path("root-ca.crl").display()
+    );
+    // Integration, no CRLs, expiry not enforced, no token checks.
+    std::fs::write(
+        &risky,
+        base(&pki)
+            .replace("environment: development", "environment: integration")
+            .replace(&crls, "")
+            .replace(
+                "limits:\n",
+                "  revocation: {enforce_crl_expiry: false}\nlimits:\n",
+            ),
+    )
+    .unwrap();
+    let (ok, out, err) = check_cmd(&risky, &[]);
+    assert!(ok, "warnings alone do not fail: {err}");
+    assert!(out.contains("is valid, with 3 warning(s)"), "{out}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    for (line, field) in lines.iter().zip([
+        "tls.trust_bundles[0].crl_files",
+        "tls.revocation.enforce_crl_expiry",
+        "auth.mode",
+    ]) {
+        assert!(line.starts_with(&format!("warning: {field}: ")), "{line}");
+        assert!(line.contains("; fix: "), "{line}");
+    }
+
+    let (ok, _, err) = check_cmd(&risky, &["--strict"]);
+    assert!(!ok, "--strict fails on warnings");
+    assert!(err.contains("3 warning(s) and --strict"), "{err}");
+
+    let (ok, out, err) = check_cmd(
+        &risky,
+        &[
+            "--strict",
+            "--allow",
+            "tls.trust_bundles[0]",
+            "--allow",
+            "tls.revocation.enforce_crl_expiry",
+            "--allow",
+            "auth.mode",
+        ],
+    );
+    assert!(ok, "every warning accepted knowingly: {err}");
+    assert!(out.contains("is valid\n"), "{out}");
+
+    // A private key other users can read.
+    use std::os::unix::fs::PermissionsExt;
+    let good = pki.path("good.yaml");
+    std::fs::write(
+        &good,
+        base(&pki)
+            .replace("environment: development\n", "environment: production\n")
+            .replace(
+                "auth:\n  mode: development\n",
+                "auth:\n  mode: jwt\n  jwks_uri: https://auth.example.nhs.uk/jwks\n",
+            )
+            .replace(
+                "limits:\n",
+                "  revocation: {enforce_crl_expiry: true}\nlimits:\n",
+            ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        pki.path("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let (ok, _, err) = check_cmd(&good, &["--strict"]);
+    assert!(ok, "{err}");
+    std::fs::set_permissions(
+        pki.path("server.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let (ok, _, err) = check_cmd(&good, &["--strict"]);
+    assert!(!ok);
+    assert!(
+        err.contains("warning: tls.server_key: ")
+            && err.contains("mode 0644")
+            && err.contains("fix: chmod 600"),
+        "{err}"
+    );
+}

@@ -54,27 +54,12 @@ fn parse(block: &[String]) -> (Vec<String>, Vec<Step>) {
     (script, steps)
 }
 
-#[test]
-fn every_printed_command_does_what_the_banner_says() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (gw, up, admin, auth) = (free_port(), free_port(), free_port(), free_port());
-    let shipped =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
-    let cfg = shipped
-        .replace("127.0.0.1:8443", &format!("127.0.0.1:{gw}"))
-        .replace("http://127.0.0.1:8081", &format!("http://127.0.0.1:{up}"))
-        .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"))
-        .replace(
-            "https://localhost:9443",
-            &format!("https://localhost:{auth}"),
-        );
-    assert_ne!(cfg, shipped, "the shipped config's ports moved");
-    let cfg_path = dir.path().join("config.yaml");
-    std::fs::write(&cfg_path, cfg).unwrap();
-
+/// Starts `fhirgate demo --config cfg` and returns it with the pasteable block of its
+/// banner (between `# --- begin ---` and `# --- end ---`).
+fn start_demo(cfg_path: &std::path::Path) -> (Demo, Vec<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
         .args(["demo", "--config"])
-        .arg(&cfg_path)
+        .arg(cfg_path)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -106,6 +91,103 @@ fn every_printed_command_does_what_the_banner_says() {
         }
     }
 
+    (demo, block)
+}
+
+/// Runs the setup lines and then each step exactly as printed in bash (in `dir`), and
+/// checks the status line each step prints against its `# [expect …]`.
+fn run_steps(dir: &std::path::Path, setup: &[String], steps: &[Step]) {
+    // One bash script: the setup lines as printed, then each command exactly as printed,
+    // its whole output (stdout and stderr, as a terminal shows them) between markers.
+    let mut script = String::from("set -u\n");
+    for l in setup {
+        script.push_str(l);
+        script.push('\n');
+    }
+    for (i, s) in steps.iter().enumerate() {
+        script.push_str(&format!(
+            "echo '@@BEGIN {i}'; {} 2>&1; printf '\\n@@END {i}\\n'\n",
+            s.command
+        ));
+    }
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(dir)
+        .output()
+        .expect("bash runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut shown: Vec<String> = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in text.lines() {
+        if line.starts_with("@@BEGIN ") {
+            cur = Some(String::new());
+        } else if line.starts_with("@@END ") {
+            shown.extend(cur.take());
+        } else if let Some(c) = &mut cur {
+            c.push_str(line);
+            c.push('\n');
+        }
+    }
+    assert_eq!(
+        shown.len(),
+        steps.len(),
+        "every step ran:\n{text}\n{script}"
+    );
+    for (i, (s, shown)) in steps.iter().zip(&shown).enumerate() {
+        // The status as the newcomer sees it: the first status line printed
+        // (`HTTP/2 200` from curl -i, `HTTP/2.0 200 OK` from fhirgate client).
+        let status = shown.lines().find_map(|l| {
+            let mut w = l.split_whitespace();
+            w.next()
+                .filter(|v| v.starts_with("HTTP/"))
+                .and(w.next())
+                .filter(|c| c.len() == 3 && c.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if s.expect == "refused" {
+            assert_eq!(
+                status, None,
+                "step {i}: no HTTP answer:\n{}\n{shown}",
+                s.command
+            );
+            // Said in words, not `getpeername() failed … errno 107` or "connection closed".
+            assert!(
+                shown.contains("certificate revoked"),
+                "step {i} shows why it was refused:\n{}\n{shown}",
+                s.command
+            );
+        } else {
+            assert_eq!(
+                status,
+                Some(s.expect.as_str()),
+                "step {i} expected {}:\n{}\n{shown}",
+                s.expect,
+                s.command
+            );
+        }
+    }
+}
+
+#[test]
+fn every_printed_command_does_what_the_banner_says() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gw, up, admin, auth) = (free_port(), free_port(), free_port(), free_port());
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
+    let cfg = shipped
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{gw}"))
+        .replace("http://127.0.0.1:8081", &format!("http://127.0.0.1:{up}"))
+        .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"))
+        .replace(
+            "https://localhost:9443",
+            &format!("https://localhost:{auth}"),
+        );
+    assert_ne!(cfg, shipped, "the shipped config's ports moved");
+    let cfg_path = dir.path().join("config.yaml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+
+    let (demo, block) = start_demo(&cfg_path);
+
     let (setup, steps) = parse(&block);
     let expects: Vec<&str> = steps.iter().map(|s| s.expect.as_str()).collect();
     for want in ["200", "401", "403", "400", "refused"] {
@@ -121,51 +203,9 @@ fn every_printed_command_does_what_the_banner_says() {
         "banner shows fhirgate client equivalents"
     );
 
-    // One bash script: the setup lines as printed, then each command with its outcome
-    // captured (curl's status code; fhirgate client's status line).
-    let mut script = String::from("set -u\n");
-    for l in &setup {
-        script.push_str(l);
-        script.push('\n');
-    }
-    for (i, s) in steps.iter().enumerate() {
-        if s.command.starts_with("curl ") {
-            script.push_str(&format!(
-                "code=$({} -o /dev/null -w '%{{http_code}}' 2>/dev/null); echo \"STEP {i} ${{code:-000}}\"\n",
-                s.command
-            ));
-        } else {
-            script.push_str(&format!(
-                "code=$({} 2>/dev/null | head -1 | cut -d' ' -f2); echo \"STEP {i} ${{code:-000}}\"\n",
-                s.command
-            ));
-        }
-    }
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(&script)
-        .current_dir(dir.path())
-        .output()
-        .expect("bash runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let got: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("STEP "))
-        .collect();
-    assert_eq!(got.len(), steps.len(), "every step ran:\n{text}\n{script}");
-    for (i, s) in steps.iter().enumerate() {
-        let code = got[i].split_once(' ').map(|x| x.1).unwrap_or_default();
-        let want = if s.expect == "refused" {
-            "000"
-        } else {
-            &s.expect
-        };
-        assert_eq!(
-            code, want,
-            "step {i} expected {} but got {code}:\n{}",
-            s.expect, s.command
-        );
-    }
+    run_steps(dir.path(), &setup, &steps);
+    let refused = steps.iter().filter(|s| s.expect == "refused").count();
+    assert!(refused >= 2, "curl and fhirgate client each show a refusal");
     // Ctrl-C (SIGINT) stops the gateway and the development services cleanly.
     let mut demo = demo;
     let pid = demo.0.id().to_string();
@@ -188,4 +228,128 @@ fn every_printed_command_does_what_the_banner_says() {
         std::net::TcpStream::connect(("127.0.0.1", auth)).is_err(),
         "the development authorisation server stopped too"
     );
+}
+
+#[test]
+fn demo_outside_the_repository_refuses_before_writing_anything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+        .arg("demo")
+        .current_dir(dir.path())
+        .output()
+        .expect("fhirgate runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("config.yaml: no such config file")
+            && err.contains("repository root")
+            && err.contains("--config"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "nothing written where it was started"
+    );
+}
+
+#[test]
+fn address_in_use_names_the_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Hold the upstream port: the demo's built-in upstream cannot bind it.
+    let held = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = held.local_addr().unwrap().port();
+    let (gw, admin, auth) = (free_port(), free_port(), free_port());
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
+    let cfg = shipped
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{gw}"))
+        .replace("http://127.0.0.1:8081", &format!("http://127.0.0.1:{port}"))
+        .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"))
+        .replace(
+            "https://localhost:9443",
+            &format!("https://localhost:{auth}"),
+        );
+    let cfg_path = dir.path().join("config.yaml");
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    let run = |cfg: &std::path::Path, cmd: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+            .args([cmd, "--config"])
+            .arg(cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("fhirgate starts");
+        // It must fail by itself; a gateway that started anyway is killed after 20 s.
+        for _ in 0..200 {
+            if child.try_wait().expect("wait").is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("output");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&cfg_path, "demo");
+    assert!(!ok);
+    let want = format!("cannot bind 127.0.0.1:{port}: Address already in use");
+    assert!(err.contains(&want) && err.contains("upstream.url"), "{err}");
+
+    // `run`: the gateway's own listener, then the admin listener.
+    // (As integration: `run` logs the same warnings as `check` before it binds.)
+    let listen = cfg
+        .replace(&format!("127.0.0.1:{gw}"), &format!("127.0.0.1:{port}"))
+        .replace("environment: development", "environment: integration");
+    std::fs::write(&cfg_path, &listen).unwrap();
+    let (ok, err) = run(&cfg_path, "run");
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("listeners[0].address: {want}")),
+        "{err}"
+    );
+    assert!(
+        err.contains("risky setting")
+            && err.contains("tls.server_cert")
+            && err.contains("development file"),
+        "{err}"
+    );
+    let adm = cfg.replace(&format!("127.0.0.1:{admin}"), &format!("127.0.0.1:{port}"));
+    std::fs::write(&cfg_path, &adm).unwrap();
+    let (ok, err) = run(&cfg_path, "run");
+    assert!(!ok);
+    assert!(err.contains(&format!("admin.address: {want}")), "{err}");
+    drop(held);
+}
+
+#[test]
+fn banner_without_token_checks_prints_statuses_too() {
+    // auth.mode: development: no authorisation server, the banner's other branch.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gw, up, admin) = (free_port(), free_port(), free_port());
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
+    let a = shipped
+        .find("auth:\n  mode: introspection")
+        .expect("auth section");
+    let b = a + shipped[a..]
+        .find("\n# BaRS NHSD")
+        .expect("section after auth");
+    let cfg = format!(
+        "{}auth:\n  mode: development\n{}",
+        &shipped[..a],
+        &shipped[b..]
+    )
+    .replace("127.0.0.1:8443", &format!("127.0.0.1:{gw}"))
+    .replace("http://127.0.0.1:8081", &format!("http://127.0.0.1:{up}"))
+    .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin}"));
+    let cfg_path = dir.path().join("config.yaml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let (_demo, block) = start_demo(&cfg_path);
+    let (setup, steps) = parse(&block);
+    let expects: Vec<&str> = steps.iter().map(|s| s.expect.as_str()).collect();
+    assert_eq!(expects, ["200", "400", "refused"]);
+    run_steps(dir.path(), &setup, &steps);
 }

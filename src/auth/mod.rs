@@ -81,10 +81,10 @@ fn default_alg() -> String {
 pub struct CacheConfig {
     pub max_capacity: u64,
     /// Longest a positive result is trusted, even if the token lives longer.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub max_ttl: Duration,
     /// How long an `active: false` answer is remembered.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub negative_ttl: Duration,
 }
 
@@ -112,7 +112,7 @@ pub struct AuthConfig {
     #[serde(default)]
     pub jwks_uri: Option<String>,
     /// Shortest time between two JWKS fetches triggered by unknown `kid`s.
-    #[serde(default = "default_min_refetch", with = "humantime_serde")]
+    #[serde(default = "default_min_refetch", with = "crate::config::duration")]
     pub jwks_min_refetch: Duration,
     /// Signature algorithms accepted in `jwt` mode.
     #[serde(default = "default_algorithms")]
@@ -141,17 +141,20 @@ pub struct AuthConfig {
     pub contexts: Vec<String>,
     #[serde(default)]
     pub cache: CacheConfig,
-    #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[serde(default = "default_timeout", with = "crate::config::duration")]
     pub timeout: Duration,
     /// Extra attempts after a transport error or 5xx, within `timeout`.
     #[serde(default = "default_retries")]
     pub retries: u32,
-    #[serde(default = "default_backoff", with = "humantime_serde")]
+    #[serde(default = "default_backoff", with = "crate::config::duration")]
     pub retry_backoff: Duration,
     /// Introspection calls in flight at once; further callers wait up to `timeout`.
     #[serde(default = "default_concurrency")]
     pub max_concurrent_introspections: usize,
-    #[serde(default = "default_discovery_refresh", with = "humantime_serde")]
+    #[serde(
+        default = "default_discovery_refresh",
+        with = "crate::config::duration"
+    )]
     pub discovery_refresh: Duration,
 }
 

@@ -167,14 +167,22 @@ pub fn encode_header(name: &str, json: &str) -> Result<String, String> {
 /// (`valid (...)` or `INVALID: ...`). Fails only when there is nothing to show: an
 /// unknown header, or a value that is not Base64 of a JSON object.
 pub fn decode_header(name: &str, value: &str) -> Result<String, String> {
+    decode_header_verdict(name, value).map(|(text, _)| text)
+}
+
+/// [`decode_header`], plus whether the gateway accepts the value (for the exit status of
+/// `fhirgate nhsd decode`).
+pub fn decode_header_verdict(name: &str, value: &str) -> Result<(String, bool), String> {
     let header = canonical(name, &ALL_HEADERS)?;
     let value = value.trim();
-    let verdict = match verdict(header, value) {
+    let checked = verdict(header, value);
+    let valid = checked.is_ok();
+    let verdict = match checked {
         Ok(f) => format!("valid ({})", summary(header, &f)),
         Err(e) => format!("INVALID: {e}"),
     };
     if !ENCODED_HEADERS.contains(&header) {
-        return Ok(format!("{header}: {verdict}"));
+        return Ok((format!("{header}: {verdict}"), valid));
     }
     let bytes = STANDARD.decode(value).map_err(|_| {
         let lenient = [URL_SAFE, STANDARD_NO_PAD, URL_SAFE_NO_PAD]
@@ -190,5 +198,5 @@ pub fn decode_header(name: &str, value: &str) -> Result<String, String> {
     let obj = json::parse_object(&bytes)
         .map_err(|d| format!("{header}: decoded value is not a JSON object: {d}"))?;
     let pretty = serde_json::to_string_pretty(&Value::Object(obj)).map_err(|e| e.to_string())?;
-    Ok(format!("{pretty}\n{header}: {verdict}"))
+    Ok((format!("{pretty}\n{header}: {verdict}"), valid))
 }

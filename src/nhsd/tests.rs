@@ -1336,3 +1336,69 @@ fn decode_explains_invalid_values() {
     let d = decode_header(CORRELATION_ID, "nope").expect("verdict only");
     assert!(d.starts_with("X-Correlation-ID: INVALID:"), "{d}");
 }
+
+/// README.md's refusal table says what the gateway sends: each NHSD row's issue code is
+/// the one `fhir_issue_code` gives for that kind of error.
+#[test]
+fn readme_refusal_table_matches_the_issue_codes_sent() {
+    let readme = include_str!("../../README.md");
+    let h = END_USER_ORGANISATION;
+    for (row, e) in [
+        (
+            "NHSD / transaction-id header missing",
+            NhsdError::Missing { header: h },
+        ),
+        (
+            "NHSD header not standard Base64",
+            NhsdError::Base64 { header: h },
+        ),
+        (
+            "not visible ASCII, or sent twice",
+            NhsdError::NotAscii { header: h },
+        ),
+        (
+            "not visible ASCII, or sent twice",
+            NhsdError::Duplicate { header: h },
+        ),
+        (
+            "decodes to something that is not a JSON object",
+            NhsdError::Json {
+                header: h,
+                detail: String::new(),
+            },
+        ),
+        (
+            "or to the wrong resource",
+            NhsdError::WrongResourceType {
+                header: h,
+                expected: "Organization",
+                found: String::new(),
+            },
+        ),
+        (
+            "NHSD header over `max_encoded_bytes`",
+            NhsdError::TooLarge {
+                header: h,
+                limit: 1,
+            },
+        ),
+        (
+            "NHSD header field invalid",
+            NhsdError::InvalidValue {
+                header: h,
+                field: "x",
+                reason: String::new(),
+            },
+        ),
+    ] {
+        let line = readme
+            .lines()
+            .find(|l| l.starts_with('|') && l.contains(row))
+            .unwrap_or_else(|| panic!("README table has a row for {row:?}"));
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // | situation | status | NHS code | issue code |
+        assert_eq!(cells[2], e.status().to_string(), "{line}");
+        assert_eq!(cells[3], format!("`{}`", e.nhs_code()), "{line}");
+        assert_eq!(cells[4], format!("`{}`", e.fhir_issue_code()), "{line}");
+    }
+}
