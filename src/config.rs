@@ -15,6 +15,8 @@ use serde::Deserialize;
 
 use crate::auth::AuthConfig;
 use crate::nhsd::NhsdPolicy;
+use crate::service::ServiceLevelsConfig;
+use crate::tracecontext::TelemetryConfig;
 
 /// Which environment this gateway serves; `production` forbids development shortcuts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -56,6 +58,12 @@ pub struct Config {
     /// Reload on file change (see [`crate::watch`]).
     #[serde(default)]
     pub reload: ReloadConfig,
+    /// Default time budget, unmatched-path answer, Accept versions and rate limit.
+    #[serde(default)]
+    pub service_levels: ServiceLevelsConfig,
+    /// OTLP span export (W3C trace context handling is always on).
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -66,7 +74,7 @@ pub struct ReloadConfig {
     pub watch_files: bool,
     /// Quiet time after the last change before reloading (editors and `kubectl` write
     /// several files in a burst).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub debounce: Duration,
 }
 
@@ -287,6 +295,8 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     #[serde(with = "crate::config::duration")]
     pub drain_timeout: Duration,
+    /// Connections one client certificate may hold open at once; 0: no cap.
+    pub max_connections_per_client: usize,
 }
 
 impl Default for Limits {
@@ -300,6 +310,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_concurrent_streams: 100,
             drain_timeout: Duration::from_secs(30),
+            max_connections_per_client: 0,
         }
     }
 }
@@ -413,6 +424,9 @@ pub struct RouteConfig {
     /// `X-Fhirgate-*` headers, never a replayable token.
     #[serde(default)]
     pub forward_token: bool,
+    /// Replaces the top-level `service_levels` field by field for this route.
+    #[serde(default)]
+    pub service_levels: ServiceLevelsConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -753,7 +767,11 @@ impl Config {
                     return Err(err(format!("{f}.allow_sans[{j}]"), "must not be empty"));
                 }
             }
+            r.service_levels
+                .validate(&format!("{f}.service_levels"), true)?;
         }
+        self.service_levels.validate("service_levels", false)?;
+        self.telemetry.validate()?;
         Ok(())
     }
 

@@ -26,6 +26,8 @@ use crate::metrics::{HeaderLabel, Metrics};
 use crate::nhsd;
 use crate::outcome::{Body, Rejection};
 use crate::policy::{prefix_covers, Route, RoutePolicy};
+use crate::service::{self, Levels, LimitKey, Limiters, ServiceLevels, Unmatched};
+use crate::tracecontext::TraceContext;
 use crate::upstream::Upstream;
 
 /// What the listener learnt about a connection; shared by its requests.
@@ -49,6 +51,9 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// `logging.redact_paths`: ids replaced in access-line paths.
     redact_paths: bool,
+    levels: ServiceLevels,
+    #[cfg(feature = "otlp")]
+    otlp: Option<crate::otlp::Exporter>,
 }
 
 /// What the pipeline learnt about one request, for the access line and metrics.
@@ -63,6 +68,8 @@ struct Trace {
     token_hash: Option<String>,
     /// The matched route's prefix (operator config, logged verbatim when redacting).
     route_prefix: Option<String>,
+    /// W3C trace context: continued from the client's `traceparent` or new.
+    context: Option<TraceContext>,
 }
 
 /// Transaction-id headers echoed on every response, refusals included (BaRS).
@@ -70,7 +77,26 @@ const ECHOED: [&str; 2] = ["x-request-id", "x-correlation-id"];
 
 impl Gateway {
     pub fn from_config(cfg: &Config, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
+        Self::with_limiters(cfg, metrics, &Limiters::default())
+    }
+
+    /// As [`Gateway::from_config`], taking rate limiters from `limiters`, which outlives
+    /// reloads, so unchanged limits keep their buckets.
+    pub fn with_limiters(
+        cfg: &Config,
+        metrics: Arc<Metrics>,
+        limiters: &Limiters,
+    ) -> Result<Self, ConfigError> {
         Ok(Gateway {
+            levels: ServiceLevels::new(&cfg.service_levels, &cfg.routes, limiters),
+            #[cfg(feature = "otlp")]
+            otlp: match &cfg.telemetry.otlp_endpoint {
+                // `fhirgate check` builds a gateway outside a runtime and serves nothing.
+                Some(url) if tokio::runtime::Handle::try_current().is_ok() => {
+                    Some(crate::otlp::Exporter::new(&cfg.telemetry, url)?)
+                }
+                _ => None,
+            },
             policy: RoutePolicy::new(&cfg.routes),
             upstream: Upstream::from_config(&cfg.upstream)?,
             identity_headers: cfg.identity_headers.clone(),
@@ -114,11 +140,14 @@ impl Gateway {
             .iter()
             .filter_map(|n| echoable(req.headers(), n).map(|v| (*n, v)))
             .collect();
-        let mut trace = Trace::default();
+        let mut trace = Trace {
+            context: Some(TraceContext::from_headers(req.headers())),
+            ..Trace::default()
+        };
         // Boxed so that a body the gateway had to read (a form-encoded one, for an RFC
         // 6750 §2.2 token) continues down the same path as a streamed one.
         let req = req.map(BodyExt::boxed);
-        let mut response = match self.forward(req, conn, &mut trace).await {
+        let mut response = match self.forward_in_budget(req, conn, &mut trace, start).await {
             Ok(r) => {
                 trace.upstream_status = Some(r.status().as_u16());
                 r
@@ -183,9 +212,86 @@ impl Gateway {
             rejection = trace.rejection.unwrap_or("-"),
             request_id = id("x-request-id"),
             correlation_id = id("x-correlation-id"),
+            trace_id = trace.context.as_ref().map_or_else(String::new, TraceContext::trace_id_hex),
+            span_id = trace.context.as_ref().map_or_else(String::new, TraceContext::span_id_hex),
             "request"
         );
+        #[cfg(feature = "otlp")]
+        if let (Some(x), Some(tc)) = (&self.otlp, &trace.context) {
+            let end = std::time::SystemTime::now();
+            x.record(
+                tc,
+                &crate::otlp::RequestSpan {
+                    method: method.as_str(),
+                    path: &path,
+                    route,
+                    status,
+                    rejection: trace.rejection,
+                    start: end - start.elapsed(),
+                    end,
+                },
+            );
+        }
         response
+    }
+
+    /// [`Gateway::forward`] under the route's total time budget, if it has one: the
+    /// budget runs from `start` (the request's arrival) to the response headers, token
+    /// check and upstream included, and its expiry abandons whatever is in progress.
+    async fn forward_in_budget(
+        &self,
+        req: Request<Body>,
+        conn: &ConnInfo,
+        trace: &mut Trace,
+        start: Instant,
+    ) -> Result<Response<Body>, Rejection> {
+        let route = self
+            .policy
+            .covering(req.uri().path())
+            .map(|r| r.name.as_str());
+        let Some(budget) = self.levels.of(route).budget.clone() else {
+            return self.forward(req, conn, trace).await;
+        };
+        let deadline = tokio::time::Instant::from_std(start + budget.limit);
+        match tokio::time::timeout_at(deadline, self.forward(req, conn, trace)).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(target: "fhirgate::upstream", budget_ms = budget.limit.as_millis() as u64, "request not answered within its time budget");
+                Err(budget.rejection())
+            }
+        }
+    }
+
+    /// Takes one request from the route's rate limit at `stage`: limits keyed by the
+    /// certificate are checked before the token (so a flood costs no introspection),
+    /// limits keyed by `client_id` after it.
+    fn rate_limit(
+        &self,
+        levels: &Levels,
+        route: &str,
+        conn: &ConnInfo,
+        client_id: Option<&str>,
+        stage: LimitKey,
+    ) -> Result<(), Rejection> {
+        let Some(limiter) = &levels.limiter else {
+            return Ok(());
+        };
+        if limiter.key != stage {
+            return Ok(());
+        }
+        let key = match (limiter.key, client_id) {
+            (LimitKey::ClientId, Some(c)) => format!("client_id:{c}"),
+            _ => format!("cert:{}", conn.identity.fingerprint_sha256),
+        };
+        limiter.check(&key).map_err(|wait| {
+            self.metrics
+                .rate_limited
+                .get_or_create(&crate::metrics::RouteLabel {
+                    route: route.to_owned(),
+                })
+                .inc();
+            Rejection::too_many_requests(service::retry_after_secs(wait))
+        })
     }
 
     /// Whether tokens can be verified: `(ok, detail)`, for `/readyz` and start-up.
@@ -245,9 +351,17 @@ impl Gateway {
         if header_section_size(&req) > self.max_header_bytes {
             return Err(Rejection::headers_too_large(self.max_header_bytes));
         }
-        let route = self.policy.decide(req.uri().path(), &conn.identity)?;
+        let route = self
+            .policy
+            .decide(req.uri().path(), &conn.identity)
+            .map_err(|r| match self.levels.unmatched {
+                Unmatched::NotImplemented if r.reason == "no_route" => Rejection::not_implemented(),
+                _ => r,
+            })?;
         trace.route = Some(route.name.clone());
         trace.route_prefix = Some(route.path_prefix.clone());
+        let levels = self.levels.of(Some(&route.name));
+        self.rate_limit(levels, &route.name, conn, None, LimitKey::Fingerprint)?;
         // RFC 6750 §3.1: a request that "uses more than one method for including an
         // access token" is `invalid_request` (400). Checked on every route, before any
         // introspection, so such a query string never goes anywhere.
@@ -278,8 +392,11 @@ impl Gateway {
                 Some(facts)
             }
         };
+        let client_id = token.as_ref().and_then(|t| t.client_id.as_deref());
+        self.rate_limit(levels, &route.name, conn, client_id, LimitKey::ClientId)?;
         let facts = self.check_nhsd(route, &req)?;
         trace.ods_code = facts.as_ref().and_then(|f| f.ods_code.clone());
+        service::check_accept(req.headers(), &levels.accept_versions)?;
 
         if let Some(len) = content_length(req.headers()) {
             if len > self.max_body_bytes {
@@ -324,6 +441,9 @@ impl Gateway {
             conn.peer,
             original_host.as_deref(),
         );
+        if let Some(tc) = &trace.context {
+            tc.set_upstream(&mut parts.headers);
+        }
         if let Some(t) = &token {
             for (name, value) in auth::upstream_headers(t) {
                 parts.headers.insert(name, forward::header_value(value));

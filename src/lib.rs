@@ -19,10 +19,14 @@ pub mod lint;
 pub mod listener;
 pub mod metrics;
 pub mod nhsd;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod outcome;
 pub mod pki;
 pub mod policy;
 pub mod revocation;
+pub mod service;
 pub mod tls;
+pub mod tracecontext;
 pub mod upstream;
 pub mod watch;

@@ -30,7 +30,9 @@ use crate::config::{Config, ConfigError, Limits};
 use crate::gateway::{ConnInfo, Gateway};
 use crate::identity::ClientIdentity;
 use crate::metrics::{FileLabel, Metrics};
+use crate::outcome::Rejection;
 use crate::revocation::CrlStore;
+use crate::service::{ClientConnections, Limiters};
 use crate::tls::{
     handshake_failure_kind, server_tls, BundleVerifier, PresentedCert, ServerTls, TrustInventory,
     REFUSED_CERT,
@@ -54,8 +56,17 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn build(cfg: &Config, metrics: &Arc<Metrics>) -> Result<Self, ConfigError> {
+        Self::build_with(cfg, metrics, &Limiters::default())
+    }
+
+    /// As [`Snapshot::build`], with rate limiters that outlive this snapshot.
+    pub fn build_with(
+        cfg: &Config,
+        metrics: &Arc<Metrics>,
+        limiters: &Limiters,
+    ) -> Result<Self, ConfigError> {
         let tls = server_tls(&cfg.tls)?;
-        let gateway = Arc::new(Gateway::from_config(cfg, metrics.clone())?);
+        let gateway = Arc::new(Gateway::with_limiters(cfg, metrics.clone(), limiters)?);
         let limits = cfg.limits.clone();
         let mut http = auto::Builder::new(TokioExecutor::new());
         // The HTTP libraries' own limits are twice the configured ones: a request a little
@@ -146,14 +157,20 @@ pub struct Server {
     config: std::sync::Mutex<Arc<Config>>,
     /// Wakes the CRL fetcher after a reload (new URLs are fetched at once).
     crl_wake: tokio::sync::Notify,
+    /// Kept across reloads: rate-limit buckets and per-client connection counts.
+    limiters: Limiters,
+    client_connections: Arc<ClientConnections>,
 }
 
 impl Server {
     pub fn from_config(cfg: &Config, metrics: Arc<Metrics>) -> Result<Arc<Self>, ConfigError> {
         let crls = CrlStore::new(metrics.clone());
         crls.load_cache(&cfg.tls)?;
-        let snapshot = Snapshot::build(&crls.apply(cfg), &metrics)?;
+        let limiters = Limiters::default();
+        let snapshot = Snapshot::build_with(&crls.apply(cfg), &metrics, &limiters)?;
         Ok(Arc::new(Server {
+            limiters,
+            client_connections: Arc::default(),
             current: ArcSwap::from_pointee(snapshot),
             connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             max_connections: cfg.limits.max_connections,
@@ -169,10 +186,9 @@ impl Server {
     /// upstream, limits) takes effect for new connections.
     pub fn reload(&self, cfg: &Config) -> Result<(), ConfigError> {
         let mut held = self.config.lock().unwrap_or_else(|p| p.into_inner());
-        let result = self
-            .crls
-            .load_cache(&cfg.tls)
-            .and_then(|()| Snapshot::build(&self.crls.apply(cfg), &self.metrics));
+        let result = self.crls.load_cache(&cfg.tls).and_then(|()| {
+            Snapshot::build_with(&self.crls.apply(cfg), &self.metrics, &self.limiters)
+        });
         self.metrics.reload(result.is_ok());
         self.current.store(Arc::new(result?));
         *held = Arc::new(cfg.clone());
@@ -291,9 +307,12 @@ impl Server {
                     let snapshot = self.current.load_full();
                     let metrics = self.metrics.clone();
                     let shutdown = shutdown.clone();
+                    let clients = self.client_connections.clone();
                     tokio::spawn(async move {
                         metrics.open_connections.inc();
-                        snapshot.connection(tcp, peer, &metrics, shutdown).await;
+                        snapshot
+                            .connection(tcp, peer, &metrics, shutdown, &clients)
+                            .await;
                         metrics.open_connections.dec();
                         drop(permit);
                     });
@@ -325,6 +344,7 @@ impl Snapshot {
         peer: SocketAddr,
         metrics: &Metrics,
         mut shutdown: watch::Receiver<bool>,
+        clients: &Arc<ClientConnections>,
     ) {
         let _ = tcp.set_nodelay(true);
         // The verifier leaves a refused client certificate here (task-local: the
@@ -391,6 +411,13 @@ impl Snapshot {
         };
         metrics.handshake("ok");
         tracing::debug!(target: "fhirgate::tls", %peer, subject = %identity.subject, bundle = %identity.bundle, "handshake ok");
+        let max_per_client = self.limits.max_connections_per_client;
+        let Some(_slot) = clients.open(&identity.fingerprint_sha256, max_per_client) else {
+            metrics.connections_over_client_cap.inc();
+            tracing::warn!(target: "fhirgate::tls", %peer, subject = %identity.subject, fingerprint = %identity.fingerprint_sha256, max_per_client, "client over its connection cap: answering 429 and closing");
+            self.refuse_over_cap(tls, max_per_client).await;
+            return;
+        };
 
         let conn = Arc::new(ConnInfo { identity, peer });
         let activity = Arc::new(Activity::new());
@@ -460,6 +487,28 @@ impl Snapshot {
                 }
             }
         }
+    }
+}
+
+impl Snapshot {
+    /// Answers every request on a connection over the per-client cap with 429
+    /// `REC_TOO_MANY_REQUESTS` (`Connection: close` on HTTP/1.1), for at most the
+    /// handshake timeout: the sender gets an answer BaRS tells it to retry on, rather
+    /// than a reset it might report as a TLS failure.
+    async fn refuse_over_cap<T>(&self, tls: T, max: usize)
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = service_fn(move |_req| async move {
+            let mut resp = Rejection::too_many_connections(max, 1).into_response();
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            Ok::<_, Infallible>(resp)
+        });
+        let served = self.http.serve_connection(TokioIo::new(tls), svc);
+        let _ = tokio::time::timeout(self.handshake_timeout, served).await;
     }
 }
 

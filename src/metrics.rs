@@ -92,6 +92,8 @@ pub struct Metrics {
     pub crl_fetch_failures: Family<CrlFailureLabel, Counter>,
     pub crl_fetched_next_update: Family<CrlLabel, Gauge<i64, AtomicI64>>,
     pub crl_revoked_entries: Family<CrlLabel, Gauge<i64, AtomicI64>>,
+    pub rate_limited: Family<RouteLabel, Counter>,
+    pub connections_over_client_cap: Counter,
     /// notAfter of each configured CA certificate, by bundle and subject.
     pub cert_not_after: Family<CertLabels, Gauge<i64, AtomicI64>>,
 }
@@ -126,6 +128,8 @@ impl Metrics {
             crl_fetch_failures: Family::default(),
             crl_fetched_next_update: Family::default(),
             crl_revoked_entries: Family::default(),
+            rate_limited: Family::default(),
+            connections_over_client_cap: Counter::default(),
             cert_not_after: Family::default(),
             registry: Registry::default(),
         };
@@ -228,6 +232,16 @@ impl Metrics {
             "crl_revoked_certificates",
             "Entries in the CRL held for each CRL URL",
             m.crl_revoked_entries.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429 by a per-client rate limit, by route ('-': no route)",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "connections_over_client_cap",
+            "Connections refused because their client already had limits.max_connections_per_client open",
+            m.connections_over_client_cap.clone(),
         );
         registry.register(
             "cert_not_after_seconds",

@@ -6,7 +6,7 @@
 //! behalf, returns). The `diagnostics` text is ours, never an echo of client input.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 
@@ -32,6 +32,8 @@ pub struct Rejection {
     pub diagnostics: String,
     /// Optional `WWW-Authenticate` header (RFC 6750) for token refusals.
     pub www_authenticate: Option<String>,
+    /// Optional `Retry-After` header, in whole seconds (RFC 9110 §10.2.3), for 429.
+    pub retry_after: Option<u64>,
     /// Short machine-friendly reason for logs and metrics.
     pub reason: &'static str,
 }
@@ -50,6 +52,7 @@ impl Rejection {
             nhs_code,
             diagnostics: diagnostics.into(),
             www_authenticate: None,
+            retry_after: None,
             reason,
         }
     }
@@ -184,6 +187,71 @@ impl Rejection {
         )
     }
 
+    /// No route covers the path and `service_levels.unmatched` is `not_implemented`
+    /// (the BaRS examples answer an endpoint a receiver has not implemented with 501).
+    pub fn not_implemented() -> Self {
+        Self::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not-supported",
+            "REC_NOT_IMPLEMENTED",
+            "not_implemented",
+            "This endpoint is not implemented by this service",
+        )
+    }
+
+    /// `Accept` asks only for FHIR versions the route does not support. The diagnostics
+    /// list the supported versions (from config, never the client's text).
+    pub fn not_acceptable(supported: &[String]) -> Self {
+        Self::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "not-supported",
+            "REC_NOT_ACCEPTABLE",
+            "not_acceptable",
+            format!(
+                "The requested FHIR version is not supported; supported versions: {}",
+                supported.join(", ")
+            ),
+        )
+    }
+
+    /// The client is over its rate limit; it may retry after `retry_after` seconds.
+    pub fn too_many_requests(retry_after: u64) -> Self {
+        let mut r = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "throttled",
+            "REC_TOO_MANY_REQUESTS",
+            "rate_limited",
+            format!("Too many requests from this client; retry after {retry_after} s"),
+        );
+        r.retry_after = Some(retry_after);
+        r
+    }
+
+    /// The client already has `limits.max_connections_per_client` connections open.
+    pub fn too_many_connections(limit: usize, retry_after: u64) -> Self {
+        let mut r = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "throttled",
+            "REC_TOO_MANY_REQUESTS",
+            "too_many_connections",
+            format!("This client already has {limit} connections open; reuse one of them"),
+        );
+        r.retry_after = Some(retry_after);
+        r
+    }
+
+    /// The request's total time budget (`service_levels.response_timeout`) ran out.
+    /// Status and code come from config (BaRS: 408 `REC_TIMEOUT`).
+    pub fn budget_timeout(status: StatusCode, nhs_code: &'static str, budget_ms: u128) -> Self {
+        Self::new(
+            status,
+            "timeout",
+            nhs_code,
+            "response_budget",
+            format!("The request was not answered within {budget_ms} ms"),
+        )
+    }
+
     pub fn internal() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -245,6 +313,10 @@ impl Rejection {
             .and_then(|v| HeaderValue::try_from(v).ok())
         {
             resp.headers_mut().insert(WWW_AUTHENTICATE, v);
+        }
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

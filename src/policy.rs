@@ -94,6 +94,12 @@ impl RoutePolicy {
         RoutePolicy { routes }
     }
 
+    /// The route covering `path`, whoever asks (for per-route settings needed before the
+    /// route decision, such as the time budget).
+    pub fn covering(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.covers(path))
+    }
+
     /// The route for `path`, if the client may use it.
     pub fn decide(&self, path: &str, id: &ClientIdentity) -> Result<&Route, Rejection> {
         check_path(path)?;
@@ -216,6 +222,7 @@ mod tests {
             token: TokenRequirement::Required,
             required_scopes: vec![],
             forward_token: false,
+            service_levels: Default::default(),
         }
     }
 
