@@ -169,7 +169,11 @@ fn connector(t: &Tls, resumption: bool, h2: bool) -> Result<TlsConnector, AnyErr
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_client_auth_cert(chain, key)?;
-    cfg.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+    cfg.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
     if !resumption {
         cfg.resumption = rustls::client::Resumption::disabled();
     }
