@@ -72,6 +72,13 @@ struct LoadArgs {
     /// Count any HTTP answer as done (for traffic that is meant to be refused).
     #[arg(long)]
     any_status: bool,
+    /// HTTP/2 (ALPN h2): `--concurrency` streams in flight over concurrency/streams
+    /// connections.
+    #[arg(long)]
+    http2: bool,
+    /// Concurrent streams per HTTP/2 connection.
+    #[arg(long, default_value_t = 8)]
+    streams: usize,
 }
 
 #[derive(Subcommand)]
@@ -124,6 +131,8 @@ struct Target {
     host: String,
     /// `http://`: plain TCP (the direct path to the upstream).
     plain: bool,
+    /// HTTP/2 over TLS (ALPN h2).
+    h2: bool,
 }
 
 fn parse_url(url: &str) -> Result<Target, AnyErr> {
@@ -143,10 +152,11 @@ fn parse_url(url: &str) -> Result<Target, AnyErr> {
             .unwrap_or("/".into()),
         host,
         plain: u.scheme_str() == Some("http"),
+        h2: false,
     })
 }
 
-fn connector(t: &Tls, resumption: bool) -> Result<TlsConnector, AnyErr> {
+fn connector(t: &Tls, resumption: bool, h2: bool) -> Result<TlsConnector, AnyErr> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&t.cacert)? {
         roots.add(c?)?;
@@ -159,14 +169,31 @@ fn connector(t: &Tls, resumption: bool) -> Result<TlsConnector, AnyErr> {
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_client_auth_cert(chain, key)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
     if !resumption {
         cfg.resumption = rustls::client::Resumption::disabled();
     }
     Ok(TlsConnector::from(Arc::new(cfg)))
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    /// Cloneable: several workers share one HTTP/2 connection.
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    fn share(&self) -> Option<Sender> {
+        match self {
+            Sender::H1(_) => None,
+            Sender::H2(s) => Some(Sender::H2(s.clone())),
+        }
+    }
+}
 
 async fn open(c: &TlsConnector, t: &Target) -> Result<Sender, AnyErr> {
     let tcp = TcpStream::connect(t.addr).await?;
@@ -176,22 +203,39 @@ async fn open(c: &TlsConnector, t: &Target) -> Result<Sender, AnyErr> {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        return Ok(tx);
+        return Ok(Sender::H1(tx));
     }
     let name = ServerName::try_from("localhost")?.to_owned();
     let tls = c.connect(name, tcp).await?;
+    if t.h2 {
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err("the server did not negotiate h2".into());
+        }
+        let (tx, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(tls),
+        )
+        .await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        return Ok(Sender::H2(tx));
+    }
     let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    Ok(tx)
+    Ok(Sender::H1(tx))
 }
 
 fn request(t: &Target, token: Option<&str>, body: &Bytes, close: bool) -> Request<Full<Bytes>> {
-    let mut b = Request::builder()
-        .method(if body.is_empty() { "GET" } else { "POST" })
-        .uri(&t.path)
-        .header("host", &t.host);
+    let b = Request::builder().method(if body.is_empty() { "GET" } else { "POST" });
+    // HTTP/2 carries the authority in the URI (`:authority`), HTTP/1.1 in `Host`.
+    let mut b = if t.h2 {
+        b.uri(format!("https://{}:{}{}", t.host, t.addr.port(), t.path))
+    } else {
+        b.uri(&t.path).header("host", &t.host)
+    };
     if let Some(tok) = token {
         b = b.header("authorization", format!("Bearer {tok}"));
     }
@@ -206,8 +250,16 @@ fn request(t: &Target, token: Option<&str>, body: &Bytes, close: bool) -> Reques
 }
 
 async fn exchange(tx: &mut Sender, req: Request<Full<Bytes>>) -> Result<StatusCode, AnyErr> {
-    tx.ready().await?;
-    let resp = tx.send_request(req).await?;
+    let resp = match tx {
+        Sender::H1(s) => {
+            s.ready().await?;
+            s.send_request(req).await?
+        }
+        Sender::H2(s) => {
+            s.ready().await?;
+            s.send_request(req).await?
+        }
+    };
     let status = resp.status();
     resp.into_body().collect().await?;
     Ok(status)
@@ -243,9 +295,10 @@ async fn worker(
     new_conn: bool,
     slot: Option<(Duration, usize)>,
     (extra, any_status): (Arc<Vec<(String, String)>>, bool),
+    shared: Option<Sender>,
 ) -> Stats {
     let mut s = Stats::new();
-    let mut tx: Option<Sender> = None;
+    let mut tx: Option<Sender> = shared;
     let mut n: u64 = 0;
     loop {
         // Open loop: this worker owns every `stride`-th slot of the global schedule.
@@ -318,7 +371,12 @@ async fn load(a: LoadArgs) -> Result<(), AnyErr> {
         body_bytes,
         headers,
         any_status,
+        http2,
+        streams,
     } = a;
+    if http2 && new_conn {
+        return Err("--http2 and --new-conn together are not supported".into());
+    }
     let extra: Arc<Vec<(String, String)>> = Arc::new(
         headers
             .iter()
@@ -326,10 +384,19 @@ async fn load(a: LoadArgs) -> Result<(), AnyErr> {
             .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
             .collect(),
     );
-    let t = Arc::new(parse_url(&url)?);
-    let c = connector(&tls, !new_conn)?;
+    let mut target = parse_url(&url)?;
+    target.h2 = http2 && !target.plain;
+    let t = Arc::new(target);
+    let c = connector(&tls, !new_conn, t.h2)?;
     let body = Bytes::from(vec![b'x'; body_bytes]);
     let concurrency = concurrency.max(1);
+    // HTTP/2: workers share connections, `streams` workers each.
+    let mut conns = Vec::new();
+    if t.h2 {
+        for _ in 0..concurrency.div_ceil(streams.max(1)) {
+            conns.push(open(&c, &t).await?);
+        }
+    }
     let start = Instant::now() + Duration::from_millis(200);
     let end = start + Duration::from_secs_f64(seconds);
     let slot = rate.map(|r| (Duration::from_secs_f64(1.0 / r.max(1.0)), concurrency));
@@ -346,6 +413,7 @@ async fn load(a: LoadArgs) -> Result<(), AnyErr> {
             new_conn,
             slot,
             (extra.clone(), any_status),
+            conns.get(id % conns.len().max(1)).and_then(Sender::share),
         )));
     }
     let mut all = Stats::new();
@@ -512,7 +580,7 @@ fn main() -> Result<(), AnyErr> {
                 hold_seconds,
             } => {
                 let t = Arc::new(parse_url(&url)?);
-                let c = connector(&tls, true)?;
+                let c = connector(&tls, true, false)?;
                 let held = open_many(&t, &c, token.as_deref(), conns, true).await?;
                 println!("ready {}", held.len());
                 tokio::time::sleep(Duration::from_secs(hold_seconds)).await;
@@ -521,7 +589,7 @@ fn main() -> Result<(), AnyErr> {
             }
             Cmd::Burst { url, tls, token, n } => {
                 let t = Arc::new(parse_url(&url)?);
-                let c = connector(&tls, true)?;
+                let c = connector(&tls, true, false)?;
                 let conns = open_many(&t, &c, None, n, false).await?;
                 let gate = Arc::new(tokio::sync::Barrier::new(n));
                 let mut tasks = Vec::new();
