@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::auth::AuthConfig;
-use crate::nhsd::NhsdPolicy;
-use crate::service::ServiceLevelsConfig;
-use crate::tracecontext::TelemetryConfig;
+use crate::pipeline::auth::AuthConfig;
+use crate::pipeline::nhsd::NhsdPolicy;
+use crate::pipeline::service::ServiceLevelsConfig;
+use crate::pipeline::tracecontext::TelemetryConfig;
 
 /// Which environment this gateway serves; `production` forbids development shortcuts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -678,7 +678,7 @@ impl Config {
 
         self.auth
             .validate(self.environment == Environment::Production)?;
-        if self.auth.mode == crate::auth::AuthMode::None {
+        if self.auth.mode == crate::pipeline::auth::AuthMode::None {
             if let Some(i) = self
                 .routes
                 .iter()
@@ -822,19 +822,19 @@ impl Config {
             r.enforce_crl_expiry()
         );
         let _ = writeln!(s, "upstream: {}", self.upstream.url);
-        let no_tokens = self.auth.mode == crate::auth::AuthMode::Development;
+        let no_tokens = self.auth.mode == crate::pipeline::auth::AuthMode::Development;
         let mode = match self.auth.mode {
-            crate::auth::AuthMode::Introspection => "introspection",
-            crate::auth::AuthMode::Jwt => "jwt",
-            crate::auth::AuthMode::Development => "development",
-            crate::auth::AuthMode::None => "none",
+            crate::pipeline::auth::AuthMode::Introspection => "introspection",
+            crate::pipeline::auth::AuthMode::Jwt => "jwt",
+            crate::pipeline::auth::AuthMode::Development => "development",
+            crate::pipeline::auth::AuthMode::None => "none",
         };
         let _ = writeln!(
             s,
             "auth: {mode}{}",
             match (&self.auth.issuer, &self.auth.introspection_endpoint) {
                 _ if no_tokens => " (NO TOKEN CHECKS: bearer tokens are not checked)".into(),
-                _ if self.auth.mode == crate::auth::AuthMode::None => {
+                _ if self.auth.mode == crate::pipeline::auth::AuthMode::None => {
                     " (no route checks tokens: TLS-MA and NHSD headers only)".into()
                 }
                 (_, Some(e)) => format!(" via {e}"),

@@ -26,7 +26,7 @@ use opentelemetry_sdk::trace::{
 use opentelemetry_sdk::Resource;
 
 use crate::config::{err, ConfigError};
-use crate::tracecontext::{TelemetryConfig, TraceContext};
+use crate::pipeline::tracecontext::{TelemetryConfig, TraceContext};
 
 /// What one request contributes to its span.
 pub struct RequestSpan<'a> {

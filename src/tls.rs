@@ -225,16 +225,16 @@ pub fn parse_crl(field: &str, source: &str, der: Vec<u8>) -> Result<LoadedCrl, C
 fn webpki_accepts_crl(crl: &CertificateRevocationListDer<'static>) -> Result<(), String> {
     use rustls::server::VerifierBuilderError as V;
     use rustls::CertRevocationListError as C;
-    // Any anchor will do: only the CRL's own encoding is examined at build time.
+    // Any anchor will do: only the CRL's own encoding is examined at build time. This
+    // one is the issuer of the placeholder CRL (crate::revocation), a fixed certificate
+    // whose key was discarded, so no certificate generator is needed at run time.
     static DUMMY: std::sync::OnceLock<Option<Arc<RootCertStore>>> = std::sync::OnceLock::new();
     let Some(roots) = DUMMY.get_or_init(|| {
-        let key = rcgen::KeyPair::generate().ok()?;
-        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
-            .ok()?
-            .self_signed(&key)
-            .ok()?;
         let mut r = RootCertStore::empty();
-        r.add(cert.der().clone()).ok()?;
+        r.add(CertificateDer::from(
+            &include_bytes!("placeholder-ca.der")[..],
+        ))
+        .ok()?;
         Some(Arc::new(r))
     }) else {
         return Ok(());

@@ -6,9 +6,9 @@
 
 use std::path::Path;
 
-use fhirgate::auth::{bearer, introspect, scope};
 use fhirgate::config::Config;
-use fhirgate::policy::check_path;
+use fhirgate::pipeline::auth::{bearer, introspect, scope};
+use fhirgate::pipeline::policy::check_path;
 use http::{HeaderMap, HeaderValue, Method};
 use proptest::prelude::*;
 

@@ -322,8 +322,8 @@ impl Rejection {
     }
 }
 
-impl From<&crate::nhsd::NhsdError> for Rejection {
-    fn from(e: &crate::nhsd::NhsdError) -> Self {
+impl From<&crate::pipeline::nhsd::NhsdError> for Rejection {
+    fn from(e: &crate::pipeline::nhsd::NhsdError) -> Self {
         Rejection::from_parts(
             e.status(),
             e.fhir_issue_code(),

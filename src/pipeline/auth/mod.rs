@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{err, ConfigError};
 use crate::metrics::Metrics;
-use crate::outcome::Rejection;
+use crate::pipeline::outcome::Rejection;
 use cache::{CachedToken, TokenCache};
 use introspect::{AsClient, Endpoints, Introspection};
 use jwt::JwtVerifier;

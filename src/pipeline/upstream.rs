@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{err, ConfigError, UpstreamConfig};
-use crate::outcome::Rejection;
+use crate::pipeline::outcome::Rejection;
 use crate::tls::client_connector;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

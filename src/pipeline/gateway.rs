@@ -5,7 +5,7 @@
 //! introspection call.
 //!
 //! [`Gateway::handle`] never fails: every refusal is a [`Rejection`] turned into an
-//! `OperationOutcome` by [`crate::outcome`], and every request produces one access line.
+//! `OperationOutcome` by [`crate::pipeline::outcome`], and every request produces one access line.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,17 +18,17 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::auth::{self, scope, Authoriser};
 use crate::config::{Config, ConfigError, IdentityHeaders, NhsdConfig, TokenRequirement};
-use crate::forward;
-use crate::identity::ClientIdentity;
 use crate::metrics::{HeaderLabel, Metrics};
-use crate::nhsd;
-use crate::outcome::{Body, Rejection};
-use crate::policy::{prefix_covers, Route, RoutePolicy};
-use crate::service::{self, Levels, LimitKey, Limiters, ServiceLevels, Unmatched};
-use crate::tracecontext::TraceContext;
-use crate::upstream::Upstream;
+use crate::pipeline::auth::{self, scope, Authoriser};
+use crate::pipeline::forward;
+use crate::pipeline::identity::ClientIdentity;
+use crate::pipeline::nhsd;
+use crate::pipeline::outcome::{Body, Rejection};
+use crate::pipeline::policy::{prefix_covers, Route, RoutePolicy};
+use crate::pipeline::service::{self, Levels, LimitKey, Limiters, ServiceLevels, Unmatched};
+use crate::pipeline::tracecontext::TraceContext;
+use crate::pipeline::upstream::Upstream;
 
 /// What the listener learnt about a connection; shared by its requests.
 #[derive(Debug)]

@@ -23,7 +23,7 @@ use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
 use crate::config::{err, ConfigError, RouteConfig};
-use crate::outcome::Rejection;
+use crate::pipeline::outcome::Rejection;
 
 /// What a path that no route covers is answered with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

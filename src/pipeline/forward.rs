@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::IdentityHeaders;
-use crate::identity::ClientIdentity;
+use crate::pipeline::identity::ClientIdentity;
 
 /// Prefix of headers only the gateway may set (token and NHSD facts use it).
 pub const RESERVED_PREFIX: &str = "x-fhirgate-";

@@ -9,9 +9,9 @@
 use wildmatch::WildMatch;
 
 use crate::config::{RouteConfig, TokenRequirement};
-use crate::identity::ClientIdentity;
-use crate::nhsd::NhsdPolicy;
-use crate::outcome::Rejection;
+use crate::pipeline::identity::ClientIdentity;
+use crate::pipeline::nhsd::NhsdPolicy;
+use crate::pipeline::outcome::Rejection;
 
 /// A compiled route.
 #[derive(Debug)]
