@@ -25,7 +25,7 @@ use opentelemetry_sdk::trace::{
 };
 use opentelemetry_sdk::Resource;
 
-use crate::config::{err, ConfigError};
+use crate::config::error::{err, ConfigError};
 use crate::pipeline::tracecontext::{TelemetryConfig, TraceContext};
 
 /// What one request contributes to its span.

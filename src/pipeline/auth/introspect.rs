@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::client_auth::ClientCredential;
 use super::AuthConfig;
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::tls::client_connector;
 
 /// Largest response body read from the authorisation server.

@@ -22,7 +22,7 @@ use http::HeaderMap;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
-use crate::config::{err, ConfigError};
+use crate::config::error::{err, ConfigError};
 use crate::metrics::Metrics;
 use crate::pipeline::outcome::Rejection;
 use cache::{CachedToken, TokenCache};

@@ -5,6 +5,12 @@
 //! (files readable, ranges sane, references between sections resolve) and names the
 //! offending field path in its message, the way `nginx -t` does.
 
+pub mod duration;
+pub mod error;
+
+pub(crate) use error::err;
+pub use error::ConfigError;
+
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
@@ -435,29 +441,6 @@ pub enum TokenRequirement {
     #[default]
     Required,
     None,
-}
-
-/// A configuration error: the dotted path of the field and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub field: String,
-    pub reason: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.reason)
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// Builds a [`ConfigError`]; every stage that validates configuration uses this.
-pub(crate) fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.into(),
-        reason: reason.into(),
-    }
 }
 
 /// Reads a YAML file into `T` (e.g. the sender profile of `fhirgate client`), so that
@@ -944,21 +927,5 @@ fn yaml_error(e: &serde_saphyr::Error, path: Option<&str>) -> ConfigError {
             err(path, format!("expected {}, got {got}", duration::EXPECTED))
         }
         _ => err("(yaml)", msg),
-    }
-}
-
-/// Durations in the config: humantime's forms (`10s`, `500ms`, `1h 30m`, `2 minutes`),
-/// with an error that shows an example instead of serde's bare "expected a duration".
-pub mod duration {
-    use std::time::Duration;
-
-    use serde::{de, Deserialize, Deserializer};
-
-    pub(crate) const EXPECTED: &str = "a duration like 10s, 500ms or 1h";
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime_serde::re::humantime::parse_duration(s.trim())
-            .map_err(|_| de::Error::invalid_value(de::Unexpected::Str(&s), &EXPECTED))
     }
 }
