@@ -24,11 +24,11 @@ use crate::pipeline::auth::{self, scope, Authoriser};
 use crate::pipeline::forward;
 use crate::pipeline::identity::ClientIdentity;
 use crate::pipeline::nhsd;
-use crate::pipeline::outcome::{Body, Rejection};
-use crate::pipeline::policy::{prefix_covers, Route, RoutePolicy};
+use crate::pipeline::outcome::{Body, Refuse, Rejection};
+use crate::pipeline::policy::{prefix_covers, PolicyError, Route, RoutePolicy};
 use crate::pipeline::service::{self, Levels, LimitKey, Limiters, ServiceLevels, Unmatched};
 use crate::pipeline::tracecontext::TraceContext;
-use crate::pipeline::upstream::{Upstream, UpstreamBody};
+use crate::pipeline::upstream::{Upstream, UpstreamBody, UpstreamError};
 
 /// What the listener learnt about a connection; shared by its requests.
 #[derive(Debug)]
@@ -359,9 +359,9 @@ impl Gateway {
         let route = self
             .policy
             .decide(req.uri().path(), &conn.identity)
-            .map_err(|r| match self.levels.unmatched {
-                Unmatched::NotImplemented if r.reason == "no_route" => Rejection::not_implemented(),
-                _ => r,
+            .map_err(|e| match (self.levels.unmatched, &e) {
+                (Unmatched::NotImplemented, PolicyError::NoRoute) => Rejection::not_implemented(),
+                _ => e.rejection(),
             })?;
         trace.route = Some(route.name.clone());
         trace.route_prefix = Some(route.path_prefix.clone());
@@ -506,14 +506,14 @@ impl Gateway {
         let sent = Instant::now();
         let result = self.upstream.send(upstream_req, self.max_body_bytes).await;
         trace.upstream_time = Some(sent.elapsed());
-        let resp = result.map_err(|(rejection, detail)| {
-            if rejection.reason == "upstream_timeout" && !body_done.load(Ordering::Relaxed) {
+        let resp = result.map_err(|(e, detail)| {
+            if e == UpstreamError::Timeout && !body_done.load(Ordering::Relaxed) {
                 // The client, not the upstream, was too slow: its body never finished.
                 return Rejection::body_timeout();
             }
-            tracing::warn!(target: "fhirgate::upstream", error = %detail, reason = rejection.reason, "upstream request failed");
-            self.metrics.upstream_error(rejection.reason);
-            rejection
+            tracing::warn!(target: "fhirgate::upstream", error = %detail, reason = e.reason(), "upstream request failed");
+            self.metrics.upstream_error(e.reason());
+            e.rejection()
         })?;
         let (mut parts, body) = resp.into_parts();
         forward::client_response_headers(&mut parts.headers);

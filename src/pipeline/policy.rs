@@ -11,7 +11,7 @@ use wildmatch::WildMatch;
 use crate::config::{RouteConfig, TokenRequirement};
 use crate::pipeline::identity::ClientIdentity;
 use crate::pipeline::nhsd::NhsdPolicy;
-use crate::pipeline::outcome::Rejection;
+use crate::pipeline::outcome::{ErrorSource, Refuse, Rejection};
 
 /// A compiled route.
 #[derive(Debug)]
@@ -101,42 +101,67 @@ impl RoutePolicy {
     }
 
     /// The route for `path`, if the client may use it.
-    pub fn decide(&self, path: &str, id: &ClientIdentity) -> Result<&Route, Rejection> {
+    pub fn decide(&self, path: &str, id: &ClientIdentity) -> Result<&Route, PolicyError> {
         check_path(path)?;
         let route = self
             .routes
             .iter()
             .find(|r| r.covers(path))
-            .ok_or_else(Rejection::no_route)?;
+            .ok_or(PolicyError::NoRoute)?;
         if route.permits(id) {
             Ok(route)
         } else {
-            Err(Rejection::route_forbidden(&route.name))
+            Err(PolicyError::RouteForbidden(route.name.clone()))
         }
     }
 }
 
+/// Why the policy stage refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyError {
+    /// The path could mean something else once decoded or normalised (the text says why).
+    BadPath(&'static str),
+    /// No route covers the path: default deny.
+    NoRoute,
+    /// A route covers the path, but not for this client certificate.
+    RouteForbidden(String),
+}
+
+impl Refuse for PolicyError {
+    fn rejection(&self) -> Rejection {
+        match self {
+            PolicyError::BadPath(why) => Rejection::bad_path(*why),
+            PolicyError::NoRoute => Rejection::no_route(),
+            PolicyError::RouteForbidden(route) => Rejection::route_forbidden(route),
+        }
+    }
+
+    fn source(&self) -> ErrorSource {
+        ErrorSource::Client
+    }
+}
+
 /// Refuses paths whose meaning could change when decoded or normalised downstream.
-pub fn check_path(path: &str) -> Result<(), Rejection> {
+pub fn check_path(path: &str) -> Result<(), PolicyError> {
     if !path.starts_with('/') {
-        return Err(Rejection::bad_path("The request path must start with '/'"));
+        return Err(PolicyError::BadPath("The request path must start with '/'"));
     }
     // Raw control characters, spaces or non-ASCII bytes are not a valid URI path;
     // upstreams disagree about what they mean.
     if !path.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Rejection::bad_path(
+        return Err(PolicyError::BadPath(
             "The path must be printable ASCII; percent-encode anything else",
         ));
     }
     if path.contains('\\') {
-        return Err(Rejection::bad_path(
+        return Err(PolicyError::BadPath(
             "Backslashes are not allowed in the path",
         ));
     }
     let lower = path.to_ascii_lowercase();
     for enc in ["%2e", "%2f", "%5c", "%00", "%25"] {
         if lower.contains(enc) {
-            return Err(Rejection::bad_path(
+            return Err(PolicyError::BadPath(
                 "Encoded dots, slashes, backslashes, NULs or percent signs are not allowed in the path",
             ));
         }
@@ -145,7 +170,7 @@ pub fn check_path(path: &str) -> Result<(), Rejection> {
     // malformed escapes are decoded differently by different servers.
     let decoded = percent_decode(path)
         .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| Rejection::bad_path("Percent-encoding in the path must be valid UTF-8"))?;
+        .ok_or_else(|| PolicyError::BadPath("Percent-encoding in the path must be valid UTF-8"))?;
     // Servlet containers (Tomcat, Jetty) drop `;parameters` from a segment before
     // resolving dot segments, so `/metadata/..;/Patient` is `/Patient` to them; and a
     // decoded `%3b` may be read as that `;`.
@@ -153,14 +178,14 @@ pub fn check_path(path: &str) -> Result<(), Rejection> {
         for seg in p.split('/').skip(1) {
             let name = seg.split(';').next().unwrap_or(seg);
             if name == "." || name == ".." {
-                return Err(Rejection::bad_path(
+                return Err(PolicyError::BadPath(
                     "Dot segments are not allowed in the path",
                 ));
             }
         }
     }
     if path.contains("//") {
-        return Err(Rejection::bad_path("Empty path segments are not allowed"));
+        return Err(PolicyError::BadPath("Empty path segments are not allowed"));
     }
     Ok(())
 }
@@ -308,7 +333,7 @@ mod tests {
             let got = p
                 .decide(path, who)
                 .map(|r| r.name.as_str())
-                .map_err(|r| r.status);
+                .map_err(|r| r.status());
             assert_eq!(&got, want, "path {path} for {}", who.subject);
         }
     }
@@ -327,7 +352,7 @@ mod tests {
         assert_eq!(
             p.decide("/Patient", &c)
                 .map(|r| r.name.as_str())
-                .map_err(|r| r.reason),
+                .map_err(|r| r.reason()),
             Err("route_forbidden")
         );
         let any = id("CN=anyone", &[], "b");
@@ -343,6 +368,6 @@ mod tests {
         let r = p
             .decide("/Patient", &id("CN=x", &[], "b"))
             .map(|r| r.name.clone());
-        assert_eq!(r.map_err(|e| e.reason), Err("no_route"));
+        assert_eq!(r.map_err(|e| e.reason()), Err("no_route"));
     }
 }
