@@ -1127,53 +1127,169 @@ pub fn server_tls_with(
     })
 }
 
+/// Why a TLS handshake ended, as the `result` label of `fhirgate_tls_handshakes_total`
+/// and the `kind` of the refusal log line. A closed set: new labels are added here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeKind {
+    /// The handshake succeeded and the certificate matched a bundle.
+    Ok,
+    /// `tls.handshake_timeout` passed.
+    Timeout,
+    /// The client closed the connection.
+    Eof,
+    /// Not a TLS record.
+    BadRecord,
+    /// Another I/O error.
+    Io,
+    /// No client certificate.
+    NoCert,
+    /// On a CRL.
+    Revoked,
+    /// Past notAfter.
+    Expired,
+    /// Before notBefore.
+    NotYetValid,
+    /// Chains to no configured bundle.
+    UnknownCa,
+    /// No clientAuth extended key usage.
+    BadPurpose,
+    /// No CRL can say (with `unknown_status: deny`).
+    UnknownRevocation,
+    /// The CRL is past nextUpdate (with `enforce_crl_expiry`).
+    ExpiredCrl,
+    /// A signature in the chain does not verify.
+    BadSignature,
+    /// More intermediates than allowed.
+    ChainTooDeep,
+    /// Any other certificate fault.
+    BadCertificate,
+    /// No common version, cipher suite or signature scheme.
+    Incompatible,
+    /// A malformed handshake message.
+    BadMessage,
+    /// No common ALPN protocol.
+    NoAlpn,
+    /// Any other TLS error.
+    TlsError,
+}
+
+impl HandshakeKind {
+    /// Every kind, for tests and documentation.
+    pub const ALL: [HandshakeKind; 20] = [
+        HandshakeKind::Ok,
+        HandshakeKind::Timeout,
+        HandshakeKind::Eof,
+        HandshakeKind::BadRecord,
+        HandshakeKind::Io,
+        HandshakeKind::NoCert,
+        HandshakeKind::Revoked,
+        HandshakeKind::Expired,
+        HandshakeKind::NotYetValid,
+        HandshakeKind::UnknownCa,
+        HandshakeKind::BadPurpose,
+        HandshakeKind::UnknownRevocation,
+        HandshakeKind::ExpiredCrl,
+        HandshakeKind::BadSignature,
+        HandshakeKind::ChainTooDeep,
+        HandshakeKind::BadCertificate,
+        HandshakeKind::Incompatible,
+        HandshakeKind::BadMessage,
+        HandshakeKind::NoAlpn,
+        HandshakeKind::TlsError,
+    ];
+
+    /// The label, byte-identical to the strings used before this enum existed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeKind::Ok => "ok",
+            HandshakeKind::Timeout => "timeout",
+            HandshakeKind::Eof => "eof",
+            HandshakeKind::BadRecord => "bad_record",
+            HandshakeKind::Io => "io",
+            HandshakeKind::NoCert => "no_cert",
+            HandshakeKind::Revoked => "revoked",
+            HandshakeKind::Expired => "expired",
+            HandshakeKind::NotYetValid => "not_yet_valid",
+            HandshakeKind::UnknownCa => "unknown_ca",
+            HandshakeKind::BadPurpose => "bad_purpose",
+            HandshakeKind::UnknownRevocation => "unknown_revocation",
+            HandshakeKind::ExpiredCrl => "expired_crl",
+            HandshakeKind::BadSignature => "bad_signature",
+            HandshakeKind::ChainTooDeep => "chain_too_deep",
+            HandshakeKind::BadCertificate => "bad_certificate",
+            HandshakeKind::Incompatible => "incompatible",
+            HandshakeKind::BadMessage => "bad_message",
+            HandshakeKind::NoAlpn => "no_alpn",
+            HandshakeKind::TlsError => "tls_error",
+        }
+    }
+}
+
+impl std::fmt::Display for HandshakeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Short, stable label for a failed handshake, for logs and metrics.
-pub fn handshake_failure_kind(err: &std::io::Error) -> &'static str {
+pub fn handshake_failure_kind(err: &std::io::Error) -> HandshakeKind {
     let Some(inner) = err
         .get_ref()
         .and_then(|e| e.downcast_ref::<rustls::Error>())
     else {
         return match err.kind() {
-            std::io::ErrorKind::UnexpectedEof => "eof",
-            std::io::ErrorKind::InvalidData => "bad_record",
-            _ => "io",
+            std::io::ErrorKind::UnexpectedEof => HandshakeKind::Eof,
+            std::io::ErrorKind::InvalidData => HandshakeKind::BadRecord,
+            _ => HandshakeKind::Io,
         };
     };
     rustls_error_kind(inner)
 }
 
 /// The label of [`handshake_failure_kind`] for a rustls error itself.
-pub fn rustls_error_kind(inner: &rustls::Error) -> &'static str {
+pub fn rustls_error_kind(inner: &rustls::Error) -> HandshakeKind {
     use rustls::Error as E;
     match inner {
-        E::NoCertificatesPresented => "no_cert",
+        E::NoCertificatesPresented => HandshakeKind::NoCert,
         E::InvalidCertificate(c) => match c {
-            CertificateError::Revoked => "revoked",
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::Revoked => HandshakeKind::Revoked,
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                HandshakeKind::Expired
+            }
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                "not_yet_valid"
+                HandshakeKind::NotYetValid
             }
-            CertificateError::UnknownIssuer => "unknown_ca",
+            CertificateError::UnknownIssuer => HandshakeKind::UnknownCa,
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
-                "bad_purpose"
+                HandshakeKind::BadPurpose
             }
-            CertificateError::UnknownRevocationStatus => "unknown_revocation",
+            CertificateError::UnknownRevocationStatus => HandshakeKind::UnknownRevocation,
             CertificateError::ExpiredRevocationList
-            | CertificateError::ExpiredRevocationListContext { .. } => "expired_crl",
-            CertificateError::BadSignature => "bad_signature",
-            CertificateError::Other(o) if o.0.is::<ChainTooDeep>() => "chain_too_deep",
-            _ => "bad_certificate",
+            | CertificateError::ExpiredRevocationListContext { .. } => HandshakeKind::ExpiredCrl,
+            CertificateError::BadSignature => HandshakeKind::BadSignature,
+            CertificateError::Other(o) if o.0.is::<ChainTooDeep>() => HandshakeKind::ChainTooDeep,
+            _ => HandshakeKind::BadCertificate,
         },
-        E::PeerIncompatible(_) => "incompatible",
-        E::InvalidMessage(_) => "bad_message",
-        E::NoApplicationProtocol => "no_alpn",
-        _ => "tls_error",
+        E::PeerIncompatible(_) => HandshakeKind::Incompatible,
+        E::InvalidMessage(_) => HandshakeKind::BadMessage,
+        E::NoApplicationProtocol => HandshakeKind::NoAlpn,
+        _ => HandshakeKind::TlsError,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The handshake labels are the metric's label values: fixed, distinct, snake_case.
+    #[test]
+    fn handshake_kinds_are_the_documented_labels() {
+        let labels: Vec<&str> = HandshakeKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(
+            labels.join(","),
+            "ok,timeout,eof,bad_record,io,no_cert,revoked,expired,not_yet_valid,unknown_ca,bad_purpose,unknown_revocation,expired_crl,bad_signature,chain_too_deep,bad_certificate,incompatible,bad_message,no_alpn,tls_error"
+        );
+    }
 
     type Made = (rcgen::CertificateParams, rcgen::KeyPair, rcgen::Certificate);
 

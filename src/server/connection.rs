@@ -28,7 +28,7 @@ use crate::pipeline::identity::ClientIdentity;
 use crate::pipeline::outcome::Rejection;
 use crate::pipeline::service::ClientConnections;
 use crate::pipeline::ConnInfo;
-use crate::tls::{handshake_failure_kind, PresentedCert, REFUSED_CERT};
+use crate::tls::{handshake_failure_kind, HandshakeKind, PresentedCert, REFUSED_CERT};
 
 impl Snapshot {
     pub(super) async fn connection(
@@ -50,7 +50,7 @@ impl Snapshot {
         let tls = match handshake.await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                let kind = handshake_failure_kind(&e);
+                let kind = handshake_failure_kind(&e).as_str();
                 metrics.handshake(kind);
                 let cert = refused.lock().ok().and_then(|mut c| c.take());
                 match cert {
@@ -72,8 +72,8 @@ impl Snapshot {
                 return;
             }
             Err(_) => {
-                metrics.handshake("timeout");
-                tracing::warn!(target: "fhirgate::tls", %peer, kind = "timeout", "handshake timed out");
+                metrics.handshake(HandshakeKind::Timeout.as_str());
+                tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::Timeout.as_str(), "handshake timed out");
                 return;
             }
         };
@@ -83,26 +83,26 @@ impl Snapshot {
                 session.peer_certificates().and_then(|c| c.split_first())
             else {
                 // The verifier makes a certificate mandatory; this is defence in depth.
-                metrics.handshake("no_cert");
-                tracing::warn!(target: "fhirgate::tls", %peer, kind = "no_cert", "no client certificate after handshake");
+                metrics.handshake(HandshakeKind::NoCert.as_str());
+                tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::NoCert.as_str(), "no client certificate after handshake");
                 return;
             };
             let Some(bundle) = self.verifier.bundle_of(leaf, intermediates) else {
-                metrics.handshake("unknown_ca");
+                metrics.handshake(HandshakeKind::UnknownCa.as_str());
                 let c = PresentedCert::from_der(leaf).unwrap_or_default();
-                tracing::warn!(target: "fhirgate::tls", %peer, kind = "unknown_ca", subject = %c.subject, issuer = %c.issuer, serial = %c.serial, not_after = %c.not_after, "verified chain matches no bundle");
+                tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::UnknownCa.as_str(), subject = %c.subject, issuer = %c.issuer, serial = %c.serial, not_after = %c.not_after, "verified chain matches no bundle");
                 return;
             };
             match ClientIdentity::from_der(leaf, bundle) {
                 Ok(id) => id,
                 Err(e) => {
-                    metrics.handshake("bad_certificate");
-                    tracing::warn!(target: "fhirgate::tls", %peer, kind = "bad_certificate", error = %e, "client certificate unreadable");
+                    metrics.handshake(HandshakeKind::BadCertificate.as_str());
+                    tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::BadCertificate.as_str(), error = %e, "client certificate unreadable");
                     return;
                 }
             }
         };
-        metrics.handshake("ok");
+        metrics.handshake(HandshakeKind::Ok.as_str());
         tracing::debug!(target: "fhirgate::tls", %peer, subject = %identity.subject, bundle = %identity.bundle, "handshake ok");
         let max_per_client = self.limits.max_connections_per_client;
         let Some(_slot) = clients.open(&identity.fingerprint_sha256, max_per_client) else {
@@ -147,7 +147,7 @@ impl Snapshot {
             tokio::select! {
                 res = served.as_mut() => {
                     if let Err(e) = res {
-                        let kind = connection_error_kind(&*e);
+                        let kind = connection_error_kind(&*e).as_str();
                         metrics.connection_error(kind);
                         tracing::debug!(%peer, kind, error = %e, "connection ended with error");
                     }
@@ -205,39 +205,90 @@ impl Snapshot {
     }
 }
 
+/// Why hyper ended a connection with an error: the `kind` label of
+/// `fhirgate_connection_errors_total`. A closed set: new labels are added here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionKind {
+    HeadersTooLarge,
+    BadRequest,
+    HeaderTimeout,
+    Incomplete,
+    H2Remote,
+    H2ProtocolError,
+    H2FrameSizeError,
+    H2CompressionError,
+    H2EnhanceYourCalm,
+    H2Error,
+    Io,
+}
+
+impl ConnectionKind {
+    /// Every kind, for tests and documentation.
+    pub const ALL: [ConnectionKind; 11] = [
+        ConnectionKind::HeadersTooLarge,
+        ConnectionKind::BadRequest,
+        ConnectionKind::HeaderTimeout,
+        ConnectionKind::Incomplete,
+        ConnectionKind::H2Remote,
+        ConnectionKind::H2ProtocolError,
+        ConnectionKind::H2FrameSizeError,
+        ConnectionKind::H2CompressionError,
+        ConnectionKind::H2EnhanceYourCalm,
+        ConnectionKind::H2Error,
+        ConnectionKind::Io,
+    ];
+
+    /// The label, byte-identical to the strings used before this enum existed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionKind::HeadersTooLarge => "headers_too_large",
+            ConnectionKind::BadRequest => "bad_request",
+            ConnectionKind::HeaderTimeout => "header_timeout",
+            ConnectionKind::Incomplete => "incomplete",
+            ConnectionKind::H2Remote => "h2_remote",
+            ConnectionKind::H2ProtocolError => "h2_protocol_error",
+            ConnectionKind::H2FrameSizeError => "h2_frame_size_error",
+            ConnectionKind::H2CompressionError => "h2_compression_error",
+            ConnectionKind::H2EnhanceYourCalm => "h2_enhance_your_calm",
+            ConnectionKind::H2Error => "h2_error",
+            ConnectionKind::Io => "io",
+        }
+    }
+}
+
 /// A short, fixed label for why hyper ended a connection with an error.
-fn connection_error_kind(e: &(dyn std::error::Error + 'static)) -> &'static str {
+fn connection_error_kind(e: &(dyn std::error::Error + 'static)) -> ConnectionKind {
     let mut cur = Some(e);
     while let Some(c) = cur {
         if let Some(h) = c.downcast_ref::<hyper::Error>() {
             if h.is_parse_too_large() {
-                return "headers_too_large";
+                return ConnectionKind::HeadersTooLarge;
             }
             if h.is_parse() {
-                return "bad_request";
+                return ConnectionKind::BadRequest;
             }
             if h.is_timeout() {
-                return "header_timeout";
+                return ConnectionKind::HeaderTimeout;
             }
             if h.is_incomplete_message() {
-                return "incomplete";
+                return ConnectionKind::Incomplete;
             }
         }
         if let Some(h) = c.downcast_ref::<h2::Error>() {
             if h.is_remote() {
-                return "h2_remote";
+                return ConnectionKind::H2Remote;
             }
             return match h.reason().map(u32::from) {
-                Some(0x1) => "h2_protocol_error",
-                Some(0x6) => "h2_frame_size_error",
-                Some(0x9) => "h2_compression_error",
-                Some(0xb) => "h2_enhance_your_calm",
-                _ => "h2_error",
+                Some(0x1) => ConnectionKind::H2ProtocolError,
+                Some(0x6) => ConnectionKind::H2FrameSizeError,
+                Some(0x9) => ConnectionKind::H2CompressionError,
+                Some(0xb) => ConnectionKind::H2EnhanceYourCalm,
+                _ => ConnectionKind::H2Error,
             };
         }
         cur = c.source();
     }
-    "io"
+    ConnectionKind::Io
 }
 
 /// Last I/O time, last request start or end, requests being handled and responses
@@ -411,5 +462,17 @@ impl<T: AsyncWrite> AsyncWrite for TrackedIo<T> {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The connection-error labels are the metric's label values: fixed and distinct.
+    #[test]
+    fn connection_kinds_are_the_documented_labels() {
+        let labels: Vec<&str> = ConnectionKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(labels.join(","), "headers_too_large,bad_request,header_timeout,incomplete,h2_remote,h2_protocol_error,h2_frame_size_error,h2_compression_error,h2_enhance_your_calm,h2_error,io");
     }
 }

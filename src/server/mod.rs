@@ -13,6 +13,7 @@ mod connection;
 pub mod lifecycle;
 mod snapshot;
 
+pub use connection::ConnectionKind;
 pub use snapshot::Snapshot;
 
 use std::net::SocketAddr;
