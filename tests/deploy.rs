@@ -386,7 +386,7 @@ fn manifests_run_the_built_image_as_its_user_with_directory_mounts() {
             "{file}"
         );
 
-        // Probes on the admin port, on the paths src/admin.rs serves.
+        // Probes on the admin port, on the paths src/server/admin.rs serves.
         let admin = gw["ports"]
             .as_array()
             .expect("ports")

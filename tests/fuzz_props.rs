@@ -2,7 +2,7 @@
 //! an operator: arbitrary input never panics, and what is accepted satisfies the
 //! invariant the gateway relies on. The coverage-guided versions of the same entry points
 //! are the cargo-fuzz targets in `fuzz/` (see fuzz/README.md). NHSD header decoding has
-//! its own properties in src/nhsd/proptests.rs.
+//! its own properties in src/pipeline/nhsd/proptests.rs.
 
 use std::path::Path;
 

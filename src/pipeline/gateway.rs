@@ -1,8 +1,7 @@
-//! Per-request pipeline: route policy → bearer token → NHSD headers → forward.
-//!
-//! The route is matched first because it decides which later checks apply; a client
-//! whose certificate may not use the route is refused before it can cost an
-//! introspection call.
+//! The [`Gateway`] the stages run in: its state built from one config version, the
+//! steps of each stage that [`Gateway::run`] (in [`crate::pipeline`]) calls in order,
+//! and [`Gateway::handle`], which wraps them with the time budget, echoed ids, the
+//! access line and metrics.
 //!
 //! [`Gateway::handle`] never fails: every refusal is a [`Rejection`] turned into an
 //! `OperationOutcome` by [`crate::pipeline::outcome`], and every request produces one access line.

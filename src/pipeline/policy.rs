@@ -170,7 +170,9 @@ pub fn check_path(path: &str) -> Result<(), PolicyError> {
     // malformed escapes are decoded differently by different servers.
     let decoded = percent_decode(path)
         .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| PolicyError::BadPath("Percent-encoding in the path must be valid UTF-8"))?;
+        .ok_or(PolicyError::BadPath(
+            "Percent-encoding in the path must be valid UTF-8",
+        ))?;
     // Servlet containers (Tomcat, Jetty) drop `;parameters` from a segment before
     // resolving dot segments, so `/metadata/..;/Patient` is `/Patient` to them; and a
     // decoded `%3b` may be read as that `;`.
