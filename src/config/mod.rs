@@ -10,6 +10,10 @@ pub mod error;
 
 pub(crate) use error::err;
 pub use error::ConfigError;
+// Stage config types live with their stage; re-exported so `config::X` keeps working.
+pub use crate::pipeline::forward::IdentityHeaders;
+pub use crate::pipeline::policy::{RouteConfig, TokenRequirement};
+pub use crate::pipeline::upstream::UpstreamConfig;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -319,128 +323,6 @@ impl Default for Limits {
             max_connections_per_client: 0,
         }
     }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// Base URL of the internal FHIR endpoint; its path is prefixed to every request path.
-    pub url: String,
-    /// PEM CA bundle to verify an `https` upstream.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) the gateway presents to an `https` upstream.
-    #[serde(default)]
-    pub client_cert: Option<PathBuf>,
-    #[serde(default)]
-    pub client_key: Option<PathBuf>,
-    #[serde(default = "default_connect_timeout", with = "crate::config::duration")]
-    pub connect_timeout: Duration,
-    /// Time allowed until the upstream's response headers arrive.
-    #[serde(default = "default_response_timeout", with = "crate::config::duration")]
-    pub response_timeout: Duration,
-    #[serde(default = "default_pool_idle", with = "crate::config::duration")]
-    pub pool_idle_timeout: Duration,
-    #[serde(default = "default_pool_max_idle")]
-    pub pool_max_idle_per_host: usize,
-    /// Speak HTTP/2 (prior knowledge for http, ALPN for https) to the upstream.
-    #[serde(default)]
-    pub http2: bool,
-}
-
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_response_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_pool_idle() -> Duration {
-    Duration::from_secs(90)
-}
-fn default_pool_max_idle() -> usize {
-    64
-}
-
-/// Names of the headers that carry the verified client certificate upstream. Any header of
-/// these names sent by a client is removed before the gateway sets its own.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IdentityHeaders {
-    pub subject: String,
-    pub issuer: String,
-    pub fingerprint: String,
-    pub serial: String,
-    pub common_name: String,
-    pub bundle: String,
-}
-
-impl Default for IdentityHeaders {
-    fn default() -> Self {
-        IdentityHeaders {
-            subject: "X-Client-Cert-Subject".into(),
-            issuer: "X-Client-Cert-Issuer".into(),
-            fingerprint: "X-Client-Cert-Fingerprint".into(),
-            serial: "X-Client-Cert-Serial".into(),
-            common_name: "X-Client-Cert-CN".into(),
-            bundle: "X-Client-Cert-Bundle".into(),
-        }
-    }
-}
-
-impl IdentityHeaders {
-    pub fn names(&self) -> [&str; 6] {
-        [
-            &self.subject,
-            &self.issuer,
-            &self.fingerprint,
-            &self.serial,
-            &self.common_name,
-            &self.bundle,
-        ]
-    }
-}
-
-/// A path prefix and who may use it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    pub name: String,
-    /// Matched on whole path segments: `/Patient` matches `/Patient/1`, not `/Patients`.
-    pub path_prefix: String,
-    /// Trust bundles whose clients may use this route; empty means every bundle.
-    #[serde(default)]
-    pub bundles: Vec<String>,
-    /// Glob patterns (`*`, `?`) on the RFC 4514 subject DN.
-    #[serde(default)]
-    pub allow_subjects: Vec<String>,
-    /// Glob patterns on the DNS subject alternative names (case-insensitive).
-    #[serde(default)]
-    pub allow_sans: Vec<String>,
-    /// `required` (default): a valid bearer token; `none`: no token (e.g. /metadata).
-    #[serde(default)]
-    pub token: TokenRequirement,
-    /// Scopes the token must list verbatim, on top of the SMART interaction check.
-    #[serde(default)]
-    pub required_scopes: Vec<String>,
-    /// NHSD header policy for this route, replacing `nhsd.headers`.
-    #[serde(default)]
-    pub nhsd: Option<NhsdPolicy>,
-    /// Send the client's `Authorization` header (and an `access_token` query parameter)
-    /// on to the upstream. Off by default: the upstream gets the verified facts as
-    /// `X-Fhirgate-*` headers, never a replayable token.
-    #[serde(default)]
-    pub forward_token: bool,
-    /// Replaces the top-level `service_levels` field by field for this route.
-    #[serde(default)]
-    pub service_levels: ServiceLevelsConfig,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum TokenRequirement {
-    #[default]
-    Required,
-    None,
 }
 
 /// Reads a YAML file into `T` (e.g. the sender profile of `fhirgate client`), so that

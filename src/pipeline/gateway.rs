@@ -17,14 +17,15 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::config::{Config, ConfigError, IdentityHeaders, NhsdConfig, TokenRequirement};
+use crate::config::{Config, ConfigError, NhsdConfig};
 use crate::metrics::{HeaderLabel, Metrics};
 use crate::pipeline::auth::{self, scope, Authoriser};
 use crate::pipeline::forward;
+use crate::pipeline::forward::IdentityHeaders;
 use crate::pipeline::identity::ClientIdentity;
 use crate::pipeline::nhsd;
 use crate::pipeline::outcome::{Body, Refuse, Rejection};
-use crate::pipeline::policy::{prefix_covers, PolicyError, Route, RoutePolicy};
+use crate::pipeline::policy::{prefix_covers, PolicyError, Route, RoutePolicy, TokenRequirement};
 use crate::pipeline::service::{self, Levels, LimitKey, Limiters, ServiceLevels, Unmatched};
 use crate::pipeline::tracecontext::TraceContext;
 use crate::pipeline::upstream::{Upstream, UpstreamBody, UpstreamError};

@@ -8,10 +8,12 @@
 
 use wildmatch::WildMatch;
 
-use crate::config::{RouteConfig, TokenRequirement};
+use serde::Deserialize;
+
 use crate::pipeline::identity::ClientIdentity;
 use crate::pipeline::nhsd::NhsdPolicy;
 use crate::pipeline::outcome::{ErrorSource, Refuse, Rejection};
+use crate::pipeline::service::ServiceLevelsConfig;
 
 /// A compiled route.
 #[derive(Debug)]
@@ -212,6 +214,49 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
         }
     }
     Some(out)
+}
+
+/// A path prefix and who may use it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Matched on whole path segments: `/Patient` matches `/Patient/1`, not `/Patients`.
+    pub path_prefix: String,
+    /// Trust bundles whose clients may use this route; empty means every bundle.
+    #[serde(default)]
+    pub bundles: Vec<String>,
+    /// Glob patterns (`*`, `?`) on the RFC 4514 subject DN.
+    #[serde(default)]
+    pub allow_subjects: Vec<String>,
+    /// Glob patterns on the DNS subject alternative names (case-insensitive).
+    #[serde(default)]
+    pub allow_sans: Vec<String>,
+    /// `required` (default): a valid bearer token; `none`: no token (e.g. /metadata).
+    #[serde(default)]
+    pub token: TokenRequirement,
+    /// Scopes the token must list verbatim, on top of the SMART interaction check.
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// NHSD header policy for this route, replacing `nhsd.headers`.
+    #[serde(default)]
+    pub nhsd: Option<NhsdPolicy>,
+    /// Send the client's `Authorization` header (and an `access_token` query parameter)
+    /// on to the upstream. Off by default: the upstream gets the verified facts as
+    /// `X-Fhirgate-*` headers, never a replayable token.
+    #[serde(default)]
+    pub forward_token: bool,
+    /// Replaces the top-level `service_levels` field by field for this route.
+    #[serde(default)]
+    pub service_levels: ServiceLevelsConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenRequirement {
+    #[default]
+    Required,
+    None,
 }
 
 #[cfg(test)]

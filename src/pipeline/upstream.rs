@@ -16,7 +16,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{err, ConfigError, UpstreamConfig};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::config::error::{err, ConfigError};
 use crate::pipeline::outcome::{ErrorSource, Refuse, Rejection};
 use crate::tls::client_connector;
 
@@ -184,4 +188,45 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+/// `upstream:` in the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of the internal FHIR endpoint; its path is prefixed to every request path.
+    pub url: String,
+    /// PEM CA bundle to verify an `https` upstream.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) the gateway presents to an `https` upstream.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout", with = "crate::config::duration")]
+    pub connect_timeout: Duration,
+    /// Time allowed until the upstream's response headers arrive.
+    #[serde(default = "default_response_timeout", with = "crate::config::duration")]
+    pub response_timeout: Duration,
+    #[serde(default = "default_pool_idle", with = "crate::config::duration")]
+    pub pool_idle_timeout: Duration,
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle_per_host: usize,
+    /// Speak HTTP/2 (prior knowledge for http, ALPN for https) to the upstream.
+    #[serde(default)]
+    pub http2: bool,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_pool_idle() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_pool_max_idle() -> usize {
+    64
 }
