@@ -30,8 +30,9 @@ use sha2::{Digest, Sha256};
 use x509_parser::extensions::{DistributionPointName, GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::config::{err, ConfigError, TlsConfig};
+use crate::config::error::{err, ConfigError};
 use crate::metrics::{CrlFailureLabel, CrlLabel, Metrics};
+use crate::tls::TlsConfig;
 use crate::tls::{LoadedBundle, LoadedCrl};
 
 /// The last good fetched CRLs, by bundle name: an immutable copy handed to the verifier,

@@ -8,8 +8,9 @@
 //! against the root's CRL, and a client under another SubCA of the same root is refused.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
@@ -25,10 +26,9 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyD
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::prelude::X509Certificate;
 
-use crate::config::{err, ConfigError};
-use crate::config::{
-    AnchorMode, RevocationConfig, RevocationScope, TlsConfig, TrustBundleConfig, UnknownRevocation,
-};
+use serde::Deserialize;
+
+use crate::config::error::{err, ConfigError};
 
 /// The crypto provider used for every TLS context of the gateway.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -1274,6 +1274,149 @@ pub fn rustls_error_kind(inner: &rustls::Error) -> HandshakeKind {
         E::InvalidMessage(_) => HandshakeKind::BadMessage,
         E::NoApplicationProtocol => HandshakeKind::NoAlpn,
         _ => HandshakeKind::TlsError,
+    }
+}
+
+// === The `tls:` section of the config ===
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM: the server leaf first, then any intermediates to send.
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub trust_bundles: Vec<TrustBundleConfig>,
+    #[serde(default)]
+    pub revocation: RevocationConfig,
+    /// Longest chain accepted from a client, leaf included.
+    #[serde(default = "default_verify_depth")]
+    pub verify_depth: usize,
+    #[serde(
+        default = "default_handshake_timeout",
+        with = "crate::config::duration"
+    )]
+    pub handshake_timeout: Duration,
+    /// Last good CRLs fetched over HTTP, per bundle: set by the running server (never
+    /// read from YAML) so that the verifier is built from files and fetched CRLs alike.
+    #[serde(skip)]
+    pub fetched_crls: crate::revocation::FetchedCrls,
+}
+
+fn default_verify_depth() -> usize {
+    4
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A named set of CA certificates, e.g. the NHS INT or PROD Root CA + SubCA.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustBundleConfig {
+    pub name: String,
+    /// PEM or DER files with the Root CA and SubCA certificates of this chain. The
+    /// self-signed Root CA is the trust anchor; SubCAs are pinned intermediates.
+    pub ca_files: Vec<PathBuf>,
+    /// PEM or DER CRLs published by the CAs of this chain.
+    #[serde(default)]
+    pub crl_files: Vec<PathBuf>,
+    /// `root` (default): the self-signed Root CA is the anchor. `subca`: the listed
+    /// SubCAs are anchors (no Root CA available), so a revoked SubCA cannot be detected.
+    #[serde(default)]
+    pub anchor: AnchorMode,
+    /// http:// URLs the CAs of this chain publish their CRLs at; fetched at start and
+    /// every `revocation.refresh_interval` (see [`crate::revocation`]).
+    #[serde(default)]
+    pub crl_urls: Vec<String>,
+}
+
+/// Which configured CA certificates are trust anchors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AnchorMode {
+    /// Self-signed roots are anchors; every other CA is a pinned intermediate whose
+    /// revocation is checked against its issuer's CRL.
+    #[default]
+    Root,
+    /// Every listed CA is an anchor (opt-in for bundles without their Root CA).
+    Subca,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationScope {
+    /// Check every certificate of the chain (needs a CRL from each issuing CA).
+    #[default]
+    Chain,
+    /// Check only the client's leaf certificate.
+    EndEntity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownRevocation {
+    /// A certificate with no CRL from its issuer is refused (fail closed).
+    #[default]
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RevocationConfig {
+    pub scope: RevocationScope,
+    pub unknown_status: UnknownRevocation,
+    /// Refuse clients when a CRL is past its nextUpdate. Unset: true outside
+    /// `environment: development` ([`Config::from_yaml`] fills it in).
+    pub enforce_crl_expiry: Option<bool>,
+    /// Warn (log, `check`, `/readyz`) this long before a CRL's nextUpdate.
+    #[serde(with = "humantime_serde")]
+    pub warn_before: Duration,
+    /// Also fetch the CRLs named in the CRL Distribution Points of the bundle's CAs and
+    /// of the client certificates they issued.
+    pub fetch_distribution_points: bool,
+    /// How often fetched CRLs are refreshed (default 1h); they are also fetched again
+    /// shortly before a held CRL's nextUpdate.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// Time allowed for one CRL download, connect to last byte (default 10s).
+    #[serde(with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// Largest CRL accepted (default 10 MiB).
+    pub max_crl_bytes: u64,
+    /// Where the last good fetched CRLs are kept across restarts; none: memory only.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        RevocationConfig {
+            scope: RevocationScope::default(),
+            unknown_status: UnknownRevocation::default(),
+            enforce_crl_expiry: None,
+            warn_before: Duration::from_secs(24 * 3600),
+            fetch_distribution_points: false,
+            refresh_interval: Duration::from_secs(3600),
+            fetch_timeout: Duration::from_secs(10),
+            max_crl_bytes: 10 * 1024 * 1024,
+            cache_dir: None,
+        }
+    }
+}
+
+impl RevocationConfig {
+    /// Whether a CRL past its nextUpdate refuses clients (true unless development set it).
+    pub fn enforce_crl_expiry(&self) -> bool {
+        self.enforce_crl_expiry.unwrap_or(true)
+    }
+    pub fn refresh_interval(&self) -> Duration {
+        self.refresh_interval
+    }
+    pub fn fetch_timeout(&self) -> Duration {
+        self.fetch_timeout
+    }
+    pub fn max_crl_bytes(&self) -> u64 {
+        self.max_crl_bytes
     }
 }
 
