@@ -4,7 +4,9 @@
 //! - [`server`]: the process side: accept loop, TLS handshake, per-connection serving,
 //!   config snapshots, lifecycle (signals, reload, readiness) and the admin listener.
 //! - [`pipeline`]: the request pipeline, one module per stage, in README order.
-//! - [`config`]: the only reader of YAML; [`lint`] judges a loaded config.
+//! - [`config`]: the only reader of YAML (root `Config`, load, cross-section checks);
+//!   each section's type lives with its stage and is re-exported there; [`lint`] judges a
+//!   loaded config.
 //! - [`tls`], [`revocation`], [`watch`]: trust material, CRLs and file watching, shared by
 //!   the server and every outbound client.
 //! - [`metrics`], `otlp` (feature `otlp`): what the gateway reports.
