@@ -1,32 +1,28 @@
 //! fhirgate: a mutual-TLS security gateway for NHS FHIR APIs.
 //!
-//! A request flows through one module per stage:
-//! [`listener`] (TCP + TLS handshake) → [`identity`] (verified client certificate) →
-//! [`policy`] (route policy) → [`forward`] (upstream) → response; every refusal becomes
-//! a FHIR `OperationOutcome` in [`outcome`]. [`config`] is the only reader of YAML.
+//! Crate map (README.md "What the gateway does to a request" gives the stage numbers):
+//! - [`server`]: the process side: accept loop, TLS handshake, per-connection serving,
+//!   config snapshots, lifecycle (signals, reload, readiness) and the admin listener.
+//! - [`pipeline`]: the request pipeline, one module per stage, in README order.
+//! - [`config`]: the only reader of YAML (root `Config`, load, cross-section checks);
+//!   each section's type lives with its stage and is re-exported there; [`lint`] judges a
+//!   loaded config.
+//! - [`tls`], [`revocation`], [`watch`]: trust material, CRLs and file watching, shared by
+//!   the server and every outbound client.
+//! - [`metrics`], `otlp` (feature `otlp`): what the gateway reports.
+//! - `tools` (feature `tools`, on by default): development and sender tools (dev PKI,
+//!   dev authorisation server, sender client, demo, certificate inspection); not needed
+//!   to run the gateway.
 
-pub mod admin;
-pub mod auth;
-pub mod client;
 pub mod config;
-pub mod devauth;
-pub mod devstack;
-pub mod forward;
-pub mod gateway;
-pub mod identity;
-pub mod inspect;
 pub mod lint;
-pub mod listener;
 pub mod metrics;
-pub mod nhsd;
 #[cfg(feature = "otlp")]
 pub mod otlp;
-pub mod outcome;
-pub mod pki;
-pub mod policy;
+pub mod pipeline;
 pub mod revocation;
-pub mod service;
+pub mod server;
 pub mod tls;
-pub mod tracecontext;
-pub mod upstream;
+#[cfg(feature = "tools")]
+pub mod tools;
 pub mod watch;

@@ -8,11 +8,11 @@
 use std::fmt;
 use std::path::Path;
 
-use crate::auth::AuthMode;
 use crate::config::{
     Config, Environment, RevocationConfig, TokenRequirement, TrustBundleConfig, UnknownRevocation,
 };
-use crate::nhsd::HeaderRequirement;
+use crate::pipeline::auth::AuthMode;
+use crate::pipeline::nhsd::HeaderRequirement;
 
 /// One risky setting: the dotted field path, what is risky, and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]

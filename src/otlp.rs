@@ -25,8 +25,8 @@ use opentelemetry_sdk::trace::{
 };
 use opentelemetry_sdk::Resource;
 
-use crate::config::{err, ConfigError};
-use crate::tracecontext::{TelemetryConfig, TraceContext};
+use crate::config::error::{err, ConfigError};
+use crate::pipeline::tracecontext::{TelemetryConfig, TraceContext};
 
 /// What one request contributes to its span.
 pub struct RequestSpan<'a> {

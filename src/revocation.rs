@@ -30,8 +30,9 @@ use sha2::{Digest, Sha256};
 use x509_parser::extensions::{DistributionPointName, GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::config::{err, ConfigError, TlsConfig};
+use crate::config::error::{err, ConfigError};
 use crate::metrics::{CrlFailureLabel, CrlLabel, Metrics};
+use crate::tls::TlsConfig;
 use crate::tls::{LoadedBundle, LoadedCrl};
 
 /// The last good fetched CRLs, by bundle name: an immutable copy handed to the verifier,
@@ -177,35 +178,15 @@ impl Observer {
 /// fetched CRLs but holds none yet (CRL host unreachable at first start, no cache).
 /// webpki checks no revocation at all when a verifier has no CRL, which would fail open;
 /// with this one present, `unknown_status` decides (deny: refused until a CRL arrives).
+///
+/// The CRL is fixed (made once with `openssl ca -gencrl`, next update in 2126; the
+/// signing key was discarded), so the gateway needs no certificate generator at run time.
 fn placeholder() -> Option<CertificateRevocationListDer<'static>> {
-    static ONE: std::sync::OnceLock<Option<CertificateRevocationListDer<'static>>> =
-        std::sync::OnceLock::new();
-    ONE.get_or_init(|| {
-        let make = || -> Result<CertificateRevocationListDer<'static>, rcgen::Error> {
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
-            ca.distinguished_name.push(
-                rcgen::DnType::CommonName,
-                "fhirgate placeholder: no CRL fetched yet",
-            );
-            ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-            ca.key_usages = vec![rcgen::KeyUsagePurpose::CrlSign];
-            let now = time::OffsetDateTime::now_utc();
-            let crl = rcgen::CertificateRevocationListParams {
-                this_update: now,
-                next_update: now + time::Duration::days(36500),
-                crl_number: rcgen::SerialNumber::from(1u64),
-                issuing_distribution_point: None,
-                revoked_certs: Vec::new(),
-                key_identifier_method: rcgen::KeyIdMethod::Sha256,
-            }
-            .signed_by(&rcgen::Issuer::from_params(&ca, &key))?;
-            Ok(CertificateRevocationListDer::from(crl.der().to_vec()))
-        };
-        make().ok()
-    })
-    .clone()
+    Some(CertificateRevocationListDer::from(PLACEHOLDER_CRL))
 }
+
+/// Issuer `CN=fhirgate placeholder: no CRL fetched yet`, CRL number 1, no entries.
+const PLACEHOLDER_CRL: &[u8] = include_bytes!("placeholder-crl.der");
 
 /// Checks a configured CRL URL: http:// with a host (RFC 5280 §4.2.1.13 names HTTP for
 /// CRLs; a signed CRL needs no TLS, and https would make revocation depend on a
@@ -1006,6 +987,25 @@ pub fn describe(tls: &TlsConfig) -> Result<String, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fixed placeholder CRL still does its job: webpki parses it (v2, RFC 5280
+    /// §5.1.2.1), and its issuer and far-off nextUpdate are what the docs above say.
+    #[test]
+    fn placeholder_crl_is_a_v2_crl_webpki_accepts() {
+        use x509_parser::prelude::FromDer;
+        let der = placeholder().expect("placeholder");
+        webpki::OwnedCertRevocationList::from_der(der.as_ref()).expect("webpki parses it");
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
+                .expect("x509-parser parses it");
+        assert_eq!(
+            crl.issuer().to_string(),
+            "CN=fhirgate placeholder: no CRL fetched yet"
+        );
+        assert_eq!(crl.iter_revoked_certificates().count(), 0);
+        // 2100-01-01: decades beyond any deployment of this version.
+        assert!(crl.next_update().expect("nextUpdate").timestamp() > 4_102_444_800);
+    }
 
     #[test]
     fn only_http_urls_with_a_host() {

@@ -8,8 +8,9 @@
 //! against the root's CRL, and a client under another SubCA of the same root is refused.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
@@ -25,10 +26,9 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyD
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::prelude::X509Certificate;
 
-use crate::config::{err, ConfigError};
-use crate::config::{
-    AnchorMode, RevocationConfig, RevocationScope, TlsConfig, TrustBundleConfig, UnknownRevocation,
-};
+use serde::Deserialize;
+
+use crate::config::error::{err, ConfigError};
 
 /// The crypto provider used for every TLS context of the gateway.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -225,16 +225,16 @@ pub fn parse_crl(field: &str, source: &str, der: Vec<u8>) -> Result<LoadedCrl, C
 fn webpki_accepts_crl(crl: &CertificateRevocationListDer<'static>) -> Result<(), String> {
     use rustls::server::VerifierBuilderError as V;
     use rustls::CertRevocationListError as C;
-    // Any anchor will do: only the CRL's own encoding is examined at build time.
+    // Any anchor will do: only the CRL's own encoding is examined at build time. This
+    // one is the issuer of the placeholder CRL (crate::revocation), a fixed certificate
+    // whose key was discarded, so no certificate generator is needed at run time.
     static DUMMY: std::sync::OnceLock<Option<Arc<RootCertStore>>> = std::sync::OnceLock::new();
     let Some(roots) = DUMMY.get_or_init(|| {
-        let key = rcgen::KeyPair::generate().ok()?;
-        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
-            .ok()?
-            .self_signed(&key)
-            .ok()?;
         let mut r = RootCertStore::empty();
-        r.add(cert.der().clone()).ok()?;
+        r.add(CertificateDer::from(
+            &include_bytes!("placeholder-ca.der")[..],
+        ))
+        .ok()?;
         Some(Arc::new(r))
     }) else {
         return Ok(());
@@ -1127,53 +1127,312 @@ pub fn server_tls_with(
     })
 }
 
+/// Why a TLS handshake ended, as the `result` label of `fhirgate_tls_handshakes_total`
+/// and the `kind` of the refusal log line. A closed set: new labels are added here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeKind {
+    /// The handshake succeeded and the certificate matched a bundle.
+    Ok,
+    /// `tls.handshake_timeout` passed.
+    Timeout,
+    /// The client closed the connection.
+    Eof,
+    /// Not a TLS record.
+    BadRecord,
+    /// Another I/O error.
+    Io,
+    /// No client certificate.
+    NoCert,
+    /// On a CRL.
+    Revoked,
+    /// Past notAfter.
+    Expired,
+    /// Before notBefore.
+    NotYetValid,
+    /// Chains to no configured bundle.
+    UnknownCa,
+    /// No clientAuth extended key usage.
+    BadPurpose,
+    /// No CRL can say (with `unknown_status: deny`).
+    UnknownRevocation,
+    /// The CRL is past nextUpdate (with `enforce_crl_expiry`).
+    ExpiredCrl,
+    /// A signature in the chain does not verify.
+    BadSignature,
+    /// More intermediates than allowed.
+    ChainTooDeep,
+    /// Any other certificate fault.
+    BadCertificate,
+    /// No common version, cipher suite or signature scheme.
+    Incompatible,
+    /// A malformed handshake message.
+    BadMessage,
+    /// No common ALPN protocol.
+    NoAlpn,
+    /// Any other TLS error.
+    TlsError,
+}
+
+impl HandshakeKind {
+    /// Every kind, for tests and documentation.
+    pub const ALL: [HandshakeKind; 20] = [
+        HandshakeKind::Ok,
+        HandshakeKind::Timeout,
+        HandshakeKind::Eof,
+        HandshakeKind::BadRecord,
+        HandshakeKind::Io,
+        HandshakeKind::NoCert,
+        HandshakeKind::Revoked,
+        HandshakeKind::Expired,
+        HandshakeKind::NotYetValid,
+        HandshakeKind::UnknownCa,
+        HandshakeKind::BadPurpose,
+        HandshakeKind::UnknownRevocation,
+        HandshakeKind::ExpiredCrl,
+        HandshakeKind::BadSignature,
+        HandshakeKind::ChainTooDeep,
+        HandshakeKind::BadCertificate,
+        HandshakeKind::Incompatible,
+        HandshakeKind::BadMessage,
+        HandshakeKind::NoAlpn,
+        HandshakeKind::TlsError,
+    ];
+
+    /// The label, byte-identical to the strings used before this enum existed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeKind::Ok => "ok",
+            HandshakeKind::Timeout => "timeout",
+            HandshakeKind::Eof => "eof",
+            HandshakeKind::BadRecord => "bad_record",
+            HandshakeKind::Io => "io",
+            HandshakeKind::NoCert => "no_cert",
+            HandshakeKind::Revoked => "revoked",
+            HandshakeKind::Expired => "expired",
+            HandshakeKind::NotYetValid => "not_yet_valid",
+            HandshakeKind::UnknownCa => "unknown_ca",
+            HandshakeKind::BadPurpose => "bad_purpose",
+            HandshakeKind::UnknownRevocation => "unknown_revocation",
+            HandshakeKind::ExpiredCrl => "expired_crl",
+            HandshakeKind::BadSignature => "bad_signature",
+            HandshakeKind::ChainTooDeep => "chain_too_deep",
+            HandshakeKind::BadCertificate => "bad_certificate",
+            HandshakeKind::Incompatible => "incompatible",
+            HandshakeKind::BadMessage => "bad_message",
+            HandshakeKind::NoAlpn => "no_alpn",
+            HandshakeKind::TlsError => "tls_error",
+        }
+    }
+}
+
+impl std::fmt::Display for HandshakeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Short, stable label for a failed handshake, for logs and metrics.
-pub fn handshake_failure_kind(err: &std::io::Error) -> &'static str {
+pub fn handshake_failure_kind(err: &std::io::Error) -> HandshakeKind {
     let Some(inner) = err
         .get_ref()
         .and_then(|e| e.downcast_ref::<rustls::Error>())
     else {
         return match err.kind() {
-            std::io::ErrorKind::UnexpectedEof => "eof",
-            std::io::ErrorKind::InvalidData => "bad_record",
-            _ => "io",
+            std::io::ErrorKind::UnexpectedEof => HandshakeKind::Eof,
+            std::io::ErrorKind::InvalidData => HandshakeKind::BadRecord,
+            _ => HandshakeKind::Io,
         };
     };
     rustls_error_kind(inner)
 }
 
 /// The label of [`handshake_failure_kind`] for a rustls error itself.
-pub fn rustls_error_kind(inner: &rustls::Error) -> &'static str {
+pub fn rustls_error_kind(inner: &rustls::Error) -> HandshakeKind {
     use rustls::Error as E;
     match inner {
-        E::NoCertificatesPresented => "no_cert",
+        E::NoCertificatesPresented => HandshakeKind::NoCert,
         E::InvalidCertificate(c) => match c {
-            CertificateError::Revoked => "revoked",
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::Revoked => HandshakeKind::Revoked,
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                HandshakeKind::Expired
+            }
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                "not_yet_valid"
+                HandshakeKind::NotYetValid
             }
-            CertificateError::UnknownIssuer => "unknown_ca",
+            CertificateError::UnknownIssuer => HandshakeKind::UnknownCa,
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
-                "bad_purpose"
+                HandshakeKind::BadPurpose
             }
-            CertificateError::UnknownRevocationStatus => "unknown_revocation",
+            CertificateError::UnknownRevocationStatus => HandshakeKind::UnknownRevocation,
             CertificateError::ExpiredRevocationList
-            | CertificateError::ExpiredRevocationListContext { .. } => "expired_crl",
-            CertificateError::BadSignature => "bad_signature",
-            CertificateError::Other(o) if o.0.is::<ChainTooDeep>() => "chain_too_deep",
-            _ => "bad_certificate",
+            | CertificateError::ExpiredRevocationListContext { .. } => HandshakeKind::ExpiredCrl,
+            CertificateError::BadSignature => HandshakeKind::BadSignature,
+            CertificateError::Other(o) if o.0.is::<ChainTooDeep>() => HandshakeKind::ChainTooDeep,
+            _ => HandshakeKind::BadCertificate,
         },
-        E::PeerIncompatible(_) => "incompatible",
-        E::InvalidMessage(_) => "bad_message",
-        E::NoApplicationProtocol => "no_alpn",
-        _ => "tls_error",
+        E::PeerIncompatible(_) => HandshakeKind::Incompatible,
+        E::InvalidMessage(_) => HandshakeKind::BadMessage,
+        E::NoApplicationProtocol => HandshakeKind::NoAlpn,
+        _ => HandshakeKind::TlsError,
+    }
+}
+
+// === The `tls:` section of the config ===
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM: the server leaf first, then any intermediates to send.
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub trust_bundles: Vec<TrustBundleConfig>,
+    #[serde(default)]
+    pub revocation: RevocationConfig,
+    /// Longest chain accepted from a client, leaf included.
+    #[serde(default = "default_verify_depth")]
+    pub verify_depth: usize,
+    #[serde(
+        default = "default_handshake_timeout",
+        with = "crate::config::duration"
+    )]
+    pub handshake_timeout: Duration,
+    /// Last good CRLs fetched over HTTP, per bundle: set by the running server (never
+    /// read from YAML) so that the verifier is built from files and fetched CRLs alike.
+    #[serde(skip)]
+    pub fetched_crls: crate::revocation::FetchedCrls,
+}
+
+fn default_verify_depth() -> usize {
+    4
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A named set of CA certificates, e.g. the NHS INT or PROD Root CA + SubCA.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustBundleConfig {
+    pub name: String,
+    /// PEM or DER files with the Root CA and SubCA certificates of this chain. The
+    /// self-signed Root CA is the trust anchor; SubCAs are pinned intermediates.
+    pub ca_files: Vec<PathBuf>,
+    /// PEM or DER CRLs published by the CAs of this chain.
+    #[serde(default)]
+    pub crl_files: Vec<PathBuf>,
+    /// `root` (default): the self-signed Root CA is the anchor. `subca`: the listed
+    /// SubCAs are anchors (no Root CA available), so a revoked SubCA cannot be detected.
+    #[serde(default)]
+    pub anchor: AnchorMode,
+    /// http:// URLs the CAs of this chain publish their CRLs at; fetched at start and
+    /// every `revocation.refresh_interval` (see [`crate::revocation`]).
+    #[serde(default)]
+    pub crl_urls: Vec<String>,
+}
+
+/// Which configured CA certificates are trust anchors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AnchorMode {
+    /// Self-signed roots are anchors; every other CA is a pinned intermediate whose
+    /// revocation is checked against its issuer's CRL.
+    #[default]
+    Root,
+    /// Every listed CA is an anchor (opt-in for bundles without their Root CA).
+    Subca,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationScope {
+    /// Check every certificate of the chain (needs a CRL from each issuing CA).
+    #[default]
+    Chain,
+    /// Check only the client's leaf certificate.
+    EndEntity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownRevocation {
+    /// A certificate with no CRL from its issuer is refused (fail closed).
+    #[default]
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RevocationConfig {
+    pub scope: RevocationScope,
+    pub unknown_status: UnknownRevocation,
+    /// Refuse clients when a CRL is past its nextUpdate. Unset: true outside
+    /// `environment: development` ([`Config::from_yaml`] fills it in).
+    pub enforce_crl_expiry: Option<bool>,
+    /// Warn (log, `check`, `/readyz`) this long before a CRL's nextUpdate.
+    #[serde(with = "humantime_serde")]
+    pub warn_before: Duration,
+    /// Also fetch the CRLs named in the CRL Distribution Points of the bundle's CAs and
+    /// of the client certificates they issued.
+    pub fetch_distribution_points: bool,
+    /// How often fetched CRLs are refreshed (default 1h); they are also fetched again
+    /// shortly before a held CRL's nextUpdate.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// Time allowed for one CRL download, connect to last byte (default 10s).
+    #[serde(with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// Largest CRL accepted (default 10 MiB).
+    pub max_crl_bytes: u64,
+    /// Where the last good fetched CRLs are kept across restarts; none: memory only.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        RevocationConfig {
+            scope: RevocationScope::default(),
+            unknown_status: UnknownRevocation::default(),
+            enforce_crl_expiry: None,
+            warn_before: Duration::from_secs(24 * 3600),
+            fetch_distribution_points: false,
+            refresh_interval: Duration::from_secs(3600),
+            fetch_timeout: Duration::from_secs(10),
+            max_crl_bytes: 10 * 1024 * 1024,
+            cache_dir: None,
+        }
+    }
+}
+
+impl RevocationConfig {
+    /// Whether a CRL past its nextUpdate refuses clients (true unless development set it).
+    pub fn enforce_crl_expiry(&self) -> bool {
+        self.enforce_crl_expiry.unwrap_or(true)
+    }
+    pub fn refresh_interval(&self) -> Duration {
+        self.refresh_interval
+    }
+    pub fn fetch_timeout(&self) -> Duration {
+        self.fetch_timeout
+    }
+    pub fn max_crl_bytes(&self) -> u64 {
+        self.max_crl_bytes
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The handshake labels are the metric's label values: fixed, distinct, snake_case.
+    #[test]
+    fn handshake_kinds_are_the_documented_labels() {
+        let labels: Vec<&str> = HandshakeKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(
+            labels.join(","),
+            "ok,timeout,eof,bad_record,io,no_cert,revoked,expired,not_yet_valid,unknown_ca,bad_purpose,unknown_revocation,expired_crl,bad_signature,chain_too_deep,bad_certificate,incompatible,bad_message,no_alpn,tls_error"
+        );
+    }
 
     type Made = (rcgen::CertificateParams, rcgen::KeyPair, rcgen::Certificate);
 

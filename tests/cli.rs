@@ -555,7 +555,7 @@ routes:
 
     // The gateway itself on this config, and fhirgate client against it.
     let config = fhirgate::config::Config::load(&cfg).unwrap();
-    let _gw = fhirgate::listener::start(&config)
+    let _gw = fhirgate::server::start(&config)
         .await
         .expect("gateway starts");
     let url = format!("https://localhost:{port}/metadata");

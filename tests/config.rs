@@ -222,8 +222,8 @@ fn shipped_config_is_valid_with_a_dev_pki() {
     let dir = tempfile::tempdir().unwrap();
     let shipped =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml")).unwrap();
-    fhirgate::pki::ensure_dev_pki(&dir.path().join("certs/dev")).unwrap();
-    fhirgate::devauth::ensure_credentials(&dir.path().join("certs/dev")).unwrap();
+    fhirgate::tools::pki::ensure_dev_pki(&dir.path().join("certs/dev")).unwrap();
+    fhirgate::tools::devauth::ensure_credentials(&dir.path().join("certs/dev")).unwrap();
     let cfg = Config::from_yaml(&shipped, dir.path()).expect("shipped config.yaml is valid");
     fhirgate::tls::server_tls(&cfg.tls).expect("shipped TLS config builds");
 }

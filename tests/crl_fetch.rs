@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use fhirgate::config::Config;
-use fhirgate::listener;
+use fhirgate::server;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -388,7 +388,7 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
     assert!(stdout.contains("not cached yet"), "{stdout}");
     assert_eq!(hits.load(Ordering::Relaxed), 0, "check fetched nothing");
     assert!(!cache.exists(), "check wrote nothing");
-    let running = listener::start(&cfg).await.unwrap();
+    let running = server::start(&cfg).await.unwrap();
     let addr = running.addrs[0];
     let metrics = running.server().metrics().clone();
     let alice = pki.client(&pki.alice);
@@ -555,7 +555,7 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
         "check fetched nothing"
     );
 
-    let running = listener::start(&cfg).await.unwrap();
+    let running = server::start(&cfg).await.unwrap();
     let addr = running.addrs[0];
     let text = running.server().metrics().encode();
     assert!(
@@ -579,7 +579,7 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
         &pki.path("empty-cache").display().to_string(),
     );
     let cfg = Config::from_yaml(&empty, Path::new("/")).unwrap();
-    let running = listener::start(&cfg).await.unwrap();
+    let running = server::start(&cfg).await.unwrap();
     // (webpki alone would check nothing with no CRL at all: that must not fail open.)
     assert!(
         !accepted(&alice, running.addrs[0]).await,
@@ -778,7 +778,7 @@ cache_dir: {}\n",
         ),
     );
     let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let running = listener::start(&cfg).await.unwrap();
+    let running = server::start(&cfg).await.unwrap();
     let addr = running.addrs[0];
     let alice = pki.client(&pki.alice);
 
@@ -863,7 +863,7 @@ async fn url_added_on_reload_is_fetched_at_once_and_beats_an_older_crl_file() {
     let tls_extra = "  revocation:\n    refresh_interval: 1h\n";
     let yaml = gateway_yaml(&pki, up, &files, tls_extra);
     let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap();
-    let running = listener::start(&cfg).await.unwrap();
+    let running = server::start(&cfg).await.unwrap();
     let addr = running.addrs[0];
     let bob = pki.client(&pki.bob);
     assert!(

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fhirgate::pki::DevPki;
+use fhirgate::tools::pki::DevPki;
 use serde_json::Value;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -395,7 +395,7 @@ fn manifests_run_the_built_image_as_its_user_with_directory_mounts() {
             "{file}"
         );
 
-        // Probes on the admin port, on the paths src/admin.rs serves.
+        // Probes on the admin port, on the paths src/server/admin.rs serves.
         let admin = gw["ports"]
             .as_array()
             .expect("ports")

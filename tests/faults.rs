@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use fhirgate::config::Config;
-use fhirgate::listener::Running;
+use fhirgate::server::Running;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use support::*;
@@ -255,7 +255,7 @@ async fn upstream_faults_get_the_right_status_and_nothing_is_lost() {
         o.upstream_extra = String::new();
         let yaml = config_yaml(&pki, &o).replace(&format!("http://{up}"), &url);
         let cfg = Config::from_yaml(&yaml, Path::new("/")).expect("config");
-        let gw = fhirgate::listener::start(&cfg).await.expect("start");
+        let gw = fhirgate::server::start(&cfg).await.expect("start");
         let addr = gw.addrs[0];
         let t = Instant::now();
         send(&h1, addr, get("/metadata"))

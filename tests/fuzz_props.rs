@@ -2,13 +2,13 @@
 //! an operator: arbitrary input never panics, and what is accepted satisfies the
 //! invariant the gateway relies on. The coverage-guided versions of the same entry points
 //! are the cargo-fuzz targets in `fuzz/` (see fuzz/README.md). NHSD header decoding has
-//! its own properties in src/nhsd/proptests.rs.
+//! its own properties in src/pipeline/nhsd/proptests.rs.
 
 use std::path::Path;
 
-use fhirgate::auth::{bearer, introspect, scope};
 use fhirgate::config::Config;
-use fhirgate::policy::check_path;
+use fhirgate::pipeline::auth::{bearer, introspect, scope};
+use fhirgate::pipeline::policy::check_path;
 use http::{HeaderMap, HeaderValue, Method};
 use proptest::prelude::*;
 

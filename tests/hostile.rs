@@ -337,7 +337,7 @@ async fn upstream_reset_mid_body_and_unresolvable_upstream() {
         "url: http://no-such-host.invalid:8080",
     );
     let cfg = fhirgate::config::Config::from_yaml(&yaml, std::path::Path::new("/")).unwrap();
-    let gw = fhirgate::listener::start(&cfg).await.unwrap();
+    let gw = fhirgate::server::start(&cfg).await.unwrap();
     let addr = gw.addrs[0];
     send(&c, addr, get("/metadata"))
         .await

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use fhirgate::listener::Running;
+use fhirgate::server::Running;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use support::*;

@@ -3,7 +3,7 @@
 //! drops `;parameters` before resolving dot segments (Tomcat, Jetty), and contains no
 //! escape a legacy decoder could read differently.
 
-use fhirgate::policy::check_path;
+use fhirgate::pipeline::policy::check_path;
 use proptest::prelude::*;
 
 /// One percent-decoding pass; `None` for a malformed escape.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use fhirgate::listener;
+use fhirgate::server;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SerialNumber,
@@ -154,12 +154,12 @@ fn stock(pki: &Pki, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<
 
 const HANDSHAKES: &str = "fhirgate_tls_handshakes_total";
 
-fn handshakes(gw: &listener::Running, result: &str) -> f64 {
+fn handshakes(gw: &server::Running, result: &str) -> f64 {
     metric(gw, &format!("{HANDSHAKES}{{result=\"{result}\"}}"))
 }
 
 /// Sum of every refused handshake (any result but `ok`).
-fn refused_total(gw: &listener::Running) -> f64 {
+fn refused_total(gw: &server::Running) -> f64 {
     gw.server()
         .metrics()
         .encode()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use fhirgate::nhsd;
+use fhirgate::pipeline::nhsd;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use fhirgate::nhsd::{self, example_headers};
+use fhirgate::pipeline::nhsd::{self, example_headers};
 use http::{Request, StatusCode};
 use http_body_util::Full;
 

@@ -477,7 +477,7 @@ async fn fhirgate_client_gets_tokens_from_the_real_provider() {
     drop(gw);
 }
 
-fn metric(gw: &fhirgate::listener::Running, sample: &str) -> f64 {
+fn metric(gw: &fhirgate::server::Running, sample: &str) -> f64 {
     let text = gw.server().metrics().encode();
     text.lines()
         .find_map(|l| {

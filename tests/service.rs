@@ -538,8 +538,8 @@ fn shipped_config_examples_are_valid() {
     let dir = tempfile::tempdir().expect("tempdir");
     let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml"))
         .expect("config.yaml");
-    fhirgate::pki::ensure_dev_pki(&dir.path().join("certs/dev")).expect("pki");
-    fhirgate::devauth::ensure_credentials(&dir.path().join("certs/dev")).expect("creds");
+    fhirgate::tools::pki::ensure_dev_pki(&dir.path().join("certs/dev")).expect("pki");
+    fhirgate::tools::devauth::ensure_credentials(&dir.path().join("certs/dev")).expect("creds");
     let mut uncommented = String::new();
     let mut in_example = false;
     for line in shipped.lines() {
@@ -568,7 +568,7 @@ fn shipped_config_examples_are_valid() {
     assert_eq!(sl.timeout_status, Some(408));
     assert_eq!(
         sl.unmatched,
-        Some(fhirgate::service::Unmatched::NotImplemented)
+        Some(fhirgate::pipeline::service::Unmatched::NotImplemented)
     );
     assert_eq!(
         sl.accept_versions.as_deref(),

@@ -123,8 +123,8 @@ struct Tally {
 
 fn nhsd_request(path: &str, token: &str, break_nhsd: bool) -> Request<Full<Bytes>> {
     let mut b = Request::get(path).header("authorization", format!("Bearer {token}"));
-    for (name, value) in fhirgate::nhsd::example_headers() {
-        let v = if break_nhsd && name == fhirgate::nhsd::END_USER_ORGANISATION {
+    for (name, value) in fhirgate::pipeline::nhsd::example_headers() {
+        let v = if break_nhsd && name == fhirgate::pipeline::nhsd::END_USER_ORGANISATION {
             "bm90IGpzb24=".to_owned() // "not json"
         } else {
             value

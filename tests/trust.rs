@@ -114,11 +114,9 @@ routes:\n  - name: all\n    path_prefix: /\n    token: none\n",
     )
 }
 
-async fn start(yaml: &str) -> (fhirgate::listener::Running, SocketAddr) {
+async fn start(yaml: &str) -> (fhirgate::server::Running, SocketAddr) {
     let cfg = Config::from_yaml(yaml, Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let running = fhirgate::listener::start(&cfg)
-        .await
-        .expect("gateway starts");
+    let running = fhirgate::server::start(&cfg).await.expect("gateway starts");
     let addr = running.addrs[0];
     (running, addr)
 }
@@ -212,7 +210,7 @@ fn inspect(cfg: &str, cert: &Path) -> String {
     verdict
 }
 
-async fn wait_for(gw: &fhirgate::listener::Running, sample: &str, want: f64) {
+async fn wait_for(gw: &fhirgate::server::Running, sample: &str, want: f64) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while metric(gw, sample) < want {
         assert!(

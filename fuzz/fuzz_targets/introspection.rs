@@ -3,7 +3,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(i) = fhirgate::auth::introspect::parse_introspection(data) {
-        let _ = fhirgate::auth::cache::binding(&i);
+    if let Ok(i) = fhirgate::pipeline::auth::introspect::parse_introspection(data) {
+        let _ = fhirgate::pipeline::auth::cache::binding(&i);
     }
 });

@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(path) = std::str::from_utf8(data) else {
         return;
     };
-    if fhirgate::policy::check_path(path).is_err() {
+    if fhirgate::pipeline::policy::check_path(path).is_err() {
         return;
     }
     let decoded = decode_once(path).expect("accepted path decodes to UTF-8");

@@ -1,6 +1,6 @@
 //! Scope strings from an authorisation server, checked against request paths.
 #![no_main]
-use fhirgate::auth::scope;
+use fhirgate::pipeline::auth::scope;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

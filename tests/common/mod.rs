@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fhirgate::config::Config;
-use fhirgate::listener::{self, Running};
-use fhirgate::pki::DevPki;
+use fhirgate::server::{self, Running};
+use fhirgate::tools::pki::DevPki;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -199,7 +199,7 @@ pub async fn gateway(pki: &Pki, o: &Opts) -> (Running, SocketAddr) {
     let yaml = config_yaml(pki, o);
     let cfg =
         Config::from_yaml(&yaml, Path::new("/")).unwrap_or_else(|e| panic!("config: {e}\n{yaml}"));
-    let running = listener::start(&cfg).await.expect("start gateway");
+    let running = server::start(&cfg).await.expect("start gateway");
     let addr = running.addrs[0];
     (running, addr)
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::header::{HeaderMap, HeaderValue};
 use serde::Deserialize;
 
-use crate::config::{err, ConfigError};
+use crate::config::error::{err, ConfigError};
 
 /// `telemetry`: OTLP/HTTP span export (a build with the `otlp` cargo feature only).
 #[derive(Debug, Clone, Deserialize)]

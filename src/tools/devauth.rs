@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::client_auth::ASSERTION_TYPE;
+use crate::pipeline::auth::client_auth::ASSERTION_TYPE;
 
 /// The gateway's own client (introspection only).
 pub const GATEWAY_CLIENT_ID: &str = "fhirgate-gateway";
@@ -78,7 +78,7 @@ fn read_or_create(
         Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
         _ => {
             let s = make()?;
-            crate::pki::write_private(path, &format!("{s}\n"))?;
+            crate::tools::pki::write_private(path, &format!("{s}\n"))?;
             Ok(s)
         }
     }
@@ -100,7 +100,7 @@ pub fn ensure_credentials(dir: &Path) -> anyhow::Result<DevCredentials> {
         (Ok(_), Ok(p)) => p,
         _ => {
             let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            crate::pki::write_private(&key_path, &kp.serialize_pem())?;
+            crate::tools::pki::write_private(&key_path, &kp.serialize_pem())?;
             let p = kp.public_key_pem();
             std::fs::write(&pub_path, &p)?;
             p
@@ -652,7 +652,7 @@ mod tests {
     /// The form a sender posts with a client assertion signed by `kp`, built by the
     /// gateway's own private_key_jwt code.
     fn assertion_form(kp: &rcgen::KeyPair, client_id: &str, aud: &str) -> String {
-        let cred = crate::auth::client_auth::ClientCredential::Jwt {
+        let cred = crate::pipeline::auth::client_auth::ClientCredential::Jwt {
             client_id: client_id.into(),
             key: jsonwebtoken::EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes())
                 .expect("key"),
@@ -696,7 +696,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             header::AUTHORIZATION,
-            crate::auth::client_auth::basic_value(id, secret),
+            crate::pipeline::auth::client_auth::basic_value(id, secret),
         );
         h
     }

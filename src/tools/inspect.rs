@@ -153,3 +153,12 @@ pub fn inspect(path: &Path, config: Option<&Path>) -> anyhow::Result<String> {
     }
     Ok(out)
 }
+
+/// Whether an `inspect-cert --config` report has a `bundle NAME: ACCEPTED` line.
+pub fn any_bundle_accepts(report: &str) -> bool {
+    report.lines().any(|l| {
+        l.trim_start()
+            .strip_prefix("bundle ")
+            .is_some_and(|r| r.ends_with(": ACCEPTED") || r.contains(": ACCEPTED "))
+    })
+}

@@ -1,11 +1,10 @@
-//! Per-request pipeline: route policy → bearer token → NHSD headers → forward.
-//!
-//! The route is matched first because it decides which later checks apply; a client
-//! whose certificate may not use the route is refused before it can cost an
-//! introspection call.
+//! The [`Gateway`] the stages run in: its state built from one config version, the
+//! steps of each stage that [`Gateway::run`] (in [`crate::pipeline`]) calls in order,
+//! and [`Gateway::handle`], which wraps them with the time budget, echoed ids, the
+//! access line and metrics.
 //!
 //! [`Gateway::handle`] never fails: every refusal is a [`Rejection`] turned into an
-//! `OperationOutcome` by [`crate::outcome`], and every request produces one access line.
+//! `OperationOutcome` by [`crate::pipeline::outcome`], and every request produces one access line.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,17 +17,18 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::auth::{self, scope, Authoriser};
-use crate::config::{Config, ConfigError, IdentityHeaders, NhsdConfig, TokenRequirement};
-use crate::forward;
-use crate::identity::ClientIdentity;
+use crate::config::{Config, ConfigError, NhsdConfig};
 use crate::metrics::{HeaderLabel, Metrics};
-use crate::nhsd;
-use crate::outcome::{Body, Rejection};
-use crate::policy::{prefix_covers, Route, RoutePolicy};
-use crate::service::{self, Levels, LimitKey, Limiters, ServiceLevels, Unmatched};
-use crate::tracecontext::TraceContext;
-use crate::upstream::Upstream;
+use crate::pipeline::auth::{self, scope, Authoriser};
+use crate::pipeline::forward;
+use crate::pipeline::forward::IdentityHeaders;
+use crate::pipeline::identity::ClientIdentity;
+use crate::pipeline::nhsd;
+use crate::pipeline::outcome::{Body, Refuse, Rejection};
+use crate::pipeline::policy::{prefix_covers, PolicyError, Route, RoutePolicy, TokenRequirement};
+use crate::pipeline::service::{self, Levels, LimitKey, Limiters, ServiceLevels, Unmatched};
+use crate::pipeline::tracecontext::TraceContext;
+use crate::pipeline::upstream::{Upstream, UpstreamBody, UpstreamError};
 
 /// What the listener learnt about a connection; shared by its requests.
 #[derive(Debug)]
@@ -51,25 +51,25 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// `logging.redact_paths`: ids replaced in access-line paths.
     redact_paths: bool,
-    levels: ServiceLevels,
+    pub(super) levels: ServiceLevels,
     #[cfg(feature = "otlp")]
     otlp: Option<crate::otlp::Exporter>,
 }
 
 /// What the pipeline learnt about one request, for the access line and metrics.
 #[derive(Default)]
-struct Trace {
-    route: Option<String>,
-    rejection: Option<&'static str>,
-    upstream_status: Option<u16>,
-    upstream_time: Option<Duration>,
-    ods_code: Option<String>,
-    client_id: Option<String>,
-    token_hash: Option<String>,
+pub(super) struct Trace {
+    pub(super) route: Option<String>,
+    pub(super) rejection: Option<&'static str>,
+    pub(super) upstream_status: Option<u16>,
+    pub(super) upstream_time: Option<Duration>,
+    pub(super) ods_code: Option<String>,
+    pub(super) client_id: Option<String>,
+    pub(super) token_hash: Option<String>,
     /// The matched route's prefix (operator config, logged verbatim when redacting).
-    route_prefix: Option<String>,
+    pub(super) route_prefix: Option<String>,
     /// W3C trace context: continued from the client's `traceparent` or new.
-    context: Option<TraceContext>,
+    pub(super) context: Option<TraceContext>,
 }
 
 /// Transaction-id headers echoed on every response, refusals included (BaRS).
@@ -235,7 +235,7 @@ impl Gateway {
         response
     }
 
-    /// [`Gateway::forward`] under the route's total time budget, if it has one: the
+    /// [`Gateway::run`] under the route's total time budget, if it has one: the
     /// budget runs from `start` (the request's arrival) to the response headers, token
     /// check and upstream included, and its expiry abandons whatever is in progress.
     async fn forward_in_budget(
@@ -250,10 +250,10 @@ impl Gateway {
             .covering(req.uri().path())
             .map(|r| r.name.as_str());
         let Some(budget) = self.levels.of(route).budget.clone() else {
-            return self.forward(req, conn, trace).await;
+            return self.run(req, conn, trace).await;
         };
         let deadline = tokio::time::Instant::from_std(start + budget.limit);
-        match tokio::time::timeout_at(deadline, self.forward(req, conn, trace)).await {
+        match tokio::time::timeout_at(deadline, self.run(req, conn, trace)).await {
             Ok(r) => r,
             Err(_) => {
                 tracing::warn!(target: "fhirgate::upstream", budget_ms = budget.limit.as_millis() as u64, "request not answered within its time budget");
@@ -265,7 +265,7 @@ impl Gateway {
     /// Takes one request from the route's rate limit at `stage`: limits keyed by the
     /// certificate are checked before the token (so a flood costs no introspection),
     /// limits keyed by `client_id` after it.
-    fn rate_limit(
+    pub(super) fn rate_limit(
         &self,
         levels: &Levels,
         route: &str,
@@ -309,7 +309,7 @@ impl Gateway {
     }
 
     /// NHSD stage: the route's policy (or the default) unless the path is exempt.
-    fn check_nhsd(
+    pub(super) fn check_nhsd(
         &self,
         route: &Route,
         req: &Request<Body>,
@@ -333,35 +333,49 @@ impl Gateway {
         })
     }
 
-    async fn forward(
-        &self,
-        req: Request<Body>,
-        conn: &ConnInfo,
-        trace: &mut Trace,
-    ) -> Result<Response<Body>, Rejection> {
+    /// Request hygiene before any stage: `CONNECT`, `Host`, and the configured header
+    /// limits (the HTTP libraries stop at twice these, see `server::snapshot`).
+    pub(super) fn hygiene(&self, req: &Request<Body>) -> Result<(), Rejection> {
         if req.method() == Method::CONNECT {
             return Err(Rejection::method_not_allowed("CONNECT is not supported"));
         }
-        check_host(&req)?;
-        // The HTTP libraries stop at twice these limits (see listener); here the
-        // configured ones are enforced with an OperationOutcome.
+        check_host(req)?;
         if req.headers().len() > self.max_headers {
             return Err(Rejection::too_many_headers(self.max_headers));
         }
-        if header_section_size(&req) > self.max_header_bytes {
+        if header_section_size(req) > self.max_header_bytes {
             return Err(Rejection::headers_too_large(self.max_header_bytes));
         }
+        Ok(())
+    }
+
+    /// Stage 4: the route covering the path, if this certificate may use it.
+    pub(super) fn route(
+        &self,
+        req: &Request<Body>,
+        conn: &ConnInfo,
+        trace: &mut Trace,
+    ) -> Result<&Route, Rejection> {
         let route = self
             .policy
             .decide(req.uri().path(), &conn.identity)
-            .map_err(|r| match self.levels.unmatched {
-                Unmatched::NotImplemented if r.reason == "no_route" => Rejection::not_implemented(),
-                _ => r,
+            .map_err(|e| match (self.levels.unmatched, &e) {
+                (Unmatched::NotImplemented, PolicyError::NoRoute) => Rejection::not_implemented(),
+                _ => e.rejection(),
             })?;
         trace.route = Some(route.name.clone());
         trace.route_prefix = Some(route.path_prefix.clone());
-        let levels = self.levels.of(Some(&route.name));
-        self.rate_limit(levels, &route.name, conn, None, LimitKey::Fingerprint)?;
+        Ok(route)
+    }
+
+    /// Stage 5: the bearer token, on routes that require one.
+    pub(super) async fn token(
+        &self,
+        route: &Route,
+        req: &Request<Body>,
+        conn: &ConnInfo,
+        trace: &mut Trace,
+    ) -> Result<Option<auth::TokenFacts>, Rejection> {
         // RFC 6750 §3.1: a request that "uses more than one method for including an
         // access token" is `invalid_request` (400). Checked on every route, before any
         // introspection, so such a query string never goes anywhere.
@@ -373,8 +387,8 @@ impl Gateway {
             )
             .rejection(self.auth.config()));
         }
-        let token = match route.token {
-            TokenRequirement::None => None,
+        match route.token {
+            TokenRequirement::None => Ok(None),
             TokenRequirement::Required => {
                 let need = scope::classify(req.method(), req.uri().path());
                 let facts = self
@@ -389,27 +403,43 @@ impl Gateway {
                     .map_err(|e| e.rejection(self.auth.config()))?;
                 trace.client_id = facts.client_id.clone();
                 trace.token_hash = Some(facts.token_hash.clone()).filter(|h| !h.is_empty());
-                Some(facts)
+                Ok(Some(facts))
             }
-        };
-        let client_id = token.as_ref().and_then(|t| t.client_id.as_deref());
-        self.rate_limit(levels, &route.name, conn, client_id, LimitKey::ClientId)?;
-        let facts = self.check_nhsd(route, &req)?;
-        trace.ods_code = facts.as_ref().and_then(|f| f.ods_code.clone());
-        service::check_accept(req.headers(), &levels.accept_versions)?;
+        }
+    }
 
+    /// The body limit from `Content-Length`, then a form-encoded body's `access_token`
+    /// (see [`Gateway::form_body_token`]). Only run with every other check passed, as
+    /// only then is a body worth reading.
+    pub(super) async fn body(
+        &self,
+        req: Request<Body>,
+        route: &Route,
+    ) -> Result<Request<Body>, Rejection> {
         if let Some(len) = content_length(req.headers()) {
             if len > self.max_body_bytes {
                 return Err(Rejection::body_too_large(self.max_body_bytes));
             }
         }
-        // Only now, with every other check passed, is a body worth reading.
-        let req = if is_form_encoded(req.headers()) {
-            self.form_body_token(req, route.forward_token).await?
+        if is_form_encoded(req.headers()) {
+            self.form_body_token(req, route.forward_token).await
         } else {
-            req
-        };
+            Ok(req)
+        }
+    }
 
+    /// Stage 7, rewrite: the request as the upstream gets it (target URI, identity and
+    /// verified-fact headers, no token unless the route forwards it, streamed body under
+    /// the size limit). The flag turns true once the client's body has been read.
+    pub(super) fn upstream_request(
+        &self,
+        req: Request<Body>,
+        route: &Route,
+        conn: &ConnInfo,
+        trace: &Trace,
+        token: Option<&auth::TokenFacts>,
+        facts: Option<&nhsd::NhsdFacts>,
+    ) -> Result<(Request<UpstreamBody>, Arc<AtomicBool>), Rejection> {
         let (mut parts, body) = req.into_parts();
         let original_host = parts
             .uri
@@ -444,12 +474,12 @@ impl Gateway {
         if let Some(tc) = &trace.context {
             tc.set_upstream(&mut parts.headers);
         }
-        if let Some(t) = &token {
+        if let Some(t) = token {
             for (name, value) in auth::upstream_headers(t) {
                 parts.headers.insert(name, forward::header_value(value));
             }
         }
-        if let (Some(f), Some(cfg)) = (&facts, &self.nhsd) {
+        if let (Some(f), Some(cfg)) = (facts, &self.nhsd) {
             if cfg.forward_facts {
                 for (name, value) in nhsd::upstream_fact_headers(f) {
                     parts.headers.insert(name, forward::header_value(value));
@@ -462,19 +492,28 @@ impl Gateway {
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
         let (body, body_done) = Watched::new(body);
         let body = Limited::new(body, limit).boxed();
-        let upstream_req = Request::from_parts(parts, body);
+        Ok((Request::from_parts(parts, body), body_done))
+    }
 
+    /// Stage 7, send: the upstream's response with hop-by-hop headers removed, or the
+    /// refusal that blames the right side for a timeout.
+    pub(super) async fn send(
+        &self,
+        upstream_req: Request<UpstreamBody>,
+        body_done: Arc<AtomicBool>,
+        trace: &mut Trace,
+    ) -> Result<Response<Body>, Rejection> {
         let sent = Instant::now();
         let result = self.upstream.send(upstream_req, self.max_body_bytes).await;
         trace.upstream_time = Some(sent.elapsed());
-        let resp = result.map_err(|(rejection, detail)| {
-            if rejection.reason == "upstream_timeout" && !body_done.load(Ordering::Relaxed) {
+        let resp = result.map_err(|(e, detail)| {
+            if e == UpstreamError::Timeout && !body_done.load(Ordering::Relaxed) {
                 // The client, not the upstream, was too slow: its body never finished.
                 return Rejection::body_timeout();
             }
-            tracing::warn!(target: "fhirgate::upstream", error = %detail, reason = rejection.reason, "upstream request failed");
-            self.metrics.upstream_error(rejection.reason);
-            rejection
+            tracing::warn!(target: "fhirgate::upstream", error = %detail, reason = e.reason(), "upstream request failed");
+            self.metrics.upstream_error(e.reason());
+            e.rejection()
         })?;
         let (mut parts, body) = resp.into_parts();
         forward::client_response_headers(&mut parts.headers);

@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::auth::client_auth::ClientCredential;
-use crate::auth::{ClientAuthConfig, ClientAuthMethod};
-use crate::nhsd;
+use crate::pipeline::auth::client_auth::ClientCredential;
+use crate::pipeline::auth::{ClientAuthConfig, ClientAuthMethod};
+use crate::pipeline::nhsd;
 
 /// Tokens are renewed this long before they expire, so a request never leaves with a
 /// token that dies in flight.
@@ -327,7 +327,7 @@ async fn get_json(
         .map_err(|_| anyhow::anyhow!("{uri}: timed out"))?
         .map_err(|e| match tls_failure(&e) {
             Some(t) => anyhow::anyhow!("{uri}: {t}"),
-            None => anyhow::anyhow!("{uri}: {}", crate::upstream::error_chain(&e)),
+            None => anyhow::anyhow!("{uri}: {}", crate::pipeline::upstream::error_chain(&e)),
         })?;
     let status = resp.status().as_u16();
     let body = tokio::time::timeout(timeout, resp.into_body().collect())
@@ -473,7 +473,7 @@ impl TokenSource {
         if let Some(f) = &self.cache_file {
             // The cache holds a bearer credential: owner-only, like a private key.
             let text = serde_json::to_string(&t)?;
-            crate::pki::write_private(f, &text)
+            crate::tools::pki::write_private(f, &text)
                 .map_err(|e| anyhow::anyhow!("--token-cache {}: {e}", f.display()))?;
         }
         self.cached = Some(t);
@@ -582,7 +582,7 @@ pub async fn send(
         .map_err(|_| anyhow::anyhow!("{}: timed out", o.url))?
         .map_err(|e| match tls_failure(&e) {
             Some(t) => anyhow::anyhow!("{}: {t}", o.url),
-            None => anyhow::anyhow!("{}: {}", o.url, crate::upstream::error_chain(&e)),
+            None => anyhow::anyhow!("{}: {}", o.url, crate::pipeline::upstream::error_chain(&e)),
         })?;
     let (parts, body) = resp.into_parts();
     let body = tokio::time::timeout(timeout, body.collect())

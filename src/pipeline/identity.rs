@@ -70,7 +70,7 @@ impl ClientIdentity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{DevPki, DEV_CLIENT_CN};
+    use crate::tools::pki::{DevPki, DEV_CLIENT_CN};
     use rustls_pki_types::{pem::PemObject, CertificateDer};
 
     #[test]

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::IdentityHeaders;
-use crate::identity::ClientIdentity;
+use crate::pipeline::identity::ClientIdentity;
+use serde::Deserialize;
 
 /// Prefix of headers only the gateway may set (token and NHSD facts use it).
 pub const RESERVED_PREFIX: &str = "x-fhirgate-";
@@ -195,5 +195,44 @@ mod tests {
         assert_eq!(header_value("a\r\nb"), "a%0D%0Ab");
         assert_eq!(header_value("100%"), "100%25");
         assert_eq!(header_value("plain text"), "plain text");
+    }
+}
+
+/// Names of the headers that carry the verified client certificate upstream. Any header of
+/// these names sent by a client is removed before the gateway sets its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityHeaders {
+    pub subject: String,
+    pub issuer: String,
+    pub fingerprint: String,
+    pub serial: String,
+    pub common_name: String,
+    pub bundle: String,
+}
+
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        IdentityHeaders {
+            subject: "X-Client-Cert-Subject".into(),
+            issuer: "X-Client-Cert-Issuer".into(),
+            fingerprint: "X-Client-Cert-Fingerprint".into(),
+            serial: "X-Client-Cert-Serial".into(),
+            common_name: "X-Client-Cert-CN".into(),
+            bundle: "X-Client-Cert-Bundle".into(),
+        }
+    }
+}
+
+impl IdentityHeaders {
+    pub fn names(&self) -> [&str; 6] {
+        [
+            &self.subject,
+            &self.issuer,
+            &self.fingerprint,
+            &self.serial,
+            &self.common_name,
+            &self.bundle,
+        ]
     }
 }

@@ -18,6 +18,43 @@ pub const NHS_ERROR_SYSTEM: &str = "https://fhir.nhs.uk/CodeSystem/http-error-co
 
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
+/// Who a refusal blames, for logs and for deciding between refusals (a timeout with the
+/// client's body unfinished is the client's, not the upstream's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    /// The request: its path, headers, token or body.
+    Client,
+    /// The upstream server, or the way to it.
+    Upstream,
+    /// The gateway or a service it depends on (the authorisation server).
+    Internal,
+}
+
+/// A stage's refusal (policy, auth, nhsd, upstream): one status, one NHS code, one FHIR
+/// issue code and one reason label per variant. [`Refuse::rejection`] builds the
+/// response through the constructors below, so labels and codes have one source.
+pub trait Refuse {
+    /// The refusal as the client gets it.
+    fn rejection(&self) -> Rejection;
+    /// Who is to blame.
+    fn source(&self) -> ErrorSource;
+    fn status(&self) -> StatusCode {
+        self.rejection().status
+    }
+    /// Code from [`NHS_ERROR_SYSTEM`].
+    fn nhs_code(&self) -> &'static str {
+        self.rejection().nhs_code
+    }
+    /// FHIR `OperationOutcome.issue.code`.
+    fn issue(&self) -> &'static str {
+        self.rejection().issue
+    }
+    /// Label for logs and the `reason` metric labels.
+    fn reason(&self) -> &'static str {
+        self.rejection().reason
+    }
+}
+
 /// Why a request was refused. Each variant maps to one status, one NHS code and one
 /// FHIR issue type, so clients and dashboards can tell refusals apart.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -322,8 +359,8 @@ impl Rejection {
     }
 }
 
-impl From<&crate::nhsd::NhsdError> for Rejection {
-    fn from(e: &crate::nhsd::NhsdError) -> Self {
+impl From<&crate::pipeline::nhsd::NhsdError> for Rejection {
+    fn from(e: &crate::pipeline::nhsd::NhsdError) -> Self {
         Rejection::from_parts(
             e.status(),
             e.fhir_issue_code(),
@@ -331,6 +368,16 @@ impl From<&crate::nhsd::NhsdError> for Rejection {
             e.reason(),
             e.to_string(),
         )
+    }
+}
+
+impl Refuse for crate::pipeline::nhsd::NhsdError {
+    fn rejection(&self) -> Rejection {
+        Rejection::from(self)
+    }
+
+    fn source(&self) -> ErrorSource {
+        ErrorSource::Client
     }
 }
 
@@ -342,6 +389,189 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// README.md's refusal table, row by row, against what the stages send: every row
+    /// is matched by at least one refusal and every refusal listed here has a row whose
+    /// status, NHS code, issue code and (where the row names one) reason label agree.
+    #[test]
+    fn readme_refusal_table_matches_the_stage_errors() {
+        use crate::pipeline::auth::{AuthConfig, AuthError};
+        use crate::pipeline::nhsd::{NhsdError, END_USER_ORGANISATION as H};
+        use crate::pipeline::policy::PolicyError;
+        use crate::pipeline::upstream::UpstreamError;
+        let readme = include_str!("../../README.md");
+        let auth: AuthConfig = serde_saphyr::from_str("mode: none\n").expect("auth config");
+        let nhsd = |e: NhsdError| e.rejection();
+        let rows: Vec<(&str, Rejection)> = vec![
+            (
+                "bad path (dot segments",
+                PolicyError::BadPath("x").rejection(),
+            ),
+            (
+                "body over the limit",
+                UpstreamError::BodyTooLarge { limit: 1 }.rejection(),
+            ),
+            (
+                "no route / certificate not allowed",
+                PolicyError::NoRoute.rejection(),
+            ),
+            (
+                "no route / certificate not allowed",
+                PolicyError::RouteForbidden("r".into()).rejection(),
+            ),
+            ("no bearer token", AuthError::Missing.rejection(&auth)),
+            (
+                "token invalid, inactive",
+                AuthError::InvalidToken("x").rejection(&auth),
+            ),
+            (
+                "token lacks the scope",
+                AuthError::InsufficientScope { needed: "x".into() }.rejection(&auth),
+            ),
+            (
+                "token in both the `Authorization` header",
+                AuthError::InvalidRequest("x").rejection(&auth),
+            ),
+            (
+                "authorisation server refuses to introspect",
+                AuthError::InvalidToken("x").rejection(&auth),
+            ),
+            (
+                "authorisation server down/slow/broken",
+                AuthError::Unavailable("x".into()).rejection(&auth),
+            ),
+            (
+                "NHSD / transaction-id header missing",
+                nhsd(NhsdError::Missing { header: H }),
+            ),
+            (
+                "NHSD header not standard Base64",
+                nhsd(NhsdError::NotAscii { header: H }),
+            ),
+            (
+                "NHSD header not standard Base64",
+                nhsd(NhsdError::Duplicate { header: H }),
+            ),
+            (
+                "decodes to something that is not a JSON object",
+                nhsd(NhsdError::Json {
+                    header: H,
+                    detail: String::new(),
+                }),
+            ),
+            (
+                "NHSD header over `max_encoded_bytes`",
+                nhsd(NhsdError::TooLarge {
+                    header: H,
+                    limit: 1,
+                }),
+            ),
+            (
+                "NHSD header field invalid",
+                nhsd(NhsdError::InvalidValue {
+                    header: H,
+                    field: "x",
+                    reason: String::new(),
+                }),
+            ),
+            (
+                "ODS code / target not on the allow-list",
+                nhsd(NhsdError::NotAllowed {
+                    header: H,
+                    what: "x",
+                    value: String::new(),
+                    refusal: Default::default(),
+                }),
+            ),
+            ("`CONNECT`", Rejection::method_not_allowed("x")),
+            (
+                "missing, duplicate or invalid `Host`",
+                Rejection::bad_host("x"),
+            ),
+            (
+                "more header fields than `limits.max_headers`",
+                Rejection::too_many_headers(1),
+            ),
+            (
+                "header section over `limits.max_header_bytes`",
+                Rejection::headers_too_large(1),
+            ),
+            (
+                "request body stalls past its timeout",
+                Rejection::body_timeout(),
+            ),
+            (
+                "upstream unreachable or reset",
+                UpstreamError::Unavailable.rejection(),
+            ),
+            (
+                "upstream connect/response timeout",
+                UpstreamError::Timeout.rejection(),
+            ),
+            (
+                "no route covers the path, with `service_levels.unmatched",
+                Rejection::not_implemented(),
+            ),
+            (
+                "within its `service_levels.response_timeout` budget",
+                Rejection::budget_timeout(StatusCode::REQUEST_TIMEOUT, "REC_TIMEOUT", 1),
+            ),
+            (
+                "`Accept: application/fhir+json; version=X`",
+                Rejection::not_acceptable(&[]),
+            ),
+            (
+                "client over its rate limit",
+                Rejection::too_many_requests(1),
+            ),
+            (
+                "client over `limits.max_connections_per_client`",
+                Rejection::too_many_connections(1, 1),
+            ),
+        ];
+        let start = readme
+            .find("| situation | status |")
+            .expect("README has the refusal table");
+        let table: Vec<&str> = readme[start..]
+            .lines()
+            .take_while(|l| l.starts_with('|'))
+            .skip(2)
+            .collect();
+        assert!(table.len() > 20, "{table:?}");
+        // The first backquoted word of a cell: `REC_FORBIDDEN`, `invalid` (`bad_host`).
+        let ticked = |cell: &str| -> Vec<String> {
+            cell.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect()
+        };
+        for (row, r) in &rows {
+            let line = table
+                .iter()
+                .find(|l| l.contains(row))
+                .unwrap_or_else(|| panic!("README table has no row for {row:?}"));
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            // | situation | status | NHS code | issue code |
+            assert!(cells[2].starts_with(r.status.as_str()), "{row}: {line}");
+            assert_eq!(
+                ticked(cells[3]).first().map(String::as_str),
+                Some(r.nhs_code),
+                "{line}"
+            );
+            let issue = ticked(cells[4]);
+            assert_eq!(issue.first().map(String::as_str), Some(r.issue), "{line}");
+            if let Some(reason) = issue.get(1) {
+                assert_eq!(reason, r.reason, "{line}");
+            }
+        }
+        for line in &table {
+            assert!(
+                rows.iter().any(|(row, _)| line.contains(row)),
+                "README row not checked against a stage error: {line}"
+            );
+        }
+    }
 
     #[test]
     fn outcome_has_nhs_coding_and_status() {

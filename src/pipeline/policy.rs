@@ -8,10 +8,12 @@
 
 use wildmatch::WildMatch;
 
-use crate::config::{RouteConfig, TokenRequirement};
-use crate::identity::ClientIdentity;
-use crate::nhsd::NhsdPolicy;
-use crate::outcome::Rejection;
+use serde::Deserialize;
+
+use crate::pipeline::identity::ClientIdentity;
+use crate::pipeline::nhsd::NhsdPolicy;
+use crate::pipeline::outcome::{ErrorSource, Refuse, Rejection};
+use crate::pipeline::service::ServiceLevelsConfig;
 
 /// A compiled route.
 #[derive(Debug)]
@@ -101,42 +103,67 @@ impl RoutePolicy {
     }
 
     /// The route for `path`, if the client may use it.
-    pub fn decide(&self, path: &str, id: &ClientIdentity) -> Result<&Route, Rejection> {
+    pub fn decide(&self, path: &str, id: &ClientIdentity) -> Result<&Route, PolicyError> {
         check_path(path)?;
         let route = self
             .routes
             .iter()
             .find(|r| r.covers(path))
-            .ok_or_else(Rejection::no_route)?;
+            .ok_or(PolicyError::NoRoute)?;
         if route.permits(id) {
             Ok(route)
         } else {
-            Err(Rejection::route_forbidden(&route.name))
+            Err(PolicyError::RouteForbidden(route.name.clone()))
         }
     }
 }
 
+/// Why the policy stage refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyError {
+    /// The path could mean something else once decoded or normalised (the text says why).
+    BadPath(&'static str),
+    /// No route covers the path: default deny.
+    NoRoute,
+    /// A route covers the path, but not for this client certificate.
+    RouteForbidden(String),
+}
+
+impl Refuse for PolicyError {
+    fn rejection(&self) -> Rejection {
+        match self {
+            PolicyError::BadPath(why) => Rejection::bad_path(*why),
+            PolicyError::NoRoute => Rejection::no_route(),
+            PolicyError::RouteForbidden(route) => Rejection::route_forbidden(route),
+        }
+    }
+
+    fn source(&self) -> ErrorSource {
+        ErrorSource::Client
+    }
+}
+
 /// Refuses paths whose meaning could change when decoded or normalised downstream.
-pub fn check_path(path: &str) -> Result<(), Rejection> {
+pub fn check_path(path: &str) -> Result<(), PolicyError> {
     if !path.starts_with('/') {
-        return Err(Rejection::bad_path("The request path must start with '/'"));
+        return Err(PolicyError::BadPath("The request path must start with '/'"));
     }
     // Raw control characters, spaces or non-ASCII bytes are not a valid URI path;
     // upstreams disagree about what they mean.
     if !path.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Rejection::bad_path(
+        return Err(PolicyError::BadPath(
             "The path must be printable ASCII; percent-encode anything else",
         ));
     }
     if path.contains('\\') {
-        return Err(Rejection::bad_path(
+        return Err(PolicyError::BadPath(
             "Backslashes are not allowed in the path",
         ));
     }
     let lower = path.to_ascii_lowercase();
     for enc in ["%2e", "%2f", "%5c", "%00", "%25"] {
         if lower.contains(enc) {
-            return Err(Rejection::bad_path(
+            return Err(PolicyError::BadPath(
                 "Encoded dots, slashes, backslashes, NULs or percent signs are not allowed in the path",
             ));
         }
@@ -145,7 +172,9 @@ pub fn check_path(path: &str) -> Result<(), Rejection> {
     // malformed escapes are decoded differently by different servers.
     let decoded = percent_decode(path)
         .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| Rejection::bad_path("Percent-encoding in the path must be valid UTF-8"))?;
+        .ok_or(PolicyError::BadPath(
+            "Percent-encoding in the path must be valid UTF-8",
+        ))?;
     // Servlet containers (Tomcat, Jetty) drop `;parameters` from a segment before
     // resolving dot segments, so `/metadata/..;/Patient` is `/Patient` to them; and a
     // decoded `%3b` may be read as that `;`.
@@ -153,14 +182,14 @@ pub fn check_path(path: &str) -> Result<(), Rejection> {
         for seg in p.split('/').skip(1) {
             let name = seg.split(';').next().unwrap_or(seg);
             if name == "." || name == ".." {
-                return Err(Rejection::bad_path(
+                return Err(PolicyError::BadPath(
                     "Dot segments are not allowed in the path",
                 ));
             }
         }
     }
     if path.contains("//") {
-        return Err(Rejection::bad_path("Empty path segments are not allowed"));
+        return Err(PolicyError::BadPath("Empty path segments are not allowed"));
     }
     Ok(())
 }
@@ -185,6 +214,49 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
         }
     }
     Some(out)
+}
+
+/// A path prefix and who may use it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Matched on whole path segments: `/Patient` matches `/Patient/1`, not `/Patients`.
+    pub path_prefix: String,
+    /// Trust bundles whose clients may use this route; empty means every bundle.
+    #[serde(default)]
+    pub bundles: Vec<String>,
+    /// Glob patterns (`*`, `?`) on the RFC 4514 subject DN.
+    #[serde(default)]
+    pub allow_subjects: Vec<String>,
+    /// Glob patterns on the DNS subject alternative names (case-insensitive).
+    #[serde(default)]
+    pub allow_sans: Vec<String>,
+    /// `required` (default): a valid bearer token; `none`: no token (e.g. /metadata).
+    #[serde(default)]
+    pub token: TokenRequirement,
+    /// Scopes the token must list verbatim, on top of the SMART interaction check.
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// NHSD header policy for this route, replacing `nhsd.headers`.
+    #[serde(default)]
+    pub nhsd: Option<NhsdPolicy>,
+    /// Send the client's `Authorization` header (and an `access_token` query parameter)
+    /// on to the upstream. Off by default: the upstream gets the verified facts as
+    /// `X-Fhirgate-*` headers, never a replayable token.
+    #[serde(default)]
+    pub forward_token: bool,
+    /// Replaces the top-level `service_levels` field by field for this route.
+    #[serde(default)]
+    pub service_levels: ServiceLevelsConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenRequirement {
+    #[default]
+    Required,
+    None,
 }
 
 #[cfg(test)]
@@ -308,7 +380,7 @@ mod tests {
             let got = p
                 .decide(path, who)
                 .map(|r| r.name.as_str())
-                .map_err(|r| r.status);
+                .map_err(|r| r.status());
             assert_eq!(&got, want, "path {path} for {}", who.subject);
         }
     }
@@ -327,7 +399,7 @@ mod tests {
         assert_eq!(
             p.decide("/Patient", &c)
                 .map(|r| r.name.as_str())
-                .map_err(|r| r.reason),
+                .map_err(|r| r.reason()),
             Err("route_forbidden")
         );
         let any = id("CN=anyone", &[], "b");
@@ -343,6 +415,6 @@ mod tests {
         let r = p
             .decide("/Patient", &id("CN=x", &[], "b"))
             .map(|r| r.name.clone());
-        assert_eq!(r.map_err(|e| e.reason), Err("no_route"));
+        assert_eq!(r.map_err(|e| e.reason()), Err("no_route"));
     }
 }

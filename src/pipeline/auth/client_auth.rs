@@ -7,7 +7,7 @@ use http::HeaderValue;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 use super::{ClientAuthConfig, ClientAuthMethod};
-use crate::config::{err, ConfigError};
+use crate::config::error::{err, ConfigError};
 
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 

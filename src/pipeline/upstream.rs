@@ -16,8 +16,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{err, ConfigError, UpstreamConfig};
-use crate::outcome::Rejection;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::config::error::{err, ConfigError};
+use crate::pipeline::outcome::{ErrorSource, Refuse, Rejection};
 use crate::tls::client_connector;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -92,27 +96,58 @@ impl Upstream {
         &self,
         req: Request<UpstreamBody>,
         body_limit: u64,
-    ) -> Result<Response<Incoming>, (Rejection, String)> {
+    ) -> Result<Response<Incoming>, (UpstreamError, String)> {
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-            Err(_) => Err((Rejection::upstream_timeout(), "response timeout".into())),
+            Err(_) => Err((UpstreamError::Timeout, "response timeout".into())),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => {
                 let detail = error_chain(&e);
-                let rejection = if chain_has::<http_body_util::LengthLimitError>(&e) {
-                    Rejection::body_too_large(body_limit)
+                let error = if chain_has::<http_body_util::LengthLimitError>(&e) {
+                    UpstreamError::BodyTooLarge { limit: body_limit }
                 } else if chain_any(&e, |c| {
                     c.downcast_ref::<std::io::Error>()
                         .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
                 }) {
-                    Rejection::upstream_timeout()
+                    UpstreamError::Timeout
                 } else if chain_has::<hyper::Error>(&e) && !e.is_connect() && client_body_failed(&e)
                 {
-                    Rejection::bad_request_body()
+                    UpstreamError::ClientBody
                 } else {
-                    Rejection::upstream_unavailable()
+                    UpstreamError::Unavailable
                 };
-                Err((rejection, detail))
+                Err((error, detail))
             }
+        }
+    }
+}
+
+/// Why forwarding a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// Connect or response-header timeout (504).
+    Timeout,
+    /// The client's body grew past `limits.max_body_bytes` while streaming (413).
+    BodyTooLarge { limit: u64 },
+    /// Reading the client's body failed (client reset or malformed framing).
+    ClientBody,
+    /// Unreachable, refused or reset (502).
+    Unavailable,
+}
+
+impl Refuse for UpstreamError {
+    fn rejection(&self) -> Rejection {
+        match self {
+            UpstreamError::Timeout => Rejection::upstream_timeout(),
+            UpstreamError::BodyTooLarge { limit } => Rejection::body_too_large(*limit),
+            UpstreamError::ClientBody => Rejection::bad_request_body(),
+            UpstreamError::Unavailable => Rejection::upstream_unavailable(),
+        }
+    }
+
+    fn source(&self) -> ErrorSource {
+        match self {
+            UpstreamError::Timeout | UpstreamError::Unavailable => ErrorSource::Upstream,
+            UpstreamError::BodyTooLarge { .. } | UpstreamError::ClientBody => ErrorSource::Client,
         }
     }
 }
@@ -153,4 +188,45 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+/// `upstream:` in the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of the internal FHIR endpoint; its path is prefixed to every request path.
+    pub url: String,
+    /// PEM CA bundle to verify an `https` upstream.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) the gateway presents to an `https` upstream.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout", with = "crate::config::duration")]
+    pub connect_timeout: Duration,
+    /// Time allowed until the upstream's response headers arrive.
+    #[serde(default = "default_response_timeout", with = "crate::config::duration")]
+    pub response_timeout: Duration,
+    #[serde(default = "default_pool_idle", with = "crate::config::duration")]
+    pub pool_idle_timeout: Duration,
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle_per_host: usize,
+    /// Speak HTTP/2 (prior knowledge for http, ALPN for https) to the upstream.
+    #[serde(default)]
+    pub http2: bool,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_pool_idle() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_pool_max_idle() -> usize {
+    64
 }

@@ -22,8 +22,9 @@ use governor::{Quota, RateLimiter};
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
-use crate::config::{err, ConfigError, RouteConfig};
-use crate::outcome::Rejection;
+use crate::config::error::{err, ConfigError};
+use crate::pipeline::outcome::Rejection;
+use crate::pipeline::policy::RouteConfig;
 
 /// What a path that no route covers is answered with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

@@ -5,6 +5,19 @@
 //! (files readable, ranges sane, references between sections resolve) and names the
 //! offending field path in its message, the way `nginx -t` does.
 
+pub mod duration;
+pub mod error;
+
+pub(crate) use error::err;
+pub use error::ConfigError;
+// Stage config types live with their stage; re-exported so `config::X` keeps working.
+pub use crate::pipeline::forward::IdentityHeaders;
+pub use crate::pipeline::policy::{RouteConfig, TokenRequirement};
+pub use crate::pipeline::upstream::UpstreamConfig;
+pub use crate::tls::{
+    AnchorMode, RevocationConfig, RevocationScope, TlsConfig, TrustBundleConfig, UnknownRevocation,
+};
+
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
@@ -13,10 +26,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::auth::AuthConfig;
-use crate::nhsd::NhsdPolicy;
-use crate::service::ServiceLevelsConfig;
-use crate::tracecontext::TelemetryConfig;
+use crate::pipeline::auth::AuthConfig;
+use crate::pipeline::nhsd::NhsdPolicy;
+use crate::pipeline::service::ServiceLevelsConfig;
+use crate::pipeline::tracecontext::TelemetryConfig;
 
 /// Which environment this gateway serves; `production` forbids development shortcuts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -141,147 +154,6 @@ pub struct ListenerConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM: the server leaf first, then any intermediates to send.
-    pub server_cert: PathBuf,
-    pub server_key: PathBuf,
-    pub trust_bundles: Vec<TrustBundleConfig>,
-    #[serde(default)]
-    pub revocation: RevocationConfig,
-    /// Longest chain accepted from a client, leaf included.
-    #[serde(default = "default_verify_depth")]
-    pub verify_depth: usize,
-    #[serde(
-        default = "default_handshake_timeout",
-        with = "crate::config::duration"
-    )]
-    pub handshake_timeout: Duration,
-    /// Last good CRLs fetched over HTTP, per bundle: set by the running server (never
-    /// read from YAML) so that the verifier is built from files and fetched CRLs alike.
-    #[serde(skip)]
-    pub fetched_crls: crate::revocation::FetchedCrls,
-}
-
-fn default_verify_depth() -> usize {
-    4
-}
-fn default_handshake_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-
-/// A named set of CA certificates, e.g. the NHS INT or PROD Root CA + SubCA.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrustBundleConfig {
-    pub name: String,
-    /// PEM or DER files with the Root CA and SubCA certificates of this chain. The
-    /// self-signed Root CA is the trust anchor; SubCAs are pinned intermediates.
-    pub ca_files: Vec<PathBuf>,
-    /// PEM or DER CRLs published by the CAs of this chain.
-    #[serde(default)]
-    pub crl_files: Vec<PathBuf>,
-    /// `root` (default): the self-signed Root CA is the anchor. `subca`: the listed
-    /// SubCAs are anchors (no Root CA available), so a revoked SubCA cannot be detected.
-    #[serde(default)]
-    pub anchor: AnchorMode,
-    /// http:// URLs the CAs of this chain publish their CRLs at; fetched at start and
-    /// every `revocation.refresh_interval` (see [`crate::revocation`]).
-    #[serde(default)]
-    pub crl_urls: Vec<String>,
-}
-
-/// Which configured CA certificates are trust anchors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum AnchorMode {
-    /// Self-signed roots are anchors; every other CA is a pinned intermediate whose
-    /// revocation is checked against its issuer's CRL.
-    #[default]
-    Root,
-    /// Every listed CA is an anchor (opt-in for bundles without their Root CA).
-    Subca,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum RevocationScope {
-    /// Check every certificate of the chain (needs a CRL from each issuing CA).
-    #[default]
-    Chain,
-    /// Check only the client's leaf certificate.
-    EndEntity,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum UnknownRevocation {
-    /// A certificate with no CRL from its issuer is refused (fail closed).
-    #[default]
-    Deny,
-    Allow,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RevocationConfig {
-    pub scope: RevocationScope,
-    pub unknown_status: UnknownRevocation,
-    /// Refuse clients when a CRL is past its nextUpdate. Unset: true outside
-    /// `environment: development` ([`Config::from_yaml`] fills it in).
-    pub enforce_crl_expiry: Option<bool>,
-    /// Warn (log, `check`, `/readyz`) this long before a CRL's nextUpdate.
-    #[serde(with = "humantime_serde")]
-    pub warn_before: Duration,
-    /// Also fetch the CRLs named in the CRL Distribution Points of the bundle's CAs and
-    /// of the client certificates they issued.
-    pub fetch_distribution_points: bool,
-    /// How often fetched CRLs are refreshed (default 1h); they are also fetched again
-    /// shortly before a held CRL's nextUpdate.
-    #[serde(with = "humantime_serde")]
-    pub refresh_interval: Duration,
-    /// Time allowed for one CRL download, connect to last byte (default 10s).
-    #[serde(with = "humantime_serde")]
-    pub fetch_timeout: Duration,
-    /// Largest CRL accepted (default 10 MiB).
-    pub max_crl_bytes: u64,
-    /// Where the last good fetched CRLs are kept across restarts; none: memory only.
-    pub cache_dir: Option<PathBuf>,
-}
-
-impl Default for RevocationConfig {
-    fn default() -> Self {
-        RevocationConfig {
-            scope: RevocationScope::default(),
-            unknown_status: UnknownRevocation::default(),
-            enforce_crl_expiry: None,
-            warn_before: Duration::from_secs(24 * 3600),
-            fetch_distribution_points: false,
-            refresh_interval: Duration::from_secs(3600),
-            fetch_timeout: Duration::from_secs(10),
-            max_crl_bytes: 10 * 1024 * 1024,
-            cache_dir: None,
-        }
-    }
-}
-
-impl RevocationConfig {
-    /// Whether a CRL past its nextUpdate refuses clients (true unless development set it).
-    pub fn enforce_crl_expiry(&self) -> bool {
-        self.enforce_crl_expiry.unwrap_or(true)
-    }
-    pub fn refresh_interval(&self) -> Duration {
-        self.refresh_interval
-    }
-    pub fn fetch_timeout(&self) -> Duration {
-        self.fetch_timeout
-    }
-    pub fn max_crl_bytes(&self) -> u64 {
-        self.max_crl_bytes
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     #[serde(with = "crate::config::duration")]
@@ -312,151 +184,6 @@ impl Default for Limits {
             drain_timeout: Duration::from_secs(30),
             max_connections_per_client: 0,
         }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// Base URL of the internal FHIR endpoint; its path is prefixed to every request path.
-    pub url: String,
-    /// PEM CA bundle to verify an `https` upstream.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) the gateway presents to an `https` upstream.
-    #[serde(default)]
-    pub client_cert: Option<PathBuf>,
-    #[serde(default)]
-    pub client_key: Option<PathBuf>,
-    #[serde(default = "default_connect_timeout", with = "crate::config::duration")]
-    pub connect_timeout: Duration,
-    /// Time allowed until the upstream's response headers arrive.
-    #[serde(default = "default_response_timeout", with = "crate::config::duration")]
-    pub response_timeout: Duration,
-    #[serde(default = "default_pool_idle", with = "crate::config::duration")]
-    pub pool_idle_timeout: Duration,
-    #[serde(default = "default_pool_max_idle")]
-    pub pool_max_idle_per_host: usize,
-    /// Speak HTTP/2 (prior knowledge for http, ALPN for https) to the upstream.
-    #[serde(default)]
-    pub http2: bool,
-}
-
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_response_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_pool_idle() -> Duration {
-    Duration::from_secs(90)
-}
-fn default_pool_max_idle() -> usize {
-    64
-}
-
-/// Names of the headers that carry the verified client certificate upstream. Any header of
-/// these names sent by a client is removed before the gateway sets its own.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IdentityHeaders {
-    pub subject: String,
-    pub issuer: String,
-    pub fingerprint: String,
-    pub serial: String,
-    pub common_name: String,
-    pub bundle: String,
-}
-
-impl Default for IdentityHeaders {
-    fn default() -> Self {
-        IdentityHeaders {
-            subject: "X-Client-Cert-Subject".into(),
-            issuer: "X-Client-Cert-Issuer".into(),
-            fingerprint: "X-Client-Cert-Fingerprint".into(),
-            serial: "X-Client-Cert-Serial".into(),
-            common_name: "X-Client-Cert-CN".into(),
-            bundle: "X-Client-Cert-Bundle".into(),
-        }
-    }
-}
-
-impl IdentityHeaders {
-    pub fn names(&self) -> [&str; 6] {
-        [
-            &self.subject,
-            &self.issuer,
-            &self.fingerprint,
-            &self.serial,
-            &self.common_name,
-            &self.bundle,
-        ]
-    }
-}
-
-/// A path prefix and who may use it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    pub name: String,
-    /// Matched on whole path segments: `/Patient` matches `/Patient/1`, not `/Patients`.
-    pub path_prefix: String,
-    /// Trust bundles whose clients may use this route; empty means every bundle.
-    #[serde(default)]
-    pub bundles: Vec<String>,
-    /// Glob patterns (`*`, `?`) on the RFC 4514 subject DN.
-    #[serde(default)]
-    pub allow_subjects: Vec<String>,
-    /// Glob patterns on the DNS subject alternative names (case-insensitive).
-    #[serde(default)]
-    pub allow_sans: Vec<String>,
-    /// `required` (default): a valid bearer token; `none`: no token (e.g. /metadata).
-    #[serde(default)]
-    pub token: TokenRequirement,
-    /// Scopes the token must list verbatim, on top of the SMART interaction check.
-    #[serde(default)]
-    pub required_scopes: Vec<String>,
-    /// NHSD header policy for this route, replacing `nhsd.headers`.
-    #[serde(default)]
-    pub nhsd: Option<NhsdPolicy>,
-    /// Send the client's `Authorization` header (and an `access_token` query parameter)
-    /// on to the upstream. Off by default: the upstream gets the verified facts as
-    /// `X-Fhirgate-*` headers, never a replayable token.
-    #[serde(default)]
-    pub forward_token: bool,
-    /// Replaces the top-level `service_levels` field by field for this route.
-    #[serde(default)]
-    pub service_levels: ServiceLevelsConfig,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum TokenRequirement {
-    #[default]
-    Required,
-    None,
-}
-
-/// A configuration error: the dotted path of the field and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub field: String,
-    pub reason: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.reason)
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// Builds a [`ConfigError`]; every stage that validates configuration uses this.
-pub(crate) fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.into(),
-        reason: reason.into(),
     }
 }
 
@@ -678,7 +405,7 @@ impl Config {
 
         self.auth
             .validate(self.environment == Environment::Production)?;
-        if self.auth.mode == crate::auth::AuthMode::None {
+        if self.auth.mode == crate::pipeline::auth::AuthMode::None {
             if let Some(i) = self
                 .routes
                 .iter()
@@ -822,19 +549,19 @@ impl Config {
             r.enforce_crl_expiry()
         );
         let _ = writeln!(s, "upstream: {}", self.upstream.url);
-        let no_tokens = self.auth.mode == crate::auth::AuthMode::Development;
+        let no_tokens = self.auth.mode == crate::pipeline::auth::AuthMode::Development;
         let mode = match self.auth.mode {
-            crate::auth::AuthMode::Introspection => "introspection",
-            crate::auth::AuthMode::Jwt => "jwt",
-            crate::auth::AuthMode::Development => "development",
-            crate::auth::AuthMode::None => "none",
+            crate::pipeline::auth::AuthMode::Introspection => "introspection",
+            crate::pipeline::auth::AuthMode::Jwt => "jwt",
+            crate::pipeline::auth::AuthMode::Development => "development",
+            crate::pipeline::auth::AuthMode::None => "none",
         };
         let _ = writeln!(
             s,
             "auth: {mode}{}",
             match (&self.auth.issuer, &self.auth.introspection_endpoint) {
                 _ if no_tokens => " (NO TOKEN CHECKS: bearer tokens are not checked)".into(),
-                _ if self.auth.mode == crate::auth::AuthMode::None => {
+                _ if self.auth.mode == crate::pipeline::auth::AuthMode::None => {
                     " (no route checks tokens: TLS-MA and NHSD headers only)".into()
                 }
                 (_, Some(e)) => format!(" via {e}"),
@@ -944,21 +671,5 @@ fn yaml_error(e: &serde_saphyr::Error, path: Option<&str>) -> ConfigError {
             err(path, format!("expected {}, got {got}", duration::EXPECTED))
         }
         _ => err("(yaml)", msg),
-    }
-}
-
-/// Durations in the config: humantime's forms (`10s`, `500ms`, `1h 30m`, `2 minutes`),
-/// with an error that shows an example instead of serde's bare "expected a duration".
-pub mod duration {
-    use std::time::Duration;
-
-    use serde::{de, Deserialize, Deserializer};
-
-    pub(crate) const EXPECTED: &str = "a duration like 10s, 500ms or 1h";
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime_serde::re::humantime::parse_duration(s.trim())
-            .map_err(|_| de::Error::invalid_value(de::Unexpected::Str(&s), &EXPECTED))
     }
 }

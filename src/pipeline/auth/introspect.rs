@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::client_auth::ClientCredential;
 use super::AuthConfig;
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::tls::client_connector;
 
 /// Largest response body read from the authorisation server.
@@ -237,11 +237,10 @@ impl AsClient {
         &self,
         req: Request<Full<Bytes>>,
     ) -> Result<(StatusCode, Bytes), IntrospectError> {
-        let resp = self
-            .http
-            .request(req)
-            .await
-            .map_err(|e| IntrospectError::Transport(crate::upstream::error_chain(&e)))?;
+        let resp =
+            self.http.request(req).await.map_err(|e| {
+                IntrospectError::Transport(crate::pipeline::upstream::error_chain(&e))
+            })?;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
             .collect()

@@ -22,9 +22,9 @@ use http::HeaderMap;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
-use crate::config::{err, ConfigError};
+use crate::config::error::{err, ConfigError};
 use crate::metrics::Metrics;
-use crate::outcome::Rejection;
+use crate::pipeline::outcome::Rejection;
 use cache::{CachedToken, TokenCache};
 use introspect::{AsClient, Endpoints, Introspection};
 use jwt::JwtVerifier;

@@ -66,8 +66,8 @@ mod tests;
 
 pub use check::{check, upstream_fact_headers, NhsdFacts, FORWARDED_FACT_HEADERS};
 pub use cli::{
-    decode_header, decode_header_verdict, encode_header, example_headers, example_resource,
-    EXAMPLE_CORRELATION_ID, EXAMPLE_REQUEST_ID,
+    command, decode_header, decode_header_verdict, encode_header, example_headers,
+    example_resource, NhsdCmd, EXAMPLE_CORRELATION_ID, EXAMPLE_REQUEST_ID,
 };
 pub use error::{NhsdError, HTTP_ERROR_CODES_SYSTEM};
 pub use policy::{HeaderRequirement, NhsdPolicy, Refusal};

@@ -1341,7 +1341,7 @@ fn decode_explains_invalid_values() {
 /// the one `fhir_issue_code` gives for that kind of error.
 #[test]
 fn readme_refusal_table_matches_the_issue_codes_sent() {
-    let readme = include_str!("../../README.md");
+    let readme = include_str!("../../../README.md");
     let h = END_USER_ORGANISATION;
     for (row, e) in [
         (

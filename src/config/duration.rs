@@ -1,0 +1,14 @@
+//! Durations in the config: humantime's forms (`10s`, `500ms`, `1h 30m`, `2 minutes`),
+//! with an error that shows an example instead of serde's bare "expected a duration".
+
+use std::time::Duration;
+
+use serde::{de, Deserialize, Deserializer};
+
+pub(crate) const EXPECTED: &str = "a duration like 10s, 500ms or 1h";
+
+pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime_serde::re::humantime::parse_duration(s.trim())
+        .map_err(|_| de::Error::invalid_value(de::Unexpected::Str(&s), &EXPECTED))
+}

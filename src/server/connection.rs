@@ -1,0 +1,478 @@
+//! One connection: TLS handshake under a timeout, the identity stage (verified client
+//! certificate to [`ClientIdentity`]), per-client connection cap, then HTTP/1.1 or HTTP/2
+//! into the request pipeline.
+//!
+//! Idle connections (nothing being handled or sent, and no request started or finished
+//! for `limits.idle_timeout`; HTTP/2 PINGs and other control frames do not count) are
+//! closed gracefully. With no request being handled, a connection on which no byte
+//! moved for `idle_timeout` (a client that stopped reading its response, a stalled
+//! stream), or that was asked to close an `idle_timeout` ago and has not, is dropped.
+
+use super::Snapshot;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::pipeline::identity::ClientIdentity;
+use crate::pipeline::outcome::Rejection;
+use crate::pipeline::service::ClientConnections;
+use crate::pipeline::ConnInfo;
+use crate::tls::{handshake_failure_kind, HandshakeKind, PresentedCert, REFUSED_CERT};
+
+impl Snapshot {
+    pub(super) async fn connection(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        metrics: &Metrics,
+        mut shutdown: watch::Receiver<bool>,
+        clients: &Arc<ClientConnections>,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        // The verifier leaves a refused client certificate here (task-local: the
+        // handshake runs inside this future), so the refusal line can name it.
+        let refused: Arc<std::sync::Mutex<Option<PresentedCert>>> = Arc::default();
+        let handshake = REFUSED_CERT.scope(
+            refused.clone(),
+            tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp)),
+        );
+        let tls = match handshake.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let kind = handshake_failure_kind(&e).as_str();
+                metrics.handshake(kind);
+                let cert = refused.lock().ok().and_then(|mut c| c.take());
+                match cert {
+                    Some(c) => tracing::warn!(
+                        target: "fhirgate::tls",
+                        %peer,
+                        kind,
+                        error = %e,
+                        subject = %c.subject,
+                        issuer = %c.issuer,
+                        serial = %c.serial,
+                        not_after = %c.not_after,
+                        "handshake refused"
+                    ),
+                    None => {
+                        tracing::warn!(target: "fhirgate::tls", %peer, kind, error = %e, "handshake refused")
+                    }
+                }
+                return;
+            }
+            Err(_) => {
+                metrics.handshake(HandshakeKind::Timeout.as_str());
+                tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::Timeout.as_str(), "handshake timed out");
+                return;
+            }
+        };
+        let identity = {
+            let session = tls.get_ref().1;
+            let Some((leaf, intermediates)) =
+                session.peer_certificates().and_then(|c| c.split_first())
+            else {
+                // The verifier makes a certificate mandatory; this is defence in depth.
+                metrics.handshake(HandshakeKind::NoCert.as_str());
+                tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::NoCert.as_str(), "no client certificate after handshake");
+                return;
+            };
+            let Some(bundle) = self.verifier.bundle_of(leaf, intermediates) else {
+                metrics.handshake(HandshakeKind::UnknownCa.as_str());
+                let c = PresentedCert::from_der(leaf).unwrap_or_default();
+                tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::UnknownCa.as_str(), subject = %c.subject, issuer = %c.issuer, serial = %c.serial, not_after = %c.not_after, "verified chain matches no bundle");
+                return;
+            };
+            match ClientIdentity::from_der(leaf, bundle) {
+                Ok(id) => id,
+                Err(e) => {
+                    metrics.handshake(HandshakeKind::BadCertificate.as_str());
+                    tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::BadCertificate.as_str(), error = %e, "client certificate unreadable");
+                    return;
+                }
+            }
+        };
+        metrics.handshake(HandshakeKind::Ok.as_str());
+        tracing::debug!(target: "fhirgate::tls", %peer, subject = %identity.subject, bundle = %identity.bundle, "handshake ok");
+        let max_per_client = self.limits.max_connections_per_client;
+        let Some(_slot) = clients.open(&identity.fingerprint_sha256, max_per_client) else {
+            metrics.connections_over_client_cap.inc();
+            tracing::warn!(target: "fhirgate::tls", %peer, subject = %identity.subject, fingerprint = %identity.fingerprint_sha256, max_per_client, "client over its connection cap: answering 429 and closing");
+            self.refuse_over_cap(tls, max_per_client).await;
+            return;
+        };
+
+        let conn = Arc::new(ConnInfo { identity, peer });
+        let activity = Arc::new(Activity::new());
+        let io = TokioIo::new(TrackedIo {
+            inner: tls,
+            activity: activity.clone(),
+        });
+        let gateway = self.gateway.clone();
+        let svc_activity = activity.clone();
+        let svc = service_fn(move |req| {
+            let gateway = gateway.clone();
+            let conn = conn.clone();
+            let activity = svc_activity.clone();
+            let guard = InFlight::new(activity.clone());
+            async move {
+                let resp = gateway.handle(req, &conn).await;
+                drop(guard);
+                // The response body still has to be sent; track it until it is dropped.
+                let streaming = Streaming::new(activity);
+                Ok::<_, Infallible>(resp.map(|inner| {
+                    http_body_util::BodyExt::boxed(Tracked {
+                        inner,
+                        _streaming: streaming,
+                    })
+                }))
+            }
+        });
+        let served = self.http.serve_connection(io, svc);
+        tokio::pin!(served);
+        let idle = self.limits.idle_timeout;
+        let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
+        let mut closing: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                res = served.as_mut() => {
+                    if let Err(e) = res {
+                        let kind = connection_error_kind(&*e).as_str();
+                        metrics.connection_error(kind);
+                        tracing::debug!(%peer, kind, error = %e, "connection ended with error");
+                    }
+                    break;
+                }
+                _ = tick.tick() => {
+                    // A request being handled is bounded by the upstream timeouts.
+                    if activity.handling() > 0 {
+                        continue;
+                    }
+                    let quiet = activity.streaming() == 0;
+                    if closing.is_none() && quiet && activity.requests_idle_for() >= idle {
+                        served.as_mut().graceful_shutdown();
+                        closing = Some(Instant::now());
+                    } else if activity.idle_for() >= idle {
+                        // No byte moved for a whole idle period with no request being
+                        // handled: a peer that stopped reading, or a stalled stream.
+                        tracing::debug!(%peer, "dropping a stalled connection");
+                        break;
+                    } else if quiet && closing.is_some_and(|t| t.elapsed() >= idle) {
+                        // Asked to close an idle period ago and still open (e.g. an
+                        // HTTP/2 peer that keeps pinging but never finishes the GOAWAY).
+                        tracing::debug!(%peer, "dropping a connection that did not close");
+                        break;
+                    }
+                }
+                _ = shutdown.changed(), if closing.is_none() => {
+                    served.as_mut().graceful_shutdown();
+                    closing = Some(Instant::now());
+                }
+            }
+        }
+    }
+}
+
+impl Snapshot {
+    /// Answers every request on a connection over the per-client cap with 429
+    /// `REC_TOO_MANY_REQUESTS` (`Connection: close` on HTTP/1.1), for at most the
+    /// handshake timeout: the sender gets an answer BaRS tells it to retry on, rather
+    /// than a reset it might report as a TLS failure.
+    async fn refuse_over_cap<T>(&self, tls: T, max: usize)
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = service_fn(move |_req| async move {
+            let mut resp = Rejection::too_many_connections(max, 1).into_response();
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            Ok::<_, Infallible>(resp)
+        });
+        let served = self.http.serve_connection(TokioIo::new(tls), svc);
+        let _ = tokio::time::timeout(self.handshake_timeout, served).await;
+    }
+}
+
+/// Why hyper ended a connection with an error: the `kind` label of
+/// `fhirgate_connection_errors_total`. A closed set: new labels are added here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionKind {
+    HeadersTooLarge,
+    BadRequest,
+    HeaderTimeout,
+    Incomplete,
+    H2Remote,
+    H2ProtocolError,
+    H2FrameSizeError,
+    H2CompressionError,
+    H2EnhanceYourCalm,
+    H2Error,
+    Io,
+}
+
+impl ConnectionKind {
+    /// Every kind, for tests and documentation.
+    pub const ALL: [ConnectionKind; 11] = [
+        ConnectionKind::HeadersTooLarge,
+        ConnectionKind::BadRequest,
+        ConnectionKind::HeaderTimeout,
+        ConnectionKind::Incomplete,
+        ConnectionKind::H2Remote,
+        ConnectionKind::H2ProtocolError,
+        ConnectionKind::H2FrameSizeError,
+        ConnectionKind::H2CompressionError,
+        ConnectionKind::H2EnhanceYourCalm,
+        ConnectionKind::H2Error,
+        ConnectionKind::Io,
+    ];
+
+    /// The label, byte-identical to the strings used before this enum existed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionKind::HeadersTooLarge => "headers_too_large",
+            ConnectionKind::BadRequest => "bad_request",
+            ConnectionKind::HeaderTimeout => "header_timeout",
+            ConnectionKind::Incomplete => "incomplete",
+            ConnectionKind::H2Remote => "h2_remote",
+            ConnectionKind::H2ProtocolError => "h2_protocol_error",
+            ConnectionKind::H2FrameSizeError => "h2_frame_size_error",
+            ConnectionKind::H2CompressionError => "h2_compression_error",
+            ConnectionKind::H2EnhanceYourCalm => "h2_enhance_your_calm",
+            ConnectionKind::H2Error => "h2_error",
+            ConnectionKind::Io => "io",
+        }
+    }
+}
+
+/// A short, fixed label for why hyper ended a connection with an error.
+fn connection_error_kind(e: &(dyn std::error::Error + 'static)) -> ConnectionKind {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            if h.is_parse_too_large() {
+                return ConnectionKind::HeadersTooLarge;
+            }
+            if h.is_parse() {
+                return ConnectionKind::BadRequest;
+            }
+            if h.is_timeout() {
+                return ConnectionKind::HeaderTimeout;
+            }
+            if h.is_incomplete_message() {
+                return ConnectionKind::Incomplete;
+            }
+        }
+        if let Some(h) = c.downcast_ref::<h2::Error>() {
+            if h.is_remote() {
+                return ConnectionKind::H2Remote;
+            }
+            return match h.reason().map(u32::from) {
+                Some(0x1) => ConnectionKind::H2ProtocolError,
+                Some(0x6) => ConnectionKind::H2FrameSizeError,
+                Some(0x9) => ConnectionKind::H2CompressionError,
+                Some(0xb) => ConnectionKind::H2EnhanceYourCalm,
+                _ => ConnectionKind::H2Error,
+            };
+        }
+        cur = c.source();
+    }
+    ConnectionKind::Io
+}
+
+/// Last I/O time, last request start or end, requests being handled and responses
+/// being sent on one connection.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    last_request_ms: AtomicU64,
+    handling: AtomicUsize,
+    streaming: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            last_request_ms: AtomicU64::new(0),
+            handling: AtomicUsize::new(0),
+            streaming: AtomicUsize::new(0),
+        }
+    }
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+    fn touch_request(&self) {
+        let now = self.now_ms();
+        self.last_ms.store(now, Ordering::Relaxed);
+        self.last_request_ms.store(now, Ordering::Relaxed);
+    }
+    fn since(&self, at: &AtomicU64) -> Duration {
+        let last = Duration::from_millis(at.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+    /// Time since any byte moved.
+    fn idle_for(&self) -> Duration {
+        self.since(&self.last_ms)
+    }
+    /// Time since a request started or a response finished.
+    fn requests_idle_for(&self) -> Duration {
+        self.since(&self.last_request_ms)
+    }
+    fn handling(&self) -> usize {
+        self.handling.load(Ordering::Relaxed)
+    }
+    fn streaming(&self) -> usize {
+        self.streaming.load(Ordering::Relaxed)
+    }
+}
+
+/// A request in the gateway's hands (until its response headers are ready).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(a: Arc<Activity>) -> Self {
+        a.handling.fetch_add(1, Ordering::Relaxed);
+        a.touch_request();
+        InFlight(a)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.handling.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch_request();
+    }
+}
+
+/// A response body being sent (until hyper drops it: finished, reset or failed).
+struct Streaming(Arc<Activity>);
+
+impl Streaming {
+    fn new(a: Arc<Activity>) -> Self {
+        a.streaming.fetch_add(1, Ordering::Relaxed);
+        Streaming(a)
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.0.streaming.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch_request();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body carrying its [`Streaming`] guard.
+    struct Tracked<B> {
+        #[pin]
+        inner: B,
+        _streaming: Streaming,
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An I/O wrapper that records when bytes last moved.
+    struct TrackedIo<T> {
+        #[pin]
+        inner: T,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for TrackedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for TrackedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The connection-error labels are the metric's label values: fixed and distinct.
+    #[test]
+    fn connection_kinds_are_the_documented_labels() {
+        let labels: Vec<&str> = ConnectionKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(labels.join(","), "headers_too_large,bad_request,header_timeout,incomplete,h2_remote,h2_protocol_error,h2_frame_size_error,h2_compression_error,h2_enhance_your_calm,h2_error,io");
+    }
+}

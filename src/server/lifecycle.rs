@@ -1,0 +1,271 @@
+//! The process around the server: `check`, start, readiness, sd_notify (READY, STATUS,
+//! WATCHDOG, RELOADING, STOPPING), signals, reload on SIGHUP or a watched file, drain.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+use super::admin;
+use crate::config::Config;
+
+/// `fhirgate check`: validate a config the way `run` would load it, print the effective
+/// configuration, the trust inventory and warnings.
+pub fn check(path: &Path, strict: bool, allow: &[String]) -> anyhow::Result<()> {
+    let mut cfg = Config::load(path)?;
+    // Judge with the fetched CRLs kept in cache_dir, as `run` starts with (read only).
+    cfg.tls.fetched_crls = crate::revocation::cached(&cfg.tls);
+    // Parse certificates, keys and CRLs too, as `run` would.
+    let snapshot = crate::server::Snapshot::build(&cfg, &Default::default())?;
+    print!("{}", cfg.summary());
+    let inv = snapshot.inventory();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    print!("{}", inv.render(now, snapshot.warn_before()));
+    // Stale CRLs and expiring certificates are reported but do not fail --strict: the
+    // systemd unit runs `check --strict` before every start, and a CRL the gateway will
+    // fetch itself must not keep it from starting. Weak trust set-ups do count.
+    for line in inv.stale(now, snapshot.warn_before()) {
+        println!("WARNING: {line}");
+    }
+    // CRL URLs and what the cache holds for each; no network, no writes.
+    print!("{}", crate::revocation::describe(&cfg.tls)?);
+    let allowed = |field: &str| {
+        allow.iter().any(|a| {
+            field == a
+                || field
+                    .strip_prefix(a.as_str())
+                    .is_some_and(|r| r.starts_with(['.', '[', ':']))
+        })
+    };
+    let mut warnings = crate::lint::lint(&cfg);
+    warnings.extend(crate::lint::file_modes(&cfg));
+    warnings.retain(|w| !allowed(&w.field));
+    // A finding the linter also made (with its fix) is said once.
+    let trust: Vec<&String> = inv
+        .warnings
+        .iter()
+        .filter(|w| !allowed(w))
+        .filter(|w| {
+            !warnings
+                .iter()
+                .any(|l| w.starts_with(&format!("{}:", l.field)))
+        })
+        .collect();
+    for w in &trust {
+        println!("WARNING: {w}");
+    }
+    for w in &warnings {
+        eprintln!("{w}");
+    }
+    let total = warnings.len() + trust.len();
+    if strict && total > 0 {
+        anyhow::bail!(
+            "{}: {total} warning(s) and --strict: fix them or accept one with --allow FIELD",
+            path.display(),
+        );
+    }
+    match total {
+        0 => println!("configuration {} is valid", path.display()),
+        n => println!(
+            "configuration {} is valid, with {n} warning(s)",
+            path.display()
+        ),
+    }
+    Ok(())
+}
+
+pub async fn run(path: &Path) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
+    // The same warnings as `fhirgate check`, in the log of every start.
+    for w in crate::lint::lint(&cfg)
+        .into_iter()
+        .chain(crate::lint::file_modes(&cfg))
+    {
+        tracing::warn!(field = %w.field, fix = %w.fix, "risky setting: {}", w.risk);
+    }
+    serve(&cfg, path, None).await
+}
+
+/// Runs the gateway until SIGTERM/SIGINT; SIGHUP reloads `path`. `banner` is printed to
+/// stdout once the gateway is ready.
+pub async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Handlers are installed before anything else, so a signal during start-up is
+    // queued rather than killing the process (SIGINT's default) or being lost.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+
+    let running = super::start(cfg).await?;
+    for a in &running.addrs {
+        tracing::info!(address = %a, "listening (TLS-MA)");
+    }
+    let ready = Arc::new(admin::Readiness::default());
+    let (admin_stop, admin_rx) = tokio::sync::watch::channel(false);
+    if let Some(a) = &cfg.admin {
+        let metrics = running.server().metrics().clone();
+        let addr = admin::start(a.address, ready.clone(), metrics, admin_rx).await?;
+        tracing::info!(address = %addr, "admin listener (healthz, readyz, metrics)");
+    }
+    let server = running.server().clone();
+    ready.add_check("token_verification", Box::new(move || server.auth_status()));
+    // Stale CRLs and expiring certificates are reported, not failed: the gateway still
+    // serves (what a stale CRL does is `enforce_crl_expiry`'s business).
+    let server = running.server().clone();
+    ready.add_check(
+        "certificates_and_crls",
+        Box::new(move || {
+            let stale = server.trust_stale();
+            if stale.is_empty() {
+                (true, "all current".into())
+            } else {
+                (true, format!("STALE: {}", stale.join("; ")))
+            }
+        }),
+    );
+    // At start and hourly: WARN for CRLs near or past nextUpdate and certificates near
+    // or past notAfter.
+    let server = running.server().clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            server.log_trust_warnings();
+        }
+    });
+    ready.serving.store(true, Ordering::Relaxed);
+    // READY=1 only once listeners are bound, TLS is loaded and discovery has run. If the
+    // authorisation server stays unreachable, report ready after a minute anyway (below
+    // systemd's default start timeout, as a restart would not help): requests with
+    // unknown tokens are refused with 503 until discovery succeeds.
+    let waited = std::time::Instant::now();
+    let discovery = async {
+        while !running.server().auth_status().0 && waited.elapsed() < Duration::from_secs(60) {
+            let _ = sd_notify::notify(&[NotifyState::Status("waiting for OAuth discovery")]);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    // SIGTERM/SIGINT must work from the first moment, also while discovery is pending
+    // (otherwise `systemctl stop` or a rollout waits for the minute, then SIGKILLs).
+    let stopped_early = tokio::select! {
+        _ = discovery => false,
+        _ = int.recv() => true,
+        _ = term.recv() => true,
+    };
+    if !stopped_early {
+        let (auth_ok, detail) = running.server().auth_status();
+        if !auth_ok {
+            tracing::warn!(%detail, "starting without a discovered introspection endpoint");
+        }
+        let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+        if let Some(b) = banner {
+            println!("{b}");
+        }
+    }
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        // Pinged from the runtime: a wedged runtime stops the pings and systemd restarts us.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+            }
+        });
+    }
+
+    // reload.watch_files: a changed file reloads exactly as SIGHUP does.
+    let mut watched = None;
+    if cfg.reload.watch_files {
+        match crate::watch::spawn(path, cfg.reload.debounce) {
+            Ok(rx) => watched = Some(rx),
+            Err(e) => tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP"),
+        }
+    }
+    // The last configuration applied (for drain_timeout); settings fixed at start are
+    // compared with `cfg`, the one the process started with.
+    let mut current = cfg.clone();
+    if !stopped_early {
+        loop {
+            // SIGHUP or a watched file changed: both reload the same way.
+            tokio::select! {
+                _ = int.recv() => break,
+                _ = term.recv() => break,
+                _ = hup.recv() => {}
+                Some(()) = async {
+                    match &mut watched {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+            if let Some(new) = reload(&running, path, cfg) {
+                current = new;
+            }
+        }
+    }
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    ready.draining.store(true, Ordering::Relaxed);
+    tracing::info!("shutting down: no new connections, draining");
+    let left = running.shutdown(current.limits.drain_timeout).await;
+    let _ = admin_stop.send(true);
+    if left > 0 {
+        tracing::warn!(
+            open = left,
+            "drain timeout reached with connections still open"
+        );
+    }
+    Ok(())
+}
+
+/// Re-reads the config; on any error the running configuration stays in force. Returns
+/// the new configuration when it was applied; settings that differ from `started` but
+/// are fixed at start are named in a warning. Every refusal counts in
+/// `fhirgate_reloads_total{result="error"}`, a file that cannot be read or parsed too.
+fn reload(running: &super::Running, path: &Path, started: &Config) -> Option<Config> {
+    let mut states = vec![NotifyState::Reloading];
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    let _ = sd_notify::notify(&states);
+    let result = match Config::load(path) {
+        // Building the new snapshot counts its own result (ok or error).
+        Ok(cfg) => running
+            .server()
+            .reload(&cfg)
+            .map(|()| cfg)
+            .map_err(|e| e.to_string()),
+        Err(e) => {
+            running.server().metrics().reload(false);
+            Err(e.to_string())
+        }
+    };
+    let _ = sd_notify::notify(&[NotifyState::Ready]);
+    match result {
+        Ok(cfg) => {
+            let fixed = started.restart_required_changes(&cfg);
+            running.server().log_trust_warnings();
+            if fixed.is_empty() {
+                tracing::info!(config = %path.display(), "configuration reloaded");
+            } else {
+                // Everything else was applied; these keep their running values.
+                tracing::warn!(
+                    config = %path.display(),
+                    restart_required = %fixed.join(", "),
+                    "configuration reloaded except settings that need a restart: {}",
+                    fixed.join(", ")
+                );
+            }
+            Some(cfg)
+        }
+        Err(e) => {
+            tracing::error!(
+                config = %path.display(),
+                error = %e,
+                "reload refused; previous configuration still serving"
+            );
+            None
+        }
+    }
+}

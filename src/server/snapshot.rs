@@ -1,0 +1,135 @@
+//! Everything built from one version of the config: TLS acceptor and verifier, the
+//! request pipeline, HTTP settings and the trust inventory. Building has no effect on
+//! the running process; [`Snapshot::publish`] sets the certificate and CRL metrics
+//! when the server takes the snapshot into use.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, ConfigError, Limits};
+use crate::metrics::{FileLabel, Metrics};
+use crate::pipeline::service::Limiters;
+use crate::pipeline::Gateway;
+use crate::tls::{server_tls, BundleVerifier, ServerTls, TrustInventory};
+
+/// Everything built from one version of the config. A reload builds a new snapshot and
+/// swaps it in: new connections use it, open connections keep the one they started with.
+pub struct Snapshot {
+    pub(super) gateway: Arc<Gateway>,
+    pub(super) acceptor: TlsAcceptor,
+    pub(super) verifier: Arc<BundleVerifier>,
+    pub(super) limits: Limits,
+    pub(super) handshake_timeout: Duration,
+    pub(super) http: auto::Builder<TokioExecutor>,
+    /// CAs, server certificate and CRLs of this configuration, for expiry reports.
+    pub(super) inventory: Arc<TrustInventory>,
+    /// `tls.revocation.warn_before`, in seconds.
+    pub(super) warn_before: i64,
+    /// For [`Snapshot::publish`]: the server certificate's notAfter and each CRL's
+    /// nextUpdate, as Unix seconds.
+    server_not_after: Option<i64>,
+    crl_next_updates: Vec<(String, i64)>,
+}
+
+impl Snapshot {
+    pub fn build(cfg: &Config, metrics: &Arc<Metrics>) -> Result<Self, ConfigError> {
+        Self::build_with(cfg, metrics, &Limiters::default())
+    }
+
+    /// As [`Snapshot::build`], with rate limiters that outlive this snapshot.
+    pub fn build_with(
+        cfg: &Config,
+        metrics: &Arc<Metrics>,
+        limiters: &Limiters,
+    ) -> Result<Self, ConfigError> {
+        let tls = server_tls(&cfg.tls)?;
+        let gateway = Arc::new(Gateway::with_limiters(cfg, metrics.clone(), limiters)?);
+        let limits = cfg.limits.clone();
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        // The HTTP libraries' own limits are twice the configured ones: a request a little
+        // over `limits.max_header_bytes` / `max_headers` still reaches the gateway, which
+        // refuses it with an OperationOutcome (hyper would answer a bare 431, h2 a 431
+        // and a stream reset). Only grossly oversized header sections are refused by the
+        // libraries themselves, still with 431.
+        let lib_header_bytes = limits.max_header_bytes.saturating_mul(2);
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(lib_header_bytes)
+            .max_headers(limits.max_headers.saturating_mul(2))
+            .keep_alive(true);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(u32::try_from(lib_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(256));
+        Ok(Snapshot {
+            server_not_after: tls.server_not_after,
+            crl_next_updates: tls.crl_next_updates,
+            gateway,
+            acceptor: TlsAcceptor::from(tls.config),
+            verifier: tls.verifier,
+            handshake_timeout: cfg.tls.handshake_timeout,
+            limits,
+            http,
+            inventory: Arc::new(tls.inventory),
+            warn_before: i64::try_from(cfg.tls.revocation.warn_before.as_secs())
+                .unwrap_or(i64::MAX),
+        })
+    }
+
+    /// Sets the certificate and CRL expiry metrics to this snapshot's; called when the
+    /// server takes it into use (not by `fhirgate check`, which only builds one).
+    pub fn publish(&self, metrics: &Metrics) {
+        if let Some(t) = self.server_not_after {
+            metrics.server_cert_not_after.set(t);
+        }
+        for (file, next) in &self.crl_next_updates {
+            metrics
+                .crl_next_update
+                .get_or_create(&FileLabel { file: file.clone() })
+                .set(*next);
+        }
+        metrics.set_cert_not_after(
+            self.inventory
+                .certs
+                .iter()
+                .filter(|c| c.bundle != "server")
+                .map(|c| (c.bundle.as_str(), c.subject.as_str(), c.not_after)),
+        );
+    }
+
+    /// Every CA, the server certificate, every CRL and configuration warnings.
+    pub fn inventory(&self) -> &TrustInventory {
+        &self.inventory
+    }
+
+    /// `tls.revocation.warn_before` in seconds.
+    pub fn warn_before(&self) -> i64 {
+        self.warn_before
+    }
+}
+
+impl Snapshot {
+    /// The same snapshot with a new TLS context (new fetched CRLs): the gateway, with its
+    /// token cache, is shared.
+    pub(super) fn with_tls(&self, tls: ServerTls) -> Snapshot {
+        Snapshot {
+            gateway: self.gateway.clone(),
+            acceptor: TlsAcceptor::from(tls.config),
+            verifier: tls.verifier,
+            limits: self.limits.clone(),
+            handshake_timeout: self.handshake_timeout,
+            http: self.http.clone(),
+            inventory: Arc::new(tls.inventory),
+            warn_before: self.warn_before,
+            server_not_after: tls.server_not_after,
+            crl_next_updates: tls.crl_next_updates,
+        }
+    }
+}
