@@ -9,13 +9,14 @@
 //!   loaded config.
 //! - [`tls`], [`revocation`], [`watch`]: trust material, CRLs and file watching, shared by
 //!   the server and every outbound client.
-//! - [`metrics`], `otlp` (feature `otlp`): what the gateway reports.
+//! - [`metrics`], [`logging`], `otlp` (feature `otlp`): what the gateway reports.
 //! - `tools` (feature `tools`, on by default): development and sender tools (dev PKI,
 //!   dev authorisation server, sender client, demo, certificate inspection); not needed
 //!   to run the gateway.
 
 pub mod config;
 pub mod lint;
+pub mod logging;
 pub mod metrics;
 #[cfg(feature = "otlp")]
 pub mod otlp;

@@ -93,22 +93,6 @@ enum PkiCmd {
     },
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FHIRGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Logs go to stderr; colour only on a terminal, so files and journald stay greppable.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
-}
-
 /// Whether the config at `path` asks for JSON logs; read before logging starts.
 fn json_logs(path: &std::path::Path) -> bool {
     Config::load(path)
@@ -126,7 +110,8 @@ fn main() -> ExitCode {
             Cmd::Demo { config } => json_logs(config),
             _ => false,
         };
-    init_logging(json);
+    // Flushed when dropped: after the runtime, before the final error line.
+    let log = fhirgate::logging::init(json);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -175,6 +160,8 @@ fn main() -> ExitCode {
             }
         }
     });
+    drop(rt);
+    drop(log);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
