@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::RecursiveMode;
+use notify::{RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
@@ -81,29 +81,65 @@ fn fingerprint(files: &[PathBuf]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// Whether a file-system event can mean a watched file changed. Opening or reading a
+/// file (the watcher's own reads included, which would otherwise re-trigger it forever)
+/// cannot, and neither can a write still in progress: a finished write ends in a
+/// close-after-write, a create or a rename, which are kept. So a log file that is
+/// written continuously in a watched directory costs no work past this check.
+fn matters(event: &notify::Event) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Modify(ModifyKind::Data(_)) => false,
+        _ => true,
+    }
+}
+
 /// Starts watching `path` and the files it names. The receiver yields once per change
-/// (several changes close together yield once); it ends if the watcher fails.
+/// (changes within `debounce` of the first yield once); it ends if the watcher
+/// fails.
 pub fn spawn(
     path: &Path,
     debounce: Duration,
 ) -> Result<tokio::sync::mpsc::Receiver<()>, notify::Error> {
     let path = path.to_path_buf();
-    let (events_tx, events_rx) = std::sync::mpsc::channel();
-    let mut debouncer = notify_debouncer_mini::new_debouncer(debounce, events_tx)?;
+    let (events_tx, events_rx) = std::sync::mpsc::channel::<notify::Result<()>>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let relevant = match event {
+            Ok(e) if !matters(&e) => return,
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        let _ = events_tx.send(relevant);
+    })?;
     let mut files = watched_files(&path, Config::load(&path).ok().as_ref());
     let mut dirs = directories(&files);
     for d in &dirs {
-        debouncer.watcher().watch(d, RecursiveMode::NonRecursive)?;
+        watcher.watch(d, RecursiveMode::NonRecursive)?;
     }
     let mut last = fingerprint(&files);
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     std::thread::Builder::new()
         .name("fhirgate-watch".into())
         .spawn(move || {
-            // Ends when the debouncer stops or the gateway no longer listens.
-            while let Ok(batch) = events_rx.recv() {
-                if let Err(e) = batch {
+            // Ends when the watcher stops or the gateway no longer listens.
+            while let Ok(first) = events_rx.recv() {
+                if let Err(e) = first {
                     tracing::warn!(error = %e, "file watch error");
+                }
+                // Debounce: gather what else happens within `debounce` of the first event.
+                let until = std::time::Instant::now() + debounce;
+                loop {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match events_rx.recv_timeout(left) {
+                        Ok(Err(e)) => tracing::warn!(error = %e, "file watch error"),
+                        Ok(Ok(())) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
                 }
                 // The config may now name other files (or be half-written: keep the
                 // previous list until it parses).
@@ -114,10 +150,10 @@ pub fn spawn(
                 // Re-watch: a directory may have been replaced (symlink target swapped).
                 let new_dirs = directories(&files);
                 for d in dirs.difference(&new_dirs) {
-                    let _ = debouncer.watcher().unwatch(d);
+                    let _ = watcher.unwatch(d);
                 }
                 for d in &new_dirs {
-                    let _ = debouncer.watcher().watch(d, RecursiveMode::NonRecursive);
+                    let _ = watcher.watch(d, RecursiveMode::NonRecursive);
                 }
                 dirs = new_dirs;
                 if now == last {
@@ -139,6 +175,34 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Opens, reads and in-progress writes are not changes; a finished write, a create,
+    /// a rename or a removal may be.
+    #[test]
+    fn only_finished_changes_matter() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RemoveKind,
+            RenameMode,
+        };
+        let ev = |kind| notify::Event::new(kind);
+        assert!(!matters(&ev(EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        )))));
+        assert!(!matters(&ev(EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        )))));
+        assert!(!matters(&ev(EventKind::Modify(ModifyKind::Data(
+            DataChange::Any
+        )))));
+        assert!(matters(&ev(EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        )))));
+        assert!(matters(&ev(EventKind::Create(CreateKind::File))));
+        assert!(matters(&ev(EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        )))));
+        assert!(matters(&ev(EventKind::Remove(RemoveKind::File))));
+    }
 
     #[test]
     fn fingerprint_follows_contents_not_timestamps() {
