@@ -4,6 +4,7 @@
 //! refusal kinds), never from client input, so cardinality stays bounded.
 
 use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -15,13 +16,13 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: String,
+    pub route: Arc<str>,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
-    pub route: String,
+    pub route: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,6 +73,8 @@ fn latency() -> Histogram {
 
 pub struct Metrics {
     registry: Registry,
+    /// The route label of requests no route matched.
+    no_route: Arc<str>,
     pub requests: Family<RequestLabels, Counter>,
     pub rejections: Family<KindLabel, Counter>,
     pub request_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
@@ -132,6 +135,7 @@ impl Metrics {
             connections_over_client_cap: Counter::default(),
             cert_not_after: Family::default(),
             registry: Registry::default(),
+            no_route: Arc::from("-"),
         };
         registry.register(
             "requests",
@@ -248,6 +252,7 @@ impl Metrics {
             "notAfter of each trust-bundle CA certificate (Root CA, SubCA), Unix seconds",
             m.cert_not_after.clone(),
         );
+        registry.register_collector(Box::new(LogLinesDropped));
         Metrics { registry, ..m }
     }
 
@@ -273,16 +278,22 @@ impl Metrics {
             .inc();
     }
 
-    pub fn request(&self, route: &str, status: u16, total: Duration, upstream: Option<Duration>) {
+    /// One answered request; `route` is `None` when no route matched (label `-`).
+    pub fn request(
+        &self,
+        route: Option<&Arc<str>>,
+        status: u16,
+        total: Duration,
+        upstream: Option<Duration>,
+    ) {
+        let route = route.unwrap_or(&self.no_route).clone();
         self.requests
             .get_or_create(&RequestLabels {
-                route: route.to_owned(),
+                route: route.clone(),
                 status,
             })
             .inc();
-        let r = RouteLabel {
-            route: route.to_owned(),
-        };
+        let r = RouteLabel { route };
         self.request_seconds
             .get_or_create(&r)
             .observe(total.as_secs_f64());
@@ -349,6 +360,28 @@ impl Metrics {
     }
 }
 
+/// `fhirgate_log_lines_dropped_total`: read from the log writer at each scrape.
+#[derive(Debug)]
+struct LogLinesDropped;
+
+impl prometheus_client::collector::Collector for LogLinesDropped {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let counter =
+            prometheus_client::metrics::counter::ConstCounter::new(crate::logging::dropped_lines());
+        let metric = encoder.encode_descriptor(
+            "log_lines_dropped",
+            "Log lines (access lines included) dropped because stderr could not keep up",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)
+    }
+}
+
 /// See [`Metrics::encode_prometheus`].
 pub fn openmetrics_to_prometheus(om: &str) -> String {
     let mut counters = std::collections::HashSet::new();
@@ -407,7 +440,12 @@ mod tests {
     #[test]
     fn prometheus_text_names_counter_series_and_has_no_eof() {
         let m = Metrics::new();
-        m.request("fhir", 200, Duration::from_millis(3), None);
+        m.request(
+            Some(&Arc::from("fhir")),
+            200,
+            Duration::from_millis(3),
+            None,
+        );
         m.reload(false);
         let om = m.encode();
         assert!(om.contains("# TYPE fhirgate_requests counter\n"), "{om}");
@@ -467,7 +505,7 @@ a 1
     fn encodes_counters_histograms_and_gauges() {
         let m = Metrics::new();
         m.request(
-            "fhir",
+            Some(&Arc::from("fhir")),
             200,
             Duration::from_millis(3),
             Some(Duration::from_millis(2)),

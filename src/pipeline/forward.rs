@@ -15,66 +15,83 @@ use serde::Deserialize;
 pub const RESERVED_PREFIX: &str = "x-fhirgate-";
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus legacy ones that must not be forwarded.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
 ];
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Forwarding headers the gateway rewrites from what it saw itself.
-const FORWARDING: [&str; 5] = [
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-real-ip",
+const FORWARDING: [HeaderName; 5] = [
+    header::FORWARDED,
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    HeaderName::from_static("x-real-ip"),
 ];
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in listed {
-        headers.remove(n);
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in listed {
+            headers.remove(n);
+        }
     }
-    for n in HOP_BY_HOP {
+    for n in &HOP_BY_HOP {
         headers.remove(n);
     }
 }
 
 /// Removes every header the gateway is the only authority for.
-pub fn strip_reserved(headers: &mut HeaderMap, identity_names: &IdentityHeaders) {
-    for n in identity_names.names() {
+pub fn strip_reserved(headers: &mut HeaderMap, names: &IdentityNames) {
+    for n in &names.0 {
         headers.remove(n);
     }
-    for n in FORWARDING {
+    for n in &FORWARDING {
         headers.remove(n);
     }
-    let reserved: Vec<HeaderName> = headers
+    // Collected only when present: most requests carry none.
+    if headers
         .keys()
-        .filter(|k| k.as_str().starts_with(RESERVED_PREFIX))
-        .cloned()
-        .collect();
-    for n in reserved {
-        headers.remove(n);
+        .any(|k| k.as_str().starts_with(RESERVED_PREFIX))
+    {
+        let reserved: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with(RESERVED_PREFIX))
+            .cloned()
+            .collect();
+        for n in reserved {
+            headers.remove(n);
+        }
     }
 }
 
 /// Makes any text safe as a header value: printable ASCII stays, everything else
 /// (and `%`) is percent-encoded, as Envoy does for certificate fields.
 pub fn header_value(text: &str) -> HeaderValue {
-    let mut out = String::with_capacity(text.len());
+    if text.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'%') {
+        if let Ok(v) = HeaderValue::from_str(text) {
+            return v;
+        }
+    }
+    let mut out = String::with_capacity(text.len() + 8);
     for b in text.bytes() {
         if (0x20..0x7f).contains(&b) && b != b'%' {
             out.push(b as char);
@@ -86,43 +103,56 @@ pub fn header_value(text: &str) -> HeaderValue {
     HeaderValue::from_str(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// Sets a header by configured name (validated at config load).
-pub fn set(headers: &mut HeaderMap, name: &str, value: HeaderValue) {
-    if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-        headers.insert(n, value);
+/// The identity header names of [`IdentityHeaders`], parsed once per configuration
+/// (subject, issuer, fingerprint, serial, CN, bundle). A name that is not a valid header
+/// name (refused at config load) is left out.
+#[derive(Debug, Clone)]
+pub struct IdentityNames(Vec<HeaderName>);
+
+/// The headers a connection's requests carry upstream for its verified client, built
+/// once per connection: they are the same on every request.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionHeaders(Vec<(HeaderName, HeaderValue)>);
+
+impl ConnectionHeaders {
+    pub fn new(names: &IdentityHeaders, id: &ClientIdentity, peer: SocketAddr) -> Self {
+        let fields = [
+            (&names.subject, Some(&id.subject)),
+            (&names.issuer, Some(&id.issuer)),
+            (&names.fingerprint, Some(&id.fingerprint_sha256)),
+            (&names.serial, Some(&id.serial)),
+            (&names.common_name, id.common_name.as_ref()),
+            (&names.bundle, Some(&id.bundle)),
+        ];
+        let mut out: Vec<(HeaderName, HeaderValue)> = fields
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
+                Some((name, header_value(value?)))
+            })
+            .collect();
+        out.push((X_FORWARDED_FOR, header_value(&peer.ip().to_string())));
+        out.push((X_FORWARDED_PROTO, HeaderValue::from_static("https")));
+        ConnectionHeaders(out)
     }
 }
 
-/// Prepares request headers for the upstream.
+/// Prepares request headers for the upstream: `conn` from [`ConnectionHeaders::new`].
 pub fn upstream_request_headers(
     headers: &mut HeaderMap,
-    names: &IdentityHeaders,
-    id: &ClientIdentity,
-    peer: SocketAddr,
-    original_host: Option<&str>,
+    names: &IdentityNames,
+    conn: &ConnectionHeaders,
+    original_host: Option<HeaderValue>,
 ) {
     strip_hop_by_hop(headers);
     strip_reserved(headers, names);
     // The upstream's Host comes from the upstream URI; the client's goes in X-Forwarded-Host.
     headers.remove(header::HOST);
-
-    set(headers, &names.subject, header_value(&id.subject));
-    set(headers, &names.issuer, header_value(&id.issuer));
-    set(
-        headers,
-        &names.fingerprint,
-        header_value(&id.fingerprint_sha256),
-    );
-    set(headers, &names.serial, header_value(&id.serial));
-    if let Some(cn) = &id.common_name {
-        set(headers, &names.common_name, header_value(cn));
+    for (name, value) in &conn.0 {
+        headers.insert(name.clone(), value.clone());
     }
-    set(headers, &names.bundle, header_value(&id.bundle));
-
-    headers.insert("x-forwarded-for", header_value(&peer.ip().to_string()));
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
     if let Some(h) = original_host {
-        headers.insert("x-forwarded-host", header_value(h));
+        headers.insert(X_FORWARDED_HOST, h);
     }
 }
 
@@ -166,12 +196,12 @@ mod tests {
         h.insert("host", HeaderValue::from_static("gw.example.nhs.uk"));
         h.insert("accept", HeaderValue::from_static("application/fhir+json"));
         let peer: SocketAddr = "127.0.0.1:5555".parse().unwrap();
+        let names = IdentityHeaders::default();
         upstream_request_headers(
             &mut h,
-            &IdentityHeaders::default(),
-            &identity(),
-            peer,
-            Some("gw.example.nhs.uk"),
+            &names.parsed(),
+            &ConnectionHeaders::new(&names, &identity(), peer),
+            Some(HeaderValue::from_static("gw.example.nhs.uk")),
         );
         let all: Vec<_> = h.get_all("x-client-cert-subject").iter().collect();
         assert_eq!(all, vec!["C=GB, CN=BaRS-X26.trust.nhs.uk"]);
@@ -225,6 +255,16 @@ impl Default for IdentityHeaders {
 }
 
 impl IdentityHeaders {
+    /// The names as header names, for stripping client-sent copies.
+    pub fn parsed(&self) -> IdentityNames {
+        IdentityNames(
+            self.names()
+                .iter()
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect(),
+        )
+    }
+
     pub fn names(&self) -> [&str; 6] {
         [
             &self.subject,

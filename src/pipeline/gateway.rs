@@ -21,7 +21,7 @@ use crate::config::{Config, ConfigError, NhsdConfig};
 use crate::metrics::{HeaderLabel, Metrics};
 use crate::pipeline::auth::{self, scope, Authoriser};
 use crate::pipeline::forward;
-use crate::pipeline::forward::IdentityHeaders;
+use crate::pipeline::forward::{ConnectionHeaders, IdentityHeaders, IdentityNames};
 use crate::pipeline::identity::ClientIdentity;
 use crate::pipeline::nhsd;
 use crate::pipeline::outcome::{Body, Refuse, Rejection};
@@ -35,12 +35,16 @@ use crate::pipeline::upstream::{Upstream, UpstreamBody, UpstreamError};
 pub struct ConnInfo {
     pub identity: ClientIdentity,
     pub peer: SocketAddr,
+    /// The identity and forwarding headers every request on the connection carries
+    /// upstream ([`Gateway::connection_headers`]).
+    pub headers: ConnectionHeaders,
 }
 
 pub struct Gateway {
     policy: RoutePolicy,
     upstream: Upstream,
     identity_headers: IdentityHeaders,
+    identity_names: IdentityNames,
     nhsd: Option<NhsdConfig>,
     auth: Authoriser,
     max_body_bytes: u64,
@@ -58,16 +62,15 @@ pub struct Gateway {
 
 /// What the pipeline learnt about one request, for the access line and metrics.
 #[derive(Default)]
-pub(super) struct Trace {
-    pub(super) route: Option<String>,
+pub(super) struct Trace<'g> {
+    /// The matched route (its name labels metrics and the access line).
+    pub(super) route: Option<&'g Route>,
     pub(super) rejection: Option<&'static str>,
     pub(super) upstream_status: Option<u16>,
     pub(super) upstream_time: Option<Duration>,
     pub(super) ods_code: Option<String>,
     pub(super) client_id: Option<String>,
     pub(super) token_hash: Option<String>,
-    /// The matched route's prefix (operator config, logged verbatim when redacting).
-    pub(super) route_prefix: Option<String>,
     /// W3C trace context: continued from the client's `traceparent` or new.
     pub(super) context: Option<TraceContext>,
 }
@@ -100,6 +103,7 @@ impl Gateway {
             policy: RoutePolicy::new(&cfg.routes),
             upstream: Upstream::from_config(&cfg.upstream)?,
             identity_headers: cfg.identity_headers.clone(),
+            identity_names: cfg.identity_headers.parsed(),
             nhsd: cfg.nhsd.clone(),
             auth: {
                 let a = Authoriser::new(&cfg.auth, metrics.clone())?;
@@ -115,6 +119,16 @@ impl Gateway {
             metrics,
             redact_paths: cfg.redact_paths(),
         })
+    }
+
+    /// The headers that carry a connection's verified client upstream, built once when
+    /// the connection is accepted.
+    pub fn connection_headers(
+        &self,
+        identity: &ClientIdentity,
+        peer: SocketAddr,
+    ) -> ConnectionHeaders {
+        ConnectionHeaders::new(&self.identity_headers, identity, peer)
     }
 
     pub async fn handle(
@@ -174,14 +188,22 @@ impl Gateway {
         }
 
         let status = response.status().as_u16();
-        let route = trace.route.as_deref().unwrap_or("-");
+        let route = trace.route.map_or("-", |r| &*r.name);
         let path = if self.redact_paths {
-            log_safe_str(&redact_path(&raw_path, trace.route_prefix.as_deref()))
+            // The route's prefix is operator config: logged verbatim.
+            log_safe_str(&redact_path(
+                &raw_path,
+                trace.route.map(|r| r.path_prefix.as_str()),
+            ))
         } else {
             log_safe_str(&raw_path)
         };
-        self.metrics
-            .request(route, status, start.elapsed(), trace.upstream_time);
+        self.metrics.request(
+            trace.route.map(|r| &r.name),
+            status,
+            start.elapsed(),
+            trace.upstream_time,
+        );
         if let Some(kind) = trace.rejection {
             self.metrics.rejection(kind);
         }
@@ -238,17 +260,14 @@ impl Gateway {
     /// [`Gateway::run`] under the route's total time budget, if it has one: the
     /// budget runs from `start` (the request's arrival) to the response headers, token
     /// check and upstream included, and its expiry abandons whatever is in progress.
-    async fn forward_in_budget(
-        &self,
+    async fn forward_in_budget<'g>(
+        &'g self,
         req: Request<Body>,
         conn: &ConnInfo,
-        trace: &mut Trace,
+        trace: &mut Trace<'g>,
         start: Instant,
     ) -> Result<Response<Body>, Rejection> {
-        let route = self
-            .policy
-            .covering(req.uri().path())
-            .map(|r| r.name.as_str());
+        let route = self.policy.covering(req.uri().path()).map(|r| &*r.name);
         let Some(budget) = self.levels.of(route).budget.clone() else {
             return self.run(req, conn, trace).await;
         };
@@ -268,7 +287,7 @@ impl Gateway {
     pub(super) fn rate_limit(
         &self,
         levels: &Levels,
-        route: &str,
+        route: &std::sync::Arc<str>,
         conn: &ConnInfo,
         client_id: Option<&str>,
         stage: LimitKey,
@@ -287,7 +306,7 @@ impl Gateway {
             self.metrics
                 .rate_limited
                 .get_or_create(&crate::metrics::RouteLabel {
-                    route: route.to_owned(),
+                    route: route.clone(),
                 })
                 .inc();
             Rejection::too_many_requests(service::retry_after_secs(wait))
@@ -350,12 +369,12 @@ impl Gateway {
     }
 
     /// Stage 4: the route covering the path, if this certificate may use it.
-    pub(super) fn route(
-        &self,
+    pub(super) fn route<'g>(
+        &'g self,
         req: &Request<Body>,
         conn: &ConnInfo,
-        trace: &mut Trace,
-    ) -> Result<&Route, Rejection> {
+        trace: &mut Trace<'g>,
+    ) -> Result<&'g Route, Rejection> {
         let route = self
             .policy
             .decide(req.uri().path(), &conn.identity)
@@ -363,8 +382,7 @@ impl Gateway {
                 (Unmatched::NotImplemented, PolicyError::NoRoute) => Rejection::not_implemented(),
                 _ => e.rejection(),
             })?;
-        trace.route = Some(route.name.clone());
-        trace.route_prefix = Some(route.path_prefix.clone());
+        trace.route = Some(route);
         Ok(route)
     }
 
@@ -374,7 +392,7 @@ impl Gateway {
         route: &Route,
         req: &Request<Body>,
         conn: &ConnInfo,
-        trace: &mut Trace,
+        trace: &mut Trace<'_>,
     ) -> Result<Option<auth::TokenFacts>, Rejection> {
         // RFC 6750 §3.1: a request that "uses more than one method for including an
         // access token" is `invalid_request` (400). Checked on every route, before any
@@ -436,22 +454,19 @@ impl Gateway {
         req: Request<Body>,
         route: &Route,
         conn: &ConnInfo,
-        trace: &Trace,
+        trace: &Trace<'_>,
         token: Option<&auth::TokenFacts>,
         facts: Option<&nhsd::NhsdFacts>,
     ) -> Result<(Request<UpstreamBody>, Arc<AtomicBool>), Rejection> {
         let (mut parts, body) = req.into_parts();
-        let original_host = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            });
+        let original_host = match parts.uri.authority() {
+            Some(a) => Some(forward::header_value(a.as_str())),
+            None => parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(forward::header_value),
+        };
         // The upstream never gets a replayable token unless the route asks for it: the
         // verified facts go up as `X-Fhirgate-*` instead.
         let stripped;
@@ -466,10 +481,9 @@ impl Gateway {
         let uri = self.upstream.target(pq)?;
         forward::upstream_request_headers(
             &mut parts.headers,
-            &self.identity_headers,
-            &conn.identity,
-            conn.peer,
-            original_host.as_deref(),
+            &self.identity_names,
+            &conn.headers,
+            original_host,
         );
         if let Some(tc) = &trace.context {
             tc.set_upstream(&mut parts.headers);
@@ -501,7 +515,7 @@ impl Gateway {
         &self,
         upstream_req: Request<UpstreamBody>,
         body_done: Arc<AtomicBool>,
-        trace: &mut Trace,
+        trace: &mut Trace<'_>,
     ) -> Result<Response<Body>, Rejection> {
         let sent = Instant::now();
         let result = self.upstream.send(upstream_req, self.max_body_bytes).await;

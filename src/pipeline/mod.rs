@@ -30,11 +30,11 @@ use service::LimitKey;
 
 impl Gateway {
     /// Stages 4 to 7 for one request (the connection's client identity in `conn`).
-    async fn run(
-        &self,
+    async fn run<'g>(
+        &'g self,
         req: Request<Body>,
         conn: &ConnInfo,
-        trace: &mut Trace,
+        trace: &mut Trace<'g>,
     ) -> Result<Response<Body>, Rejection> {
         self.hygiene(&req)?; // CONNECT, Host, header count and size
         let route = self.route(&req, conn, trace)?; // 4. policy

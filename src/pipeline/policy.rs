@@ -18,7 +18,8 @@ use crate::pipeline::service::ServiceLevelsConfig;
 /// A compiled route.
 #[derive(Debug)]
 pub struct Route {
-    pub name: String,
+    /// Shared, so metrics label a request with it without copying.
+    pub name: std::sync::Arc<str>,
     pub path_prefix: String,
     bundles: Vec<String>,
     subjects: Vec<WildMatch>,
@@ -34,7 +35,7 @@ pub struct Route {
 impl Route {
     pub fn from_config(c: &RouteConfig) -> Self {
         Route {
-            name: c.name.clone(),
+            name: c.name.as_str().into(),
             path_prefix: c.path_prefix.clone(),
             bundles: c.bundles.clone(),
             subjects: c.allow_subjects.iter().map(|p| WildMatch::new(p)).collect(),
@@ -113,7 +114,7 @@ impl RoutePolicy {
         if route.permits(id) {
             Ok(route)
         } else {
-            Err(PolicyError::RouteForbidden(route.name.clone()))
+            Err(PolicyError::RouteForbidden(route.name.to_string()))
         }
     }
 }
@@ -379,7 +380,7 @@ mod tests {
         for (path, who, want) in cases {
             let got = p
                 .decide(path, who)
-                .map(|r| r.name.as_str())
+                .map(|r| &*r.name)
                 .map_err(|r| r.status());
             assert_eq!(&got, want, "path {path} for {}", who.subject);
         }
@@ -392,21 +393,15 @@ mod tests {
             route("meta", "/metadata", &[], &[], &[]),
         ]);
         let c = id("CN=someone", &[], "b");
-        assert_eq!(
-            p.decide("/metadata", &c).map(|r| r.name.as_str()),
-            Ok("meta")
-        );
+        assert_eq!(p.decide("/metadata", &c).map(|r| &*r.name), Ok("meta"));
         assert_eq!(
             p.decide("/Patient", &c)
-                .map(|r| r.name.as_str())
+                .map(|r| &*r.name)
                 .map_err(|r| r.reason()),
             Err("route_forbidden")
         );
         let any = id("CN=anyone", &[], "b");
-        assert_eq!(
-            p.decide("/Patient", &any).map(|r| r.name.as_str()),
-            Ok("all")
-        );
+        assert_eq!(p.decide("/Patient", &any).map(|r| &*r.name), Ok("all"));
     }
 
     #[test]

@@ -79,14 +79,22 @@ impl Upstream {
 
     /// The upstream URI for a request path (+ query) as the client sent it.
     pub fn target(&self, pq: Option<&PathAndQuery>) -> Result<Uri, Rejection> {
-        let pq = pq.map(PathAndQuery::as_str).unwrap_or("/");
-        let joined = format!("{}{}", self.base_path, pq);
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(joined)
-            .build()
-            .map_err(|_| Rejection::bad_path("The request target cannot be forwarded"))
+        let refused = || Rejection::bad_path("The request target cannot be forwarded");
+        let pq = match pq {
+            // Most upstreams have no base path: the client's path goes as it is, uncopied.
+            Some(p) if self.base_path.is_empty() => p.clone(),
+            None if self.base_path.is_empty() => PathAndQuery::from_static("/"),
+            _ => {
+                let pq = pq.map(PathAndQuery::as_str).unwrap_or("/");
+                PathAndQuery::try_from(format!("{}{}", self.base_path, pq))
+                    .map_err(|_| refused())?
+            }
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).map_err(|_| refused())
     }
 
     /// Sends a request and waits for the response headers, mapping failures to the

@@ -112,7 +112,12 @@ impl Snapshot {
             return;
         };
 
-        let conn = Arc::new(ConnInfo { identity, peer });
+        let headers = self.gateway.connection_headers(&identity, peer);
+        let conn = Arc::new(ConnInfo {
+            identity,
+            peer,
+            headers,
+        });
         let activity = Arc::new(Activity::new());
         let io = TokioIo::new(TrackedIo {
             inner: tls,
