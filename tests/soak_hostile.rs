@@ -13,8 +13,8 @@
 //!
 //! `SOAK_SECONDS` is capped at 600. Loopback only; every task stops by itself.
 
-mod common;
-mod support;
+#[path = "it/harness/mod.rs"]
+mod harness;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,13 +24,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::*;
+use harness::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 

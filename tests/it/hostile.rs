@@ -5,12 +5,10 @@
 //! upstream saw nothing the gateway refused, that refusals are counted in the metrics,
 //! and that a good client is still served afterwards.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;

@@ -2,8 +2,6 @@
 //! failing a request; a broken config is refused and the old one keeps serving; SIGTERM
 //! drains and exits 0. Also checks the admin listener's probes and metrics.
 
-mod common;
-
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream as StdTcp};
 use std::process::{Child, Command, Stdio};
@@ -11,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use fhirgate::tools::pki::DevPki;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};

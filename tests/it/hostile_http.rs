@@ -5,18 +5,14 @@
 //! only as policy allows (checked byte for byte by a hand-written upstream), and leaves
 //! the gateway serving.
 
-mod common;
-mod support;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::harness::*;
 use bytes::Bytes;
-use common::*;
 use fhirgate::server::Running;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use support::*;
 use tokio::io::AsyncWriteExt;
 
 /// `/metadata` is open to the good client; `/Patient` is a route it may not use, so a

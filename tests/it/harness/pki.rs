@@ -1,21 +1,66 @@
-//! A PKI made with the openssl CLI the way real CAs (and the NHS) make theirs: `openssl
-//! req`/`openssl ca` certificates with an index database, revocation with `openssl ca
-//! -revoke`, CRLs with `openssl ca -gencrl`, DER and PEM. Each CA lives in its own
-//! directory under one temporary directory.
-//!
-//! ```ignore
-//! let pki = OpensslPki::new();
-//! let root = pki.root("Test Root CA", Alg::Rsa2048);
-//! let sub = pki.sub_ca(&root, "Test SubCA", Alg::Rsa2048);
-//! let client = pki.client(&sub, "client1", Alg::Rsa2048);   // client.cert, .key, .chain
-//! let server = pki.server(&sub, "server", Alg::EcP256);      // SAN localhost, 127.0.0.1
-//! pki.revoke(&root, &sub.cert);
-//! let crl = pki.crl(&root, CrlTimes::Hours(24));             // PEM, v2, with CRL number
-//! let der = pki.der(&crl, Kind::Crl);
-//! ```
+//! The development PKIs tests run on: [`Pki`] (rcgen, through `fhirgate pki`'s own
+//! generator) and [`OpensslPki`] (the openssl CLI, the way real CAs and the NHS make
+//! theirs).
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fhirgate::config::Config;
+use fhirgate::server::{self, Running};
+use fhirgate::tools::pki::DevPki;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+
 use std::process::Command;
+
+use super::*;
+
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub pki: DevPki,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = DevPki::generate().expect("generate pki");
+        pki.write_to(dir.path()).expect("write pki");
+        Pki { dir, pki }
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A PKI made with the openssl CLI the way real CAs (and the NHS) make theirs: `openssl
+// req`/`openssl ca` certificates with an index database, revocation with `openssl ca
+// -revoke`, CRLs with `openssl ca -gencrl`, DER and PEM. Each CA lives in its own
+// directory under one temporary directory.
+//
+// ```ignore
+// let pki = OpensslPki::new();
+// let root = pki.root("Test Root CA", Alg::Rsa2048);
+// let sub = pki.sub_ca(&root, "Test SubCA", Alg::Rsa2048);
+// let client = pki.client(&sub, "client1", Alg::Rsa2048);   // client.cert, .key, .chain
+// let server = pki.server(&sub, "server", Alg::EcP256);      // SAN localhost, 127.0.0.1
+// pki.revoke(&root, &sub.cert);
+// let crl = pki.crl(&root, CrlTimes::Hours(24));             // PEM, v2, with CRL number
+// let der = pki.der(&crl, Kind::Crl);
+// ```
+// ---------------------------------------------------------------------------------------
 
 /// Key algorithm of a generated key.
 #[derive(Clone, Copy, Debug)]

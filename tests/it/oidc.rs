@@ -2,15 +2,13 @@
 //! (tests/oidc/provider.mjs), with tokens obtained by client credentials exactly as a
 //! BaRS sender would, introspected by the gateway with Basic or private_key_jwt.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::harness::*;
 use base64::Engine;
 use bytes::Bytes;
-use common::*;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;

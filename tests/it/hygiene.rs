@@ -2,14 +2,12 @@
 //! when none is sent, ids kept out of the access log (`logging.redact_paths`), and
 //! SIGTERM honoured from the first moment, even while OAuth discovery is pending.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::harness::*;
 use bytes::Bytes;
-use common::*;
 use fhirgate::pipeline::nhsd;
 use http::{Request, StatusCode};
 use http_body_util::Full;

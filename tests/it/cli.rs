@@ -1,11 +1,9 @@
 //! Command-line tools an integration team uses: `fhirgate inspect-cert` and
 //! `fhirgate pki dev`.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::harness::*;
 
 fn fhirgate(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))

@@ -5,8 +5,6 @@
 //! here, so each refusal case (garbage, another CA's signature, an older CRL, too large,
 //! an HTTP error) can be served on demand.
 
-mod common;
-
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::harness::*;
 use bytes::Bytes;
-use common::*;
 use fhirgate::config::Config;
 use fhirgate::server;
 use http_body_util::Full;

@@ -6,13 +6,10 @@
 //! full matrix with metrics, both protocol versions, generated certificates, pre-TLS
 //! garbage, stalls and legacy protocol versions.)
 
-mod common;
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use fhirgate::server;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -22,7 +19,6 @@ use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
-use support::*;
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
 

@@ -4,20 +4,16 @@
 //! the right status, never panics, never forwards what it could not authorise, and
 //! completes every request that could have completed.
 
-mod common;
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::harness::*;
 use bytes::Bytes;
-use common::*;
 use fhirgate::config::Config;
 use fhirgate::server::Running;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use support::*;
 
 fn bearer(path: &str, token: &str) -> Request<Full<Bytes>> {
     Request::get(path)
