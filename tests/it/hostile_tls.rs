@@ -20,7 +20,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn dn(cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
@@ -630,4 +630,91 @@ async fn connection_slots_held_by_stalled_handshakes_are_freed_by_the_timeout() 
     drop(stalled);
     still_serves(&pki, addr).await;
     gw.shutdown(Duration::from_secs(2)).await;
+}
+
+// The first hostile suite (issue 8), folded in: a not-yet-valid certificate and the
+// handshake refusal metrics.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_yet_valid_certificate_is_refused_and_every_refusal_is_counted() {
+    let pki = Pki::new();
+    // future-client: from the right SubCA, but valid only from tomorrow.
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    // (TLS 1.3 verifies the client after the client's Finished, so the alert may only
+    // show on the first read; the metrics below say why it was refused.)
+    send(
+        &tls_client(&pki, Some("future-client"), H1),
+        addr,
+        get("/metadata"),
+    )
+    .await
+    .expect_err("not-yet-valid certificate refused");
+    for who in [
+        Some("revoked-client"),
+        Some("expired-client"),
+        Some("foreign-client"),
+        Some("server-only-client"),
+        None,
+    ] {
+        assert!(send(&tls_client(&pki, who, H1), addr, get("/metadata"))
+            .await
+            .is_err());
+    }
+    // Garbage instead of a ClientHello.
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    raw.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0xde, 0xad, 0xbe, 0xef])
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), raw.read_to_end(&mut sink)).await;
+    // A TLS 1.0 ClientHello (record and hello version 0x0301): refused.
+    let mut old = tokio::net::TcpStream::connect(addr).await.unwrap();
+    old.write_all(&tls10_client_hello()).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), old.read_to_end(&mut reply)).await;
+    assert!(
+        reply.is_empty() || reply[0] == 0x15,
+        "TLS 1.0 must get an alert or a close, got {reply:02x?}"
+    );
+    still_serves_h1(&pki, addr).await;
+    assert_eq!(seen.count(), 1);
+
+    let metrics = gw.server().metrics().encode();
+    for kind in [
+        "not_yet_valid",
+        "revoked",
+        "expired",
+        "unknown_ca",
+        "bad_purpose",
+        "no_cert",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "fhirgate_tls_handshakes_total{{result=\"{kind}\"}} "
+            )),
+            "{kind} not counted:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("fhirgate_tls_handshakes_total{result=\"ok\"}"),
+        "{metrics}"
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// A minimal TLS 1.0 ClientHello with one cipher suite (TLS_RSA_WITH_AES_128_CBC_SHA).
+fn tls10_client_hello() -> Vec<u8> {
+    let mut hello = vec![0x03, 0x01]; // client_version TLS 1.0
+    hello.extend_from_slice(&[0x42; 32]); // random
+    hello.push(0); // session id
+    hello.extend_from_slice(&[0x00, 0x02, 0x00, 0x2f]); // cipher suites
+    hello.extend_from_slice(&[0x01, 0x00]); // compression: null
+    let mut hs = vec![0x01, 0x00];
+    hs.extend_from_slice(&(hello.len() as u16).to_be_bytes());
+    hs.extend_from_slice(&hello);
+    let mut rec = vec![0x16, 0x03, 0x01];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
 }

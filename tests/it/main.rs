@@ -17,7 +17,6 @@ mod deploy;
 mod faults;
 mod fuzz_props;
 mod gateway;
-mod hostile;
 mod hostile_http;
 mod hostile_props;
 mod hostile_tls;

@@ -481,3 +481,30 @@ pub async fn write_quietly<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) {
     let _ = s.write_all(bytes).await;
     let _ = s.flush().await;
 }
+
+/// Writes `raw` over a fresh mTLS connection (HTTP/1.1) and returns everything the
+/// gateway sends back before it closes or `wait` passes.
+pub async fn raw_exchange(pki: &Pki, addr: SocketAddr, raw: &[u8], wait: Duration) -> String {
+    let c = tls_client(pki, Some("client"), H1);
+    let mut tls = connect(&c, addr).await.expect("handshake");
+    tls.write_all(raw).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn status_of(resp: &str) -> u16 {
+    resp.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The good client is still served over HTTP/1.1 (one request upstream; see
+/// [`still_serves`] for both protocols and the panic check).
+pub async fn still_serves_h1(pki: &Pki, addr: SocketAddr) {
+    let got = send(&tls_client(pki, Some("client"), H1), addr, get("/metadata"))
+        .await
+        .expect("a good client is still served");
+    assert_eq!(got.status, StatusCode::OK);
+}
