@@ -12,38 +12,7 @@ use fhirgate::pipeline::policy::check_path;
 use http::{HeaderMap, HeaderValue, Method};
 use proptest::prelude::*;
 
-/// Percent-decodes everything (repeatedly), the most generous reading an upstream could
-/// apply to a path.
-fn fully_decoded(path: &str) -> String {
-    let mut s = path.to_owned();
-    for _ in 0..4 {
-        let d: String = percent_decode(&s);
-        if d == s {
-            break;
-        }
-        s = d;
-    }
-    s
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            let hex = |c: u8| (c as char).to_digit(16);
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+use crate::harness::percent::decode_fully;
 
 fn path_strategy() -> impl Strategy<Value = String> {
     let seg = prop_oneof![
@@ -89,7 +58,8 @@ proptest! {
     #[test]
     fn accepted_paths_cannot_escape(path in path_strategy()) {
         if check_path(&path).is_ok() {
-            let d = fully_decoded(&path);
+            // Percent-decoded repeatedly: the most generous reading an upstream could apply.
+            let d = decode_fully(&path);
             for seg in d.split('/') {
                 prop_assert!(seg != ".." && seg != ".", "{path} decodes to {d}");
             }

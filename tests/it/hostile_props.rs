@@ -6,26 +6,7 @@
 use fhirgate::pipeline::policy::check_path;
 use proptest::prelude::*;
 
-/// One percent-decoding pass; `None` for a malformed escape.
-fn decode_once(s: &str) -> Option<Vec<u8>> {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3)?;
-            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                return None;
-            }
-            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    Some(out)
-}
+use crate::harness::percent::decode_once;
 
 /// What a servlet container makes of each segment: `;parameters` dropped.
 fn servlet_segments(path: &str) -> Vec<String> {

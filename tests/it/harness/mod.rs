@@ -12,6 +12,7 @@ pub mod authserver;
 pub mod clients;
 pub mod gateway;
 pub mod panics;
+pub mod percent;
 pub mod pki;
 pub mod upstreams;
 
