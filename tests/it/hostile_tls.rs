@@ -2,7 +2,7 @@
 //! during the handshake, counted in `fhirgate_tls_handshakes_total{result}`, reaches
 //! nothing upstream, and leaves the gateway serving good clients.
 //!
-//! (tests/gateway.rs checks the alerts of the stock bad certificates; this file is the
+//! (tests/it/gateway.rs checks the alerts of the stock bad certificates; this file is the
 //! full matrix with metrics, both protocol versions, generated certificates, pre-TLS
 //! garbage, stalls and legacy protocol versions.)
 
