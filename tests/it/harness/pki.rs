@@ -143,7 +143,12 @@ fn gtime(t: i64) -> String {
     )
 }
 
-fn ca_cnf(dir: &Path, v2: bool) -> String {
+/// `cdp`: the URL that SubCAs and clients issued by this CA name as their CRL
+/// Distribution Point (RFC 5280 §4.2.1.13), as NHS certificates do.
+fn ca_cnf(dir: &Path, v2: bool, cdp: Option<&str>) -> String {
+    let cdp = cdp
+        .map(|u| format!("crlDistributionPoints = URI:{u}\n"))
+        .unwrap_or_default();
     // A v2 CRL needs a crlnumber file or CRL extensions; without both openssl writes v1.
     let (crlnumber, crl_ext) = if v2 {
         ("crlnumber = $dir/crlnumber\n", "crl_extensions = crl_ext\n")
@@ -163,14 +168,21 @@ unique_subject = no\ncopy_extensions = none\nemail_in_dn = no\n{crl_ext}\
 subjectKeyIdentifier = hash\n\
 [ v3_sub_ca ]\nbasicConstraints = critical, CA:true, pathlen:0\n\
 keyUsage = critical, keyCertSign, cRLSign\nsubjectKeyIdentifier = hash\n\
-authorityKeyIdentifier = keyid:always\n\
+authorityKeyIdentifier = keyid:always\n{cdp}\
 [ client ]\nbasicConstraints = critical, CA:false\nkeyUsage = critical, digitalSignature\n\
-extendedKeyUsage = clientAuth\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n\
+extendedKeyUsage = clientAuth\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n{cdp}\
 [ server ]\nbasicConstraints = critical, CA:false\nkeyUsage = critical, digitalSignature\n\
 extendedKeyUsage = serverAuth\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n\
 subjectAltName = DNS:localhost, IP:127.0.0.1\n",
         dir = dir.display()
     )
+}
+
+impl Ca {
+    /// The subject as `openssl req -subj` takes it.
+    pub fn subject(&self) -> String {
+        format!("/O=fhirgate test/CN={}", self.name)
+    }
 }
 
 impl Default for OpensslPki {
@@ -212,8 +224,8 @@ impl OpensslPki {
         let serial = format!("{:016X}\n", 0x1000 + (name.len() as u64) * 0x100);
         std::fs::write(dir.join("serial"), serial).expect("serial");
         std::fs::write(dir.join("crlnumber"), "01\n").expect("crlnumber");
-        std::fs::write(dir.join("ca.cnf"), ca_cnf(&dir, true)).expect("cnf");
-        std::fs::write(dir.join("ca-v1.cnf"), ca_cnf(&dir, false)).expect("cnf");
+        std::fs::write(dir.join("ca.cnf"), ca_cnf(&dir, true, None)).expect("cnf");
+        std::fs::write(dir.join("ca-v1.cnf"), ca_cnf(&dir, false, None)).expect("cnf");
         dir
     }
 
@@ -335,6 +347,49 @@ impl OpensslPki {
     /// A serverAuth leaf for `localhost` / 127.0.0.1 issued by `ca`.
     pub fn server(&self, ca: &Ca, name: &str, alg: Alg) -> Issued {
         self.leaf(ca, name, alg, "server")
+    }
+
+    /// From now on, the SubCAs and clients `ca` issues name `url` as their CRL
+    /// Distribution Point.
+    pub fn publish_crls_at(&self, ca: &Ca, url: &str) {
+        std::fs::write(ca.dir.join("ca.cnf"), ca_cnf(&ca.dir, true, Some(url))).expect("cnf");
+        std::fs::write(ca.dir.join("ca-v1.cnf"), ca_cnf(&ca.dir, false, Some(url))).expect("cnf");
+    }
+
+    /// A CA with exactly `of`'s subject (the same name bytes) but its own RSA key: what a
+    /// forger would make (`openssl x509 -signkey` keeps the subject, puts the new public
+    /// key in and self-signs). It can sign CRLs like any other CA here.
+    pub fn impostor(&self, of: &Ca) -> Ca {
+        let name = format!("{} impostor", of.name);
+        let dir = self.new_ca_dir(&name);
+        let key = dir.join("ca.key");
+        let cert = dir.join("ca.crt");
+        let k = self.key(&format!("{}.key", name.replace(' ', "_")), Alg::Rsa2048);
+        std::fs::rename(&k, &key).expect("move key");
+        openssl(&[
+            "x509",
+            "-in",
+            s(&of.cert),
+            "-signkey",
+            s(&key),
+            "-out",
+            s(&cert),
+        ]);
+        let chain = dir.join("chain.pem");
+        std::fs::copy(&cert, &chain).expect("chain");
+        Ca {
+            name,
+            dir,
+            cert,
+            key,
+            chain,
+        }
+    }
+
+    /// A CRL of `ca` valid for `hours`, in DER as CAs publish it.
+    pub fn crl_der(&self, ca: &Ca, hours: u32) -> Vec<u8> {
+        let pem = self.crl(ca, CrlTimes::Hours(hours));
+        std::fs::read(self.der(&pem, Kind::Crl)).expect("DER CRL")
     }
 
     /// Marks `cert` (issued by `ca`) revoked in `ca`'s database (keyCompromise).
