@@ -1,21 +1,7 @@
 //! Command-line tools an integration team uses: `fhirgate inspect-cert` and
 //! `fhirgate pki dev`.
 
-use std::process::Command;
-
 use crate::harness::*;
-
-fn fhirgate(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .args(args)
-        .output()
-        .expect("fhirgate runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn inspect_cert_reports_facts_and_per_bundle_verdicts() {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -433,21 +433,6 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
     running.shutdown(Duration::from_secs(2)).await;
 }
 
-/// Kills the gateway if the test fails half-way.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 /// How a CRL file is replaced on disk.
 #[derive(Clone, Copy, Debug)]
 enum Swap {
@@ -496,14 +481,7 @@ async fn revoked_after_file_swap(swap: Swap) {
     let cfg_path = pki.path("config.yaml");
     std::fs::write(&cfg_path, &yaml).unwrap();
     let log_path = pki.path("gateway.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .args(["run", "--config"])
-        .arg(&cfg_path)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let _child = KillOnDrop(child);
+    let _child = run_gateway(&cfg_path, &log_path, &[]);
     let alice = pki.client(&pki.alice.cert);
     let bob = pki.client(&pki.bob.cert);
     within(Duration::from_secs(10), "gateway up", async || {

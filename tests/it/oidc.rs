@@ -339,16 +339,7 @@ async fn real_openid_provider_tokens_through_the_gateway() {
 
 /// Runs `fhirgate client` with `args`; returns (exit ok, stdout, stderr).
 fn fhirgate_client(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .arg("client")
-        .args(args)
-        .output()
-        .expect("fhirgate client runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    fhirgate(&[&["client"], args].concat())
 }
 
 /// `fhirgate client` as a BaRS sender against the real provider: a token by client
@@ -802,21 +793,7 @@ async fn rejected_gateway_credentials_are_logged_loudly_once() {
     )
     .unwrap();
     let log_path = pki.path("gateway.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .args(["run", "--config"])
-        .arg(&cfg_path)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+    let mut child = run_gateway(&cfg_path, &log_path, &[]);
     let c = tls_client(&pki, Some("client"), H1);
     let token = provider
         .token("bars-sender", "sender-secret", "system/*.*")

@@ -4,7 +4,7 @@
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream as StdTcp};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,21 +13,6 @@ use crate::harness::*;
 use fhirgate::tools::pki::DevPki;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-/// Kills the gateway if the test fails half-way, so no process outlives the test.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn signal(child: &KillOnDrop, sig: &str) {
     let child = &child.0;
@@ -139,18 +124,13 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
         })
     };
 
-    // Logs go to a file: a pipe nobody reads would fill up and block the gateway.
     let log_path = pki.path("gateway.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .args(["run", "--config"])
-        .arg(&cfg_path)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("WATCHDOG_USEC", "200000")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
+    let notify = notify_path.to_str().expect("UTF-8 temp path");
+    let mut child = run_gateway(
+        &cfg_path,
+        &log_path,
+        &[("NOTIFY_SOCKET", notify), ("WATCHDOG_USEC", "200000")],
+    );
     let mut up_ok = false;
     for _ in 0..100 {
         if StdTcp::connect(admin_addr).is_ok() {
@@ -409,14 +389,7 @@ async fn reload_failures_are_counted_and_restart_only_changes_named() {
     let yaml = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw_addr.to_string());
     std::fs::write(&cfg_path, &yaml).unwrap();
     let log_path = pki.path("gateway.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .args(["run", "--config"])
-        .arg(&cfg_path)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
+    let mut child = run_gateway(&cfg_path, &log_path, &[]);
     let mut up_ok = false;
     for _ in 0..100 {
         if StdTcp::connect(admin_addr).is_ok() {

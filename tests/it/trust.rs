@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::metric;
 use crate::harness::pki::{Alg, Ca, CrlTimes, Issued, Kind, OpensslPki};
-use crate::harness::{get, send, upstream, UpstreamMode};
+use crate::harness::{fhirgate, get, send, upstream, UpstreamMode};
 use fhirgate::config::Config;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -174,18 +174,6 @@ async fn curl(addr: SocketAddr, cacert: &Path, cert: &Path, key: &Path) -> Optio
         return None;
     }
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-}
-
-fn fhirgate(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .args(args)
-        .output()
-        .expect("fhirgate runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn write_cfg(pki: &OpensslPki, name: &str, yaml: &str) -> String {

@@ -5,6 +5,7 @@
 //! - [`clients`]: rustls/hyper clients, raw HTTP/1.1 exchanges, hand-made HTTP/2 frames;
 //! - [`upstreams`]: recording, raw and dead upstreams;
 //! - [`authserver`]: the one stub authorisation server (RFC 7662, discovery, JWKS);
+//! - [`process`]: the real binary as a process (`fhirgate ARGS`, `fhirgate run`), free ports;
 //! - [`panics`]: panics anywhere in the process, counted.
 #![allow(dead_code, unused_imports)]
 
@@ -14,6 +15,7 @@ pub mod gateway;
 pub mod panics;
 pub mod percent;
 pub mod pki;
+pub mod process;
 pub mod upstreams;
 
 pub use authserver::*;
@@ -21,4 +23,5 @@ pub use clients::*;
 pub use gateway::*;
 pub use panics::*;
 pub use pki::*;
+pub use process::*;
 pub use upstreams::*;
