@@ -11,70 +11,13 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 use fhirgate::server;
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SerialNumber,
-};
+use rcgen::{Issuer, KeyPair};
 use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn dn(cn: &str) -> DistinguishedName {
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CountryName, "GB");
-    dn.push(DnType::OrganizationName, "fhirgate development");
-    dn.push(DnType::CommonName, cn);
-    dn
-}
-
-fn ca_params(cn: &str) -> CertificateParams {
-    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-    p.distinguished_name = dn(cn);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    p.key_identifier_method = KeyIdMethod::Sha256;
-    let now = OffsetDateTime::now_utc();
-    p.not_before = now - time::Duration::days(1);
-    p.not_after = now + time::Duration::days(365);
-    p
-}
-
-/// An issuer for one of the dev PKI's CAs, rebuilt from its name and private key (the
-/// key identifier is derived from the key, so issued certificates chain normally).
-fn dev_issuer(cn: &str, key_pem: &str) -> Issuer<'static, KeyPair> {
-    Issuer::new(ca_params(cn), KeyPair::from_pem(key_pem).expect("CA key"))
-}
-
-fn client_leaf(
-    cn: &str,
-    serial: u64,
-    not_before: OffsetDateTime,
-    not_after: OffsetDateTime,
-    issuer: &Issuer<'_, KeyPair>,
-) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
-    let mut p = CertificateParams::new(vec![cn.to_ascii_lowercase()]).expect("params");
-    p.distinguished_name = dn(cn);
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    p.serial_number = Some(SerialNumber::from(serial));
-    p.not_before = not_before;
-    p.not_after = not_after;
-    p.use_authority_key_identifier_extension = true;
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-    let cert = p.signed_by(&key, issuer).expect("sign leaf");
-    (
-        cert.der().clone(),
-        PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
-    )
-}
 
 /// Presents a fixed chain and key without rustls checking that they belong together (so
 /// a test can send an unparsable certificate).
@@ -190,7 +133,7 @@ async fn every_bad_client_certificate_is_refused_counted_and_harmless() {
     let mut intermediates = Vec::new();
     for i in 1..=4 {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-        let params = ca_params(&format!("Deep Intermediate {i}"));
+        let params = dev_ca_params(&format!("Deep Intermediate {i}"));
         let cert = params.signed_by(&key, &parent).expect("intermediate");
         intermediates.push(cert.der().clone());
         parent = Issuer::new(params, key);
@@ -207,7 +150,7 @@ async fn every_bad_client_certificate_is_refused_counted_and_harmless() {
     // A CA that copies the SubCA's name but has its own key: the leaf names the right
     // issuer and carries a signature the real SubCA never made.
     let forged = Issuer::new(
-        ca_params("fhirgate DEV SubCA"),
+        dev_ca_params("fhirgate DEV SubCA"),
         KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key"),
     );
     let (forged_leaf, forged_key) = client_leaf(

@@ -25,6 +25,12 @@ use tokio_rustls::TlsConnector;
 
 use std::process::Command;
 
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SerialNumber,
+};
+use time::OffsetDateTime;
+
 use super::*;
 
 pub struct Pki {
@@ -42,6 +48,71 @@ impl Pki {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+}
+
+// Leaves minted on the dev PKI's own CAs (rcgen), with the DN and CA parameters of
+// src/tools/pki.rs, so they chain to [`Pki`]'s root like the leaves it writes.
+
+fn dev_dn(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CountryName, "GB");
+    dn.push(DnType::OrganizationName, "fhirgate development");
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+/// CA parameters as src/tools/pki.rs sets them (unconstrained, keyCertSign + cRLSign,
+/// SHA-256 key identifier), valid from yesterday for a year.
+pub fn dev_ca_params(cn: &str) -> CertificateParams {
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.distinguished_name = dev_dn(cn);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.key_identifier_method = KeyIdMethod::Sha256;
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(1);
+    p.not_after = now + time::Duration::days(365);
+    p
+}
+
+/// An issuer for one of the dev PKI's CAs, rebuilt from its name and private key (the
+/// key identifier is derived from the key, so issued certificates chain normally).
+pub fn dev_issuer(cn: &str, key_pem: &str) -> Issuer<'static, KeyPair> {
+    Issuer::new(
+        dev_ca_params(cn),
+        KeyPair::from_pem(key_pem).expect("CA key"),
+    )
+}
+
+/// A clientAuth ECDSA P-256 leaf `cn` (SAN `cn` lower-cased) with the given serial and
+/// validity, signed by `issuer`: for certificates the dev PKI does not make (not yet
+/// valid, far-future, odd serials).
+pub fn client_leaf(
+    cn: &str,
+    serial: u64,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    issuer: &Issuer<'_, KeyPair>,
+) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let mut p = CertificateParams::new(vec![cn.to_ascii_lowercase()]).expect("params");
+    p.distinguished_name = dev_dn(cn);
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.serial_number = Some(SerialNumber::from(serial));
+    p.not_before = not_before;
+    p.not_after = not_after;
+    p.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let cert = p.signed_by(&key, issuer).expect("sign leaf");
+    (
+        cert.der().clone(),
+        PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
+    )
 }
 
 // ---------------------------------------------------------------------------------------
