@@ -161,14 +161,6 @@ async fn within(limit: Duration, what: &str, mut cond: impl AsyncFnMut() -> bool
     panic!("{what}: not within {limit:?}");
 }
 
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetched_crls_revoke_refuse_bad_ones_and_survive_a_restart() {
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -242,14 +234,14 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
     for url in [&sub_url, &root_url] {
         let label = format!("{{bundle=\"test-int\",url=\"{url}\"}}");
         assert!(
-            metric(
+            metric_in(
                 &text,
                 &format!("fhirgate_crl_fetch_success_timestamp_seconds{label}")
             ) > 1.7e9,
             "{text}"
         );
         assert!(
-            metric(
+            metric_in(
                 &text,
                 &format!("fhirgate_crl_fetched_next_update_seconds{label}")
             ) > 1.7e9,
@@ -288,7 +280,7 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
         "{text}"
     );
     assert_eq!(
-        metric(
+        metric_in(
             &text,
             &format!("fhirgate_crl_revoked_certificates{{bundle=\"test-int\",url=\"{sub_url}\"}}")
         ),
@@ -315,10 +307,10 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
         let key = format!(
             "fhirgate_crl_fetch_failures_total{{bundle=\"test-int\",url=\"{sub_url}\",reason=\"{reason}\"}}"
         );
-        let before = metric(&metrics.encode(), &key);
+        let before = metric_in(&metrics.encode(), &key);
         routes.lock().unwrap().insert("/sub.crl".into(), answer);
         within(Duration::from_secs(5), reason, async || {
-            metric(&metrics.encode(), &key) > before
+            metric_in(&metrics.encode(), &key) > before
         })
         .await;
         assert!(!accepted(&bob, addr).await, "{reason}: bob still revoked");

@@ -93,10 +93,6 @@ fn stock(pki: &Pki, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<
 
 const HANDSHAKES: &str = "fhirgate_tls_handshakes_total";
 
-fn handshakes(gw: &server::Running, result: &str) -> f64 {
-    metric(gw, &format!("{HANDSHAKES}{{result=\"{result}\"}}"))
-}
-
 /// Sum of every refused handshake (any result but `ok`).
 fn refused_total(gw: &server::Running) -> f64 {
     gw.server()

@@ -3,7 +3,6 @@
 //! SIGTERM honoured from the first moment, even while OAuth discovery is pending.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
@@ -11,14 +10,6 @@ use bytes::Bytes;
 use fhirgate::pipeline::nhsd;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
 
 /// Starts `fhirgate run` on `yaml` (listener at `gw`), logging to `log`; waits until the
 /// listener accepts TCP.

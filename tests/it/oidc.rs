@@ -466,19 +466,6 @@ async fn fhirgate_client_gets_tokens_from_the_real_provider() {
     drop(gw);
 }
 
-fn metric(gw: &fhirgate::server::Running, sample: &str) -> f64 {
-    let text = gw.server().metrics().encode();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(sample)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
-
 const FHIR_AUDIENCE: &str = "https://fhir.example/R4";
 
 /// oidc-provider will not introspect a JWT access token: it answers 400

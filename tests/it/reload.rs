@@ -14,15 +14,6 @@ use fhirgate::tools::pki::DevPki;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-fn signal(child: &KillOnDrop, sig: &str) {
-    let child = &child.0;
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
 /// GET on the plain-HTTP admin listener.
 fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use std::io::Write;
@@ -179,7 +170,7 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
     std::fs::write(pki.path("server.crt"), &new_pki.server.cert).unwrap();
     std::fs::write(pki.path("server.key"), &new_pki.server.key).unwrap();
     std::fs::copy(pki.path("sub-ca-update.crl"), pki.path("sub-ca.crl")).unwrap();
-    signal(&child, "-HUP");
+    signal(&child.0, "-HUP");
     tokio::time::sleep(Duration::from_millis(700)).await;
 
     let new_cert = server_cert_of(&good, gw_addr).await.unwrap();
@@ -203,7 +194,7 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
         "-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n",
     )
     .unwrap();
-    signal(&child, "-HUP");
+    signal(&child.0, "-HUP");
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(server_cert_of(&good, gw_addr).await.unwrap(), new_cert);
     let refused = server_cert_of(&second, gw_addr).await;
@@ -256,7 +247,7 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
         async move { send(&good, gw_addr, get("/slow")).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    signal(&child, "-TERM");
+    signal(&child.0, "-TERM");
     let got = in_flight
         .await
         .unwrap()
@@ -421,11 +412,11 @@ async fn reload_failures_are_counted_and_restart_only_changes_named() {
 
     // A YAML typo.
     std::fs::write(&cfg_path, yaml.replace("routes:", "routes: [")).unwrap();
-    signal(&child, "-HUP");
+    signal(&child.0, "-HUP");
     wait_errors(1.0);
     // A missing file.
     std::fs::remove_file(&cfg_path).unwrap();
-    signal(&child, "-HUP");
+    signal(&child.0, "-HUP");
     wait_errors(2.0);
     // The old configuration still serves.
     let c = tls_client(&pki, Some("client"), H1);
@@ -444,7 +435,7 @@ async fn reload_failures_are_counted_and_restart_only_changes_named() {
         )
         + "logging:\n  format: json\n";
     std::fs::write(&cfg_path, changed).unwrap();
-    signal(&child, "-HUP");
+    signal(&child.0, "-HUP");
     let mut log = String::new();
     for _ in 0..50 {
         log = std::fs::read_to_string(&log_path).unwrap();
@@ -516,7 +507,7 @@ async fn reload_failures_are_counted_and_restart_only_changes_named() {
         );
     }
 
-    signal(&child, "-TERM");
+    signal(&child.0, "-TERM");
     let status = child.0.wait().unwrap();
     assert!(status.success());
 }

@@ -751,15 +751,6 @@ async fn otlp_spans_reach_a_local_collector() {
     gw.shutdown(Duration::from_secs(1)).await;
 }
 
-fn bearer(path: &str, token: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
-    let mut r = get(path);
-    r.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("hv"),
-    );
-    r
-}
-
 /// The budget covers the token check too: an authorisation server that takes 5 s still
 /// gets the client its 408 within the 1 s budget (-100 ms/+[`SLACK_MS`]).
 #[tokio::test]

@@ -199,6 +199,14 @@ pub fn get(path: &str) -> Request<Full<Bytes>> {
         .expect("request")
 }
 
+/// GET `path` with `Authorization: Bearer TOKEN`.
+pub fn bearer(path: &str, token: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .expect("request")
+}
+
 pub const H1: &[&[u8]] = &[b"http/1.1"];
 pub const H2: &[&[u8]] = &[b"h2"];
 

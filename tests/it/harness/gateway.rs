@@ -101,13 +101,26 @@ pub async fn gateway(pki: &Pki, o: &Opts) -> (Running, SocketAddr) {
 /// Value of one sample in the gateway's Prometheus text, e.g.
 /// `fhirgate_tls_handshakes_total{result="revoked"}`; 0 when absent.
 pub fn metric(gw: &Running, sample: &str) -> f64 {
-    let text = gw.server().metrics().encode();
+    metric_in(&gw.server().metrics().encode(), sample)
+}
+
+/// Value of one sample in Prometheus text (e.g. scraped from a gateway process's
+/// `/metrics`); 0 when absent.
+pub fn metric_in(text: &str, sample: &str) -> f64 {
     text.lines()
         .find_map(|l| {
             let rest = l.strip_prefix(sample)?;
             rest.strip_prefix(' ')?.trim().parse::<f64>().ok()
         })
         .unwrap_or(0.0)
+}
+
+/// `fhirgate_tls_handshakes_total{result="…"}`.
+pub fn handshakes(gw: &Running, result: &str) -> f64 {
+    metric(
+        gw,
+        &format!("fhirgate_tls_handshakes_total{{result=\"{result}\"}}"),
+    )
 }
 
 /// Waits (up to 5 s) until `sample` reaches at least `want`: the server records a

@@ -43,6 +43,15 @@ pub fn run_gateway(cfg: &Path, log: &Path, env: &[(&str, &str)]) -> KillOnDrop {
     KillOnDrop(child)
 }
 
+/// Sends `sig` (`-HUP`, `-TERM`, …) to `child` with kill(1).
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(ok.success(), "kill {sig} {}", child.id());
+}
+
 /// A loopback address nothing listens on just now (for a process that binds it itself).
 pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
