@@ -1,5 +1,5 @@
 //! The percent-decoding oracle (RFC 3986 §2.1) the path properties judge
-//! `policy::check_path` by: tests/it/hostile_props.rs, tests/it/fuzz_props.rs and the
+//! `policy::check_path` by: tests/it/path_props.rs and the
 //! cargo-fuzz target fuzz/fuzz_targets/path.rs (which includes this file with
 //! `#[path]`, so it uses nothing but std). Written apart from the gateway's own decoder
 //! on purpose: an oracle that shared the code under test could not disagree with it.
