@@ -394,6 +394,8 @@ fn config_errors_name_the_field() {
 }
 
 /// Access lines written by the in-process gateway, as JSON, for the whole test binary.
+/// The subscriber is process-wide: once a test here installs it, every in-process
+/// gateway of the integration binary logs here too, so lookups go by `trace_id`.
 static LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
 
 struct LogWriter;
