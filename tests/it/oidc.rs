@@ -229,6 +229,9 @@ async fn real_openid_provider_tokens_through_the_gateway() {
     let (up, seen) = upstream(UpstreamMode::Echo).await;
     let mut o = Opts::new(up);
     o.auth = auth_basic(&provider, &pki);
+    // The 200 concurrent requests below test single-flight introspection, not the
+    // upstream's speed: on a busy machine 2 s is too short for all of them.
+    o.upstream_extra = "  response_timeout: 10s\n".into();
     let (gw, addr) = gateway(&pki, &o).await;
     let c = tls_client(&pki, Some("client"), H2);
 

@@ -65,7 +65,7 @@ pub fn config_yaml(pki: &Pki, o: &Opts) -> String {
 listeners:\n  - address: 127.0.0.1:0\n\
 tls:\n  server_cert: {sc}\n  server_key: {sk}\n  handshake_timeout: 2s\n{tls_extra}  trust_bundles:\n    - name: nhs-int\n      ca_files: [{root}, {sub}]\n      crl_files: [{crl}, {rcrl}]\n{extra}\
 limits:\n{idle}{limits}\
-upstream:\n  url: http://{up}\n  connect_timeout: 1s\n  response_timeout: 2s\n{up_extra}\
+upstream:\n  url: http://{up}\n  connect_timeout: 1s\n{up_timeout}{up_extra}\
 {auth}\
 routes:\n{routes}",
         sc = p("server.crt"),
@@ -83,6 +83,12 @@ routes:\n{routes}",
         },
         limits = o.limits,
         up = o.upstream,
+        // 2 s unless the test sets its own.
+        up_timeout = if o.upstream_extra.contains("response_timeout:") {
+            ""
+        } else {
+            "  response_timeout: 2s\n"
+        },
         up_extra = o.upstream_extra,
         auth = o.auth,
         routes = o.routes,
