@@ -5,7 +5,7 @@
 # CI does not use this file (no Docker engine there, and the base images cannot be
 # pulled): deploy/container/build makes the same layout with buildah from scratch (the
 # binary, the libraries ldd lists, CA certificates, user 65532, the same ports, paths,
-# ENTRYPOINT and CMD), and deploy/container/test runs that image. tests/deploy.rs keeps
+# ENTRYPOINT and CMD), and deploy/container/test runs that image. tests/it/deploy.rs keeps
 # the two files in step. The image carries no certificates or keys: mount them
 # read-only with the config at /etc/fhirgate.
 FROM rust:1-slim-bookworm AS build

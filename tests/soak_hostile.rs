@@ -13,24 +13,23 @@
 //!
 //! `SOAK_SECONDS` is capped at 600. Loopback only; every task stops by itself.
 
-mod common;
-mod support;
+#[path = "it/harness/mod.rs"]
+mod harness;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::*;
+use harness::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
@@ -39,20 +38,6 @@ const RSS_TOLERANCE: f64 = 0.25;
 const RSS_TOLERANCE_BYTES: u64 = 8 * 1024 * 1024;
 /// Open file descriptors may grow by this many.
 const FD_TOLERANCE: usize = 10;
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
 
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -161,15 +146,7 @@ async fn soak_hostile() {
     )
     .expect("config");
     let log = pki.path("gateway.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("FHIRGATE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("spawn gateway");
-    let child = KillOnDrop(child);
+    let child = run_gateway(&cfg, &log, &[("FHIRGATE_LOG", "warn")]);
     let pid = child.0.id();
     let mut up_ok = false;
     for _ in 0..100 {

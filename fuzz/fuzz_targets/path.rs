@@ -13,25 +13,10 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-fn decode_once(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3)?;
-            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                return None;
-            }
-            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
+// The same percent-decoding oracle as the property tests in tests/it/.
+#[path = "../../tests/it/harness/percent.rs"]
+#[allow(dead_code)] // decode_fully is for the property tests
+mod percent;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(path) = std::str::from_utf8(data) else {
@@ -40,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     if fhirgate::pipeline::policy::check_path(path).is_err() {
         return;
     }
-    let decoded = decode_once(path).expect("accepted path decodes to UTF-8");
+    let decoded = percent::decode_once_utf8(path).expect("accepted path decodes to UTF-8");
     assert_eq!(path.matches('/').count(), decoded.matches('/').count());
     for view in [path, decoded.as_str()] {
         for seg in view.split('/') {

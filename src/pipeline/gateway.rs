@@ -403,7 +403,7 @@ impl Gateway {
             return Err(auth::AuthError::InvalidRequest(
                 "The access token was sent in both the Authorization header and the access_token query parameter",
             )
-            .rejection(self.auth.config()));
+            .refusal(self.auth.config()).rejection());
         }
         match route.token {
             TokenRequirement::None => Ok(None),
@@ -418,7 +418,7 @@ impl Gateway {
                         &conn.identity.fingerprint_sha256,
                     )
                     .await
-                    .map_err(|e| e.rejection(self.auth.config()))?;
+                    .map_err(|e| e.refusal(self.auth.config()).rejection())?;
                 trace.client_id = facts.client_id.clone();
                 trace.token_hash = Some(facts.token_hash.clone()).filter(|h| !h.is_empty());
                 Ok(Some(facts))
@@ -618,7 +618,8 @@ impl Gateway {
             return Err(auth::AuthError::InvalidRequest(
                 "The access token was sent in both the Authorization header and the request body",
             )
-            .rejection(self.auth.config()));
+            .refusal(self.auth.config())
+            .rejection());
         }
         let bytes = if body_token && !forward_token {
             let kept: Vec<&[u8]> = bytes

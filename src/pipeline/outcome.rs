@@ -277,6 +277,71 @@ impl Rejection {
         r
     }
 
+    /// RFC 6750 §3.1: no token was presented; the challenge carries no error code.
+    pub fn token_missing(realm: &str, diag: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "login",
+            "REC_UNAUTHORIZED",
+            "token_missing",
+            diag,
+        )
+        .with_www_authenticate(Some(format!("Bearer realm=\"{realm}\"")))
+    }
+
+    /// RFC 6750 §3.1 `invalid_token`. `status` is `auth.invalid_token_status` (401, or 403
+    /// for receivers that follow the BaRS examples).
+    pub fn token_invalid(status: u16, realm: &str, diag: impl Into<String>) -> Self {
+        let (issue, code) = if status == 401 {
+            ("login", "REC_UNAUTHORIZED")
+        } else {
+            ("forbidden", "REC_FORBIDDEN")
+        };
+        Self::from_parts(status, issue, code, "token_invalid", diag).with_www_authenticate(Some(
+            format!("Bearer realm=\"{realm}\", error=\"invalid_token\""),
+        ))
+    }
+
+    /// RFC 6750 §3.1 `invalid_request`, e.g. a token sent by more than one method.
+    pub fn token_invalid_request(realm: &str, diag: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "REC_BAD_REQUEST",
+            "token_invalid_request",
+            diag,
+        )
+        .with_www_authenticate(Some(format!(
+            "Bearer realm=\"{realm}\", error=\"invalid_request\""
+        )))
+    }
+
+    /// RFC 6750 §3.1 `insufficient_scope`, naming the scope the request needs.
+    pub fn token_scope(realm: &str, needed: &str, diag: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "REC_FORBIDDEN",
+            "token_scope",
+            diag,
+        )
+        .with_www_authenticate(Some(format!(
+            "Bearer realm=\"{realm}\", error=\"insufficient_scope\", scope=\"{needed}\""
+        )))
+    }
+
+    /// The token could not be verified now (authorisation server down, slow or broken):
+    /// fail closed with `auth.unavailable_status` (a 5xx).
+    pub fn token_unverifiable(status: u16, diag: impl Into<String>) -> Self {
+        Self::from_parts(
+            status,
+            "transient",
+            "REC_SERVICE_UNAVAILABLE",
+            "token_unverifiable",
+            diag,
+        )
+    }
+
     /// The request's total time budget (`service_levels.response_timeout`) ran out.
     /// Status and code come from config (BaRS: 408 `REC_TIMEOUT`).
     pub fn budget_timeout(status: StatusCode, nhs_code: &'static str, budget_ms: u128) -> Self {
@@ -419,26 +484,33 @@ mod tests {
                 "no route / certificate not allowed",
                 PolicyError::RouteForbidden("r".into()).rejection(),
             ),
-            ("no bearer token", AuthError::Missing.rejection(&auth)),
+            (
+                "no bearer token",
+                AuthError::Missing.refusal(&auth).rejection(),
+            ),
             (
                 "token invalid, inactive",
-                AuthError::InvalidToken("x").rejection(&auth),
+                AuthError::InvalidToken("x").refusal(&auth).rejection(),
             ),
             (
                 "token lacks the scope",
-                AuthError::InsufficientScope { needed: "x".into() }.rejection(&auth),
+                AuthError::InsufficientScope { needed: "x".into() }
+                    .refusal(&auth)
+                    .rejection(),
             ),
             (
                 "token in both the `Authorization` header",
-                AuthError::InvalidRequest("x").rejection(&auth),
+                AuthError::InvalidRequest("x").refusal(&auth).rejection(),
             ),
             (
                 "authorisation server refuses to introspect",
-                AuthError::InvalidToken("x").rejection(&auth),
+                AuthError::InvalidToken("x").refusal(&auth).rejection(),
             ),
             (
                 "authorisation server down/slow/broken",
-                AuthError::Unavailable("x".into()).rejection(&auth),
+                AuthError::Unavailable("x".into())
+                    .refusal(&auth)
+                    .rejection(),
             ),
             (
                 "NHSD / transaction-id header missing",
@@ -602,6 +674,103 @@ mod tests {
         assert_eq!(
             r.into_response().headers()[WWW_AUTHENTICATE],
             "Bearer realm=\"fhirgate\""
+        );
+    }
+
+    /// The auth stage's refusals through [`Refuse`], pinned field by field: the challenge
+    /// header follows RFC 6750 §3 ("the resource server MUST include the HTTP
+    /// WWW-Authenticate response header field"), and the configured statuses apply.
+    #[test]
+    fn auth_refusals_keep_their_wire_form_and_blame() {
+        use crate::pipeline::auth::{AuthConfig, AuthError};
+        let cfg: AuthConfig = serde_saphyr::from_str(
+            "mode: none\nrealm: r\ninvalid_token_status: 403\nunavailable_status: 502\n",
+        )
+        .expect("auth config");
+        type Want = (
+            u16,
+            &'static str,
+            &'static str,
+            &'static str,
+            Option<&'static str>,
+        );
+        let cases: Vec<(AuthError, Want, ErrorSource)> =
+            vec![
+            (
+                AuthError::Missing,
+                (401, "login", "REC_UNAUTHORIZED", "token_missing", Some("Bearer realm=\"r\"")),
+                ErrorSource::Client,
+            ),
+            (
+                AuthError::InvalidToken("expired"),
+                (
+                    403,
+                    "forbidden",
+                    "REC_FORBIDDEN",
+                    "token_invalid",
+                    Some("Bearer realm=\"r\", error=\"invalid_token\""),
+                ),
+                ErrorSource::Client,
+            ),
+            (
+                AuthError::InvalidRequest("two methods"),
+                (
+                    400,
+                    "invalid",
+                    "REC_BAD_REQUEST",
+                    "token_invalid_request",
+                    Some("Bearer realm=\"r\", error=\"invalid_request\""),
+                ),
+                ErrorSource::Client,
+            ),
+            (
+                AuthError::InsufficientScope {
+                    needed: "system/*.read".into(),
+                },
+                (
+                    403,
+                    "forbidden",
+                    "REC_FORBIDDEN",
+                    "token_scope",
+                    Some(
+                        "Bearer realm=\"r\", error=\"insufficient_scope\", scope=\"system/*.read\"",
+                    ),
+                ),
+                ErrorSource::Client,
+            ),
+            (
+                AuthError::Unavailable("down".into()),
+                (
+                    502,
+                    "transient",
+                    "REC_SERVICE_UNAVAILABLE",
+                    "token_unverifiable",
+                    None,
+                ),
+                ErrorSource::Internal,
+            ),
+        ];
+        for (e, (status, issue, code, reason, challenge), blame) in cases {
+            let refusal = e.refusal(&cfg);
+            let r = refusal.rejection();
+            assert_eq!(r.status.as_u16(), status, "{e:?}");
+            assert_eq!(
+                (r.issue, r.nhs_code, r.reason),
+                (issue, code, reason),
+                "{e:?}"
+            );
+            assert_eq!(refusal.reason(), reason);
+            assert_eq!(r.diagnostics, e.to_string());
+            assert_eq!(r.www_authenticate.as_deref(), challenge, "{e:?}");
+            assert_eq!(refusal.source(), blame, "{e:?}");
+        }
+        // With `invalid_token_status: 401` (RFC 6750's own status), a login problem.
+        let rfc: AuthConfig =
+            serde_saphyr::from_str("mode: none\ninvalid_token_status: 401\n").expect("auth config");
+        let r = AuthError::InvalidToken("x").refusal(&rfc).rejection();
+        assert_eq!(
+            (r.status.as_u16(), r.issue, r.nhs_code),
+            (401, "login", "REC_UNAUTHORIZED")
         );
     }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end check with real third-party clients (curl, openssl s_client) against the
 # fhirgate binary running the shipped config.yaml on the built-in development stack.
-# Run by tests/shell.rs, which passes FHIRGATE and free GW_PORT, UP_PORT, ADMIN_PORT, AUTH_PORT.
+# Run by tests/it/shell.rs, which passes FHIRGATE and free GW_PORT, UP_PORT, ADMIN_PORT, AUTH_PORT.
 set -u
 : "${FHIRGATE:?path to the fhirgate binary}" "${GW_PORT:?}" "${UP_PORT:?}" "${ADMIN_PORT:?}" "${AUTH_PORT:?}"
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)

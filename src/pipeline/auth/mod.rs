@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::error::{err, ConfigError};
 use crate::metrics::Metrics;
-use crate::pipeline::outcome::Rejection;
+use crate::pipeline::outcome::{ErrorSource, Refuse, Rejection};
 use cache::{CachedToken, TokenCache};
 use introspect::{AsClient, Endpoints, Introspection};
 use jwt::JwtVerifier;
@@ -436,62 +436,42 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// The refusal as an OperationOutcome, with `WWW-Authenticate` per RFC 6750 §3.
-    pub fn rejection(&self, cfg: &AuthConfig) -> Rejection {
-        let realm = &cfg.realm;
-        match self {
-            AuthError::Missing => Rejection::from_parts(
-                401,
-                "login",
-                "REC_UNAUTHORIZED",
-                "token_missing",
-                self.to_string(),
-            )
-            .with_www_authenticate(Some(format!("Bearer realm=\"{realm}\""))),
+    /// This error with the settings its refusal depends on (realm, configured statuses).
+    pub fn refusal<'a>(&'a self, cfg: &'a AuthConfig) -> AuthRefusal<'a> {
+        AuthRefusal { error: self, cfg }
+    }
+}
+
+/// An [`AuthError`] bound to the [`AuthConfig`] that shapes its response: the refusal as
+/// an OperationOutcome, with `WWW-Authenticate` per RFC 6750 §3.
+pub struct AuthRefusal<'a> {
+    error: &'a AuthError,
+    cfg: &'a AuthConfig,
+}
+
+impl Refuse for AuthRefusal<'_> {
+    fn rejection(&self) -> Rejection {
+        let (cfg, diag) = (self.cfg, self.error.to_string());
+        match self.error {
+            AuthError::Missing => Rejection::token_missing(&cfg.realm, diag),
             AuthError::InvalidToken(_) => {
-                let (issue, code) = if cfg.invalid_token_status == 401 {
-                    ("login", "REC_UNAUTHORIZED")
-                } else {
-                    ("forbidden", "REC_FORBIDDEN")
-                };
-                Rejection::from_parts(
-                    cfg.invalid_token_status,
-                    issue,
-                    code,
-                    "token_invalid",
-                    self.to_string(),
-                )
-                .with_www_authenticate(Some(format!(
-                    "Bearer realm=\"{realm}\", error=\"invalid_token\""
-                )))
+                Rejection::token_invalid(cfg.invalid_token_status, &cfg.realm, diag)
             }
-            AuthError::InvalidRequest(_) => Rejection::from_parts(
-                400,
-                "invalid",
-                "REC_BAD_REQUEST",
-                "token_invalid_request",
-                self.to_string(),
-            )
-            .with_www_authenticate(Some(format!(
-                "Bearer realm=\"{realm}\", error=\"invalid_request\""
-            ))),
-            AuthError::InsufficientScope { needed } => Rejection::from_parts(
-                403,
-                "forbidden",
-                "REC_FORBIDDEN",
-                "token_scope",
-                self.to_string(),
-            )
-            .with_www_authenticate(Some(format!(
-                "Bearer realm=\"{realm}\", error=\"insufficient_scope\", scope=\"{needed}\""
-            ))),
-            AuthError::Unavailable(_) => Rejection::from_parts(
-                cfg.unavailable_status,
-                "transient",
-                "REC_SERVICE_UNAVAILABLE",
-                "token_unverifiable",
-                self.to_string(),
-            ),
+            AuthError::InvalidRequest(_) => Rejection::token_invalid_request(&cfg.realm, diag),
+            AuthError::InsufficientScope { needed } => {
+                Rejection::token_scope(&cfg.realm, needed, diag)
+            }
+            AuthError::Unavailable(_) => {
+                Rejection::token_unverifiable(cfg.unavailable_status, diag)
+            }
+        }
+    }
+
+    fn source(&self) -> ErrorSource {
+        match self.error {
+            // The authorisation server, a service the gateway depends on.
+            AuthError::Unavailable(_) => ErrorSource::Internal,
+            _ => ErrorSource::Client,
         }
     }
 }

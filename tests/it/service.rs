@@ -3,26 +3,30 @@
 //! `Accept` version check (406), per-client rate limits (429 + `Retry-After`) kept across
 //! reloads, and the per-client connection cap.
 
-mod common;
-mod support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use fhirgate::config::Config;
 use http::StatusCode;
-use support::{metric, wait_metric};
 
 /// `auth:` plus extra top-level sections (the harness appends it verbatim).
 fn dev_auth_with(extra: &str) -> String {
     format!("auth:\n  mode: development\n{extra}")
 }
 
+/// How late past its budget a refusal may arrive. The integration tests share one
+/// process and, in CI, two cores with CPU-heavy neighbours (openssl key generation,
+/// property tests), so scheduling adds latency a dedicated binary did not see. Still far
+/// below the slow upstream (3 s) and authorisation server (5 s) in these tests, so a
+/// refusal inside the window can only come from the budget; the lower bound (the budget
+/// is not cut short) keeps its 100 ms timer tolerance.
+const SLACK_MS: u64 = 300;
+
 /// BaRS non-functional requirements: a request MUST be answered within 5,000 ms, and one
 /// that cannot be is answered `408` `REC_TIMEOUT`. Here the budget is 1 s (the config
 /// example uses 5 s) and the upstream takes 3 s: the client must get 408 within
-/// 1 s ± 100 ms, measured on an already-open connection.
+/// 1 s (-100 ms/+[`SLACK_MS`]), measured on an already-open connection.
 #[tokio::test]
 async fn slow_upstream_gets_408_within_the_budget() {
     let pki = Pki::new();
@@ -43,8 +47,8 @@ async fn slow_upstream_gets_408_within_the_budget() {
     let took = t.elapsed();
     assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
     assert!(
-        took >= Duration::from_millis(900) && took <= Duration::from_millis(1100),
-        "answered after {took:?}, budget 1 s ± 100 ms"
+        took >= Duration::from_millis(900) && took <= Duration::from_millis(1000 + SLACK_MS),
+        "answered after {took:?}, budget 1 s -100/+{SLACK_MS} ms"
     );
     eprintln!("budget 1 s, upstream 3 s: 408 after {took:?}");
     let body = http_body_util::BodyExt::collect(resp.into_body())
@@ -61,8 +65,8 @@ async fn slow_upstream_gets_408_within_the_budget() {
     let took = t.elapsed();
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
     assert!(
-        took >= Duration::from_millis(200) && took <= Duration::from_millis(400),
-        "answered after {took:?}, route budget 300 ms ± 100 ms"
+        took >= Duration::from_millis(200) && took <= Duration::from_millis(300 + SLACK_MS),
+        "answered after {took:?}, route budget 300 ms -100/+{SLACK_MS} ms"
     );
     wait_metric(
         &gw,
@@ -390,6 +394,8 @@ fn config_errors_name_the_field() {
 }
 
 /// Access lines written by the in-process gateway, as JSON, for the whole test binary.
+/// The subscriber is process-wide: once a test here installs it, every in-process
+/// gateway of the integration binary logs here too, so lookups go by `trace_id`.
 static LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
 
 struct LogWriter;
@@ -747,22 +753,13 @@ async fn otlp_spans_reach_a_local_collector() {
     gw.shutdown(Duration::from_secs(1)).await;
 }
 
-fn bearer(path: &str, token: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
-    let mut r = get(path);
-    r.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("hv"),
-    );
-    r
-}
-
 /// The budget covers the token check too: an authorisation server that takes 5 s still
-/// gets the client its 408 within the 1 s budget ± 100 ms.
+/// gets the client its 408 within the 1 s budget (-100 ms/+[`SLACK_MS`]).
 #[tokio::test]
 async fn budget_covers_a_slow_token_check() {
     let pki = Pki::new();
-    let stub = support::StubAs::start().await;
-    stub.set(support::AsFault::Slow);
+    let stub = StubAs::start().await;
+    stub.set(AsFault::Slow);
     let (up, seen) = upstream(UpstreamMode::Echo).await;
     let mut o = Opts::new(up);
     o.auth = stub.auth_yaml(
@@ -783,8 +780,8 @@ async fn budget_covers_a_slow_token_check() {
     let took = t.elapsed();
     assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
     assert!(
-        took >= Duration::from_millis(900) && took <= Duration::from_millis(1100),
-        "answered after {took:?}"
+        took >= Duration::from_millis(900) && took <= Duration::from_millis(1000 + SLACK_MS),
+        "answered after {took:?}, budget 1 s -100/+{SLACK_MS} ms"
     );
     eprintln!("budget 1 s, token check 5 s: 408 after {took:?}");
     assert_eq!(seen.count(), 0, "nothing was forwarded");
@@ -797,7 +794,7 @@ async fn budget_covers_a_slow_token_check() {
 #[tokio::test]
 async fn rate_limit_keys_client_id_and_fingerprint() {
     let pki = Pki::new();
-    let stub = support::StubAs::start().await;
+    let stub = StubAs::start().await;
     let (up, _seen) = upstream(UpstreamMode::Echo).await;
     let mut o = Opts::new(up);
     o.auth = stub.auth_yaml(

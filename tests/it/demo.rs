@@ -3,6 +3,7 @@
 //! bash, exactly as printed, and each answer is checked against the banner's own
 //! `# [expect …]` line.
 
+use crate::harness::free_port;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -16,13 +17,6 @@ impl Drop for Demo {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// One expectation from the banner and the command it applies to.

@@ -5,19 +5,17 @@
 //! here, so each refusal case (garbage, another CA's signature, an older CRL, too large,
 //! an HTTP error) can be served on demand.
 
-mod common;
-
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::harness::*;
 use bytes::Bytes;
-use common::*;
 use fhirgate::config::Config;
 use fhirgate::server;
 use http_body_util::Full;
@@ -26,193 +24,31 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl CLI");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Root → SubCA → clients alice and bob, and a server certificate, made with the openssl
+/// CLI (harness `OpensslPki`, RSA 2048).
+struct CrlPki {
+    pki: OpensslPki,
+    root: Ca,
+    sub: Ca,
+    server: Issued,
+    alice: Issued,
+    bob: Issued,
 }
 
-/// An `openssl ca` directory: its config, index, serial and CRL number.
-fn ca_dir(base: &Path, name: &str, cdp: &str) -> PathBuf {
-    let d = base.join(name);
-    std::fs::create_dir_all(d.join("newcerts")).unwrap();
-    std::fs::write(d.join("index.txt"), "").unwrap();
-    std::fs::write(d.join("serial"), "1000\n").unwrap();
-    std::fs::write(d.join("crlnumber"), "01\n").unwrap();
-    let cnf = format!(
-        "[ca]\ndefault_ca = ca_default\n\
-[ca_default]\ndir = {dir}\ndatabase = $dir/index.txt\nnew_certs_dir = $dir/newcerts\n\
-serial = $dir/serial\ncrlnumber = $dir/crlnumber\ncertificate = $dir/ca.crt\n\
-private_key = $dir/ca.key\ndefault_md = sha256\ndefault_days = 365\ndefault_crl_days = 7\n\
-policy = policy_any\npreserve = yes\nunique_subject = no\ncopy_extensions = none\ncrl_extensions = crl_ext\n\
-[policy_any]\ncommonName = supplied\norganizationName = optional\n\
-[req]\ndistinguished_name = dn\n[dn]\n\
-[root_ext]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n\
-subjectKeyIdentifier = hash\n\
-[subca_ext]\nbasicConstraints = critical,CA:TRUE,pathlen:0\nkeyUsage = critical,keyCertSign,cRLSign\n\
-subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid,issuer\ncrlDistributionPoints = URI:{cdp}\n\
-[client_ext]\nbasicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
-extendedKeyUsage = clientAuth\nauthorityKeyIdentifier = keyid,issuer\ncrlDistributionPoints = URI:{cdp}\n\
-[server_ext]\nbasicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
-extendedKeyUsage = serverAuth\nsubjectAltName = DNS:localhost,IP:127.0.0.1\n\
-[crl_ext]\nauthorityKeyIdentifier = keyid:always\n",
-        dir = d.display()
-    );
-    std::fs::write(d.join("ca.cnf"), cnf).unwrap();
-    d
-}
-
-/// A self-signed RSA root CA; the SubCAs it issues carry `cdp` (its own CRL's URL).
-fn root_ca(base: &Path, name: &str, cn: &str, cdp: &str) -> PathBuf {
-    let d = ca_dir(base, name, cdp);
-    openssl(
-        &d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "3650",
-            "-subj",
-            cn,
-            "-config",
-            "ca.cnf",
-            "-extensions",
-            "root_ext",
-        ],
-    );
-    d
-}
-
-/// A CA with exactly the name of the CA in `of` (same subject bytes) but its own key.
-fn impostor(base: &Path, of: &Path) -> PathBuf {
-    let d = ca_dir(base, "impostor", "http://127.0.0.1:1/unused.crl");
-    openssl(&d, &["genpkey", "-algorithm", "RSA", "-out", "ca.key"]);
-    let real = of.join("ca.crt");
-    // `x509 -signkey` keeps the subject, puts the new public key in and self-signs.
-    openssl(
-        &d,
-        &[
-            "x509",
-            "-in",
-            real.to_str().unwrap(),
-            "-signkey",
-            "ca.key",
-            "-out",
-            "ca.crt",
-        ],
-    );
-    d
-}
-
-/// Issues `name` from the CA in `ca` with extension section `ext`; returns the cert path.
-fn issue(ca: &Path, out: &Path, name: &str, cn: &str, ext: &str) -> PathBuf {
-    let key = out.join(format!("{name}.key"));
-    let csr = out.join(format!("{name}.csr"));
-    let crt = out.join(format!("{name}.crt"));
-    let (k, c, t) = (
-        key.to_str().unwrap(),
-        csr.to_str().unwrap(),
-        crt.to_str().unwrap(),
-    );
-    openssl(
-        ca,
-        &[
-            "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", k, "-out", c, "-subj", cn,
-            "-config", "ca.cnf",
-        ],
-    );
-    openssl(
-        ca,
-        &[
-            "ca",
-            "-batch",
-            "-notext",
-            "-config",
-            "ca.cnf",
-            "-extensions",
-            ext,
-            "-in",
-            c,
-            "-out",
-            t,
-        ],
-    );
-    crt
-}
-
-/// `openssl ca -gencrl`, converted to DER as CAs publish it.
-fn gencrl(ca: &Path) -> Vec<u8> {
-    openssl(
-        ca,
-        &["ca", "-gencrl", "-config", "ca.cnf", "-out", "crl.pem"],
-    );
-    openssl(
-        ca,
-        &[
-            "crl", "-in", "crl.pem", "-outform", "DER", "-out", "crl.der",
-        ],
-    );
-    std::fs::read(ca.join("crl.der")).unwrap()
-}
-
-fn revoke(ca: &Path, cert: &Path) {
-    openssl(
-        ca,
-        &["ca", "-config", "ca.cnf", "-revoke", cert.to_str().unwrap()],
-    );
-}
-
-/// Root → SubCA → clients alice and bob, a server certificate, and two impostor CAs.
-struct OpensslPki {
-    dir: tempfile::TempDir,
-    root: PathBuf,
-    sub: PathBuf,
-    server: PathBuf,
-    alice: PathBuf,
-    bob: PathBuf,
-}
-
-impl OpensslPki {
+impl CrlPki {
     /// The SubCA certificate names `root_crl_url` in its CRL Distribution Points, the
     /// client certificates name `sub_crl_url`, as NHS certificates do.
     fn new(root_crl_url: &str, sub_crl_url: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let base = dir.path();
-        let root = root_ca(base, "root", "/O=Test NHS/CN=Test Root CA", root_crl_url);
-        let sub = ca_dir(base, "sub", sub_crl_url);
-        // The SubCA certificate carries the root's CRL distribution point, as NHS ones do.
-        issue(&root, &sub, "ca", "/O=Test NHS/CN=Test SubCA", "subca_ext");
-        let server = issue(&root, base, "server", "/CN=localhost", "server_ext");
-        let alice = issue(
-            &sub,
-            base,
-            "alice",
-            "/O=Sender A/CN=alice.example",
-            "client_ext",
-        );
-        let bob = issue(
-            &sub,
-            base,
-            "bob",
-            "/O=Sender B/CN=bob.example",
-            "client_ext",
-        );
-        OpensslPki {
-            dir,
+        let pki = OpensslPki::new();
+        let root = pki.root("Test Root CA", Alg::Rsa2048);
+        pki.publish_crls_at(&root, root_crl_url);
+        let sub = pki.sub_ca(&root, "Test SubCA", Alg::Rsa2048);
+        pki.publish_crls_at(&sub, sub_crl_url);
+        let server = pki.server(&root, "server", Alg::Rsa2048);
+        let alice = pki.client(&sub, "alice", Alg::Rsa2048);
+        let bob = pki.client(&sub, "bob", Alg::Rsa2048);
+        CrlPki {
+            pki,
             root,
             sub,
             server,
@@ -221,13 +57,17 @@ impl OpensslPki {
         }
     }
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.pki.path(name)
+    }
+    /// `ca`'s current CRL, DER, valid a week.
+    fn crl(&self, ca: &Ca) -> Vec<u8> {
+        self.pki.crl_der(ca, 24 * 7)
     }
     /// A TLS client presenting only its leaf, as NHS clients commonly do.
     fn client(&self, cert: &Path) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         roots
-            .add(CertificateDer::from_pem_file(self.root.join("ca.crt")).unwrap())
+            .add(CertificateDer::from_pem_file(&self.root.cert).unwrap())
             .unwrap();
         let chain = vec![CertificateDer::from_pem_file(cert).unwrap()];
         let key = PrivateKeyDer::from_pem_file(cert.with_extension("key")).unwrap();
@@ -290,7 +130,7 @@ async fn crl_server(
     })
 }
 
-fn gateway_yaml(pki: &OpensslPki, up: SocketAddr, bundle_extra: &str, tls_extra: &str) -> String {
+fn gateway_yaml(pki: &CrlPki, up: SocketAddr, bundle_extra: &str, tls_extra: &str) -> String {
     format!(
         "environment: development\n\
 listeners:\n  - address: 127.0.0.1:0\n\
@@ -298,10 +138,10 @@ tls:\n  server_cert: {sc}\n  server_key: {sk}\n  handshake_timeout: 2s\n{tls_ext
 upstream:\n  url: http://{up}\n  connect_timeout: 1s\n  response_timeout: 2s\n\
 auth:\n  mode: development\n\
 routes:\n  - name: all\n    path_prefix: /\n",
-        sc = pki.server.display(),
-        sk = pki.server.with_extension("key").display(),
-        root = pki.root.join("ca.crt").display(),
-        sub = pki.sub.join("ca.crt").display(),
+        sc = pki.server.cert.display(),
+        sk = pki.server.key.display(),
+        root = pki.root.cert.display(),
+        sub = pki.sub.cert.display(),
     )
 }
 
@@ -321,24 +161,16 @@ async fn within(limit: Duration, what: &str, mut cond: impl AsyncFnMut() -> bool
     panic!("{what}: not within {limit:?}");
 }
 
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetched_crls_revoke_refuse_bad_ones_and_survive_a_restart() {
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let crl_addr = http.local_addr().unwrap();
     let root_url = format!("http://{crl_addr}/root.crl");
     let sub_url = format!("http://{crl_addr}/sub.crl");
-    let pki = OpensslPki::new(&root_url, &sub_url);
+    let pki = CrlPki::new(&root_url, &sub_url);
     let routes: Routes = Arc::default();
     let hits = Arc::new(AtomicUsize::new(0));
-    let first_sub_crl = gencrl(&pki.sub);
+    let first_sub_crl = pki.crl(&pki.sub);
     // The root's CRL sits behind a redirect, as on a CDN.
     routes
         .lock()
@@ -347,7 +179,7 @@ async fn fetched_crls_revoke_refuse_bad_ones_and_survive_a_restart() {
     routes
         .lock()
         .unwrap()
-        .insert("/cdn/root.crl".into(), (200, gencrl(&pki.root)));
+        .insert("/cdn/root.crl".into(), (200, pki.crl(&pki.root)));
     routes
         .lock()
         .unwrap()
@@ -391,8 +223,8 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
     let running = server::start(&cfg).await.unwrap();
     let addr = running.addrs[0];
     let metrics = running.server().metrics().clone();
-    let alice = pki.client(&pki.alice);
-    let bob = pki.client(&pki.bob);
+    let alice = pki.client(&pki.alice.cert);
+    let bob = pki.client(&pki.bob.cert);
     assert!(
         accepted(&alice, addr).await,
         "alice served after the first fetch"
@@ -402,14 +234,14 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
     for url in [&sub_url, &root_url] {
         let label = format!("{{bundle=\"test-int\",url=\"{url}\"}}");
         assert!(
-            metric(
+            metric_in(
                 &text,
                 &format!("fhirgate_crl_fetch_success_timestamp_seconds{label}")
             ) > 1.7e9,
             "{text}"
         );
         assert!(
-            metric(
+            metric_in(
                 &text,
                 &format!("fhirgate_crl_fetched_next_update_seconds{label}")
             ) > 1.7e9,
@@ -422,8 +254,8 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
 
     // The CA revokes bob and publishes a new CRL. RFC 5280 §5: "When a conforming CA
     // issues a CRL, ... the CRL number MUST be monotonically increasing".
-    revoke(&pki.sub, &pki.bob);
-    let revoked_crl = gencrl(&pki.sub);
+    pki.pki.revoke(&pki.sub, &pki.bob.cert);
+    let revoked_crl = pki.crl(&pki.sub);
     routes
         .lock()
         .unwrap()
@@ -448,7 +280,7 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
         "{text}"
     );
     assert_eq!(
-        metric(
+        metric_in(
             &text,
             &format!("fhirgate_crl_revoked_certificates{{bundle=\"test-int\",url=\"{sub_url}\"}}")
         ),
@@ -458,20 +290,15 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
 
     // Impostors: a CA with the SubCA's name but another key, and an unrelated CA. Their
     // CRLs revoke nothing, so were one accepted, bob would be served again.
-    let evil = impostor(pki.dir.path(), &pki.sub);
-    let other = root_ca(
-        pki.dir.path(),
-        "other",
-        "/CN=Some Other CA",
-        "http://127.0.0.1:1/unused.crl",
-    );
+    let evil = pki.pki.impostor(&pki.sub);
+    let other = pki.pki.root("Some Other CA", Alg::Rsa2048);
     // 150 kB that start like a DER SEQUENCE: too large whatever they hold.
     let mut oversize = vec![0x30, 0x83, 0x02, 0x49, 0xf0];
     oversize.resize(150_000, 0);
     let cases: [(&str, (u16, Vec<u8>)); 6] = [
         ("parse", (200, b"this is not a CRL".to_vec())),
-        ("bad_signature", (200, gencrl(&evil))),
-        ("unknown_issuer", (200, gencrl(&other))),
+        ("bad_signature", (200, pki.crl(&evil))),
+        ("unknown_issuer", (200, pki.crl(&other))),
         ("older", (200, first_sub_crl.clone())),
         ("http_status", (503, Vec::new())),
         ("too_large", (200, oversize)),
@@ -480,10 +307,10 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
         let key = format!(
             "fhirgate_crl_fetch_failures_total{{bundle=\"test-int\",url=\"{sub_url}\",reason=\"{reason}\"}}"
         );
-        let before = metric(&metrics.encode(), &key);
+        let before = metric_in(&metrics.encode(), &key);
         routes.lock().unwrap().insert("/sub.crl".into(), answer);
         within(Duration::from_secs(5), reason, async || {
-            metric(&metrics.encode(), &key) > before
+            metric_in(&metrics.encode(), &key) > before
         })
         .await;
         assert!(!accepted(&bob, addr).await, "{reason}: bob still revoked");
@@ -523,7 +350,7 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
     // --config judges with the cached CRLs, as the handshake does.
     let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
         .arg("inspect-cert")
-        .arg(pki.sub.join("ca.crt"))
+        .arg(&pki.sub.cert)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -532,8 +359,8 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
         "{stdout}"
     );
     for (who, verdict) in [
-        (&pki.alice, "bundle test-int: ACCEPTED"),
-        (&pki.bob, "refused (revoked"),
+        (&pki.alice.cert, "bundle test-int: ACCEPTED"),
+        (&pki.bob.cert, "refused (revoked"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
             .arg("inspect-cert")
@@ -598,21 +425,6 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
     running.shutdown(Duration::from_secs(2)).await;
 }
 
-/// Kills the gateway if the test fails half-way.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 /// How a CRL file is replaced on disk.
 #[derive(Clone, Copy, Debug)]
 enum Swap {
@@ -625,21 +437,21 @@ enum Swap {
 }
 
 async fn revoked_after_file_swap(swap: Swap) {
-    let pki = OpensslPki::new(
+    let pki = CrlPki::new(
         "http://127.0.0.1:1/unused.crl",
         "http://127.0.0.1:1/unused.crl",
     );
     let (up, _) = upstream(UpstreamMode::Echo).await;
     let root_crl = pki.path("root.crl");
-    std::fs::write(&root_crl, gencrl(&pki.root)).unwrap();
+    std::fs::write(&root_crl, pki.crl(&pki.root)).unwrap();
     let vol = pki.path("secret");
     std::fs::create_dir(&vol).unwrap();
     let sub_crl = vol.join("sub.crl");
     match swap {
-        Swap::Rename => std::fs::write(&sub_crl, gencrl(&pki.sub)).unwrap(),
+        Swap::Rename => std::fs::write(&sub_crl, pki.crl(&pki.sub)).unwrap(),
         Swap::KubernetesSymlink => {
             std::fs::create_dir(vol.join("..2026_01")).unwrap();
-            std::fs::write(vol.join("..2026_01/sub.crl"), gencrl(&pki.sub)).unwrap();
+            std::fs::write(vol.join("..2026_01/sub.crl"), pki.crl(&pki.sub)).unwrap();
             std::os::unix::fs::symlink("..2026_01", vol.join("..data")).unwrap();
             std::os::unix::fs::symlink("..data/sub.crl", &sub_crl).unwrap();
         }
@@ -661,24 +473,17 @@ async fn revoked_after_file_swap(swap: Swap) {
     let cfg_path = pki.path("config.yaml");
     std::fs::write(&cfg_path, &yaml).unwrap();
     let log_path = pki.path("gateway.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .args(["run", "--config"])
-        .arg(&cfg_path)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let _child = KillOnDrop(child);
-    let alice = pki.client(&pki.alice);
-    let bob = pki.client(&pki.bob);
+    let _child = run_gateway(&cfg_path, &log_path, &[]);
+    let alice = pki.client(&pki.alice.cert);
+    let bob = pki.client(&pki.bob.cert);
     within(Duration::from_secs(10), "gateway up", async || {
         accepted(&alice, gw).await
     })
     .await;
     assert!(accepted(&bob, gw).await);
 
-    revoke(&pki.sub, &pki.bob);
-    let new_crl = gencrl(&pki.sub);
+    pki.pki.revoke(&pki.sub, &pki.bob.cert);
+    let new_crl = pki.crl(&pki.sub);
     match swap {
         Swap::Rename => {
             let tmp = vol.join(".sub.crl.tmp");
@@ -723,17 +528,17 @@ async fn subca_crl_url_is_learned_from_client_certificates_it_issued() {
     let crl_addr = http.local_addr().unwrap();
     let root_url = format!("http://{crl_addr}/root.crl");
     let sub_url = format!("http://{crl_addr}/sub.crl");
-    let pki = OpensslPki::new(&root_url, &sub_url);
+    let pki = CrlPki::new(&root_url, &sub_url);
     let routes: Routes = Arc::default();
     let hits = Arc::new(AtomicUsize::new(0));
     routes
         .lock()
         .unwrap()
-        .insert("/root.crl".into(), (200, gencrl(&pki.root)));
+        .insert("/root.crl".into(), (200, pki.crl(&pki.root)));
     routes
         .lock()
         .unwrap()
-        .insert("/sub.crl".into(), (200, gencrl(&pki.sub)));
+        .insert("/sub.crl".into(), (200, pki.crl(&pki.sub)));
     routes
         .lock()
         .unwrap()
@@ -742,26 +547,24 @@ async fn subca_crl_url_is_learned_from_client_certificates_it_issued() {
 
     // A forger's self-signed leaf that claims the SubCA as issuer and names its own URL.
     let forged = pki.path("forged.crt");
-    openssl(
-        pki.dir.path(),
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "forged.key",
-            "-out",
-            "forged.crt",
-            "-days",
-            "30",
-            "-subj",
-            "/O=Test NHS/CN=Test SubCA",
-            "-addext",
-            &format!("crlDistributionPoints=URI:http://{crl_addr}/forged.crl"),
-        ],
-    );
+    let forged_key = pki.path("forged.key");
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        forged_key.to_str().unwrap(),
+        "-out",
+        forged.to_str().unwrap(),
+        "-days",
+        "30",
+        "-subj",
+        &pki.sub.subject(),
+        "-addext",
+        &format!("crlDistributionPoints=URI:http://{crl_addr}/forged.crl"),
+    ]);
 
     let (up, _) = upstream(UpstreamMode::Echo).await;
     let cache = pki.path("crl-cache");
@@ -780,7 +583,7 @@ cache_dir: {}\n",
     let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     let running = server::start(&cfg).await.unwrap();
     let addr = running.addrs[0];
-    let alice = pki.client(&pki.alice);
+    let alice = pki.client(&pki.alice.cert);
 
     let forger = pki.client(&forged);
     assert!(!accepted(&forger, addr).await, "forged leaf refused");
@@ -837,21 +640,21 @@ async fn url_added_on_reload_is_fetched_at_once_and_beats_an_older_crl_file() {
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let crl_addr = http.local_addr().unwrap();
     let sub_url = format!("http://{crl_addr}/sub.crl");
-    let pki = OpensslPki::new(
+    let pki = CrlPki::new(
         "http://127.0.0.1:1/unused.crl",
         "http://127.0.0.1:1/unused.crl",
     );
     // Seed files: the root's CRL and the SubCA's first CRL (number 1, nothing revoked).
     let root_crl = pki.path("root.crl");
     let sub_crl = pki.path("sub.crl");
-    std::fs::write(&root_crl, gencrl(&pki.root)).unwrap();
-    std::fs::write(&sub_crl, gencrl(&pki.sub)).unwrap();
-    revoke(&pki.sub, &pki.bob);
+    std::fs::write(&root_crl, pki.crl(&pki.root)).unwrap();
+    std::fs::write(&sub_crl, pki.crl(&pki.sub)).unwrap();
+    pki.pki.revoke(&pki.sub, &pki.bob.cert);
     let routes: Routes = Arc::default();
     routes
         .lock()
         .unwrap()
-        .insert("/sub.crl".into(), (200, gencrl(&pki.sub)));
+        .insert("/sub.crl".into(), (200, pki.crl(&pki.sub)));
     let _server = crl_server(http, routes, Arc::default()).await;
 
     let (up, _) = upstream(UpstreamMode::Echo).await;
@@ -865,7 +668,7 @@ async fn url_added_on_reload_is_fetched_at_once_and_beats_an_older_crl_file() {
     let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap();
     let running = server::start(&cfg).await.unwrap();
     let addr = running.addrs[0];
-    let bob = pki.client(&pki.bob);
+    let bob = pki.client(&pki.bob.cert);
     assert!(
         accepted(&bob, addr).await,
         "the seed file does not revoke bob"
@@ -888,6 +691,6 @@ async fn url_added_on_reload_is_fetched_at_once_and_beats_an_older_crl_file() {
         async || !accepted(&bob, addr).await,
     )
     .await;
-    assert!(accepted(&pki.client(&pki.alice), addr).await);
+    assert!(accepted(&pki.client(&pki.alice.cert), addr).await);
     running.shutdown(Duration::from_secs(2)).await;
 }

@@ -2,54 +2,21 @@
 //! when none is sent, ids kept out of the access log (`logging.redact_paths`), and
 //! SIGTERM honoured from the first moment, even while OAuth discovery is pending.
 
-mod common;
-
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::harness::*;
 use bytes::Bytes;
-use common::*;
 use fhirgate::pipeline::nhsd;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-
-/// Kills the gateway if the test fails half-way, so no process outlives the test.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
 
 /// Starts `fhirgate run` on `yaml` (listener at `gw`), logging to `log`; waits until the
 /// listener accepts TCP.
 fn start_binary(pki: &Pki, yaml: &str, gw: SocketAddr, log: &std::path::Path) -> KillOnDrop {
     let cfg_path = pki.path("config.yaml");
     std::fs::write(&cfg_path, yaml).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .args(["run", "--config"])
-        .arg(&cfg_path)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let child = KillOnDrop(child);
+    let child = run_gateway(&cfg_path, log, &[]);
     for _ in 0..200 {
         if std::net::TcpStream::connect(gw).is_ok() {
             return child;

@@ -1,23 +1,7 @@
 //! Command-line tools an integration team uses: `fhirgate inspect-cert` and
 //! `fhirgate pki dev`.
 
-mod common;
-
-use std::process::Command;
-
-use common::*;
-
-fn fhirgate(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .args(args)
-        .output()
-        .expect("fhirgate runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::harness::*;
 
 #[test]
 fn inspect_cert_reports_facts_and_per_bundle_verdicts() {
@@ -320,198 +304,27 @@ async fn client_reports_a_refused_certificate_as_the_tls_alert() {
     }
 }
 
-/// Runs openssl with `args` in `dir`, failing the test with its stderr.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// An NHS-shaped PKI made by the openssl CLI as a CA operator would: RSA keys, Root CA →
-/// SubCA via `openssl ca`, a server, a client and a revoked client, and DER CRLs from
-/// `openssl ca -gencrl` + `openssl crl -outform DER`.
-fn openssl_pki(dir: &std::path::Path) {
-    let exts = "\
-[v3_sub]\nbasicConstraints=critical,CA:true,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n\
-subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid:always\n\
-[server]\nbasicConstraints=critical,CA:false\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost\nauthorityKeyIdentifier=keyid\n\
-[client]\nbasicConstraints=critical,CA:false\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-extendedKeyUsage=clientAuth\nsubjectAltName=DNS:bars-x99.example.nhs.uk\nauthorityKeyIdentifier=keyid\n\
-[crl_ext]\nauthorityKeyIdentifier=keyid:always\n";
-    for ca in ["root", "sub"] {
-        let d = dir.join(ca);
-        std::fs::create_dir_all(d.join("new")).unwrap();
-        std::fs::write(d.join("index.txt"), "").unwrap();
-        std::fs::write(
-            d.join("serial"),
-            if ca == "root" { "1000\n" } else { "2000\n" },
-        )
-        .unwrap();
-        std::fs::write(d.join("crlnumber"), "01\n").unwrap();
-        std::fs::write(
-            d.join("ca.cnf"),
-            format!(
-                "[ca]\ndefault_ca=CA_default\n[CA_default]\ndir={}\ndatabase=$dir/index.txt\n\
-                 new_certs_dir=$dir/new\nserial=$dir/serial\ncrlnumber=$dir/crlnumber\n\
-                 certificate=$dir/ca.pem\nprivate_key=$dir/key.pem\ndefault_md=sha256\n\
-                 default_days=365\ndefault_crl_days=7\npolicy=any\nunique_subject=no\n\
-                 crl_extensions=crl_ext\n[any]\ncommonName=supplied\norganizationName=optional\n\
-                 countryName=optional\n{exts}",
-                d.display()
-            ),
-        )
-        .unwrap();
-    }
-    let subj = |cn: &str| format!("/C=GB/O=Test NHS/CN={cn}");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "root/key.pem",
-            "-out",
-            "root/ca.pem",
-            "-days",
-            "3650",
-            "-subj",
-            &subj("Test Root Authority G2"),
-            "-addext",
-            "basicConstraints=critical,CA:true",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "sub/key.pem",
-            "-out",
-            "sub/csr.pem",
-            "-subj",
-            &subj("Test Authentication G2"),
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "ca",
-            "-batch",
-            "-notext",
-            "-config",
-            "root/ca.cnf",
-            "-extensions",
-            "v3_sub",
-            "-in",
-            "sub/csr.pem",
-            "-out",
-            "sub/ca.pem",
-        ],
-    );
-    for (name, ext) in [
-        ("server", "server"),
-        ("client", "client"),
-        ("revoked", "client"),
-    ] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &subj(&format!("{name}.example.nhs.uk")),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "ca",
-                "-batch",
-                "-notext",
-                "-config",
-                "sub/ca.cnf",
-                "-extensions",
-                ext,
-                "-in",
-                &format!("{name}.csr"),
-                "-out",
-                &format!("{name}.pem"),
-            ],
-        );
-    }
-    openssl(
-        dir,
-        &[
-            "ca",
-            "-config",
-            "sub/ca.cnf",
-            "-revoke",
-            "revoked.pem",
-            "-crl_reason",
-            "keyCompromise",
-        ],
-    );
-    for ca in ["root", "sub"] {
-        openssl(
-            dir,
-            &[
-                "ca",
-                "-config",
-                &format!("{ca}/ca.cnf"),
-                "-gencrl",
-                "-out",
-                &format!("{ca}.crl.pem"),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "crl",
-                "-in",
-                &format!("{ca}.crl.pem"),
-                "-outform",
-                "DER",
-                "-out",
-                &format!("{ca}.crl"),
-            ],
-        );
-    }
-    let chain = std::fs::read_to_string(dir.join("server.pem")).unwrap()
-        + &std::fs::read_to_string(dir.join("sub/ca.pem")).unwrap();
-    std::fs::write(dir.join("server-chain.pem"), chain).unwrap();
-}
-
 /// A careful production config over the openssl PKI: `check --strict` has nothing to
 /// say; `inspect-cert` and `fhirgate client` judge the revoked certificate by its CRL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_pki_production_config_checks_clean_and_refusals_are_explained() {
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path();
-    openssl_pki(dir);
+    // An NHS-shaped PKI made by the openssl CLI as a CA operator would: RSA keys, Root CA
+    // -> SubCA via `openssl ca`, a server, a client and a revoked client, and DER CRLs
+    // from `openssl ca -gencrl` + `openssl crl -outform DER`.
+    let pki = OpensslPki::new();
+    let root = pki.root("Test Root Authority G2", Alg::Rsa2048);
+    let sub = pki.sub_ca(&root, "Test Authentication G2", Alg::Rsa2048);
+    let server = pki.server(&sub, "server", Alg::Rsa2048);
+    let client = pki.client(&sub, "client", Alg::Rsa2048);
+    let revoked = pki.client(&sub, "revoked", Alg::Rsa2048);
+    pki.revoke(&sub, &revoked.cert);
+    let crls = [&sub, &root].map(|ca| {
+        let der = pki.path(&format!("{}.crl", ca.name.replace(' ', "_")));
+        std::fs::write(&der, pki.crl_der(ca, 24 * 7)).unwrap();
+        der
+    });
+    let dir = pki.dir.path();
+    let d = |p: &std::path::Path| p.display().to_string();
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -520,24 +333,29 @@ async fn openssl_pki_production_config_checks_clean_and_refusals_are_explained()
         "environment: production
 listeners: [{{address: '127.0.0.1:{port}'}}]
 tls:
-  server_cert: server-chain.pem
-  server_key: server.key
+  server_cert: {server_chain}
+  server_key: {server_key}
   trust_bundles:
     - name: test-nhs
-      ca_files: [root/ca.pem, sub/ca.pem]
-      crl_files: [sub.crl, root.crl]
+      ca_files: [{root_ca}, {sub_ca}]
+      crl_files: [{sub_crl}, {root_crl}]
   revocation: {{scope: chain, unknown_status: deny, enforce_crl_expiry: true}}
 upstream: {{url: 'http://127.0.0.1:9'}}
 auth: {{mode: jwt, jwks_uri: 'https://auth.example.nhs.uk/jwks', expected_issuer: 'https://auth.example.nhs.uk', expected_audience: 'https://fhir.example.nhs.uk'}}
 routes:
   - {{name: meta, path_prefix: /metadata, token: none}}
   - {{name: all, path_prefix: /}}
-"
+",
+        server_chain = d(&server.chain),
+        server_key = d(&server.key),
+        root_ca = d(&root.cert),
+        sub_ca = d(&sub.cert),
+        sub_crl = d(&crls[0]),
+        root_crl = d(&crls[1]),
     );
     let cfg = dir.join("config.yaml");
     std::fs::write(&cfg, &yaml).unwrap();
     let c = cfg.display().to_string();
-    let p = |n: &str| dir.join(n).display().to_string();
     let (ok, out, err) = fhirgate(&["check", "--strict", "--config", &c]);
     assert!(ok, "{out}{err}");
     assert!(!err.contains("warning:"), "{err}");
@@ -546,9 +364,9 @@ routes:
         "{out}"
     );
 
-    let (ok, out, _) = fhirgate(&["inspect-cert", &p("client.pem"), "--config", &c]);
+    let (ok, out, _) = fhirgate(&["inspect-cert", &d(&client.cert), "--config", &c]);
     assert!(ok && out.contains("bundle test-nhs: ACCEPTED"), "{out}");
-    let (ok, out, err) = fhirgate(&["inspect-cert", &p("revoked.pem"), "--config", &c]);
+    let (ok, out, err) = fhirgate(&["inspect-cert", &d(&revoked.cert), "--config", &c]);
     assert!(!ok, "every bundle refuses it: exit 1\n{out}");
     assert!(out.contains("bundle test-nhs: refused (revoked"), "{out}");
     assert!(err.contains("no trust bundle"), "{err}");
@@ -559,18 +377,18 @@ routes:
         .await
         .expect("gateway starts");
     let url = format!("https://localhost:{port}/metadata");
-    let client = |who: &'static str| {
+    let run_client = |who: &Issued| {
         let args: Vec<String> = [
             "client",
             "--no-nhsd",
             "--timeout",
             "10",
             "--cacert",
-            &p("root/ca.pem"),
+            &d(&root.cert),
             "--cert",
-            &p(&format!("{who}.pem")),
+            &d(&who.cert),
             "--key",
-            &p(&format!("{who}.key")),
+            &d(&who.key),
             &url,
         ]
         .iter()
@@ -581,9 +399,9 @@ routes:
             fhirgate(&a)
         })
     };
-    let (ok, out, err) = client("client").await.unwrap();
+    let (ok, out, err) = run_client(&client).await.unwrap();
     assert!(ok && out.starts_with("HTTP/"), "{out}{err}");
-    let (ok, _, err) = client("revoked").await.unwrap();
+    let (ok, _, err) = run_client(&revoked).await.unwrap();
     assert!(!ok);
     assert!(err.contains("alert certificate revoked"), "{err}");
 }

@@ -1,14 +1,7 @@
 //! Runs tests/shell/e2e.sh: real curl and openssl s_client against the fhirgate binary.
 
-use std::net::TcpListener;
+use crate::harness::free_port;
 use std::process::Command;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 #[test]
 fn curl_and_openssl_against_the_binary() {

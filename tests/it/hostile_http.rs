@@ -5,19 +5,16 @@
 //! only as policy allows (checked byte for byte by a hand-written upstream), and leaves
 //! the gateway serving.
 
-mod common;
-mod support;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::harness::*;
 use bytes::Bytes;
-use common::*;
 use fhirgate::server::Running;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use support::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 /// `/metadata` is open to the good client; `/Patient` is a route it may not use, so a
 /// request that escapes from one to the other would show up as a forwarded `/Patient`.
@@ -729,6 +726,9 @@ async fn path_tricks_cannot_escape_a_route() {
         "/metadata/..;jsessionid=x/Patient/1",
         "/metadata/..%3b/Patient/1",
         "/metadata/%252e%252e/Patient/1",
+        "/metadata/..%2FPatient/1",
+        "/metadata/..%5CPatient/1",
+        "/metadata//../Patient/1",
         "/metadata/%c0%ae%c0%ae/Patient/1",
         "/metadata/%e0%80%ae%e0%80%ae/Patient/1",
         "/metadata/%5c..%5cPatient/1",
@@ -1142,5 +1142,299 @@ async fn http2_abuse_is_contained() {
     )
     .await;
     still_serves(&pki, addr).await;
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The first hostile suite (issue 8), folded in: its cases that no table above has.
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_smuggling_and_malformed_framing_never_reach_the_upstream() {
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let w = Duration::from_secs(2);
+
+    let cases: &[(&str, &[u8])] = &[
+        // CL.TE: a front end honouring Content-Length would pass "G..." as a second request.
+        (
+            "CL and TE together",
+            b"POST /Patient HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+        (
+            "two different Content-Lengths",
+            b"POST /Patient HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 30\r\n\r\nhello",
+        ),
+        (
+            "obs-fold header continuation",
+            b"GET /Patient/1 HTTP/1.1\r\nHost: x\r\nX-Client-Cert-Subject: a\r\n CN=spoof\r\n\r\n",
+        ),
+        (
+            "TE with an unknown coding",
+            b"POST /Patient HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked, identity\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "invalid chunk size",
+            b"POST /Patient HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "space before the colon",
+            b"GET /Patient/1 HTTP/1.1\r\nHost: x\r\nContent-Length : 0\r\n\r\n",
+        ),
+        ("NUL in the request line", b"GET /Pat\0ient/1 HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("HTTP/0.9 style request", b"GET /Patient/1\r\n\r\n"),
+    ];
+    for (name, raw) in cases {
+        let resp = raw_exchange(&pki, addr, raw, w).await;
+        let status = status_of(&resp);
+        if *name == "CL and TE together" && status == 200 {
+            // hyper frames by Transfer-Encoding alone, drops Content-Length and closes
+            // the connection after answering (RFC 9112 §6.1), so the bytes after the
+            // chunked body are never read as a request.
+            assert!(resp.contains("connection: close"), "{resp}");
+            continue;
+        }
+        assert!(
+            status == 0 || (400..500).contains(&status) || status == 501,
+            "{name}: expected a refusal or a closed connection, got:\n{resp}"
+        );
+        assert!(
+            !resp.contains("\"received\""),
+            "{name}: answered by the upstream"
+        );
+    }
+    // Nothing smuggled, nothing with a broken frame, reached the upstream as a request.
+    let paths: Vec<String> = seen
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(p, _, _)| p.clone())
+        .collect();
+    assert!(
+        !paths.iter().any(|p| p.contains("smuggled")),
+        "smuggled request reached the upstream: {paths:?}"
+    );
+    assert!(
+        paths.len() <= 2,
+        "only the TE-framed POST (and at most a chunked body that broke mid-way) started upstream: {paths:?}"
+    );
+    // The CL.TE request went upstream framed by its chunked body (empty), not by the
+    // 6 bytes its Content-Length claimed.
+    for (path, _, body) in seen.0.lock().unwrap().iter() {
+        assert!(
+            !String::from_utf8_lossy(body).contains("GET"),
+            "{path}: smuggled bytes forwarded as body"
+        );
+    }
+    still_serves_h1(&pki, addr).await;
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_targets_that_try_to_escape_a_route() {
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    // /metadata is open to every client; /Patient only to a SAN nobody has.
+    o.routes = "  - name: capabilities\n    path_prefix: /metadata\n  - name: locked\n    path_prefix: /\n    allow_sans: [\"nobody.example\"]\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let w = Duration::from_secs(2);
+    // The path tricks this test used to send are in path_tricks_cannot_escape_a_route
+    // (HTTP/1.1 and HTTP/2, with the NHS code and the bad_path metric).
+    // Absolute-form: the gateway forwards only to its configured upstream, on the same
+    // route policy as origin-form; it is never an open proxy.
+    let raw = b"GET https://evil.example/metadata HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n";
+    let resp = raw_exchange(&pki, addr, raw, w).await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    let raw = b"GET https://evil.example/Patient/1 HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n";
+    let resp = raw_exchange(&pki, addr, raw, w).await;
+    assert_eq!(status_of(&resp), 403, "{resp}");
+    // CONNECT is refused, not tunnelled.
+    let raw = b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n";
+    let resp = raw_exchange(&pki, addr, raw, w).await;
+    let status = status_of(&resp);
+    assert!(status == 405 || status == 400, "{resp}");
+    let paths: Vec<String> = seen
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(p, _, _)| p.clone())
+        .collect();
+    assert_eq!(
+        paths,
+        vec!["/metadata".to_string()],
+        "only the allowed request went upstream"
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_and_oversized_headers() {
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.limits = "  header_read_timeout: 1s\n  max_header_bytes: 8192\n  max_headers: 20\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+
+    // Slowloris: headers trickle in and never finish; the connection is closed once the
+    // header-read timeout passes, while other clients are served.
+    let c = tls_client(&pki, Some("client"), H1);
+    let mut slow = connect(&c, addr).await.expect("handshake");
+    slow.write_all(b"GET /metadata HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let trickle = async {
+        for i in 0..20 {
+            if slow
+                .write_all(format!("X-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let mut buf = Vec::new();
+        let _ = slow.read_to_end(&mut buf).await;
+        buf
+    };
+    let (answer, _) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(8), trickle),
+        still_serves_h1(&pki, addr)
+    );
+    let answer = answer.expect("slowloris connection closed by the gateway");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed near the 1s timeout"
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.is_empty() || status_of(&text) == 408, "{text}");
+
+    let w = Duration::from_secs(2);
+    // One header over the byte limit.
+    let big = format!(
+        "GET /metadata HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
+    let resp = raw_exchange(&pki, addr, big.as_bytes(), w).await;
+    let status = status_of(&resp);
+    assert!(status == 431 || status == 0, "oversized header: {resp}");
+    // More header fields than max_headers.
+    let mut many = String::from("GET /metadata HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..40 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let resp = raw_exchange(&pki, addr, many.as_bytes(), w).await;
+    let status = status_of(&resp);
+    assert!(status == 431 || status == 0, "too many headers: {resp}");
+    assert_eq!(
+        seen.count(),
+        1,
+        "only the good client's request went upstream"
+    );
+    still_serves_h1(&pki, addr).await;
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_is_cut_off_and_others_are_served() {
+    let pki = Pki::new();
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let c = tls_client(&pki, Some("client"), H2);
+    let tls = connect(&c, addr).await.expect("handshake");
+    let (client, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let mut client = client;
+    // CVE-2023-44487 pattern: open a stream and reset it at once, thousands of times.
+    let mut sent = 0;
+    for _ in 0..5000 {
+        let ready = tokio::time::timeout(Duration::from_secs(2), client.clone().ready()).await;
+        let Ok(Ok(mut ready)) = ready else { break };
+        let req = http::Request::get("https://localhost/slow-metadata")
+            .body(())
+            .unwrap();
+        match ready.send_request(req, true) {
+            Ok((resp, _)) => {
+                drop(resp); // dropping the response future resets the stream
+                sent += 1;
+            }
+            Err(_) => break,
+        }
+        client = ready;
+    }
+    // The gateway answers the flood with GOAWAY: the connection ends well before 5,000
+    // streams were served (each /slow request takes a second upstream).
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(
+        ended.is_ok(),
+        "connection closed by the gateway after {sent} resets"
+    );
+    still_serves_h1(&pki, addr).await;
+    let ok = send(&c, addr, get("/metadata"))
+        .await
+        .expect("h2 still served");
+    assert_eq!(ok.status, StatusCode::OK);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// An upstream that sends headers and half a body, then resets the connection.
+async fn breaking_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 1000\r\n\r\n{\"resourceType\":\"Bundle\",")
+                    .await;
+                // Dropped with the body incomplete: the gateway sees EOF mid-body.
+                drop(s);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_reset_mid_body_and_unresolvable_upstream() {
+    let pki = Pki::new();
+    let (gw, addr) = gateway(&pki, &Opts::new(breaking_upstream().await)).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    // Headers were already sent: the client sees the body cut short, not a fake success.
+    let got = send(&c, addr, get("/metadata")).await;
+    assert!(
+        got.is_err() || got.as_ref().is_ok_and(|g| g.body.len() < 1000),
+        "{got:?}"
+    );
+    // The gateway itself is unharmed.
+    let again = send(&c, addr, get("/metadata")).await;
+    assert!(again.is_err() || again.is_ok_and(|g| g.body.len() < 1000));
+    gw.shutdown(Duration::from_secs(2)).await;
+
+    // DNS failure: a name that cannot resolve is a 502 OperationOutcome.
+    let mut o = Opts::new(dead_port().await);
+    o.upstream_extra = String::new();
+    let yaml = config_yaml(&pki, &o).replace(
+        &format!("url: http://{}", o.upstream),
+        "url: http://no-such-host.invalid:8080",
+    );
+    let cfg = fhirgate::config::Config::from_yaml(&yaml, std::path::Path::new("/")).unwrap();
+    let gw = fhirgate::server::start(&cfg).await.unwrap();
+    let addr = gw.addrs[0];
+    send(&c, addr, get("/metadata"))
+        .await
+        .unwrap()
+        .assert_outcome(502, "REC_SERVICE_UNAVAILABLE");
     gw.shutdown(Duration::from_secs(2)).await;
 }

@@ -2,83 +2,22 @@
 //! during the handshake, counted in `fhirgate_tls_handshakes_total{result}`, reaches
 //! nothing upstream, and leaves the gateway serving good clients.
 //!
-//! (tests/gateway.rs checks the alerts of the stock bad certificates; this file is the
+//! (tests/it/gateway.rs checks the alerts of the stock bad certificates; this file is the
 //! full matrix with metrics, both protocol versions, generated certificates, pre-TLS
 //! garbage, stalls and legacy protocol versions.)
-
-mod common;
-mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use fhirgate::server;
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SerialNumber,
-};
+use rcgen::{Issuer, KeyPair};
 use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
-use support::*;
 use time::OffsetDateTime;
-use tokio::io::AsyncWriteExt;
-
-fn dn(cn: &str) -> DistinguishedName {
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CountryName, "GB");
-    dn.push(DnType::OrganizationName, "fhirgate development");
-    dn.push(DnType::CommonName, cn);
-    dn
-}
-
-fn ca_params(cn: &str) -> CertificateParams {
-    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-    p.distinguished_name = dn(cn);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    p.key_identifier_method = KeyIdMethod::Sha256;
-    let now = OffsetDateTime::now_utc();
-    p.not_before = now - time::Duration::days(1);
-    p.not_after = now + time::Duration::days(365);
-    p
-}
-
-/// An issuer for one of the dev PKI's CAs, rebuilt from its name and private key (the
-/// key identifier is derived from the key, so issued certificates chain normally).
-fn dev_issuer(cn: &str, key_pem: &str) -> Issuer<'static, KeyPair> {
-    Issuer::new(ca_params(cn), KeyPair::from_pem(key_pem).expect("CA key"))
-}
-
-fn client_leaf(
-    cn: &str,
-    serial: u64,
-    not_before: OffsetDateTime,
-    not_after: OffsetDateTime,
-    issuer: &Issuer<'_, KeyPair>,
-) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
-    let mut p = CertificateParams::new(vec![cn.to_ascii_lowercase()]).expect("params");
-    p.distinguished_name = dn(cn);
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    p.serial_number = Some(SerialNumber::from(serial));
-    p.not_before = not_before;
-    p.not_after = not_after;
-    p.use_authority_key_identifier_extension = true;
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-    let cert = p.signed_by(&key, issuer).expect("sign leaf");
-    (
-        cert.der().clone(),
-        PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
-    )
-}
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Presents a fixed chain and key without rustls checking that they belong together (so
 /// a test can send an unparsable certificate).
@@ -154,10 +93,6 @@ fn stock(pki: &Pki, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<
 
 const HANDSHAKES: &str = "fhirgate_tls_handshakes_total";
 
-fn handshakes(gw: &server::Running, result: &str) -> f64 {
-    metric(gw, &format!("{HANDSHAKES}{{result=\"{result}\"}}"))
-}
-
 /// Sum of every refused handshake (any result but `ok`).
 fn refused_total(gw: &server::Running) -> f64 {
     gw.server()
@@ -194,7 +129,7 @@ async fn every_bad_client_certificate_is_refused_counted_and_harmless() {
     let mut intermediates = Vec::new();
     for i in 1..=4 {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-        let params = ca_params(&format!("Deep Intermediate {i}"));
+        let params = dev_ca_params(&format!("Deep Intermediate {i}"));
         let cert = params.signed_by(&key, &parent).expect("intermediate");
         intermediates.push(cert.der().clone());
         parent = Issuer::new(params, key);
@@ -211,7 +146,7 @@ async fn every_bad_client_certificate_is_refused_counted_and_harmless() {
     // A CA that copies the SubCA's name but has its own key: the leaf names the right
     // issuer and carries a signature the real SubCA never made.
     let forged = Issuer::new(
-        ca_params("fhirgate DEV SubCA"),
+        dev_ca_params("fhirgate DEV SubCA"),
         KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key"),
     );
     let (forged_leaf, forged_key) = client_leaf(
@@ -634,4 +569,91 @@ async fn connection_slots_held_by_stalled_handshakes_are_freed_by_the_timeout() 
     drop(stalled);
     still_serves(&pki, addr).await;
     gw.shutdown(Duration::from_secs(2)).await;
+}
+
+// The first hostile suite (issue 8), folded in: a not-yet-valid certificate and the
+// handshake refusal metrics.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_yet_valid_certificate_is_refused_and_every_refusal_is_counted() {
+    let pki = Pki::new();
+    // future-client: from the right SubCA, but valid only from tomorrow.
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    // (TLS 1.3 verifies the client after the client's Finished, so the alert may only
+    // show on the first read; the metrics below say why it was refused.)
+    send(
+        &tls_client(&pki, Some("future-client"), H1),
+        addr,
+        get("/metadata"),
+    )
+    .await
+    .expect_err("not-yet-valid certificate refused");
+    for who in [
+        Some("revoked-client"),
+        Some("expired-client"),
+        Some("foreign-client"),
+        Some("server-only-client"),
+        None,
+    ] {
+        assert!(send(&tls_client(&pki, who, H1), addr, get("/metadata"))
+            .await
+            .is_err());
+    }
+    // Garbage instead of a ClientHello.
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    raw.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0xde, 0xad, 0xbe, 0xef])
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), raw.read_to_end(&mut sink)).await;
+    // A TLS 1.0 ClientHello (record and hello version 0x0301): refused.
+    let mut old = tokio::net::TcpStream::connect(addr).await.unwrap();
+    old.write_all(&tls10_client_hello()).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), old.read_to_end(&mut reply)).await;
+    assert!(
+        reply.is_empty() || reply[0] == 0x15,
+        "TLS 1.0 must get an alert or a close, got {reply:02x?}"
+    );
+    still_serves_h1(&pki, addr).await;
+    assert_eq!(seen.count(), 1);
+
+    let metrics = gw.server().metrics().encode();
+    for kind in [
+        "not_yet_valid",
+        "revoked",
+        "expired",
+        "unknown_ca",
+        "bad_purpose",
+        "no_cert",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "fhirgate_tls_handshakes_total{{result=\"{kind}\"}} "
+            )),
+            "{kind} not counted:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("fhirgate_tls_handshakes_total{result=\"ok\"}"),
+        "{metrics}"
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// A minimal TLS 1.0 ClientHello with one cipher suite (TLS_RSA_WITH_AES_128_CBC_SHA).
+fn tls10_client_hello() -> Vec<u8> {
+    let mut hello = vec![0x03, 0x01]; // client_version TLS 1.0
+    hello.extend_from_slice(&[0x42; 32]); // random
+    hello.push(0); // session id
+    hello.extend_from_slice(&[0x00, 0x02, 0x00, 0x2f]); // cipher suites
+    hello.extend_from_slice(&[0x01, 0x00]); // compression: null
+    let mut hs = vec![0x01, 0x00];
+    hs.extend_from_slice(&(hello.len() as u16).to_be_bytes());
+    hs.extend_from_slice(&hello);
+    let mut rec = vec![0x16, 0x03, 0x01];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
 }

@@ -1,31 +1,17 @@
-//! Property tests for the route-escape defences added with the hostile suite: a path the
-//! gateway accepts means the same resource to an upstream that percent-decodes it and
-//! drops `;parameters` before resolving dot segments (Tomcat, Jetty), and contains no
-//! escape a legacy decoder could read differently.
+//! Property tests for request paths (`policy::check_path`, the route-escape defences):
+//! a path the gateway accepts means the same resource to an upstream that percent-decodes
+//! it (once, or as often as it likes) and drops `;parameters` before resolving dot
+//! segments (Tomcat, Jetty), and contains no escape a legacy decoder could read
+//! differently; no path makes the check panic. The decoding oracle is
+//! harness/percent.rs, shared with the cargo-fuzz target fuzz/fuzz_targets/path.rs.
 
 use fhirgate::pipeline::policy::check_path;
 use proptest::prelude::*;
 
-/// One percent-decoding pass; `None` for a malformed escape.
-fn decode_once(s: &str) -> Option<Vec<u8>> {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3)?;
-            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                return None;
-            }
-            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    Some(out)
-}
+use fhirgate::pipeline::auth::scope;
+use http::Method;
+
+use crate::harness::percent::{decode_fully, decode_once};
 
 /// What a servlet container makes of each segment: `;parameters` dropped.
 fn servlet_segments(path: &str) -> Vec<String> {
@@ -101,5 +87,50 @@ proptest! {
         if check_path(&format!("/{path}")).is_ok() {
             prop_assert!(path.bytes().all(|b| b.is_ascii_graphic()), "{path}");
         }
+    }
+}
+
+fn path_strategy() -> impl Strategy<Value = String> {
+    let seg = prop_oneof![
+        Just("..".to_string()),
+        Just(".".to_string()),
+        Just("%2e".to_string()),
+        Just("%2E%2e".to_string()),
+        Just("%2f".to_string()),
+        Just("%5c".to_string()),
+        Just("%25".to_string()),
+        Just("%00".to_string()),
+        Just("\\".to_string()),
+        Just("".to_string()),
+        "[A-Za-z0-9_$-]{1,8}",
+        "[ -~]{0,6}",
+    ];
+    proptest::collection::vec(seg, 0..8).prop_map(|segs| format!("/{}", segs.join("/")))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// An accepted path has no segment that any amount of percent-decoding turns into a
+    /// dot segment, and no encoded separator: the gateway and the upstream agree on it.
+    #[test]
+    fn accepted_paths_cannot_escape(path in path_strategy()) {
+        if check_path(&path).is_ok() {
+            // Percent-decoded repeatedly: the most generous reading an upstream could apply.
+            let d = decode_fully(&path);
+            for seg in d.split('/') {
+                prop_assert!(seg != ".." && seg != ".", "{path} decodes to {d}");
+            }
+            prop_assert!(!d.contains('\\'), "{path}");
+            prop_assert!(!path.contains("//"), "{path}");
+            prop_assert!(!d.contains('\0'), "{path}");
+        }
+    }
+
+    #[test]
+    fn any_path_is_checked_without_panicking(path in "\\PC{0,64}") {
+        let _ = check_path(&path);
+        let _ = scope::classify(&Method::GET, &path);
+        let _ = scope::classify(&Method::POST, &path);
     }
 }

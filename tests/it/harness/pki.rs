@@ -1,21 +1,137 @@
-//! A PKI made with the openssl CLI the way real CAs (and the NHS) make theirs: `openssl
-//! req`/`openssl ca` certificates with an index database, revocation with `openssl ca
-//! -revoke`, CRLs with `openssl ca -gencrl`, DER and PEM. Each CA lives in its own
-//! directory under one temporary directory.
-//!
-//! ```ignore
-//! let pki = OpensslPki::new();
-//! let root = pki.root("Test Root CA", Alg::Rsa2048);
-//! let sub = pki.sub_ca(&root, "Test SubCA", Alg::Rsa2048);
-//! let client = pki.client(&sub, "client1", Alg::Rsa2048);   // client.cert, .key, .chain
-//! let server = pki.server(&sub, "server", Alg::EcP256);      // SAN localhost, 127.0.0.1
-//! pki.revoke(&root, &sub.cert);
-//! let crl = pki.crl(&root, CrlTimes::Hours(24));             // PEM, v2, with CRL number
-//! let der = pki.der(&crl, Kind::Crl);
-//! ```
+//! The development PKIs tests run on: [`Pki`] (rcgen, through `fhirgate pki`'s own
+//! generator) and [`OpensslPki`] (the openssl CLI, the way real CAs and the NHS make
+//! theirs).
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fhirgate::config::Config;
+use fhirgate::server::{self, Running};
+use fhirgate::tools::pki::DevPki;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+
 use std::process::Command;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SerialNumber,
+};
+use time::OffsetDateTime;
+
+use super::*;
+
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub pki: DevPki,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = DevPki::generate().expect("generate pki");
+        pki.write_to(dir.path()).expect("write pki");
+        Pki { dir, pki }
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+// Leaves minted on the dev PKI's own CAs (rcgen), with the DN and CA parameters of
+// src/tools/pki.rs, so they chain to [`Pki`]'s root like the leaves it writes.
+
+fn dev_dn(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CountryName, "GB");
+    dn.push(DnType::OrganizationName, "fhirgate development");
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+/// CA parameters as src/tools/pki.rs sets them (unconstrained, keyCertSign + cRLSign,
+/// SHA-256 key identifier), valid from yesterday for a year.
+pub fn dev_ca_params(cn: &str) -> CertificateParams {
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.distinguished_name = dev_dn(cn);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.key_identifier_method = KeyIdMethod::Sha256;
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(1);
+    p.not_after = now + time::Duration::days(365);
+    p
+}
+
+/// An issuer for one of the dev PKI's CAs, rebuilt from its name and private key (the
+/// key identifier is derived from the key, so issued certificates chain normally).
+pub fn dev_issuer(cn: &str, key_pem: &str) -> Issuer<'static, KeyPair> {
+    Issuer::new(
+        dev_ca_params(cn),
+        KeyPair::from_pem(key_pem).expect("CA key"),
+    )
+}
+
+/// A clientAuth ECDSA P-256 leaf `cn` (SAN `cn` lower-cased) with the given serial and
+/// validity, signed by `issuer`: for certificates the dev PKI does not make (not yet
+/// valid, far-future, odd serials).
+pub fn client_leaf(
+    cn: &str,
+    serial: u64,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    issuer: &Issuer<'_, KeyPair>,
+) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let mut p = CertificateParams::new(vec![cn.to_ascii_lowercase()]).expect("params");
+    p.distinguished_name = dev_dn(cn);
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.serial_number = Some(SerialNumber::from(serial));
+    p.not_before = not_before;
+    p.not_after = not_after;
+    p.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let cert = p.signed_by(&key, issuer).expect("sign leaf");
+    (
+        cert.der().clone(),
+        PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// A PKI made with the openssl CLI the way real CAs (and the NHS) make theirs: `openssl
+// req`/`openssl ca` certificates with an index database, revocation with `openssl ca
+// -revoke`, CRLs with `openssl ca -gencrl`, DER and PEM. Each CA lives in its own
+// directory under one temporary directory.
+//
+// ```ignore
+// let pki = OpensslPki::new();
+// let root = pki.root("Test Root CA", Alg::Rsa2048);
+// let sub = pki.sub_ca(&root, "Test SubCA", Alg::Rsa2048);
+// let client = pki.client(&sub, "client1", Alg::Rsa2048);   // client.cert, .key, .chain
+// let server = pki.server(&sub, "server", Alg::EcP256);      // SAN localhost, 127.0.0.1
+// pki.revoke(&root, &sub.cert);
+// let crl = pki.crl(&root, CrlTimes::Hours(24));             // PEM, v2, with CRL number
+// let der = pki.der(&crl, Kind::Crl);
+// ```
+// ---------------------------------------------------------------------------------------
 
 /// Key algorithm of a generated key.
 #[derive(Clone, Copy, Debug)]
@@ -98,7 +214,12 @@ fn gtime(t: i64) -> String {
     )
 }
 
-fn ca_cnf(dir: &Path, v2: bool) -> String {
+/// `cdp`: the URL that SubCAs and clients issued by this CA name as their CRL
+/// Distribution Point (RFC 5280 §4.2.1.13), as NHS certificates do.
+fn ca_cnf(dir: &Path, v2: bool, cdp: Option<&str>) -> String {
+    let cdp = cdp
+        .map(|u| format!("crlDistributionPoints = URI:{u}\n"))
+        .unwrap_or_default();
     // A v2 CRL needs a crlnumber file or CRL extensions; without both openssl writes v1.
     let (crlnumber, crl_ext) = if v2 {
         ("crlnumber = $dir/crlnumber\n", "crl_extensions = crl_ext\n")
@@ -118,14 +239,21 @@ unique_subject = no\ncopy_extensions = none\nemail_in_dn = no\n{crl_ext}\
 subjectKeyIdentifier = hash\n\
 [ v3_sub_ca ]\nbasicConstraints = critical, CA:true, pathlen:0\n\
 keyUsage = critical, keyCertSign, cRLSign\nsubjectKeyIdentifier = hash\n\
-authorityKeyIdentifier = keyid:always\n\
+authorityKeyIdentifier = keyid:always\n{cdp}\
 [ client ]\nbasicConstraints = critical, CA:false\nkeyUsage = critical, digitalSignature\n\
-extendedKeyUsage = clientAuth\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n\
+extendedKeyUsage = clientAuth\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n{cdp}\
 [ server ]\nbasicConstraints = critical, CA:false\nkeyUsage = critical, digitalSignature\n\
 extendedKeyUsage = serverAuth\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n\
 subjectAltName = DNS:localhost, IP:127.0.0.1\n",
         dir = dir.display()
     )
+}
+
+impl Ca {
+    /// The subject as `openssl req -subj` takes it.
+    pub fn subject(&self) -> String {
+        format!("/O=fhirgate test/CN={}", self.name)
+    }
 }
 
 impl Default for OpensslPki {
@@ -167,8 +295,8 @@ impl OpensslPki {
         let serial = format!("{:016X}\n", 0x1000 + (name.len() as u64) * 0x100);
         std::fs::write(dir.join("serial"), serial).expect("serial");
         std::fs::write(dir.join("crlnumber"), "01\n").expect("crlnumber");
-        std::fs::write(dir.join("ca.cnf"), ca_cnf(&dir, true)).expect("cnf");
-        std::fs::write(dir.join("ca-v1.cnf"), ca_cnf(&dir, false)).expect("cnf");
+        std::fs::write(dir.join("ca.cnf"), ca_cnf(&dir, true, None)).expect("cnf");
+        std::fs::write(dir.join("ca-v1.cnf"), ca_cnf(&dir, false, None)).expect("cnf");
         dir
     }
 
@@ -290,6 +418,49 @@ impl OpensslPki {
     /// A serverAuth leaf for `localhost` / 127.0.0.1 issued by `ca`.
     pub fn server(&self, ca: &Ca, name: &str, alg: Alg) -> Issued {
         self.leaf(ca, name, alg, "server")
+    }
+
+    /// From now on, the SubCAs and clients `ca` issues name `url` as their CRL
+    /// Distribution Point.
+    pub fn publish_crls_at(&self, ca: &Ca, url: &str) {
+        std::fs::write(ca.dir.join("ca.cnf"), ca_cnf(&ca.dir, true, Some(url))).expect("cnf");
+        std::fs::write(ca.dir.join("ca-v1.cnf"), ca_cnf(&ca.dir, false, Some(url))).expect("cnf");
+    }
+
+    /// A CA with exactly `of`'s subject (the same name bytes) but its own RSA key: what a
+    /// forger would make (`openssl x509 -signkey` keeps the subject, puts the new public
+    /// key in and self-signs). It can sign CRLs like any other CA here.
+    pub fn impostor(&self, of: &Ca) -> Ca {
+        let name = format!("{} impostor", of.name);
+        let dir = self.new_ca_dir(&name);
+        let key = dir.join("ca.key");
+        let cert = dir.join("ca.crt");
+        let k = self.key(&format!("{}.key", name.replace(' ', "_")), Alg::Rsa2048);
+        std::fs::rename(&k, &key).expect("move key");
+        openssl(&[
+            "x509",
+            "-in",
+            s(&of.cert),
+            "-signkey",
+            s(&key),
+            "-out",
+            s(&cert),
+        ]);
+        let chain = dir.join("chain.pem");
+        std::fs::copy(&cert, &chain).expect("chain");
+        Ca {
+            name,
+            dir,
+            cert,
+            key,
+            chain,
+        }
+    }
+
+    /// A CRL of `ca` valid for `hours`, in DER as CAs publish it.
+    pub fn crl_der(&self, ca: &Ca, hours: u32) -> Vec<u8> {
+        let pem = self.crl(ca, CrlTimes::Hours(hours));
+        std::fs::read(self.der(&pem, Kind::Crl)).expect("DER CRL")
     }
 
     /// Marks `cert` (issued by `ca`) revoked in `ca`'s database (keyCompromise).

@@ -1,11 +1,9 @@
 //! End-to-end tests of the core gateway over real mTLS on 127.0.0.1.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::harness::*;
 use bytes::Bytes;
-use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

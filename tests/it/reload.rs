@@ -2,43 +2,17 @@
 //! failing a request; a broken config is refused and the old one keeps serving; SIGTERM
 //! drains and exits 0. Also checks the admin listener's probes and metrics.
 
-mod common;
-
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream as StdTcp};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use fhirgate::tools::pki::DevPki;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-/// Kills the gateway if the test fails half-way, so no process outlives the test.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(child: &KillOnDrop, sig: &str) {
-    let child = &child.0;
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
 
 /// GET on the plain-HTTP admin listener.
 fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -141,18 +115,13 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
         })
     };
 
-    // Logs go to a file: a pipe nobody reads would fill up and block the gateway.
     let log_path = pki.path("gateway.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .args(["run", "--config"])
-        .arg(&cfg_path)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("WATCHDOG_USEC", "200000")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
+    let notify = notify_path.to_str().expect("UTF-8 temp path");
+    let mut child = run_gateway(
+        &cfg_path,
+        &log_path,
+        &[("NOTIFY_SOCKET", notify), ("WATCHDOG_USEC", "200000")],
+    );
     let mut up_ok = false;
     for _ in 0..100 {
         if StdTcp::connect(admin_addr).is_ok() {
@@ -201,7 +170,7 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
     std::fs::write(pki.path("server.crt"), &new_pki.server.cert).unwrap();
     std::fs::write(pki.path("server.key"), &new_pki.server.key).unwrap();
     std::fs::copy(pki.path("sub-ca-update.crl"), pki.path("sub-ca.crl")).unwrap();
-    signal(&child, "-HUP");
+    signal(&child.0, "-HUP");
     tokio::time::sleep(Duration::from_millis(700)).await;
 
     let new_cert = server_cert_of(&good, gw_addr).await.unwrap();
@@ -225,7 +194,7 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
         "-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n",
     )
     .unwrap();
-    signal(&child, "-HUP");
+    signal(&child.0, "-HUP");
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(server_cert_of(&good, gw_addr).await.unwrap(), new_cert);
     let refused = server_cert_of(&second, gw_addr).await;
@@ -278,7 +247,7 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
         async move { send(&good, gw_addr, get("/slow")).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    signal(&child, "-TERM");
+    signal(&child.0, "-TERM");
     let got = in_flight
         .await
         .unwrap()
@@ -411,14 +380,7 @@ async fn reload_failures_are_counted_and_restart_only_changes_named() {
     let yaml = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw_addr.to_string());
     std::fs::write(&cfg_path, &yaml).unwrap();
     let log_path = pki.path("gateway.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .args(["run", "--config"])
-        .arg(&cfg_path)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
+    let mut child = run_gateway(&cfg_path, &log_path, &[]);
     let mut up_ok = false;
     for _ in 0..100 {
         if StdTcp::connect(admin_addr).is_ok() {
@@ -450,11 +412,11 @@ async fn reload_failures_are_counted_and_restart_only_changes_named() {
 
     // A YAML typo.
     std::fs::write(&cfg_path, yaml.replace("routes:", "routes: [")).unwrap();
-    signal(&child, "-HUP");
+    signal(&child.0, "-HUP");
     wait_errors(1.0);
     // A missing file.
     std::fs::remove_file(&cfg_path).unwrap();
-    signal(&child, "-HUP");
+    signal(&child.0, "-HUP");
     wait_errors(2.0);
     // The old configuration still serves.
     let c = tls_client(&pki, Some("client"), H1);
@@ -473,7 +435,7 @@ async fn reload_failures_are_counted_and_restart_only_changes_named() {
         )
         + "logging:\n  format: json\n";
     std::fs::write(&cfg_path, changed).unwrap();
-    signal(&child, "-HUP");
+    signal(&child.0, "-HUP");
     let mut log = String::new();
     for _ in 0..50 {
         log = std::fs::read_to_string(&log_path).unwrap();
@@ -545,7 +507,7 @@ async fn reload_failures_are_counted_and_restart_only_changes_named() {
         );
     }
 
-    signal(&child, "-TERM");
+    signal(&child.0, "-TERM");
     let status = child.0.wait().unwrap();
     assert!(status.success());
 }

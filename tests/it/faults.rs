@@ -4,40 +4,20 @@
 //! the right status, never panics, never forwards what it could not authorise, and
 //! completes every request that could have completed.
 
-mod common;
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::*;
+use crate::harness::*;
 use fhirgate::config::Config;
 use fhirgate::server::Running;
-use http::{Request, StatusCode};
-use http_body_util::Full;
-use support::*;
-
-fn bearer(path: &str, token: &str) -> Request<Full<Bytes>> {
-    Request::get(path)
-        .header("authorization", format!("Bearer {token}"))
-        .body(Full::new(Bytes::new()))
-        .expect("request")
-}
+use http::StatusCode;
 
 fn count(gw: &Running, sample: &str) -> f64 {
     metric(gw, sample)
 }
 
 const HS_REVOKED: &str = "fhirgate_tls_handshakes_total{result=\"revoked\"}";
-
-fn handshakes(gw: &Running, result: &str) -> f64 {
-    metric(
-        gw,
-        &format!("fhirgate_tls_handshakes_total{{result=\"{result}\"}}"),
-    )
-}
 
 /// Introspection calls that ended in an error, read from the registry's family directly.
 fn introspection_errors(gw: &Running) -> u64 {

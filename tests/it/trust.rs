@@ -2,9 +2,6 @@
 //! leaves, `openssl ca` certificates and CRLs, PEM and DER), through real TLS handshakes
 //! with the running gateway, `fhirgate check`, `fhirgate inspect-cert` and `/readyz`.
 
-mod common;
-mod support;
-
 use std::io::{BufRead, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,12 +9,12 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{get, send, upstream, UpstreamMode};
+use crate::harness::metric;
+use crate::harness::pki::{Alg, Ca, CrlTimes, Issued, Kind, OpensslPki};
+use crate::harness::{fhirgate, get, send, upstream, UpstreamMode};
 use fhirgate::config::Config;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use support::metric;
-use support::openssl_pki::{Alg, Ca, CrlTimes, Issued, Kind, OpensslPki};
 use tokio_rustls::TlsConnector;
 
 /// Root CA with three SubCAs: A (listed, good), B (not listed), R (listed, revoked in
@@ -177,18 +174,6 @@ async fn curl(addr: SocketAddr, cacert: &Path, cert: &Path, key: &Path) -> Optio
         return None;
     }
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-}
-
-fn fhirgate(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
-        .args(args)
-        .output()
-        .expect("fhirgate runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn write_cfg(pki: &OpensslPki, name: &str, yaml: &str) -> String {

@@ -1,11 +1,9 @@
 //! Config errors name the field; `fhirgate check` behaves like `nginx -t`.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::harness::*;
 use fhirgate::config::Config;
 
 fn base(pki: &Pki) -> String {

@@ -1,11 +1,9 @@
 //! NHSD-* header enforcement through the running gateway over real mTLS.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::harness::*;
 use bytes::Bytes;
-use common::*;
 use fhirgate::pipeline::nhsd::{self, example_headers};
 use http::{Request, StatusCode};
 use http_body_util::Full;
