@@ -149,11 +149,10 @@ impl Gateway {
         }
         let method = req.method().clone();
         let version = req.version();
-        let raw_path = req.uri().path().to_owned();
-        let echoed: Vec<(&str, HeaderValue)> = ECHOED
-            .iter()
-            .filter_map(|n| echoable(req.headers(), n).map(|v| (*n, v)))
-            .collect();
+        // A shared reference to the request line's bytes, not a copy.
+        let uri = req.uri().clone();
+        let raw_path = uri.path();
+        let echoed = ECHOED.map(|n| echoable(req.headers(), n));
         let mut trace = Trace {
             context: Some(TraceContext::from_headers(req.headers())),
             ..Trace::default()
@@ -171,8 +170,10 @@ impl Gateway {
                 r.into_response()
             }
         };
-        for (name, value) in &echoed {
-            response.headers_mut().insert(*name, value.clone());
+        for (name, value) in ECHOED.iter().zip(&echoed) {
+            if let Some(v) = value {
+                response.headers_mut().insert(*name, v.clone());
+            }
         }
         // An oversized HTTP/1.1 header section ends the connection, as the parser's own
         // refusal would: what follows on it is not worth reading.
@@ -191,12 +192,10 @@ impl Gateway {
         let route = trace.route.map_or("-", |r| &*r.name);
         let path = if self.redact_paths {
             // The route's prefix is operator config: logged verbatim.
-            log_safe_str(&redact_path(
-                &raw_path,
-                trace.route.map(|r| r.path_prefix.as_str()),
-            ))
+            let redacted = redact_path(raw_path, trace.route.map(|r| r.path_prefix.as_str()));
+            std::borrow::Cow::Owned(log_safe_str(&redacted).into_owned())
         } else {
-            log_safe_str(&raw_path)
+            log_safe_str(raw_path)
         };
         self.metrics.request(
             trace.route.map(|r| &r.name),
@@ -207,11 +206,10 @@ impl Gateway {
         if let Some(kind) = trace.rejection {
             self.metrics.rejection(kind);
         }
-        let id = |n: &str| {
-            echoed
-                .iter()
-                .find(|(k, _)| *k == n)
-                .and_then(|(_, v)| v.to_str().ok())
+        let id = |i: usize| {
+            echoed[i]
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
                 .unwrap_or("-")
         };
         tracing::info!(
@@ -232,8 +230,8 @@ impl Gateway {
             upstream_status = trace.upstream_status.unwrap_or(0),
             upstream_ms = trace.upstream_time.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
             rejection = trace.rejection.unwrap_or("-"),
-            request_id = id("x-request-id"),
-            correlation_id = id("x-correlation-id"),
+            request_id = id(0),
+            correlation_id = id(1),
             trace_id = trace.context.as_ref().map_or_else(String::new, TraceContext::trace_id_hex),
             span_id = trace.context.as_ref().map_or_else(String::new, TraceContext::span_id_hex),
             "request"
@@ -819,8 +817,12 @@ fn is_type_like(seg: &str) -> bool {
         && b.all(|c| c.is_ascii_alphabetic())
 }
 
-/// Text as it may appear in a log line: printable ASCII, at most 128 chars.
-fn log_safe_str(s: &str) -> String {
+/// Text as it may appear in a log line: printable ASCII, at most 128 chars (borrowed
+/// when it already is).
+fn log_safe_str(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return s.into();
+    }
     s.chars()
         .take(128)
         .map(|c| {
@@ -830,7 +832,8 @@ fn log_safe_str(s: &str) -> String {
                 '?'
             }
         })
-        .collect()
+        .collect::<String>()
+        .into()
 }
 
 #[cfg(test)]

@@ -135,11 +135,9 @@ impl Snapshot {
                 drop(guard);
                 // The response body still has to be sent; track it until it is dropped.
                 let streaming = Streaming::new(activity);
-                Ok::<_, Infallible>(resp.map(|inner| {
-                    http_body_util::BodyExt::boxed(Tracked {
-                        inner,
-                        _streaming: streaming,
-                    })
+                Ok::<_, Infallible>(resp.map(|inner| Tracked {
+                    inner,
+                    _streaming: streaming,
                 }))
             }
         });
