@@ -1,54 +1,207 @@
-//! Process logs, the access log included: `tracing` to stderr through a non-blocking
-//! writer.
+//! Process logs, the access log included: `tracing` to stderr through a batching writer.
 //!
-//! Requests never wait for stderr: a line is formatted on the request's thread, handed to
-//! a bounded queue and written by a dedicated thread through a buffer that is flushed
-//! whenever the queue runs empty (so a quiet gateway's lines appear at once, and a busy
-//! one writes many lines per `write`). If stderr cannot keep up (a stalled journald or
-//! pipe) and the queue is full, lines are dropped rather than block requests, and every
-//! dropped line is counted in `fhirgate_log_lines_dropped_total`.
+//! Requests never wait for stderr, and a busy gateway does not pay a `write` (nor a
+//! thread wake-up) per line: a line is formatted on the request's thread and appended to
+//! a shared buffer; a dedicated thread, woken when the buffer stops being empty, waits
+//! [`BATCH_WINDOW`] for more lines, then writes everything gathered in one `write`. A
+//! quiet gateway's lines therefore appear within a few milliseconds. If stderr cannot
+//! keep up (a stalled journald or pipe) and [`MAX_PENDING`] bytes are waiting, new lines
+//! are dropped rather than block requests, and each one is counted in
+//! `fhirgate_log_lines_dropped_total`. (tracing-appender's non-blocking writer was tried
+//! first: it wakes its thread for every line, which cost more than the `write` it saved;
+//! see bench/README.md.)
 
-use std::io::BufWriter;
-use std::sync::OnceLock;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+/// How long the log thread gathers lines before writing them.
+const BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// Bytes waiting to be written before new lines are dropped (about 40,000 access lines).
+const MAX_PENDING: usize = 16 << 20;
 
-/// Lines the queue holds before dropping: at 100k req/s, about a second of access lines.
-const QUEUE_LINES: usize = 128_000;
-/// One `write` carries up to this much of a batch.
-const WRITE_BUFFER: usize = 64 * 1024;
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+static SHARED: OnceLock<Arc<Shared>> = OnceLock::new();
 
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+#[derive(Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Pending {
+    buf: Vec<u8>,
+    closed: bool,
+}
+
+/// Writes out what is still waiting when dropped (at the end of `main`).
+pub struct FlushGuard {
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for FlushGuard {
+    fn drop(&mut self) {
+        if let Some(shared) = SHARED.get() {
+            if let Ok(mut p) = shared.pending.lock() {
+                p.closed = true;
+            }
+            shared.wake.notify_one();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 /// Starts logging to stderr (`FHIRGATE_LOG` filter, default `info`; JSON lines when
-/// `json`). Keep the guard alive for the life of the process: dropping it writes out
-/// what is still queued.
-pub fn init(json: bool) -> WorkerGuard {
+/// `json`). Keep the guard alive for the life of the process.
+pub fn init(json: bool) -> FlushGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FHIRGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only on a terminal, so files and journald stay greppable.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(QUEUE_LINES)
-        .thread_name("fhirgate-log")
-        .finish(BufWriter::with_capacity(WRITE_BUFFER, std::io::stderr()));
-    let _ = DROPPED.set(writer.error_counter());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(ansi);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
+    let shared = SHARED.get_or_init(Arc::default).clone();
+    let thread = std::thread::Builder::new()
+        .name("fhirgate-log".into())
+        .spawn(move || writer_thread(&shared, &mut std::io::stderr()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
+    match thread {
+        Ok(thread) => {
+            let builder = builder.with_writer(|| LineSink);
+            if json {
+                builder.json().flatten_event(true).init();
+            } else {
+                builder.init();
+            }
+            FlushGuard {
+                thread: Some(thread),
+            }
+        }
+        // No thread, no batching: write directly rather than lose the logs.
+        Err(_) => {
+            let builder = builder.with_writer(std::io::stderr);
+            if json {
+                builder.json().flatten_event(true).init();
+            } else {
+                builder.init();
+            }
+            FlushGuard { thread: None }
+        }
     }
-    guard
 }
 
-/// Log lines dropped because the queue to stderr was full (0 before [`init`]).
+/// Log lines dropped because stderr could not keep up (0 before [`init`]).
 pub fn dropped_lines() -> u64 {
-    DROPPED
-        .get()
-        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+    DROPPED.load(Ordering::Relaxed)
+}
+
+fn writer_thread(shared: &Shared, out: &mut impl Write) {
+    let mut batch = Vec::new();
+    loop {
+        let closed = {
+            let Ok(mut p) = shared.pending.lock() else {
+                return;
+            };
+            while p.buf.is_empty() && !p.closed {
+                p = match shared.wake.wait(p) {
+                    Ok(p) => p,
+                    Err(_) => return,
+                };
+            }
+            p.closed
+        };
+        if !closed {
+            // Let more lines arrive, so one write carries many.
+            std::thread::sleep(BATCH_WINDOW);
+        }
+        if let Ok(mut p) = shared.pending.lock() {
+            std::mem::swap(&mut p.buf, &mut batch);
+        }
+        // A failed write (stderr closed) loses this batch only; nothing else can be done
+        // with a log line that cannot be written.
+        let _ = out.write_all(&batch).and_then(|()| out.flush());
+        batch.clear();
+        // Keep a typical batch's capacity, not a burst's.
+        batch.shrink_to(64 * 1024);
+        if closed {
+            return;
+        }
+    }
+}
+
+/// What `tracing` writes one formatted event (one line) to.
+struct LineSink;
+
+impl Write for LineSink {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let Some(shared) = SHARED.get() else {
+            return std::io::stderr().write(line);
+        };
+        let was_empty = match shared.pending.lock() {
+            Ok(p) if p.closed => return std::io::stderr().write(line),
+            Ok(mut p) if p.buf.len() + line.len() <= MAX_PENDING => {
+                let was_empty = p.buf.is_empty();
+                p.buf.extend_from_slice(line);
+                was_empty
+            }
+            _ => {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+                return Ok(line.len());
+            }
+        };
+        // Only the first line of a batch wakes the log thread.
+        if was_empty {
+            shared.wake.notify_one();
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines written while the thread gathers a batch come out together, in order, and
+    /// everything pending is written when the guard closes the writer.
+    #[test]
+    fn lines_are_batched_in_order_and_flushed_on_close() {
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        struct Chan(std::sync::mpsc::Sender<Vec<u8>>);
+        impl Write for Chan {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                let _ = self.0.send(b.to_vec());
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let s = shared.clone();
+        let t = std::thread::spawn(move || writer_thread(&s, &mut Chan(tx)));
+        {
+            // The thread cannot take the batch while this lock is held.
+            let mut p = shared.pending.lock().unwrap();
+            p.buf.extend_from_slice(b"a\n");
+            shared.wake.notify_one();
+            p.buf.extend_from_slice(b"b\n");
+        }
+        let first = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(first, b"a\nb\n");
+        {
+            let mut p = shared.pending.lock().unwrap();
+            p.buf.extend_from_slice(b"c\n");
+            p.closed = true;
+        }
+        shared.wake.notify_one();
+        t.join().unwrap();
+        let rest: Vec<u8> = rx.try_iter().flatten().collect();
+        assert_eq!(rest, b"c\n");
+    }
 }
