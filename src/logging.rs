@@ -66,7 +66,9 @@ pub fn init(json: bool) -> FlushGuard {
     let thread = std::thread::Builder::new()
         .name("fhirgate-log".into())
         .spawn(move || writer_thread(&shared, &mut std::io::stderr()));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     match thread {
         Ok(thread) => {
             let builder = builder.with_writer(|| LineSink);

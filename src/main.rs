@@ -100,6 +100,10 @@ fn json_logs(path: &std::path::Path) -> bool {
         .unwrap_or(false)
 }
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The config may ask for JSON logs; read it (cheaply) before logging starts.
