@@ -30,7 +30,12 @@ pub fn unix_now() -> i64 {
 /// A cached verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CachedToken {
-    Active { facts: TokenFacts, ttl: Duration },
+    /// `granted`: the token's SMART scopes, parsed once when cached.
+    Active {
+        facts: TokenFacts,
+        granted: Vec<super::scope::Scope>,
+        ttl: Duration,
+    },
     Inactive,
 }
 
@@ -109,18 +114,22 @@ pub fn entry_from(i: &Introspection, cfg: &AuthConfig, now: i64) -> CachedToken 
     }
     match positive_ttl(i.exp, now, cfg.cache.max_ttl) {
         None => CachedToken::Inactive,
-        Some(ttl) => CachedToken::Active {
-            facts: TokenFacts {
-                client_id: i.client_id.clone(),
-                sub: i.sub.clone(),
-                scope: i.scope.clone().unwrap_or_default(),
-                token_hash: String::new(),
-                exp: i.exp,
-                development: false,
-                bound_cert_sha256,
-            },
-            ttl,
-        },
+        Some(ttl) => {
+            let scope = i.scope.clone().unwrap_or_default();
+            CachedToken::Active {
+                granted: super::scope::parse_scope_list(&scope),
+                facts: TokenFacts {
+                    client_id: i.client_id.clone(),
+                    sub: i.sub.clone(),
+                    scope,
+                    token_hash: String::new(),
+                    exp: i.exp,
+                    development: false,
+                    bound_cert_sha256,
+                },
+                ttl,
+            }
+        }
     }
 }
 

@@ -630,11 +630,11 @@ impl Authoriser {
                     })?
             }
         };
-        let facts = match &*entry {
+        let (facts, granted) = match &*entry {
             CachedToken::Inactive => {
                 return Err(AuthError::InvalidToken("inactive, expired or unknown"))
             }
-            CachedToken::Active { facts, .. } => facts,
+            CachedToken::Active { facts, granted, .. } => (facts, granted),
         };
         // The cache never outlives `exp`, but check again at the moment of use.
         if facts.exp.is_some_and(|exp| exp <= now) {
@@ -648,16 +648,14 @@ impl Authoriser {
                 ));
             }
         }
-        let granted = scope::parse_scope_list(&facts.scope);
-        if !scope::permits(&granted, need, &self.contexts) {
+        if !scope::permits(granted, need, &self.contexts) {
             return Err(AuthError::InsufficientScope {
                 needed: need.hint(),
             });
         }
-        let tokens: Vec<&str> = facts.scope.split(' ').collect();
         if let Some(missing) = required_scopes
             .iter()
-            .find(|s| !tokens.contains(&s.as_str()))
+            .find(|s| !facts.scope.split(' ').any(|t| t == s.as_str()))
         {
             return Err(AuthError::InsufficientScope {
                 needed: missing.clone(),
