@@ -515,6 +515,13 @@ a 1
         m.reload(false);
         m.server_cert_not_after.set(1_900_000_000);
         let text = m.encode();
+        // Read from the log writer at each scrape; present (0) before any drop.
+        assert!(
+            text.contains(
+                "# TYPE fhirgate_log_lines_dropped counter\nfhirgate_log_lines_dropped_total "
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("fhirgate_requests_total{route=\"fhir\",status=\"200\"} 1"),
             "{text}"
