@@ -195,26 +195,19 @@ pub fn check_path(path: &str) -> Result<(), PolicyError> {
     Ok(())
 }
 
-/// Percent-decodes `s`; `None` when a `%` is not followed by two hex digits.
+/// Percent-decodes `s` (the `percent-encoding` crate); `None` when a `%` is not followed
+/// by two hex digits, which the crate would pass through as text.
 fn percent_decode(s: &str) -> Option<Vec<u8>> {
     let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            // Exactly two hex digits: `from_str_radix` alone would take "+0" as 0.
-            let hex = b.get(i + 1..i + 3)?;
-            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                return None;
-            }
-            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    Some(out)
+    let well_formed = b
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c == b'%')
+        .all(|(i, _)| {
+            b.get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+        });
+    well_formed.then(|| percent_encoding::percent_decode(b).collect())
 }
 
 /// A path prefix and who may use it.
