@@ -144,6 +144,25 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // Every exchange ends by itself: a peer that never answers fails the test here
+    // instead of stalling the whole suite.
+    tokio::time::timeout(SEND_TIMEOUT, send_unbounded(connector, addr, req))
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer from {addr} within {SEND_TIMEOUT:?}")))
+}
+
+/// Longest a [`send`] may take, handshake to the last body byte.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn send_unbounded<B>(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+    req: Request<B>,
+) -> Result<Got, String>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tls = connect(connector, addr).await?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
