@@ -244,10 +244,18 @@ impl Running {
     /// `drain`. Returns how many connections were still open.
     pub async fn shutdown(self, drain: Duration) -> usize {
         let _ = self.shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + drain;
         for t in self.tasks {
-            let _ = t.await;
+            // Accept loops and the CRL fetcher stop at the signal; one that has not by the
+            // end of the drain period is aborted rather than holding up the exit.
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                tracing::warn!("a server task did not stop at shutdown; aborted");
+                abort.abort();
+            }
         }
-        self.server.drain(drain).await
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.server.drain(left).await
     }
 }
 
