@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+
 /// How long the log thread gathers lines before writing them.
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
 /// Bytes waiting to be written before new lines are dropped (about 40,000 access lines).
@@ -66,32 +68,21 @@ pub fn init(json: bool) -> FlushGuard {
     let thread = std::thread::Builder::new()
         .name("fhirgate-log".into())
         .spawn(move || writer_thread(&shared, &mut std::io::stderr()));
+    // Without the thread there is no batching: write directly rather than lose the logs.
+    let (writer, thread) = match thread {
+        Ok(t) => (BoxMakeWriter::new(|| LineSink), Some(t)),
+        Err(_) => (BoxMakeWriter::new(std::io::stderr), None),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi);
-    match thread {
-        Ok(thread) => {
-            let builder = builder.with_writer(|| LineSink);
-            if json {
-                builder.json().flatten_event(true).init();
-            } else {
-                builder.init();
-            }
-            FlushGuard {
-                thread: Some(thread),
-            }
-        }
-        // No thread, no batching: write directly rather than lose the logs.
-        Err(_) => {
-            let builder = builder.with_writer(std::io::stderr);
-            if json {
-                builder.json().flatten_event(true).init();
-            } else {
-                builder.init();
-            }
-            FlushGuard { thread: None }
-        }
+        .with_ansi(ansi)
+        .with_writer(writer);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
     }
+    FlushGuard { thread }
 }
 
 /// Log lines dropped because stderr could not keep up (0 before [`init`]).

@@ -42,17 +42,16 @@ const FORWARDING: [HeaderName; 5] = [
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in listed {
-            headers.remove(n);
-        }
+    // Empty (and unallocated) when there is no `Connection` header.
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        headers.remove(n);
     }
     for n in &HOP_BY_HOP {
         headers.remove(n);
@@ -61,25 +60,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes every header the gateway is the only authority for.
 pub fn strip_reserved(headers: &mut HeaderMap, names: &IdentityNames) {
-    for n in &names.0 {
+    for n in names.0.iter().flatten() {
         headers.remove(n);
     }
     for n in &FORWARDING {
         headers.remove(n);
     }
-    // Collected only when present: most requests carry none.
-    if headers
+    let reserved: Vec<HeaderName> = headers
         .keys()
-        .any(|k| k.as_str().starts_with(RESERVED_PREFIX))
-    {
-        let reserved: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| k.as_str().starts_with(RESERVED_PREFIX))
-            .cloned()
-            .collect();
-        for n in reserved {
-            headers.remove(n);
-        }
+        .filter(|k| k.as_str().starts_with(RESERVED_PREFIX))
+        .cloned()
+        .collect();
+    for n in reserved {
+        headers.remove(n);
     }
 }
 
@@ -104,10 +97,10 @@ pub fn header_value(text: &str) -> HeaderValue {
 }
 
 /// The identity header names of [`IdentityHeaders`], parsed once per configuration
-/// (subject, issuer, fingerprint, serial, CN, bundle). A name that is not a valid header
-/// name (refused at config load) is left out.
+/// in [`IdentityHeaders::names`] order (subject, issuer, fingerprint, serial, CN, bundle).
+/// A name that is not a valid header name (refused at config load) is `None`.
 #[derive(Debug, Clone)]
-pub struct IdentityNames(Vec<HeaderName>);
+pub struct IdentityNames([Option<HeaderName>; 6]);
 
 /// The headers a connection's requests carry upstream for its verified client, built
 /// once per connection: they are the same on every request.
@@ -115,21 +108,21 @@ pub struct IdentityNames(Vec<HeaderName>);
 pub struct ConnectionHeaders(Vec<(HeaderName, HeaderValue)>);
 
 impl ConnectionHeaders {
-    pub fn new(names: &IdentityHeaders, id: &ClientIdentity, peer: SocketAddr) -> Self {
-        let fields = [
-            (&names.subject, Some(&id.subject)),
-            (&names.issuer, Some(&id.issuer)),
-            (&names.fingerprint, Some(&id.fingerprint_sha256)),
-            (&names.serial, Some(&id.serial)),
-            (&names.common_name, id.common_name.as_ref()),
-            (&names.bundle, Some(&id.bundle)),
+    pub fn new(names: &IdentityNames, id: &ClientIdentity, peer: SocketAddr) -> Self {
+        // The same order as `IdentityNames`.
+        let values = [
+            Some(&id.subject),
+            Some(&id.issuer),
+            Some(&id.fingerprint_sha256),
+            Some(&id.serial),
+            id.common_name.as_ref(),
+            Some(&id.bundle),
         ];
-        let mut out: Vec<(HeaderName, HeaderValue)> = fields
-            .into_iter()
-            .filter_map(|(name, value)| {
-                let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
-                Some((name, header_value(value?)))
-            })
+        let mut out: Vec<(HeaderName, HeaderValue)> = names
+            .0
+            .iter()
+            .zip(values)
+            .filter_map(|(name, value)| Some((name.clone()?, header_value(value?))))
             .collect();
         out.push((X_FORWARDED_FOR, header_value(&peer.ip().to_string())));
         out.push((X_FORWARDED_PROTO, HeaderValue::from_static("https")));
@@ -196,10 +189,10 @@ mod tests {
         h.insert("host", HeaderValue::from_static("gw.example.nhs.uk"));
         h.insert("accept", HeaderValue::from_static("application/fhir+json"));
         let peer: SocketAddr = "127.0.0.1:5555".parse().unwrap();
-        let names = IdentityHeaders::default();
+        let names = IdentityHeaders::default().parsed();
         upstream_request_headers(
             &mut h,
-            &names.parsed(),
+            &names,
             &ConnectionHeaders::new(&names, &identity(), peer),
             Some(HeaderValue::from_static("gw.example.nhs.uk")),
         );
@@ -259,9 +252,7 @@ impl IdentityHeaders {
     pub fn parsed(&self) -> IdentityNames {
         IdentityNames(
             self.names()
-                .iter()
-                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-                .collect(),
+                .map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
         )
     }
 

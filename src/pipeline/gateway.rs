@@ -21,7 +21,7 @@ use crate::config::{Config, ConfigError, NhsdConfig};
 use crate::metrics::{HeaderLabel, Metrics};
 use crate::pipeline::auth::{self, scope, Authoriser};
 use crate::pipeline::forward;
-use crate::pipeline::forward::{ConnectionHeaders, IdentityHeaders, IdentityNames};
+use crate::pipeline::forward::{ConnectionHeaders, IdentityNames};
 use crate::pipeline::identity::ClientIdentity;
 use crate::pipeline::nhsd;
 use crate::pipeline::outcome::{Body, Refuse, Rejection};
@@ -43,7 +43,6 @@ pub struct ConnInfo {
 pub struct Gateway {
     policy: RoutePolicy,
     upstream: Upstream,
-    identity_headers: IdentityHeaders,
     identity_names: IdentityNames,
     nhsd: Option<NhsdConfig>,
     auth: Authoriser,
@@ -102,7 +101,6 @@ impl Gateway {
             },
             policy: RoutePolicy::new(&cfg.routes),
             upstream: Upstream::from_config(&cfg.upstream)?,
-            identity_headers: cfg.identity_headers.clone(),
             identity_names: cfg.identity_headers.parsed(),
             nhsd: cfg.nhsd.clone(),
             auth: {
@@ -128,7 +126,7 @@ impl Gateway {
         identity: &ClientIdentity,
         peer: SocketAddr,
     ) -> ConnectionHeaders {
-        ConnectionHeaders::new(&self.identity_headers, identity, peer)
+        ConnectionHeaders::new(&self.identity_names, identity, peer)
     }
 
     pub async fn handle(

@@ -146,70 +146,61 @@ where
 {
     // Every exchange ends by itself: a peer that never answers fails the test here
     // instead of stalling the whole suite.
-    tokio::time::timeout(SEND_TIMEOUT, send_unbounded(connector, addr, req))
+    let exchange = async {
+        let tls = connect(connector, addr).await?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let io = TokioIo::new(tls);
+        let mut req = req;
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "/".into());
+        if h2 {
+            *req.uri_mut() = format!("https://localhost{pq}")
+                .parse()
+                .map_err(|e| format!("uri: {e}"))?;
+        } else {
+            *req.uri_mut() = pq.parse().map_err(|e| format!("uri: {e}"))?;
+            req.headers_mut()
+                .insert("host", http::HeaderValue::from_static("localhost"));
+        }
+        let resp = if h2 {
+            let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| format!("h2 handshake: {e}"))?;
+            tokio::spawn(conn);
+            tx.send_request(req).await
+        } else {
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| format!("h1 handshake: {e}"))?;
+            tokio::spawn(conn);
+            tx.send_request(req).await
+        }
+        .map_err(|e| format!("request: {e:?}"))?;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok(Got {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers,
+            body,
+            resumed,
+        })
+    };
+    tokio::time::timeout(SEND_TIMEOUT, exchange)
         .await
         .unwrap_or_else(|_| Err(format!("no answer from {addr} within {SEND_TIMEOUT:?}")))
 }
 
 /// Longest a [`send`] may take, handshake to the last body byte.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
-
-async fn send_unbounded<B>(
-    connector: &TlsConnector,
-    addr: SocketAddr,
-    req: Request<B>,
-) -> Result<Got, String>
-where
-    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let tls = connect(connector, addr).await?;
-    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    let io = TokioIo::new(tls);
-    let mut req = req;
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.to_string())
-        .unwrap_or_else(|| "/".into());
-    if h2 {
-        *req.uri_mut() = format!("https://localhost{pq}")
-            .parse()
-            .map_err(|e| format!("uri: {e}"))?;
-    } else {
-        *req.uri_mut() = pq.parse().map_err(|e| format!("uri: {e}"))?;
-        req.headers_mut()
-            .insert("host", http::HeaderValue::from_static("localhost"));
-    }
-    let resp = if h2 {
-        let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-            .await
-            .map_err(|e| format!("h2 handshake: {e}"))?;
-        tokio::spawn(conn);
-        tx.send_request(req).await
-    } else {
-        let (mut tx, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| format!("h1 handshake: {e}"))?;
-        tokio::spawn(conn);
-        tx.send_request(req).await
-    }
-    .map_err(|e| format!("request: {e:?}"))?;
-    let (parts, body) = resp.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map_err(|e| format!("body: {e}"))?
-        .to_bytes();
-    Ok(Got {
-        status: parts.status,
-        version: parts.version,
-        headers: parts.headers,
-        body,
-        resumed,
-    })
-}
 
 /// A GET for `path`; [`send`] puts it in the right form for HTTP/1.1 or HTTP/2.
 pub fn get(path: &str) -> Request<Full<Bytes>> {
