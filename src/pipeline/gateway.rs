@@ -27,7 +27,7 @@ use crate::pipeline::nhsd;
 use crate::pipeline::outcome::{Body, Refuse, Rejection};
 use crate::pipeline::policy::{prefix_covers, PolicyError, Route, RoutePolicy, TokenRequirement};
 use crate::pipeline::service::{self, Levels, LimitKey, Limiters, ServiceLevels, Unmatched};
-use crate::pipeline::tracecontext::TraceContext;
+use crate::pipeline::tracecontext::{Hex, TraceContext};
 use crate::pipeline::upstream::{Upstream, UpstreamBody, UpstreamError};
 
 /// What the listener learnt about a connection; shared by its requests.
@@ -210,8 +210,10 @@ impl Gateway {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-")
         };
+        let trace_id = trace.context.as_ref().map(TraceContext::trace_id_hex);
+        let span_id = trace.context.as_ref().map(TraceContext::span_id_hex);
         tracing::info!(
-            target: "fhirgate::access",
+            target: crate::logging::ACCESS,
             method = %method,
             path = %path,
             status,
@@ -230,8 +232,8 @@ impl Gateway {
             rejection = trace.rejection.unwrap_or("-"),
             request_id = id(0),
             correlation_id = id(1),
-            trace_id = trace.context.as_ref().map_or_else(String::new, TraceContext::trace_id_hex),
-            span_id = trace.context.as_ref().map_or_else(String::new, TraceContext::span_id_hex),
+            trace_id = trace_id.as_ref().map_or("", Hex::as_str),
+            span_id = span_id.as_ref().map_or("", Hex::as_str),
             "request"
         );
         #[cfg(feature = "otlp")]

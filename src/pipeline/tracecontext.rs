@@ -118,36 +118,64 @@ impl TraceContext {
         }
     }
 
-    pub fn trace_id_hex(&self) -> String {
-        hex::encode(self.trace_id)
+    pub fn trace_id_hex(&self) -> Hex<32> {
+        Hex::of(&self.trace_id)
     }
 
-    pub fn span_id_hex(&self) -> String {
-        hex::encode(self.span_id)
+    pub fn span_id_hex(&self) -> Hex<16> {
+        Hex::of(&self.span_id)
     }
 
     /// The `traceparent` for the upstream request: version 00, this trace, the
     /// gateway's span as parent-id, and the sampled flag (the only flag level 1 defines;
     /// "vendors MUST set [other flags] to zero" when they do not know them).
-    pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            self.trace_id_hex(),
-            self.span_id_hex(),
-            u8::from(self.sampled)
-        )
+    pub fn traceparent(&self) -> HeaderValue {
+        // 00-<32 hex>-<16 hex>-0x: written in place (this runs for every request).
+        let mut b = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        let _ = hex::encode_to_slice(self.trace_id, &mut b[3..35]);
+        let _ = hex::encode_to_slice(self.span_id, &mut b[36..52]);
+        b[54] = if self.sampled { b'1' } else { b'0' };
+        HeaderValue::from_bytes(&b).unwrap_or_else(|_| HeaderValue::from_static(""))
     }
 
     /// Replaces whatever trace headers the client sent with the gateway's.
     pub fn set_upstream(&self, h: &mut HeaderMap) {
         h.remove(TRACEPARENT);
         h.remove(TRACESTATE);
-        if let Ok(v) = HeaderValue::from_str(&self.traceparent()) {
-            h.insert(TRACEPARENT, v);
-        }
+        h.insert(TRACEPARENT, self.traceparent());
         if let Some(ts) = &self.tracestate {
             h.insert(TRACESTATE, ts.clone());
         }
+    }
+}
+
+/// Lower-case hex of an id, `L` characters on the stack (logged with every request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hex<const L: usize>([u8; L]);
+
+impl<const L: usize> Hex<L> {
+    fn of(bytes: &[u8]) -> Self {
+        let mut out = [b'0'; L];
+        // The length always matches (the callers' ids are L/2 bytes); on a mismatch the
+        // id would read as zeros, never as anything else.
+        let _ = hex::encode_to_slice(bytes, &mut out);
+        Hex(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl<const L: usize> PartialEq<&str> for Hex<L> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl<const L: usize> std::fmt::Display for Hex<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -309,7 +337,7 @@ mod tests {
         let future = "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra";
         let c = TraceContext::from_headers(&headers(&[future], &[]));
         assert_eq!(c.trace_id_hex(), "0af7651916cd43dd8448eb211c80319c");
-        assert!(c.traceparent().starts_with("00-"));
+        assert!(c.traceparent().as_bytes().starts_with(b"00-"));
         let unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
         assert!(!TraceContext::from_headers(&headers(&[unsampled], &[])).sampled);
     }

@@ -18,6 +18,9 @@ use std::time::Duration;
 
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
+mod format;
+pub use format::ACCESS;
+
 /// How long the log thread gathers lines before writing them.
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
 /// Bytes waiting to be written before new lines are dropped (about 40,000 access lines).
@@ -80,7 +83,7 @@ pub fn init(json: bool) -> FlushGuard {
     if json {
         builder.json().flatten_event(true).init();
     } else {
-        builder.init();
+        builder.event_format(format::Lines::default()).init();
     }
     FlushGuard { thread }
 }
