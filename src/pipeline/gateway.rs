@@ -407,16 +407,17 @@ impl Gateway {
             TokenRequirement::None => Ok(None),
             TokenRequirement::Required => {
                 let need = scope::classify(req.method(), req.uri().path());
-                let facts = self
-                    .auth
-                    .authorise(
-                        req.headers(),
-                        &need,
-                        &route.required_scopes,
-                        &conn.identity.fingerprint_sha256,
-                    )
-                    .await
-                    .map_err(|e| e.refusal(self.auth.config()).rejection())?;
+                // Boxed: the introspection future is large, and inline it would make
+                // every request's future (kept by hyper for the life of the connection,
+                // idle or not) that large too.
+                let facts = Box::pin(self.auth.authorise(
+                    req.headers(),
+                    &need,
+                    &route.required_scopes,
+                    &conn.identity.fingerprint_sha256,
+                ))
+                .await
+                .map_err(|e| e.refusal(self.auth.config()).rejection())?;
                 trace.client_id = facts.client_id.clone();
                 trace.token_hash = Some(facts.token_hash.clone()).filter(|h| !h.is_empty());
                 Ok(Some(facts))
@@ -438,7 +439,8 @@ impl Gateway {
             }
         }
         if is_form_encoded(req.headers()) {
-            self.form_body_token(req, route.forward_token).await
+            // Boxed, as the token check: rare, and not worth space in every request.
+            Box::pin(self.form_body_token(req, route.forward_token)).await
         } else {
             Ok(req)
         }

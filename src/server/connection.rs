@@ -43,10 +43,12 @@ impl Snapshot {
         // The verifier leaves a refused client certificate here (task-local: the
         // handshake runs inside this future), so the refusal line can name it.
         let refused: Arc<std::sync::Mutex<Option<PresentedCert>>> = Arc::default();
-        let handshake = REFUSED_CERT.scope(
+        // Boxed, so its space is freed once the handshake is done instead of being kept
+        // in the connection's task for its whole life (see bench/README.md, memory).
+        let handshake = Box::pin(REFUSED_CERT.scope(
             refused.clone(),
             tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp)),
-        );
+        ));
         let tls = match handshake.await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -108,7 +110,7 @@ impl Snapshot {
         let Some(_slot) = clients.open(&identity.fingerprint_sha256, max_per_client) else {
             metrics.connections_over_client_cap.inc();
             tracing::warn!(target: "fhirgate::tls", %peer, subject = %identity.subject, fingerprint = %identity.fingerprint_sha256, max_per_client, "client over its connection cap: answering 429 and closing");
-            self.refuse_over_cap(tls, max_per_client).await;
+            Box::pin(self.refuse_over_cap(tls, max_per_client)).await;
             return;
         };
 
