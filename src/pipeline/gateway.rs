@@ -195,10 +195,12 @@ impl Gateway {
         } else {
             log_safe_str(raw_path)
         };
+        // One clock read for the metric and the access line, so they agree.
+        let latency = start.elapsed();
         self.metrics.request(
             trace.route.map(|r| &r.name),
             status,
-            start.elapsed(),
+            latency,
             trace.upstream_time,
         );
         if let Some(kind) = trace.rejection {
@@ -217,7 +219,7 @@ impl Gateway {
             method = %method,
             path = %path,
             status,
-            latency_ms = start.elapsed().as_secs_f64() * 1000.0,
+            latency_ms = latency.as_secs_f64() * 1000.0,
             client_subject = %conn.identity.subject,
             client_fingerprint = %conn.identity.fingerprint_sha256,
             bundle = %conn.identity.bundle,
@@ -247,7 +249,7 @@ impl Gateway {
                     route,
                     status,
                     rejection: trace.rejection,
-                    start: end - start.elapsed(),
+                    start: end - latency,
                     end,
                 },
             );
