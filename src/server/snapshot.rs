@@ -61,6 +61,9 @@ impl Snapshot {
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(lib_header_bytes)
             .max_headers(limits.max_headers.saturating_mul(2))
+            // Head and a small body in one buffer, hence one TLS record, rather than a
+            // vectored write that rustls would seal as two records.
+            .writev(false)
             .keep_alive(true);
         http.http2()
             .timer(TokioTimer::new())
