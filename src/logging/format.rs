@@ -42,16 +42,18 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let meta = event.metadata();
-        let now = SystemTime::now();
-        let plain = meta.target() == ACCESS
-            && !writer.has_ansi_escapes()
-            && ctx.event_scope().is_none()
-            && now
-                .duration_since(UNIX_EPOCH)
-                .is_ok_and(|d| d.as_secs() <= LAST_FOUR_DIGIT_SECOND);
-        if !plain {
+        // The clock is read here only for the access line; the default formatter reads
+        // its own.
+        let now =
+            (meta.target() == ACCESS && !writer.has_ansi_escapes() && ctx.event_scope().is_none())
+                .then(SystemTime::now)
+                .filter(|t| {
+                    t.duration_since(UNIX_EPOCH)
+                        .is_ok_and(|d| d.as_secs() <= LAST_FOUR_DIGIT_SECOND)
+                });
+        let Some(now) = now else {
             return self.default.format_event(ctx, writer, event);
-        }
+        };
         write!(
             writer,
             "{} {} {ACCESS}: ",
@@ -103,10 +105,11 @@ impl Visit for PlainFields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         // `Debug` of a string of printable ASCII without `"` or `\` is the string in
         // quotes: write it without the escaping machinery.
-        let plain = value
-            .bytes()
-            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
-        if field.name() == "message" || !plain {
+        let plain = |v: &str| {
+            v.bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        };
+        if field.name() == "message" || !plain(value) {
             return self.record_debug(field, &value);
         }
         self.pad();
