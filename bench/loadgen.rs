@@ -164,7 +164,7 @@ fn connector(t: &Tls, resumption: bool, h2: bool) -> Result<TlsConnector, AnyErr
     let chain: Vec<_> = CertificateDer::pem_file_iter(&t.cert)?.collect::<Result<_, _>>()?;
     let key = PrivateKeyDer::from_pem_file(&t.key)?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)

@@ -32,7 +32,7 @@ use crate::config::error::{err, ConfigError};
 
 /// The crypto provider used for every TLS context of the gateway.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// Human names of the PEM blocks in `text`, to say what a file holds instead.
@@ -1116,7 +1116,7 @@ pub fn server_tls_with(
             )
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    config.ticketer = rustls::crypto::ring::Ticketer::new()
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
         .map_err(|e| err("tls", format!("cannot create session ticketer: {e}")))?;
     Ok(ServerTls {
         config: Arc::new(config),

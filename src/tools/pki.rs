@@ -169,7 +169,7 @@ fn crl(issuer: &Ca, revoked: &[u64]) -> Result<String, rcgen::Error> {
 }
 
 impl DevPki {
-    /// Generates a fresh PKI with ECDSA P-256 keys (what `ring` can generate).
+    /// Generates a fresh PKI with ECDSA P-256 keys (small and fast; RSA PKIs for tests come from openssl).
     pub fn generate() -> Result<Self, rcgen::Error> {
         let a: &'static SignatureAlgorithm = &rcgen::PKCS_ECDSA_P256_SHA256;
         let now = OffsetDateTime::now_utc();

@@ -72,7 +72,7 @@ impl CrlPki {
         let chain = vec![CertificateDer::from_pem_file(cert).unwrap()];
         let key = PrivateKeyDer::from_pem_file(cert.with_extension("key")).unwrap();
         let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
