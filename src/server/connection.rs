@@ -18,7 +18,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -104,13 +105,14 @@ impl Snapshot {
                 }
             }
         };
+        let http = self.http(tls.get_ref().1.alpn_protocol());
         metrics.handshake(HandshakeKind::Ok.as_str());
         tracing::debug!(target: "fhirgate::tls", %peer, subject = %identity.subject, bundle = %identity.bundle, "handshake ok");
         let max_per_client = self.limits.max_connections_per_client;
         let Some(_slot) = clients.open(&identity.fingerprint_sha256, max_per_client) else {
             metrics.connections_over_client_cap.inc();
             tracing::warn!(target: "fhirgate::tls", %peer, subject = %identity.subject, fingerprint = %identity.fingerprint_sha256, max_per_client, "client over its connection cap: answering 429 and closing");
-            Box::pin(self.refuse_over_cap(tls, max_per_client)).await;
+            Box::pin(self.refuse_over_cap(http, tls, max_per_client)).await;
             return;
         };
 
@@ -143,7 +145,7 @@ impl Snapshot {
                 }))
             }
         });
-        let served = self.http.serve_connection(io, svc);
+        let served = http.serve_connection(io, svc);
         tokio::pin!(served);
         let idle = self.limits.idle_timeout;
         let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
@@ -193,7 +195,7 @@ impl Snapshot {
     /// `REC_TOO_MANY_REQUESTS` (`Connection: close` on HTTP/1.1), for at most the
     /// handshake timeout: the sender gets an answer BaRS tells it to retry on, rather
     /// than a reset it might report as a TLS failure.
-    async fn refuse_over_cap<T>(&self, tls: T, max: usize)
+    async fn refuse_over_cap<T>(&self, http: &auto::Builder<TokioExecutor>, tls: T, max: usize)
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -205,7 +207,7 @@ impl Snapshot {
             );
             Ok::<_, Infallible>(resp)
         });
-        let served = self.http.serve_connection(TokioIo::new(tls), svc);
+        let served = http.serve_connection(TokioIo::new(tls), svc);
         let _ = tokio::time::timeout(self.handshake_timeout, served).await;
     }
 }

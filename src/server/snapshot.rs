@@ -24,7 +24,10 @@ pub struct Snapshot {
     pub(super) verifier: Arc<BundleVerifier>,
     pub(super) limits: Limits,
     pub(super) handshake_timeout: Duration,
-    pub(super) http: auto::Builder<TokioExecutor>,
+    /// HTTP/1.1 and HTTP/2 servers, chosen by the TLS handshake's ALPN result (see
+    /// [`Snapshot::http`]).
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
     /// CAs, server certificate and CRLs of this configuration, for expiry reports.
     pub(super) inventory: Arc<TrustInventory>,
     /// `tls.revocation.warn_before`, in seconds.
@@ -71,6 +74,10 @@ impl Snapshot {
             .max_header_list_size(u32::try_from(lib_header_bytes).unwrap_or(u32::MAX))
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(256));
+        // The protocol comes from ALPN, not from sniffing the first bytes: hyper-util's
+        // sniffing hands hyper a pre-read prefix, after which hyper's 8 KiB read buffer
+        // grows to 16 KiB and stays so for the connection's life (bench/README.md, memory).
+        let (http1, http2) = (http.clone().http1_only(), http.http2_only());
         Ok(Snapshot {
             server_not_after: tls.server_not_after,
             crl_next_updates: tls.crl_next_updates,
@@ -79,11 +86,22 @@ impl Snapshot {
             verifier: tls.verifier,
             handshake_timeout: cfg.tls.handshake_timeout,
             limits,
-            http,
+            http1,
+            http2,
             inventory: Arc::new(tls.inventory),
             warn_before: i64::try_from(cfg.tls.revocation.warn_before.as_secs())
                 .unwrap_or(i64::MAX),
         })
+    }
+
+    /// The HTTP server for a connection whose TLS handshake chose `alpn`: HTTP/2 for
+    /// `h2` (RFC 9113 §3.2), HTTP/1.1 otherwise (no ALPN, or `http/1.1`).
+    pub(super) fn http(&self, alpn: Option<&[u8]>) -> &auto::Builder<TokioExecutor> {
+        if alpn == Some(b"h2") {
+            &self.http2
+        } else {
+            &self.http1
+        }
     }
 
     /// Sets the certificate and CRL expiry metrics to this snapshot's; called when the
@@ -128,7 +146,8 @@ impl Snapshot {
             verifier: tls.verifier,
             limits: self.limits.clone(),
             handshake_timeout: self.handshake_timeout,
-            http: self.http.clone(),
+            http1: self.http1.clone(),
+            http2: self.http2.clone(),
             inventory: Arc::new(tls.inventory),
             warn_before: self.warn_before,
             server_not_after: tls.server_not_after,

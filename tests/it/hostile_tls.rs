@@ -395,6 +395,81 @@ async fn legacy_protocol_versions_and_weak_suites_are_refused_with_an_alert() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
+/// RFC 9113 §3.3: "HTTP/2 connections over TLS MUST use protocol negotiation in TLS
+/// [TLS-ALPN]"; §3.2: a client without ALPN speaks HTTP/1.1 (RFC 9110 §4.2.2 https).
+/// The gateway picks the protocol from ALPN alone: without it a connection is HTTP/1.1
+/// and an HTTP/2 preface sent anyway ("prior knowledge") is not served as HTTP/2.
+#[tokio::test]
+async fn the_http_version_comes_from_alpn_alone() {
+    watch_panics();
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let no_alpn = client_with(&pki, Version::Tls13, Some(stock(&pki, "client")), &[]);
+
+    // No ALPN, HTTP/1.1: served.
+    let mut tls = connect(&no_alpn, addr).await.expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    write_quietly(
+        &mut tls,
+        b"GET /metadata HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let got = read_for(&mut tls, Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&got.bytes);
+    assert_eq!(status_of(&text), 200, "{text}");
+    assert_eq!(seen.count(), 1);
+
+    // No ALPN, an HTTP/2 preface and a request: no HTTP/2 frame comes back (the first
+    // frame of a real HTTP/2 server is SETTINGS) and nothing reaches the upstream.
+    let mut tls = connect(&no_alpn, addr).await.expect("handshake");
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    hello.extend(frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &hpack_get("/metadata"),
+    ));
+    write_quietly(&mut tls, &hello).await;
+    let got = read_for(&mut tls, Duration::from_secs(3)).await;
+    assert!(
+        parse_frames(&got.bytes).iter().all(|f| f.kind != SETTINGS),
+        "answered as HTTP/2 without ALPN: {:02x?}",
+        got.bytes
+    );
+    assert!(
+        got.bytes.is_empty() || got.bytes.starts_with(b"HTTP/1.1 "),
+        "{:?}",
+        String::from_utf8_lossy(&got.bytes)
+    );
+    assert_eq!(
+        seen.count(),
+        1,
+        "the preface request never reached the upstream"
+    );
+
+    // With ALPN h2 the same bytes are HTTP/2.
+    let mut tls = raw_h2(&pki, addr).await;
+    write_quietly(
+        &mut tls,
+        &frame(
+            HEADERS,
+            END_STREAM | END_HEADERS,
+            1,
+            &hpack_get("/metadata"),
+        ),
+    )
+    .await;
+    let got = read_for(&mut tls, Duration::from_secs(2)).await;
+    assert!(
+        parse_frames(&got.bytes).iter().any(|f| f.kind == SETTINGS),
+        "{:02x?}",
+        got.bytes
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
 #[tokio::test]
 async fn garbage_instead_of_a_client_hello_is_dropped_and_counted() {
     watch_panics();
