@@ -397,6 +397,14 @@ async fn load(a: LoadArgs) -> Result<(), AnyErr> {
             conns.push(open(&c, &t).await?);
         }
     }
+    // HTTP/1.1 keep-alive: one connection per worker, opened before the clock starts, so
+    // an open-loop p99 measures requests, not the burst of opening handshakes (those have
+    // their own `--new-conn` phase).
+    let mut own = if !t.h2 && !new_conn {
+        open_many(&t, &c, None, concurrency, false).await?
+    } else {
+        Vec::new()
+    };
     let start = Instant::now() + Duration::from_millis(200);
     let end = start + Duration::from_secs_f64(seconds);
     let slot = rate.map(|r| (Duration::from_secs_f64(1.0 / r.max(1.0)), concurrency));
@@ -413,7 +421,8 @@ async fn load(a: LoadArgs) -> Result<(), AnyErr> {
             new_conn,
             slot,
             (extra.clone(), any_status),
-            conns.get(id % conns.len().max(1)).and_then(Sender::share),
+            own.pop()
+                .or_else(|| conns.get(id % conns.len().max(1)).and_then(Sender::share)),
         )));
     }
     let mut all = Stats::new();
