@@ -71,14 +71,12 @@ impl CrlPki {
             .unwrap();
         let chain = vec![CertificateDer::from_pem_file(cert).unwrap()];
         let key = PrivateKeyDer::from_pem_file(cert.with_extension("key")).unwrap();
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(fhirgate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
         // Every connection is a full handshake, judged on the CRLs in force.
         cfg.resumption = rustls::client::Resumption::disabled();
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -63,7 +63,7 @@ fn client_with(
     chain: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     alpn: &[&[u8]],
 ) -> tokio_rustls::TlsConnector {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = fhirgate::tls::provider();
     let b = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions(v))
         .expect("versions")

@@ -44,7 +44,7 @@ fn client(pki: &Pki, extra_root: &str, name: &str, tls12: bool) -> tokio_rustls:
         .collect::<Result<_, _>>()
         .unwrap();
     let key = PrivateKeyDer::from_pem_file(pki.path(&format!("{name}.key"))).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = fhirgate::tls::provider();
     let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
         &[&rustls::version::TLS12]
     } else {

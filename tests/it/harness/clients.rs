@@ -31,7 +31,8 @@ pub fn tls_client(pki: &Pki, cert: Option<&str>, alpn: &[&[u8]]) -> TlsConnector
     roots
         .add(CertificateDer::from_pem_slice(pki.pki.root.cert.as_bytes()).expect("root pem"))
         .expect("root");
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // The gateway's own provider, so client and server share one crypto library.
+    let provider = fhirgate::tls::provider();
     let b = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("versions")
