@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, ConfigError, Limits};
@@ -25,9 +25,9 @@ pub struct Snapshot {
     pub(super) limits: Limits,
     pub(super) handshake_timeout: Duration,
     /// HTTP/1.1 and HTTP/2 servers, chosen by the TLS handshake's ALPN result (see
-    /// [`Snapshot::http`]).
-    http1: auto::Builder<TokioExecutor>,
-    http2: auto::Builder<TokioExecutor>,
+    /// [`Snapshot::serve`]).
+    pub(super) http1: http1::Builder,
+    pub(super) http2: http2::Builder<TokioExecutor>,
     /// CAs, server certificate and CRLs of this configuration, for expiry reports.
     pub(super) inventory: Arc<TrustInventory>,
     /// `tls.revocation.warn_before`, in seconds.
@@ -52,14 +52,14 @@ impl Snapshot {
         let tls = server_tls(&cfg.tls)?;
         let gateway = Arc::new(Gateway::with_limiters(cfg, metrics.clone(), limiters)?);
         let limits = cfg.limits.clone();
-        let mut http = auto::Builder::new(TokioExecutor::new());
         // The HTTP libraries' own limits are twice the configured ones: a request a little
         // over `limits.max_header_bytes` / `max_headers` still reaches the gateway, which
         // refuses it with an OperationOutcome (hyper would answer a bare 431, h2 a 431
         // and a stream reset). Only grossly oversized header sections are refused by the
         // libraries themselves, still with 431.
         let lib_header_bytes = limits.max_header_bytes.saturating_mul(2);
-        http.http1()
+        let mut http1 = http1::Builder::new();
+        http1
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(lib_header_bytes)
@@ -68,16 +68,17 @@ impl Snapshot {
             // vectored write that rustls would seal as two records.
             .writev(false)
             .keep_alive(true);
-        http.http2()
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
             .timer(TokioTimer::new())
             .max_concurrent_streams(limits.max_concurrent_streams)
             .max_header_list_size(u32::try_from(lib_header_bytes).unwrap_or(u32::MAX))
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(256));
-        // The protocol comes from ALPN, not from sniffing the first bytes: hyper-util's
-        // sniffing hands hyper a pre-read prefix, after which hyper's 8 KiB read buffer
-        // grows to 16 KiB and stays so for the connection's life (bench/README.md, memory).
-        let (http1, http2) = (http.clone().http1_only(), http.http2_only());
+        // hyper's own builders, one per protocol, and the protocol from ALPN: hyper-util's
+        // `auto` connection sniffs the first bytes (after which hyper's 8 KiB read buffer
+        // grows to 16 KiB for the connection's life) and is an enum sized for HTTP/2,
+        // which every HTTP/1.1 connection would carry (bench/README.md, memory).
         Ok(Snapshot {
             server_not_after: tls.server_not_after,
             crl_next_updates: tls.crl_next_updates,
@@ -92,16 +93,6 @@ impl Snapshot {
             warn_before: i64::try_from(cfg.tls.revocation.warn_before.as_secs())
                 .unwrap_or(i64::MAX),
         })
-    }
-
-    /// The HTTP server for a connection whose TLS handshake chose `alpn`: HTTP/2 for
-    /// `h2` (RFC 9113 §3.2), HTTP/1.1 otherwise (no ALPN, or `http/1.1`).
-    pub(super) fn http(&self, alpn: Option<&[u8]>) -> &auto::Builder<TokioExecutor> {
-        if alpn == Some(b"h2") {
-            &self.http2
-        } else {
-            &self.http1
-        }
     }
 
     /// Sets the certificate and CRL expiry metrics to this snapshot's; called when the
