@@ -149,7 +149,16 @@ impl Snapshot {
                 }))
             }
         });
-        let mut served = self.serve(h2, io, svc);
+        // HTTP/2 if the TLS handshake chose `h2` by ALPN (RFC 9113 §3.2), HTTP/1.1 otherwise.
+        let mut served = if h2 {
+            Served::H2(Box::pin(self.http2.serve_connection(io, svc)))
+        } else {
+            Served::H1(Box::pin(self.http1.serve_connection(io, svc)))
+        };
+        let close_gracefully = |s: &mut Served<_, _>| match s {
+            Served::H1(c) => c.as_mut().graceful_shutdown(),
+            Served::H2(c) => c.as_mut().graceful_shutdown(),
+        };
         let idle = self.limits.idle_timeout;
         let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
         let mut closing: Option<Instant> = None;
@@ -170,7 +179,7 @@ impl Snapshot {
                     }
                     let quiet = activity.streaming() == 0;
                     if closing.is_none() && quiet && activity.requests_idle_for() >= idle {
-                        served.graceful_shutdown();
+                        close_gracefully(&mut served);
                         closing = Some(Instant::now());
                     } else if activity.idle_for() >= idle {
                         // No byte moved for a whole idle period with no request being
@@ -185,7 +194,7 @@ impl Snapshot {
                     }
                 }
                 _ = shutdown.changed(), if closing.is_none() => {
-                    served.graceful_shutdown();
+                    close_gracefully(&mut served);
                     closing = Some(Instant::now());
                 }
             }
@@ -210,26 +219,13 @@ impl Snapshot {
             );
             Ok::<_, Infallible>(resp)
         });
-        let served = self.serve(h2, TokioIo::new(tls), svc);
-        let _ = tokio::time::timeout(self.handshake_timeout, served).await;
-    }
-
-    /// The HTTP server for a connection whose TLS handshake chose `h2` by ALPN (RFC 9113
-    /// §3.2), HTTP/1.1 otherwise (no ALPN, or `http/1.1`).
-    fn serve<I, S>(&self, h2: bool, io: I, svc: S) -> Served<I, S>
-    where
-        S: HttpService<Incoming>,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        S::ResBody: http_body::Body + 'static,
-        <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        I: hyper::rt::Read + hyper::rt::Write + Unpin,
-        TokioExecutor: Http2ServerConnExec<S::Future, S::ResBody>,
-    {
-        if h2 {
+        let io = TokioIo::new(tls);
+        let served = if h2 {
             Served::H2(Box::pin(self.http2.serve_connection(io, svc)))
         } else {
             Served::H1(Box::pin(self.http1.serve_connection(io, svc)))
-        }
+        };
+        let _ = tokio::time::timeout(self.handshake_timeout, served).await;
     }
 }
 
@@ -242,23 +238,6 @@ where
 {
     H1(Pin<Box<http1::Connection<I, S>>>),
     H2(Pin<Box<http2::Connection<I, S, TokioExecutor>>>),
-}
-
-impl<I, S> Served<I, S>
-where
-    S: HttpService<Incoming>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S::ResBody: http_body::Body + 'static,
-    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    TokioExecutor: Http2ServerConnExec<S::Future, S::ResBody>,
-{
-    fn graceful_shutdown(&mut self) {
-        match self {
-            Served::H1(c) => c.as_mut().graceful_shutdown(),
-            Served::H2(c) => c.as_mut().graceful_shutdown(),
-        }
-    }
 }
 
 impl<I, S> Future for Served<I, S>
