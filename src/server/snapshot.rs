@@ -25,7 +25,7 @@ pub struct Snapshot {
     pub(super) limits: Limits,
     pub(super) handshake_timeout: Duration,
     /// HTTP/1.1 and HTTP/2 servers, chosen by the TLS handshake's ALPN result (see
-    /// [`Snapshot::serve`]).
+    /// `Snapshot::connection`).
     pub(super) http1: http1::Builder,
     pub(super) http2: http2::Builder<TokioExecutor>,
     /// CAs, server certificate and CRLs of this configuration, for expiry reports.
