@@ -88,6 +88,8 @@ pub struct Metrics {
     pub handshakes: Family<ResultLabel, Counter>,
     pub connection_errors: Family<KindLabel, Counter>,
     pub open_connections: Gauge,
+    /// Idle HTTP/1.1 connections whose HTTP buffers are released (server/connection.rs).
+    pub parked_connections: Gauge,
     pub reloads: Family<ResultLabel, Counter>,
     pub server_cert_not_after: Gauge<i64, AtomicI64>,
     pub crl_next_update: Family<FileLabel, Gauge<i64, AtomicI64>>,
@@ -124,6 +126,7 @@ impl Metrics {
             handshakes: Family::default(),
             connection_errors: Family::default(),
             open_connections: Gauge::default(),
+            parked_connections: Gauge::default(),
             reloads: Family::default(),
             server_cert_not_after: Gauge::default(),
             crl_next_update: Family::default(),
@@ -201,6 +204,11 @@ impl Metrics {
             "open_connections",
             "Client connections currently open",
             m.open_connections.clone(),
+        );
+        registry.register(
+            "parked_connections",
+            "Idle HTTP/1.1 client connections holding only their TLS session (HTTP buffers released until the next request)",
+            m.parked_connections.clone(),
         );
         registry.register(
             "reloads",

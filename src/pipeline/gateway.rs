@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 use crate::config::{Config, ConfigError, NhsdConfig};
 use crate::metrics::{HeaderLabel, Metrics};
@@ -129,11 +128,11 @@ impl Gateway {
         ConnectionHeaders::new(&self.identity_names, identity, peer)
     }
 
-    pub async fn handle(
-        self: &Arc<Self>,
-        req: Request<Incoming>,
-        conn: &ConnInfo,
-    ) -> Response<Body> {
+    /// One request, start to finish. Its body comes boxed (by the connection, which
+    /// tracks whether it was read to its end), so that a body the gateway had to read (a
+    /// form-encoded one, for an RFC 6750 §2.2 token) continues down the same path as a
+    /// streamed one.
+    pub async fn handle(self: &Arc<Self>, req: Request<Body>, conn: &ConnInfo) -> Response<Body> {
         let start = Instant::now();
         let mut req = req;
         // Without BaRS checks nothing requires an X-Request-ID, so one is made up when
@@ -155,9 +154,6 @@ impl Gateway {
             context: Some(TraceContext::from_headers(req.headers())),
             ..Trace::default()
         };
-        // Boxed so that a body the gateway had to read (a form-encoded one, for an RFC
-        // 6750 §2.2 token) continues down the same path as a streamed one.
-        let req = req.map(BodyExt::boxed);
         let mut response = match self.forward_in_budget(req, conn, &mut trace, start).await {
             Ok(r) => {
                 trace.upstream_status = Some(r.status().as_u16());
@@ -174,11 +170,13 @@ impl Gateway {
             }
         }
         // An oversized HTTP/1.1 header section ends the connection, as the parser's own
-        // refusal would: what follows on it is not worth reading.
+        // refusal would: what follows on it is not worth reading. So does a missing,
+        // repeated or malformed Host (RFC 9112 §3.2), the mark of a request smuggled or
+        // built to poison a cache; nginx closes after its own 400s the same way.
         if version < http::Version::HTTP_2
             && matches!(
                 trace.rejection,
-                Some("headers_too_large" | "too_many_headers")
+                Some("headers_too_large" | "too_many_headers" | "bad_host")
             )
         {
             response

@@ -12,19 +12,21 @@ use super::Snapshot;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use std::future::Future;
 
-use hyper::body::Incoming;
+use http::Request;
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
 use hyper::rt::bounds::Http2ServerConnExec;
 use hyper::server::conn::{http1, http2};
 use hyper::service::{service_fn, HttpService};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -55,7 +57,9 @@ impl Snapshot {
             tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp)),
         ));
         let tls = match handshake.await {
-            Ok(Ok(s)) => s,
+            // Boxed: the TLS session (1.2 KB) would otherwise take several slots in this
+            // task (it moves from here to hyper and back when parked), for its whole life.
+            Ok(Ok(s)) => Box::new(s),
             Ok(Err(e)) => {
                 let kind = handshake_failure_kind(&e).as_str();
                 metrics.handshake(kind);
@@ -127,17 +131,30 @@ impl Snapshot {
             headers,
         });
         let activity = Arc::new(Activity::new());
-        let io = TokioIo::new(TrackedIo {
+        let mut io = TokioIo::new(TrackedIo {
             inner: tls,
             activity: activity.clone(),
         });
         let gateway = self.gateway.clone();
         let svc_activity = activity.clone();
-        let svc = service_fn(move |req| {
+        let mut svc = service_fn(move |req: Request<Incoming>| {
             let gateway = gateway.clone();
             let conn = conn.clone();
             let activity = svc_activity.clone();
             let guard = InFlight::new(activity.clone());
+            let req = if h2 || req.body().is_end_stream() {
+                req.map(BodyExt::boxed)
+            } else {
+                // Parking needs to know the body was read to its end (see `quiet`).
+                let reading = ReadingBody::new(activity.clone());
+                req.map(|inner| {
+                    TrackedRequest {
+                        inner,
+                        reading: Some(reading),
+                    }
+                    .boxed()
+                })
+            };
             async move {
                 let resp = gateway.handle(req, &conn).await;
                 drop(guard);
@@ -149,6 +166,13 @@ impl Snapshot {
                 }))
             }
         });
+        let idle = self.limits.idle_timeout;
+        let mut every = (idle / 4).max(Duration::from_millis(50));
+        if !h2 {
+            every = every.min(PARK_AFTER);
+        }
+        let mut tick = tokio::time::interval(every);
+        let mut closing: Option<Instant> = None;
         // HTTP/2 if the TLS handshake chose `h2` by ALPN (RFC 9113 §3.2), HTTP/1.1 otherwise.
         let mut served = if h2 {
             Served::H2(Box::pin(self.http2.serve_connection(io, svc)))
@@ -159,46 +183,103 @@ impl Snapshot {
             Served::H1(c) => c.as_mut().graceful_shutdown(),
             Served::H2(c) => c.as_mut().graceful_shutdown(),
         };
-        let idle = self.limits.idle_timeout;
-        let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
-        let mut closing: Option<Instant> = None;
         loop {
-            tokio::select! {
-                res = &mut served => {
-                    if let Err(e) = res {
+            // Serve until the connection ends, or (HTTP/1.1) until it is quiet enough to park.
+            let park = loop {
+                tokio::select! {
+                    res = &mut served => {
+                        if let Err(e) = res {
+                            let kind = connection_error_kind(&e).as_str();
+                            metrics.connection_error(kind);
+                            tracing::debug!(%peer, kind, error = %e, "connection ended with error");
+                        }
+                        break false;
+                    }
+                    _ = tick.tick() => {
+                        // A request being handled is bounded by the upstream timeouts.
+                        if activity.handling() > 0 {
+                            continue;
+                        }
+                        let quiet = activity.streaming() == 0;
+                        if closing.is_none() && quiet && activity.requests_idle_for() >= idle {
+                            close_gracefully(&mut served);
+                            closing = Some(Instant::now());
+                        } else if activity.idle_for() >= idle {
+                            // No byte moved for a whole idle period with no request being
+                            // handled: a peer that stopped reading, or a stalled stream.
+                            tracing::debug!(%peer, "dropping a stalled connection");
+                            break false;
+                        } else if quiet && closing.is_some_and(|t| t.elapsed() >= idle) {
+                            // Asked to close an idle period ago and still open (e.g. an
+                            // HTTP/2 peer that keeps pinging but never finishes the GOAWAY).
+                            tracing::debug!(%peer, "dropping a connection that did not close");
+                            break false;
+                        } else if !h2 && closing.is_none() && activity.parkable() {
+                            break true;
+                        }
+                    }
+                    _ = shutdown.changed(), if closing.is_none() => {
+                        close_gracefully(&mut served);
+                        closing = Some(Instant::now());
+                    }
+                }
+            };
+            let Served::H1(mut h1) = served else { break };
+            if !park {
+                break;
+            }
+            // Parking: hyper closes an idle connection at once on a graceful shutdown,
+            // and hands back the still-open TLS stream and the service. Boxed, like the
+            // wait below, so the connection's task is not sized for them.
+            h1.as_mut().graceful_shutdown();
+            let mut parting = Box::pin(Pin::into_inner(h1).without_shutdown());
+            let parts =
+                match std::future::poll_fn(|cx| Poll::Ready(parting.as_mut().poll(cx))).await {
+                    Poll::Ready(Ok(parts)) if parts.read_buf.is_empty() => parts,
+                    Poll::Ready(Err(e)) => {
                         let kind = connection_error_kind(&e).as_str();
                         metrics.connection_error(kind);
                         tracing::debug!(%peer, kind, error = %e, "connection ended with error");
-                    }
-                    break;
-                }
-                _ = tick.tick() => {
-                    // A request being handled is bounded by the upstream timeouts.
-                    if activity.handling() > 0 {
-                        continue;
-                    }
-                    let quiet = activity.streaming() == 0;
-                    if closing.is_none() && quiet && activity.requests_idle_for() >= idle {
-                        close_gracefully(&mut served);
-                        closing = Some(Instant::now());
-                    } else if activity.idle_for() >= idle {
-                        // No byte moved for a whole idle period with no request being
-                        // handled: a peer that stopped reading, or a stalled stream.
-                        tracing::debug!(%peer, "dropping a stalled connection");
-                        break;
-                    } else if quiet && closing.is_some_and(|t| t.elapsed() >= idle) {
-                        // Asked to close an idle period ago and still open (e.g. an
-                        // HTTP/2 peer that keeps pinging but never finishes the GOAWAY).
-                        tracing::debug!(%peer, "dropping a connection that did not close");
                         break;
                     }
-                }
-                _ = shutdown.changed(), if closing.is_none() => {
-                    close_gracefully(&mut served);
-                    closing = Some(Instant::now());
-                }
+                    // `parkable` rules these out: hyper was not between requests after all.
+                    // Closed rather than risk reading the rest of a request as a new one.
+                    _ => {
+                        tracing::debug!(%peer, "connection not idle when parked: closed");
+                        break;
+                    }
+                };
+            drop(parting);
+            io = parts.io;
+            svc = parts.service;
+            metrics.parked_connections.inc();
+            let left = idle.saturating_sub(activity.requests_idle_for());
+            let resume = Box::pin(next_request(&io, left, &mut shutdown)).await;
+            metrics.parked_connections.dec();
+            if !resume {
+                // Idle for `idle_timeout`, or the gateway is draining: close as hyper
+                // would close an idle connection (TLS close_notify, then FIN).
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), io.inner_mut().shutdown()).await;
+                break;
             }
+            tick.reset();
+            served = Served::H1(Box::pin(self.http1.serve_connection(io, svc)));
         }
+    }
+}
+
+/// A parked connection's wait: true when the client's next bytes (or its close, which
+/// hyper then reads) arrive, false after `left` or when the gateway starts draining.
+async fn next_request(
+    io: &TokioIo<TrackedIo<Box<tokio_rustls::server::TlsStream<TcpStream>>>>,
+    left: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        r = io.inner().inner.get_ref().0.readable() => r.is_ok(),
+        _ = tokio::time::sleep(left) => false,
+        _ = shutdown.changed() => false,
     }
 }
 
@@ -345,14 +426,31 @@ fn connection_error_kind(e: &(dyn std::error::Error + 'static)) -> ConnectionKin
     ConnectionKind::Io
 }
 
+/// How long an HTTP/1.1 connection must be quiet before it is parked: hyper keeps its
+/// read and write buffers (8 KiB each), its connection state and room for a request
+/// future for a connection's whole life, idle or not, and has no setting to release
+/// them. Parked, the connection keeps only its TLS session and waits for the socket to
+/// become readable; the next request gets a fresh hyper connection. nginx frees its
+/// buffers as soon as a keep-alive connection goes idle; this short delay spares busy
+/// connections the rebuild between back-to-back requests.
+const PARK_AFTER: Duration = Duration::from_millis(250);
+
 /// Last I/O time, last request start or end, requests being handled and responses
-/// being sent on one connection.
+/// being sent on one connection, and what parking needs to know about hyper's state.
 struct Activity {
     epoch: Instant,
     last_ms: AtomicU64,
     last_request_ms: AtomicU64,
     handling: AtomicUsize,
     streaming: AtomicUsize,
+    /// Request bodies not yet read to their end.
+    reading: AtomicUsize,
+    /// A request body was dropped before its end: hyper closes such a connection itself.
+    abandoned: AtomicBool,
+    /// Bytes were read since the last request started or ended (the start of another).
+    read_since_request: AtomicBool,
+    /// The last write or flush could not finish: hyper may still hold bytes to send.
+    write_blocked: AtomicBool,
 }
 
 impl Activity {
@@ -363,6 +461,10 @@ impl Activity {
             last_request_ms: AtomicU64::new(0),
             handling: AtomicUsize::new(0),
             streaming: AtomicUsize::new(0),
+            reading: AtomicUsize::new(0),
+            abandoned: AtomicBool::new(false),
+            read_since_request: AtomicBool::new(false),
+            write_blocked: AtomicBool::new(false),
         }
     }
     fn now_ms(&self) -> u64 {
@@ -375,6 +477,14 @@ impl Activity {
         let now = self.now_ms();
         self.last_ms.store(now, Ordering::Relaxed);
         self.last_request_ms.store(now, Ordering::Relaxed);
+        self.read_since_request.store(false, Ordering::Relaxed);
+    }
+    fn wrote(&self, r: &Poll<std::io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => self.touch(),
+            Poll::Pending => self.write_blocked.store(true, Ordering::Relaxed),
+            _ => {}
+        }
     }
     fn since(&self, at: &AtomicU64) -> Duration {
         let last = Duration::from_millis(at.load(Ordering::Relaxed));
@@ -393,6 +503,20 @@ impl Activity {
     }
     fn streaming(&self) -> usize {
         self.streaming.load(Ordering::Relaxed)
+    }
+    /// Whether hyper's HTTP/1.1 connection is between requests with nothing buffered,
+    /// so a graceful shutdown closes it at once and leaves the TLS stream at a message
+    /// boundary: no request in the gateway, every response body sent and flushed, every
+    /// request body read to its end, no byte of a next request read, and nothing moved
+    /// for `PARK_AFTER`.
+    fn parkable(&self) -> bool {
+        self.handling() == 0
+            && self.streaming() == 0
+            && self.reading.load(Ordering::Relaxed) == 0
+            && !self.abandoned.load(Ordering::Relaxed)
+            && !self.read_since_request.load(Ordering::Relaxed)
+            && !self.write_blocked.load(Ordering::Relaxed)
+            && self.idle_for() >= PARK_AFTER
     }
 }
 
@@ -428,6 +552,70 @@ impl Drop for Streaming {
     fn drop(&mut self) {
         self.0.streaming.fetch_sub(1, Ordering::Relaxed);
         self.0.touch_request();
+    }
+}
+
+/// A request body not yet read to its end.
+struct ReadingBody {
+    activity: Arc<Activity>,
+    ended: bool,
+}
+
+impl ReadingBody {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.reading.fetch_add(1, Ordering::Relaxed);
+        ReadingBody {
+            activity,
+            ended: false,
+        }
+    }
+    fn ended(mut self) {
+        self.ended = true;
+    }
+}
+
+impl Drop for ReadingBody {
+    fn drop(&mut self) {
+        self.activity.reading.fetch_sub(1, Ordering::Relaxed);
+        if !self.ended {
+            self.activity.abandoned.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/1.1 request body carrying its [`ReadingBody`] guard until its end.
+    struct TrackedRequest<B> {
+        #[pin]
+        inner: B,
+        reading: Option<ReadingBody>,
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for TrackedRequest<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let r = this.inner.as_mut().poll_frame(cx);
+        // The end: no more frames, or (what a forwarding client checks after each
+        // frame) the body says it has ended.
+        if matches!(r, Poll::Ready(None)) || this.inner.is_end_stream() {
+            if let Some(g) = this.reading.take() {
+                g.ended();
+            }
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -478,6 +666,9 @@ impl<T: AsyncRead> AsyncRead for TrackedIo<T> {
         let r = this.inner.poll_read(cx, buf);
         if buf.filled().len() > before {
             this.activity.touch();
+            this.activity
+                .read_since_request
+                .store(true, Ordering::Relaxed);
         }
         r
     }
@@ -491,9 +682,7 @@ impl<T: AsyncWrite> AsyncWrite for TrackedIo<T> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         let r = this.inner.poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.activity.wrote(&r);
         r
     }
     fn poll_write_vectored(
@@ -503,16 +692,19 @@ impl<T: AsyncWrite> AsyncWrite for TrackedIo<T> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         let r = this.inner.poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.activity.wrote(&r);
         r
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        let r = this.inner.poll_flush(cx);
+        this.activity
+            .write_blocked
+            .store(!matches!(r, Poll::Ready(Ok(()))), Ordering::Relaxed);
+        r
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.project().inner.poll_shutdown(cx)

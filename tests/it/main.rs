@@ -20,6 +20,7 @@ mod gateway;
 mod hostile_http;
 mod hostile_tls;
 mod hygiene;
+mod idle;
 mod nhsd;
 mod oidc;
 mod path_props;

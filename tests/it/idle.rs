@@ -1,0 +1,160 @@
+//! Idle HTTP/1.1 keep-alive connections are parked: after a quarter of a second with
+//! nothing to do, hyper's connection (its 8 KiB read and write buffers, its state) is
+//! released and only the TLS session is kept until the client's next bytes. What a
+//! client sees must not change: the next request on the connection is served, a request
+//! that was only partly sent is never cut at the park, a parked connection still closes
+//! at `idle_timeout` with a TLS close_notify, and a draining gateway closes it at once.
+//! RFC 9112 §9.3: "A server ... SHOULD ... persist connection"; §9.6: a server "SHOULD
+//! send a close_notify" … (RFC 8446 §6.1: "Each party MUST send a close_notify alert
+//! before closing its write side of the connection").
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PARKED: &str = "fhirgate_parked_connections";
+/// Long enough for the gateway to park a quiet connection (250 ms quiet, checked every
+/// 250 ms), with room for a slow CI machine.
+const PARK_WAIT: Duration = Duration::from_millis(1200);
+
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").into_bytes()
+}
+
+/// Reads one response's worth (until 300 ms pass with the connection open).
+async fn answer<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Raw {
+    read_for(s, Duration::from_millis(300)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http1_connections_are_parked_and_resumed_without_changing_the_exchange() {
+    let pki = Pki::new();
+    let (up, seen) = raw_upstream().await;
+    let mut o = Opts::new(up);
+    o.limits = "  idle_timeout: 4s\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let connector = connector_h1(&pki);
+
+    // Parked after a request, resumed by the next one, twice over on one connection.
+    let mut s = connect(&connector, addr).await.expect("tls");
+    for i in 0..3 {
+        s.write_all(&get(&format!("/metadata/{i}")))
+            .await
+            .expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            metric(&gw, PARKED),
+            0.0,
+            "a request resumes a parked connection"
+        );
+        let r = answer(&mut s).await;
+        assert_eq!(r.status(), Some(200), "request {i}: {}", r.text());
+        assert!(!r.closed, "request {i}: the connection stays open");
+        if i < 2 {
+            tokio::time::sleep(PARK_WAIT).await;
+            assert_eq!(metric(&gw, PARKED), 1.0, "quiet connection parked ({i})");
+        }
+    }
+
+    // A request head sent in part is not a quiet connection: never parked, and its end
+    // completes it.
+    tokio::time::sleep(PARK_WAIT).await;
+    assert_eq!(metric(&gw, PARKED), 1.0);
+    s.write_all(b"GET /metadata/split HTTP/1.1\r\nHo")
+        .await
+        .expect("write");
+    tokio::time::sleep(PARK_WAIT).await;
+    assert_eq!(metric(&gw, PARKED), 0.0, "a started request is not parked");
+    s.write_all(b"st: localhost\r\n\r\n").await.expect("write");
+    assert_eq!(answer(&mut s).await.status(), Some(200));
+
+    // A body stalled half way: not parked either, and the message boundary holds (the
+    // request after it is its own request, not the rest of a body).
+    s.write_all(b"POST /metadata/body HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/fhir+json\r\nContent-Length: 10\r\n\r\n01234")
+        .await
+        .expect("write");
+    tokio::time::sleep(PARK_WAIT).await;
+    assert_eq!(
+        metric(&gw, PARKED),
+        0.0,
+        "a request with half its body is not parked"
+    );
+    s.write_all(b"56789").await.expect("write");
+    assert_eq!(answer(&mut s).await.status(), Some(200));
+    // Two pipelined requests across a park.
+    tokio::time::sleep(PARK_WAIT).await;
+    assert_eq!(metric(&gw, PARKED), 1.0);
+    let mut two = get("/metadata/p1");
+    two.extend(get("/metadata/p2"));
+    s.write_all(&two).await.expect("write");
+    assert_eq!(answer(&mut s).await.statuses(), vec![200, 200]);
+
+    let lines: Vec<String> = seen
+        .complete()
+        .iter()
+        .map(|q| q.request_line().to_owned())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "GET /metadata/0 HTTP/1.1",
+            "GET /metadata/1 HTTP/1.1",
+            "GET /metadata/2 HTTP/1.1",
+            "GET /metadata/split HTTP/1.1",
+            "POST /metadata/body HTTP/1.1",
+            "GET /metadata/p1 HTTP/1.1",
+            "GET /metadata/p2 HTTP/1.1",
+        ],
+        "every request reached the upstream once, whole"
+    );
+    let body = seen.complete()[4].body.clone();
+    assert_eq!(body, b"0123456789", "the stalled body arrived whole");
+
+    // A parked connection still ends at idle_timeout (4 s after its last request), with
+    // a TLS close_notify (a clean end of stream), not a bare FIN or a reset.
+    let t = Instant::now();
+    tokio::time::sleep(PARK_WAIT).await;
+    assert_eq!(metric(&gw, PARKED), 1.0);
+    let mut buf = [0u8; 64];
+    let end = tokio::time::timeout(Duration::from_secs(8), s.read(&mut buf)).await;
+    let took = t.elapsed();
+    assert!(
+        matches!(end, Ok(Ok(0))),
+        "closed with close_notify: {end:?}"
+    );
+    assert!(
+        took > Duration::from_secs(3) && took < Duration::from_secs(6),
+        "closed at idle_timeout (4 s), took {took:?}"
+    );
+    assert_eq!(metric(&gw, PARKED), 0.0);
+
+    // HTTP/2 connections are not parked (h2 keeps its own, smaller state).
+    let h2 = tls_client(&pki, Some("client"), H2);
+    let mut h2s = connect(&h2, addr).await.expect("tls h2");
+    tokio::time::sleep(PARK_WAIT).await;
+    assert_eq!(metric(&gw, PARKED), 0.0, "HTTP/2 is not parked");
+    drop(h2s.shutdown().await);
+
+    // A draining gateway closes a parked connection at once rather than waiting for it.
+    let mut s = connect(&connector, addr).await.expect("tls");
+    s.write_all(&get("/metadata/last")).await.expect("write");
+    assert_eq!(answer(&mut s).await.status(), Some(200));
+    tokio::time::sleep(PARK_WAIT).await;
+    assert_eq!(metric(&gw, PARKED), 1.0);
+    let t = Instant::now();
+    let (left, end) = tokio::join!(
+        gw.shutdown(Duration::from_secs(5)),
+        tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+    );
+    assert_eq!(left, 0, "no connection left open by the drain");
+    assert!(
+        matches!(end, Ok(Ok(0))),
+        "closed with close_notify: {end:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "closed at once when draining, took {:?}",
+        t.elapsed()
+    );
+}
