@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use std::future::Future;
 
+use bytes::Bytes;
+
 use http::Request;
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
@@ -134,6 +136,7 @@ impl Snapshot {
         let mut io = TokioIo::new(TrackedIo {
             inner: tls,
             activity: activity.clone(),
+            unread: Bytes::new(),
         });
         let gateway = self.gateway.clone();
         let svc_activity = activity.clone();
@@ -145,7 +148,7 @@ impl Snapshot {
             let req = if h2 || req.body().is_end_stream() {
                 req.map(BodyExt::boxed)
             } else {
-                // Parking needs to know the body was read to its end (see `quiet`).
+                // Parking needs to know the body was read to its end (`Activity::parkable`).
                 let reading = ReadingBody::new(activity.clone());
                 req.map(|inner| {
                     TrackedRequest {
@@ -235,16 +238,17 @@ impl Snapshot {
             let mut parting = Box::pin(Pin::into_inner(h1).without_shutdown());
             let parts =
                 match std::future::poll_fn(|cx| Poll::Ready(parting.as_mut().poll(cx))).await {
-                    Poll::Ready(Ok(parts)) if parts.read_buf.is_empty() => parts,
+                    Poll::Ready(Ok(parts)) => parts,
                     Poll::Ready(Err(e)) => {
                         let kind = connection_error_kind(&e).as_str();
                         metrics.connection_error(kind);
                         tracing::debug!(%peer, kind, error = %e, "connection ended with error");
                         break;
                     }
-                    // `parkable` rules these out: hyper was not between requests after all.
-                    // Closed rather than risk reading the rest of a request as a new one.
-                    _ => {
+                    // `parkable` rules this out: hyper was not between requests after all
+                    // and would finish the exchange with keep-alive off. Closed rather
+                    // than risk reading the rest of a request as a new one.
+                    Poll::Pending => {
                         tracing::debug!(%peer, "connection not idle when parked: closed");
                         break;
                     }
@@ -252,6 +256,16 @@ impl Snapshot {
             drop(parting);
             io = parts.io;
             svc = parts.service;
+            if !parts.read_buf.is_empty() {
+                // The start of a next request that hyper had read (pipelined after a body
+                // read to its end): served at once by a fresh connection, which reads
+                // these bytes first, and not parked again before that request starts.
+                activity.read_since_request.store(true, Ordering::Relaxed);
+                io.inner_mut().unread = parts.read_buf;
+                tick.reset();
+                served = Served::H1(Box::pin(self.http1.serve_connection(io, svc)));
+                continue;
+            }
             metrics.parked_connections.inc();
             let left = idle.saturating_sub(activity.requests_idle_for());
             let resume = Box::pin(next_request(&io, left, &mut shutdown)).await;
@@ -647,11 +661,13 @@ impl<B: hyper::body::Body> hyper::body::Body for Tracked<B> {
 }
 
 pin_project_lite::pin_project! {
-    /// An I/O wrapper that records when bytes last moved.
+    /// An I/O wrapper that records when bytes last moved, and gives back first the bytes
+    /// a parked hyper connection had read but not used.
     struct TrackedIo<T> {
         #[pin]
         inner: T,
         activity: Arc<Activity>,
+        unread: Bytes,
     }
 }
 
@@ -662,6 +678,11 @@ impl<T: AsyncRead> AsyncRead for TrackedIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.project();
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = this.inner.poll_read(cx, buf);
         if buf.filled().len() > before {

@@ -2,7 +2,7 @@
 //! nothing to do, hyper's connection (its 8 KiB read and write buffers, its state) is
 //! released and only the TLS session is kept until the client's next bytes. What a
 //! client sees must not change: the next request on the connection is served, a request
-//! that was only partly sent is never cut at the park, a parked connection still closes
+//! that was only partly sent (or partly read by hyper) is never cut at the park, a parked connection still closes
 //! at `idle_timeout` with a TLS close_notify, and a draining gateway closes it at once.
 //! RFC 9112 §9.3: "A server ... SHOULD ... persist connection"; §9.6: a server "SHOULD
 //! send a close_notify" … (RFC 8446 §6.1: "Each party MUST send a close_notify alert
@@ -89,6 +89,21 @@ async fn idle_http1_connections_are_parked_and_resumed_without_changing_the_exch
     two.extend(get("/metadata/p2"));
     s.write_all(&two).await.expect("write");
     assert_eq!(answer(&mut s).await.statuses(), vec![200, 200]);
+    // A body and the start of the next request in one write: hyper holds those bytes
+    // when the connection goes quiet; they are served, not dropped and not parked.
+    tokio::time::sleep(PARK_WAIT).await;
+    s.write_all(b"POST /metadata/with-next HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}GET /metadata/next HTTP/1.1\r\nHo")
+        .await
+        .expect("write");
+    assert_eq!(answer(&mut s).await.status(), Some(200));
+    tokio::time::sleep(PARK_WAIT).await;
+    assert_eq!(
+        metric(&gw, PARKED),
+        0.0,
+        "held bytes of a request: not parked"
+    );
+    s.write_all(b"st: localhost\r\n\r\n").await.expect("write");
+    assert_eq!(answer(&mut s).await.status(), Some(200));
 
     let lines: Vec<String> = seen
         .complete()
@@ -105,6 +120,8 @@ async fn idle_http1_connections_are_parked_and_resumed_without_changing_the_exch
             "POST /metadata/body HTTP/1.1",
             "GET /metadata/p1 HTTP/1.1",
             "GET /metadata/p2 HTTP/1.1",
+            "POST /metadata/with-next HTTP/1.1",
+            "GET /metadata/next HTTP/1.1",
         ],
         "every request reached the upstream once, whole"
     );
