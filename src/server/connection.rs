@@ -149,23 +149,17 @@ impl Snapshot {
                 req.map(BodyExt::boxed)
             } else {
                 // Parking needs to know the body was read to its end (`Activity::parkable`).
-                let reading = ReadingBody::new(activity.clone());
-                req.map(|inner| {
-                    TrackedRequest {
-                        inner,
-                        reading: Some(reading),
-                    }
-                    .boxed()
-                })
+                let guard = ReadingBody::new(activity.clone());
+                req.map(|inner| Guarded { inner, guard }.boxed())
             };
             async move {
                 let resp = gateway.handle(req, &conn).await;
                 drop(guard);
                 // The response body still has to be sent; track it until it is dropped.
                 let streaming = Streaming::new(activity);
-                Ok::<_, Infallible>(resp.map(|inner| Tracked {
+                Ok::<_, Infallible>(resp.map(|inner| Guarded {
                     inner,
-                    _streaming: streaming,
+                    guard: streaming,
                 }))
             }
         });
@@ -583,30 +577,47 @@ impl ReadingBody {
             ended: false,
         }
     }
-    fn ended(mut self) {
-        self.ended = true;
-    }
 }
 
 impl Drop for ReadingBody {
     fn drop(&mut self) {
-        self.activity.reading.fetch_sub(1, Ordering::Relaxed);
         if !self.ended {
+            self.activity.reading.fetch_sub(1, Ordering::Relaxed);
             self.activity.abandoned.store(true, Ordering::Relaxed);
         }
     }
 }
 
-pin_project_lite::pin_project! {
-    /// An HTTP/1.1 request body carrying its [`ReadingBody`] guard until its end.
-    struct TrackedRequest<B> {
-        #[pin]
-        inner: B,
-        reading: Option<ReadingBody>,
+/// What a [`Guarded`] body's guard hears of the body.
+trait BodyGuard {
+    /// The body has ended: no more frames, or (what a forwarding client checks after
+    /// each frame) it says it has ended.
+    fn ended(&mut self) {}
+}
+
+impl BodyGuard for ReadingBody {
+    fn ended(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            self.activity.reading.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
-impl<B: hyper::body::Body> hyper::body::Body for TrackedRequest<B> {
+/// A response body's guard counts until hyper drops the body (finished, reset or failed).
+impl BodyGuard for Streaming {}
+
+pin_project_lite::pin_project! {
+    /// A body carrying its guard: [`Streaming`] on a response, [`ReadingBody`] on an
+    /// HTTP/1.1 request.
+    struct Guarded<B, G> {
+        #[pin]
+        inner: B,
+        guard: G,
+    }
+}
+
+impl<B: hyper::body::Body, G: BodyGuard> hyper::body::Body for Guarded<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -616,41 +627,10 @@ impl<B: hyper::body::Body> hyper::body::Body for TrackedRequest<B> {
     ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
         let r = this.inner.as_mut().poll_frame(cx);
-        // The end: no more frames, or (what a forwarding client checks after each
-        // frame) the body says it has ended.
         if matches!(r, Poll::Ready(None)) || this.inner.is_end_stream() {
-            if let Some(g) = this.reading.take() {
-                g.ended();
-            }
+            this.guard.ended();
         }
         r
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body carrying its [`Streaming`] guard.
-    struct Tracked<B> {
-        #[pin]
-        inner: B,
-        _streaming: Streaming,
-    }
-}
-
-impl<B: hyper::body::Body> hyper::body::Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
