@@ -8,6 +8,7 @@
 //! send a close_notify" … (RFC 8446 §6.1: "Each party MUST send a close_notify alert
 //! before closing its write side of the connection").
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
@@ -173,5 +174,94 @@ async fn idle_http1_connections_are_parked_and_resumed_without_changing_the_exch
         t.elapsed() < Duration::from_secs(2),
         "closed at once when draining, took {:?}",
         t.elapsed()
+    );
+}
+
+/// An upstream that answers each request as soon as its head arrives, then reads the
+/// body (as RFC 9112 §9.3 lets a server respond before the request is complete) and
+/// records it.
+async fn early_answering_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let seen = bodies.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    buf.drain(..end);
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: 2\r\n\r\n{}";
+                    if tcp.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    while buf.len() < len {
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body: Vec<u8> = buf.drain(..len).collect();
+                    seen.lock().expect("lock").push(body);
+                }
+            });
+        }
+    });
+    (addr, bodies)
+}
+
+/// The upstream answered before the client finished its body, and the client pauses:
+/// the response is sent, but the request is not over, so the connection is not parked;
+/// the rest of the body reaches the upstream and the connection serves the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_request_body_is_unfinished_is_not_parked() {
+    let pki = Pki::new();
+    let (up, bodies) = early_answering_upstream().await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let mut s = connect(&connector_h1(&pki), addr).await.expect("tls");
+    s.write_all(b"POST /metadata/early HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/fhir+json\r\nContent-Length: 10\r\n\r\n01234")
+        .await
+        .expect("write");
+    let r = answer(&mut s).await;
+    assert_eq!(r.status(), Some(200), "answered early: {}", r.text());
+    tokio::time::sleep(PARK_WAIT).await;
+    assert_eq!(
+        metric(&gw, PARKED),
+        0.0,
+        "request body unfinished: not parked"
+    );
+    s.write_all(b"56789").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(&get("/metadata/after")).await.expect("write");
+    let r = answer(&mut s).await;
+    assert_eq!(
+        r.status(),
+        Some(200),
+        "the connection still serves: {}",
+        r.text()
+    );
+    assert_eq!(
+        bodies.lock().expect("lock").first().map(Vec::as_slice),
+        Some(&b"0123456789"[..]),
+        "the whole body reached the upstream"
     );
 }
