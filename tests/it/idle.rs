@@ -4,9 +4,9 @@
 //! client sees must not change: the next request on the connection is served, a request
 //! that was only partly sent (or partly read by hyper) is never cut at the park, a parked connection still closes
 //! at `idle_timeout` with a TLS close_notify, and a draining gateway closes it at once.
-//! RFC 9112 §9.3: "A server ... SHOULD ... persist connection"; §9.6: a server "SHOULD
-//! send a close_notify" … (RFC 8446 §6.1: "Each party MUST send a close_notify alert
-//! before closing its write side of the connection").
+//! The connection stays persistent across a park (RFC 9112 §9.3), and RFC 8446 §6.1:
+//! "Each party MUST send a "close_notify" alert before closing its write side of the
+//! connection, unless it has already sent some error alert."
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -178,8 +178,7 @@ async fn idle_http1_connections_are_parked_and_resumed_without_changing_the_exch
 }
 
 /// An upstream that answers each request as soon as its head arrives, then reads the
-/// body (as RFC 9112 §9.3 lets a server respond before the request is complete) and
-/// records it.
+/// body and records it (a server may answer before it has read the whole request).
 async fn early_answering_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
