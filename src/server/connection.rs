@@ -186,9 +186,7 @@ impl Snapshot {
                 tokio::select! {
                     res = &mut served => {
                         if let Err(e) = res {
-                            let kind = connection_error_kind(&e).as_str();
-                            metrics.connection_error(kind);
-                            tracing::debug!(%peer, kind, error = %e, "connection ended with error");
+                            ended_with_error(metrics, peer, &e);
                         }
                         break false;
                     }
@@ -234,9 +232,7 @@ impl Snapshot {
                 match std::future::poll_fn(|cx| Poll::Ready(parting.as_mut().poll(cx))).await {
                     Poll::Ready(Ok(parts)) => parts,
                     Poll::Ready(Err(e)) => {
-                        let kind = connection_error_kind(&e).as_str();
-                        metrics.connection_error(kind);
-                        tracing::debug!(%peer, kind, error = %e, "connection ended with error");
+                        ended_with_error(metrics, peer, &e);
                         break;
                     }
                     // `parkable` rules this out: hyper was not between requests after all
@@ -250,31 +246,36 @@ impl Snapshot {
             drop(parting);
             io = parts.io;
             svc = parts.service;
-            if !parts.read_buf.is_empty() {
+            if parts.read_buf.is_empty() {
+                metrics.parked_connections.inc();
+                let left = idle.saturating_sub(activity.requests_idle_for());
+                let resume = Box::pin(next_request(&io, left, &mut shutdown)).await;
+                metrics.parked_connections.dec();
+                if !resume {
+                    // Idle for `idle_timeout`, or the gateway is draining: close as hyper
+                    // would close an idle connection (TLS close_notify, then FIN).
+                    let _ = tokio::time::timeout(Duration::from_secs(1), io.inner_mut().shutdown())
+                        .await;
+                    break;
+                }
+            } else {
                 // The start of a next request that hyper had read (pipelined after a body
                 // read to its end): served at once by a fresh connection, which reads
                 // these bytes first, and not parked again before that request starts.
                 activity.read_since_request.store(true, Ordering::Relaxed);
                 io.inner_mut().unread = parts.read_buf;
-                tick.reset();
-                served = Served::H1(Box::pin(self.http1.serve_connection(io, svc)));
-                continue;
-            }
-            metrics.parked_connections.inc();
-            let left = idle.saturating_sub(activity.requests_idle_for());
-            let resume = Box::pin(next_request(&io, left, &mut shutdown)).await;
-            metrics.parked_connections.dec();
-            if !resume {
-                // Idle for `idle_timeout`, or the gateway is draining: close as hyper
-                // would close an idle connection (TLS close_notify, then FIN).
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(1), io.inner_mut().shutdown()).await;
-                break;
             }
             tick.reset();
             served = Served::H1(Box::pin(self.http1.serve_connection(io, svc)));
         }
     }
+}
+
+/// Counts and logs a connection hyper ended with an error.
+fn ended_with_error(metrics: &Metrics, peer: SocketAddr, e: &hyper::Error) {
+    let kind = connection_error_kind(e).as_str();
+    metrics.connection_error(kind);
+    tracing::debug!(%peer, kind, error = %e, "connection ended with error");
 }
 
 /// A parked connection's wait: true when the client's next bytes (or its close, which

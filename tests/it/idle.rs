@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
+use fhirgate::server::Running;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PARKED: &str = "fhirgate_parked_connections";
@@ -21,6 +22,20 @@ const PARK_WAIT: Duration = Duration::from_millis(1200);
 
 fn get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").into_bytes()
+}
+
+/// A POST head declaring `len` body bytes, followed by `then` (part or all of the body,
+/// and perhaps more).
+fn post(path: &str, len: usize, then: &[u8]) -> Vec<u8> {
+    let mut r = format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/fhir+json\r\nContent-Length: {len}\r\n\r\n").into_bytes();
+    r.extend_from_slice(then);
+    r
+}
+
+/// The parked-connections gauge after long enough for a quiet connection to be parked.
+async fn parked_after_quiet(gw: &Running) -> f64 {
+    tokio::time::sleep(PARK_WAIT).await;
+    metric(gw, PARKED)
 }
 
 /// Reads one response's worth (until 300 ms pass with the connection open).
@@ -53,39 +68,42 @@ async fn idle_http1_connections_are_parked_and_resumed_without_changing_the_exch
         assert_eq!(r.status(), Some(200), "request {i}: {}", r.text());
         assert!(!r.closed, "request {i}: the connection stays open");
         if i < 2 {
-            tokio::time::sleep(PARK_WAIT).await;
-            assert_eq!(metric(&gw, PARKED), 1.0, "quiet connection parked ({i})");
+            assert_eq!(
+                parked_after_quiet(&gw).await,
+                1.0,
+                "quiet connection parked ({i})"
+            );
         }
     }
 
     // A request head sent in part is not a quiet connection: never parked, and its end
     // completes it.
-    tokio::time::sleep(PARK_WAIT).await;
-    assert_eq!(metric(&gw, PARKED), 1.0);
+    assert_eq!(parked_after_quiet(&gw).await, 1.0);
     s.write_all(b"GET /metadata/split HTTP/1.1\r\nHo")
         .await
         .expect("write");
-    tokio::time::sleep(PARK_WAIT).await;
-    assert_eq!(metric(&gw, PARKED), 0.0, "a started request is not parked");
+    assert_eq!(
+        parked_after_quiet(&gw).await,
+        0.0,
+        "a started request is not parked"
+    );
     s.write_all(b"st: localhost\r\n\r\n").await.expect("write");
     assert_eq!(answer(&mut s).await.status(), Some(200));
 
     // A body stalled half way: not parked either, and the message boundary holds (the
     // request after it is its own request, not the rest of a body).
-    s.write_all(b"POST /metadata/body HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/fhir+json\r\nContent-Length: 10\r\n\r\n01234")
+    s.write_all(&post("/metadata/body", 10, b"01234"))
         .await
         .expect("write");
-    tokio::time::sleep(PARK_WAIT).await;
     assert_eq!(
-        metric(&gw, PARKED),
+        parked_after_quiet(&gw).await,
         0.0,
         "a request with half its body is not parked"
     );
     s.write_all(b"56789").await.expect("write");
     assert_eq!(answer(&mut s).await.status(), Some(200));
     // Two pipelined requests across a park.
-    tokio::time::sleep(PARK_WAIT).await;
-    assert_eq!(metric(&gw, PARKED), 1.0);
+    assert_eq!(parked_after_quiet(&gw).await, 1.0);
     let mut two = get("/metadata/p1");
     two.extend(get("/metadata/p2"));
     s.write_all(&two).await.expect("write");
@@ -93,13 +111,16 @@ async fn idle_http1_connections_are_parked_and_resumed_without_changing_the_exch
     // A body and the start of the next request in one write: hyper holds those bytes
     // when the connection goes quiet; they are served, not dropped and not parked.
     tokio::time::sleep(PARK_WAIT).await;
-    s.write_all(b"POST /metadata/with-next HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}GET /metadata/next HTTP/1.1\r\nHo")
-        .await
-        .expect("write");
+    s.write_all(&post(
+        "/metadata/with-next",
+        2,
+        b"{}GET /metadata/next HTTP/1.1\r\nHo",
+    ))
+    .await
+    .expect("write");
     assert_eq!(answer(&mut s).await.status(), Some(200));
-    tokio::time::sleep(PARK_WAIT).await;
     assert_eq!(
-        metric(&gw, PARKED),
+        parked_after_quiet(&gw).await,
         0.0,
         "held bytes of a request: not parked"
     );
@@ -132,8 +153,7 @@ async fn idle_http1_connections_are_parked_and_resumed_without_changing_the_exch
     // A parked connection still ends at idle_timeout (4 s after its last request), with
     // a TLS close_notify (a clean end of stream), not a bare FIN or a reset.
     let t = Instant::now();
-    tokio::time::sleep(PARK_WAIT).await;
-    assert_eq!(metric(&gw, PARKED), 1.0);
+    assert_eq!(parked_after_quiet(&gw).await, 1.0);
     let mut buf = [0u8; 64];
     let end = tokio::time::timeout(Duration::from_secs(8), s.read(&mut buf)).await;
     let took = t.elapsed();
@@ -150,16 +170,14 @@ async fn idle_http1_connections_are_parked_and_resumed_without_changing_the_exch
     // HTTP/2 connections are not parked (h2 keeps its own, smaller state).
     let h2 = tls_client(&pki, Some("client"), H2);
     let mut h2s = connect(&h2, addr).await.expect("tls h2");
-    tokio::time::sleep(PARK_WAIT).await;
-    assert_eq!(metric(&gw, PARKED), 0.0, "HTTP/2 is not parked");
+    assert_eq!(parked_after_quiet(&gw).await, 0.0, "HTTP/2 is not parked");
     drop(h2s.shutdown().await);
 
     // A draining gateway closes a parked connection at once rather than waiting for it.
     let mut s = connect(&connector, addr).await.expect("tls");
     s.write_all(&get("/metadata/last")).await.expect("write");
     assert_eq!(answer(&mut s).await.status(), Some(200));
-    tokio::time::sleep(PARK_WAIT).await;
-    assert_eq!(metric(&gw, PARKED), 1.0);
+    assert_eq!(parked_after_quiet(&gw).await, 1.0);
     let t = Instant::now();
     let (left, end) = tokio::join!(
         gw.shutdown(Duration::from_secs(5)),
@@ -237,14 +255,13 @@ async fn a_connection_whose_request_body_is_unfinished_is_not_parked() {
     let (up, bodies) = early_answering_upstream().await;
     let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
     let mut s = connect(&connector_h1(&pki), addr).await.expect("tls");
-    s.write_all(b"POST /metadata/early HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/fhir+json\r\nContent-Length: 10\r\n\r\n01234")
+    s.write_all(&post("/metadata/early", 10, b"01234"))
         .await
         .expect("write");
     let r = answer(&mut s).await;
     assert_eq!(r.status(), Some(200), "answered early: {}", r.text());
-    tokio::time::sleep(PARK_WAIT).await;
     assert_eq!(
-        metric(&gw, PARKED),
+        parked_after_quiet(&gw).await,
         0.0,
         "request body unfinished: not parked"
     );
