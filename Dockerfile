@@ -13,12 +13,17 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY bench ./bench
-RUN cargo build --release --locked --bin fhirgate \
+COPY deploy/release-build ./deploy/release-build
+# The release build with profile-guided optimisation (an instrumented build, a 25 s
+# training run on the build container's loopback, the optimised build; it adds the rustup
+# component llvm-tools). `cargo build --release --locked --bin fhirgate` works too, with
+# about 20% more CPU per request.
+RUN deploy/release-build --out /out/fhirgate \
  && mkdir -p /out/etc/fhirgate /out/var/cache/fhirgate
 
 # distroless/cc: glibc, libgcc, CA certificates and the user nonroot = 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /src/target/release/fhirgate /usr/local/bin/fhirgate
+COPY --from=build /out/fhirgate /usr/local/bin/fhirgate
 COPY --from=build /out/etc/fhirgate /etc/fhirgate
 # The CRL cache: writable by the gateway only.
 COPY --from=build --chown=65532:65532 --chmod=0700 /out/var/cache/fhirgate /var/cache/fhirgate
