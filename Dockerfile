@@ -14,6 +14,9 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY bench ./bench
 COPY deploy/release-build ./deploy/release-build
+# The training run parses the shipped example configs too (and hashes them as inputs).
+COPY examples ./examples
+COPY config.yaml ./
 # The release build with profile-guided optimisation (an instrumented build, a 25 s
 # training run on the build container's loopback, the optimised build; it adds the rustup
 # component llvm-tools). `cargo build --release --locked --bin fhirgate` works too, with
