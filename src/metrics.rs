@@ -90,6 +90,8 @@ pub struct Metrics {
     pub open_connections: Gauge,
     /// Idle HTTP/1.1 connections whose HTTP buffers are released (server/connection.rs).
     pub parked_connections: Gauge,
+    /// Upstream connections held by busy HTTP/1.1 client connections (pipeline/upstream.rs).
+    pub pinned_upstream_connections: Gauge,
     pub reloads: Family<ResultLabel, Counter>,
     pub server_cert_not_after: Gauge<i64, AtomicI64>,
     pub crl_next_update: Family<FileLabel, Gauge<i64, AtomicI64>>,
@@ -127,6 +129,7 @@ impl Metrics {
             connection_errors: Family::default(),
             open_connections: Gauge::default(),
             parked_connections: Gauge::default(),
+            pinned_upstream_connections: Gauge::default(),
             reloads: Family::default(),
             server_cert_not_after: Gauge::default(),
             crl_next_update: Family::default(),
@@ -209,6 +212,11 @@ impl Metrics {
             "parked_connections",
             "Idle HTTP/1.1 client connections holding only their TLS session (HTTP buffers released until the next request)",
             m.parked_connections.clone(),
+        );
+        registry.register(
+            "upstream_pinned_connections",
+            "Upstream connections a busy HTTP/1.1 client connection holds for its own requests (at most upstream.max_pinned_connections)",
+            m.pinned_upstream_connections.clone(),
         );
         registry.register(
             "reloads",

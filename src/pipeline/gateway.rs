@@ -27,7 +27,7 @@ use crate::pipeline::outcome::{Body, Refuse, Rejection};
 use crate::pipeline::policy::{prefix_covers, PolicyError, Route, RoutePolicy, TokenRequirement};
 use crate::pipeline::service::{self, Levels, LimitKey, Limiters, ServiceLevels, Unmatched};
 use crate::pipeline::tracecontext::{Hex, TraceContext};
-use crate::pipeline::upstream::{Upstream, UpstreamBody, UpstreamError};
+use crate::pipeline::upstream::{PinnedSlot, Upstream, UpstreamBody, UpstreamError};
 
 /// What the listener learnt about a connection; shared by its requests.
 #[derive(Debug)]
@@ -37,6 +37,9 @@ pub struct ConnInfo {
     /// The identity and forwarding headers every request on the connection carries
     /// upstream ([`Gateway::connection_headers`]).
     pub headers: ConnectionHeaders,
+    /// An HTTP/1.1 connection's place for its own upstream connection
+    /// ([`Gateway::pinned_slot`]); `None` for HTTP/2 or with pinning off.
+    pub upstream: Option<Arc<PinnedSlot>>,
 }
 
 pub struct Gateway {
@@ -99,7 +102,10 @@ impl Gateway {
                 _ => None,
             },
             policy: RoutePolicy::new(&cfg.routes),
-            upstream: Upstream::from_config(&cfg.upstream)?,
+            upstream: Upstream::from_config(
+                &cfg.upstream,
+                metrics.pinned_upstream_connections.clone(),
+            )?,
             identity_names: cfg.identity_headers.parsed(),
             nhsd: cfg.nhsd.clone(),
             auth: {
@@ -126,6 +132,11 @@ impl Gateway {
         peer: SocketAddr,
     ) -> ConnectionHeaders {
         ConnectionHeaders::new(&self.identity_names, identity, peer)
+    }
+
+    /// A new HTTP/1.1 connection's slot for an upstream connection of its own.
+    pub fn pinned_slot(&self) -> Option<Arc<PinnedSlot>> {
+        self.upstream.pinned_slot()
     }
 
     /// One request, start to finish. Its body comes boxed (by the connection, which
@@ -515,10 +526,14 @@ impl Gateway {
         &self,
         upstream_req: Request<UpstreamBody>,
         body_done: Arc<AtomicBool>,
+        slot: Option<&Arc<PinnedSlot>>,
         trace: &mut Trace<'_>,
     ) -> Result<Response<Body>, Rejection> {
         let sent = Instant::now();
-        let result = self.upstream.send(upstream_req, self.max_body_bytes).await;
+        let result = self
+            .upstream
+            .send(upstream_req, self.max_body_bytes, slot)
+            .await;
         trace.upstream_time = Some(sent.elapsed());
         let resp = result.map_err(|(e, detail)| {
             if e == UpstreamError::Timeout && !body_done.load(Ordering::Relaxed) {
@@ -531,7 +546,7 @@ impl Gateway {
         })?;
         let (mut parts, body) = resp.into_parts();
         forward::client_response_headers(&mut parts.headers);
-        Ok(Response::from_parts(parts, body.boxed()))
+        Ok(Response::from_parts(parts, body))
     }
 }
 

@@ -50,6 +50,7 @@ impl Gateway {
         let req = self.body(req, route).await?; // body limit, RFC 6750 §2.2 form token
         let (out, body_done) =
             self.upstream_request(req, route, conn, trace, token.as_ref(), facts.as_ref())?; // 7. forward
-        self.send(out, body_done, trace).await // 7. upstream
+        self.send(out, body_done, conn.upstream.as_ref(), trace)
+            .await // 7. upstream
     }
 }

@@ -1,27 +1,43 @@
-//! The pooled client to the internal FHIR endpoint.
+//! The client to the internal FHIR endpoint.
 //!
 //! One hyper-util client per gateway: keep-alive pooling, a connect timeout in the
 //! connector, and a response-header timeout around each request. TLS to the upstream uses
 //! only the CA bundle named in the config (internal services rarely chain to public CAs).
+//!
+//! A busy HTTP/1.1 client connection also gets an upstream connection of its own
+//! ([`PinnedSlot`]), driven inside the client connection's task, as nginx runs an upstream
+//! socket in the client's event loop: hyper-util's pool drives each connection in a task
+//! of its own, so every request and its response cross between tasks (bench/README.md,
+//! eighth pass: 10–16% of CPU per request on keep-alive GET).
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
+use hyper::client::conn::http1;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::TcpStream;
+use tower_service::Service;
 
 use std::path::PathBuf;
 
 use serde::Deserialize;
 
 use crate::config::error::{err, ConfigError};
-use crate::pipeline::outcome::{ErrorSource, Refuse, Rejection};
+use crate::pipeline::outcome::{Body, ErrorSource, Refuse, Rejection};
 use crate::tls::client_connector;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -30,15 +46,26 @@ pub type UpstreamBody = BoxBody<Bytes, BoxError>;
 
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    /// The pool's connector, also used for pinned connections (same TLS, timeouts).
+    connector: HttpsConnector<HttpConnector>,
     scheme: Scheme,
     authority: http::uri::Authority,
+    /// `Host` for requests on a pinned connection (the pool sets it from the URI).
+    host: HeaderValue,
+    /// The upstream's origin, what a pinned connection connects to.
+    origin: Uri,
     /// Path of the configured base URL without trailing '/', e.g. `/fhir` or ``.
     base_path: String,
     response_timeout: Duration,
+    /// `upstream.max_pinned_connections`, 0 with an HTTP/2 upstream (its pool multiplexes).
+    max_pinned: usize,
+    pinned: Gauge,
 }
 
 impl Upstream {
-    pub fn from_config(cfg: &UpstreamConfig) -> Result<Self, ConfigError> {
+    /// `pinned`: the gauge counting pinned connections, shared with the gateways that
+    /// replace this one on reload, so the cap holds across them.
+    pub fn from_config(cfg: &UpstreamConfig, pinned: Gauge) -> Result<Self, ConfigError> {
         let uri: Uri = cfg
             .url
             .parse()
@@ -67,14 +94,37 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_only(cfg.http2)
-            .build(https);
+            .build(https.clone());
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| err("upstream.url", "the host is not usable as a Host header"))?;
+        let origin = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| err("upstream.url", format!("not a valid URL: {e}")))?;
         Ok(Upstream {
             client,
+            connector: https,
             scheme,
             authority,
+            host,
+            origin,
             base_path,
             response_timeout: cfg.response_timeout,
+            max_pinned: if cfg.http2 {
+                0
+            } else {
+                cfg.max_pinned_connections
+            },
+            pinned,
         })
+    }
+
+    /// A slot for an HTTP/1.1 client connection's own upstream connection, or `None` when
+    /// pinning is off.
+    pub fn pinned_slot(&self) -> Option<Arc<PinnedSlot>> {
+        (self.max_pinned > 0).then(|| Arc::new(PinnedSlot::default()))
     }
 
     /// The upstream URI for a request path (+ query) as the client sent it.
@@ -100,32 +150,311 @@ impl Upstream {
     /// Sends a request and waits for the response headers, mapping failures to the
     /// refusal a client should see: timeouts are 504, a body over the limit is 413, any
     /// other failure to reach the upstream is 502.
+    ///
+    /// `slot` is the client connection's [`PinnedSlot`] (HTTP/1.1 clients): its own
+    /// upstream connection when it has one or may open one, else the shared pool.
     pub async fn send(
         &self,
         req: Request<UpstreamBody>,
         body_limit: u64,
-    ) -> Result<Response<Incoming>, (UpstreamError, String)> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+        slot: Option<&Arc<PinnedSlot>>,
+    ) -> Result<Response<Body>, (UpstreamError, String)> {
+        let sent = tokio::time::timeout(self.response_timeout, async {
+            let req = match slot {
+                Some(slot) => match self.send_pinned(slot, req, body_limit).await {
+                    Pinned::Answered(r) => return r,
+                    Pinned::NotSent(req) => req,
+                },
+                None => req,
+            };
+            match self.client.request(req).await {
+                Ok(resp) => Ok(resp.map(BodyExt::boxed)),
+                Err(e) => {
+                    let connect = e.is_connect();
+                    Err((classify(&e, connect, body_limit), error_chain(&e)))
+                }
+            }
+        });
+        match sent.await {
             Err(_) => Err((UpstreamError::Timeout, "response timeout".into())),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => {
-                let detail = error_chain(&e);
-                let error = if chain_has::<http_body_util::LengthLimitError>(&e) {
-                    UpstreamError::BodyTooLarge { limit: body_limit }
-                } else if chain_any(&e, |c| {
-                    c.downcast_ref::<std::io::Error>()
-                        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-                }) {
-                    UpstreamError::Timeout
-                } else if chain_has::<hyper::Error>(&e) && !e.is_connect() && client_body_failed(&e)
-                {
-                    UpstreamError::ClientBody
-                } else {
-                    UpstreamError::Unavailable
+            Ok(r) => r,
+        }
+    }
+
+    /// The request on the client connection's own upstream connection: the one it
+    /// keeps, or a new one for a client connection's second and later requests since it
+    /// was last idle (the first goes through the pool, whose warm connection costs no
+    /// connect), while fewer than `max_pinned` are open.
+    async fn send_pinned(
+        &self,
+        slot: &Arc<PinnedSlot>,
+        req: Request<UpstreamBody>,
+        body_limit: u64,
+    ) -> Pinned {
+        let (kept, burst) = slot.take();
+        let kept = kept.and_then(|mut c| c.ready().then_some(c));
+        let conn = match kept {
+            Some(c) => c,
+            None if burst < 2 => return Pinned::NotSent(req),
+            _ => {
+                let Some(count) = PinnedCount::acquire(&self.pinned, self.max_pinned) else {
+                    return Pinned::NotSent(req);
                 };
-                Err((error, detail))
+                match self.open_pinned(count).await {
+                    Ok(c) => c,
+                    Err(r) => return Pinned::Answered(Err(r)),
+                }
+            }
+        };
+        conn.send(req, &self.host, slot, body_limit).await
+    }
+
+    async fn open_pinned(&self, count: PinnedCount) -> Result<PinnedConn, (UpstreamError, String)> {
+        let io = self
+            .connector
+            .clone()
+            .call(self.origin.clone())
+            .await
+            .map_err(|e| (classify(&*e, true, 0), error_chain(&*e)))?;
+        let (sender, conn) = http1::handshake(io)
+            .await
+            .map_err(|e| (UpstreamError::Unavailable, error_chain(&e)))?;
+        Ok(PinnedConn {
+            sender,
+            conn: Box::pin(conn),
+            _count: count,
+        })
+    }
+}
+
+/// Which refusal an error forwarding a request earns: timeouts 504, a client body over
+/// `limit` 413, a failing client body 400, any other failure to reach the upstream 502.
+/// `connect`: it happened opening a connection.
+fn classify(e: &(dyn std::error::Error + 'static), connect: bool, limit: u64) -> UpstreamError {
+    if chain_has::<http_body_util::LengthLimitError>(e) {
+        UpstreamError::BodyTooLarge { limit }
+    } else if chain_any(e, |c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    }) {
+        UpstreamError::Timeout
+    } else if !connect && client_body_failed(e) {
+        UpstreamError::ClientBody
+    } else {
+        UpstreamError::Unavailable
+    }
+}
+
+type UpstreamIo = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+/// What trying a client connection's own upstream connection came to.
+enum Pinned {
+    Answered(Result<Response<Body>, (UpstreamError, String)>),
+    /// Not sent (no connection, none to spare, or one found closed before the request
+    /// was written): the request goes to the pool as it is.
+    NotSent(Request<UpstreamBody>),
+}
+
+/// One HTTP/1.1 client connection's place for its own upstream connection. Requests on
+/// an HTTP/1.1 connection come one at a time, so one upstream connection serves them
+/// all, and a response can only ever reach the client connection that asked for it.
+#[derive(Default)]
+pub struct PinnedSlot(Mutex<SlotState>);
+
+impl std::fmt::Debug for PinnedSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PinnedSlot")
+    }
+}
+
+#[derive(Default)]
+struct SlotState {
+    conn: Option<PinnedConn>,
+    /// Requests since the client connection opened or was last idle.
+    burst: u32,
+}
+
+impl PinnedSlot {
+    fn take(&self) -> (Option<PinnedConn>, u32) {
+        match self.0.lock() {
+            Ok(mut s) => {
+                s.burst = s.burst.saturating_add(1);
+                (s.conn.take(), s.burst)
+            }
+            Err(_) => (None, 0),
+        }
+    }
+
+    fn put(&self, conn: PinnedConn) {
+        if let Ok(mut s) = self.0.lock() {
+            s.conn = Some(conn);
+        }
+    }
+
+    /// The client connection went idle: its upstream connection is closed, so idle
+    /// clients hold none (the next burst starts on the pool again).
+    pub fn release(&self) {
+        let conn = match self.0.lock() {
+            Ok(mut s) => {
+                s.burst = 0;
+                s.conn.take()
+            }
+            Err(_) => None,
+        };
+        drop(conn);
+    }
+}
+
+/// Counts a pinned connection for `upstream.max_pinned_connections` while it lives.
+struct PinnedCount(Gauge);
+
+impl PinnedCount {
+    fn acquire(open: &Gauge, max: usize) -> Option<Self> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        open.inner()
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| PinnedCount(open.clone()))
+    }
+}
+
+impl Drop for PinnedCount {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// An upstream connection driven by whoever holds it: the request being sent, then the
+/// response body ([`PinnedBody`]); unpolled while it waits in its slot between requests.
+struct PinnedConn {
+    sender: http1::SendRequest<UpstreamBody>,
+    conn: Pin<Box<http1::Connection<UpstreamIo, UpstreamBody>>>,
+    _count: PinnedCount,
+}
+
+impl PinnedConn {
+    /// Whether it can take a request now: polled once, it reads what arrived while it
+    /// waited (an upstream's close ends it) and turns ready if it is between messages.
+    fn ready(&mut self) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        if self.conn.as_mut().poll(&mut cx).is_ready() {
+            return false;
+        }
+        matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+
+    async fn send(
+        mut self,
+        mut req: Request<UpstreamBody>,
+        host: &HeaderValue,
+        slot: &Arc<PinnedSlot>,
+        body_limit: u64,
+    ) -> Pinned {
+        // HTTP/1.1 to an origin server: origin-form target and a Host header, as the
+        // pool's client writes them.
+        let absolute = std::mem::take(req.uri_mut());
+        if let Some(pq) = absolute.path_and_query() {
+            *req.uri_mut() = Uri::from(pq.clone());
+        }
+        req.headers_mut().insert(header::HOST, host.clone());
+        let mut response = std::pin::pin!(self.sender.try_send_request(req));
+        let mut open = true;
+        let result = std::future::poll_fn(|cx| {
+            if open && self.conn.as_mut().poll(cx).is_ready() {
+                // Closed: the request's callback gets the reason.
+                open = false;
+            }
+            response.as_mut().poll(cx)
+        })
+        .await;
+        match result {
+            Ok(resp) => {
+                let keep = open.then_some(self);
+                Pinned::Answered(Ok(
+                    resp.map(|inner| PinnedBody::boxed_for(inner, keep, slot))
+                ))
+            }
+            Err(mut e) => match e.take_message() {
+                // Never written (the connection closed while it waited): retried on the
+                // pool, which is what the pool itself does for a request it could not
+                // send on a reused connection.
+                Some(mut req) => {
+                    *req.uri_mut() = absolute;
+                    Pinned::NotSent(req)
+                }
+                None => {
+                    let e = e.into_error();
+                    Pinned::Answered(Err((classify(&e, false, body_limit), error_chain(&e))))
+                }
+            },
+        }
+    }
+}
+
+/// A response body from a pinned connection: polling it drives the connection, and once
+/// it has been read to its end the connection goes back to its slot for the next
+/// request. Dropped before its end, it closes the connection.
+struct PinnedBody {
+    inner: Incoming,
+    conn: Option<PinnedConn>,
+    slot: Arc<PinnedSlot>,
+}
+
+impl PinnedBody {
+    fn boxed_for(inner: Incoming, conn: Option<PinnedConn>, slot: &Arc<PinnedSlot>) -> Body {
+        let mut body = PinnedBody {
+            inner,
+            conn,
+            slot: slot.clone(),
+        };
+        // An empty body may never be polled.
+        if http_body::Body::is_end_stream(&body.inner) {
+            body.finish();
+        }
+        body.boxed()
+    }
+
+    fn finish(&mut self) {
+        if let Some(c) = self.conn.take() {
+            self.slot.put(c);
+        }
+    }
+}
+
+impl http_body::Body for PinnedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(c) = this.conn.as_mut() {
+            if c.conn.as_mut().poll(cx).is_ready() {
+                // Closed while the body streamed: what it delivered is in `inner`.
+                this.conn = None;
             }
         }
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
+            Poll::Ready(Some(Err(_))) => this.conn = None,
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -161,7 +490,7 @@ impl Refuse for UpstreamError {
 }
 
 /// Whether the failure came from reading the client's request body.
-fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
     chain_any(e, |c| {
         c.downcast_ref::<hyper::Error>()
             .is_some_and(|h| h.is_user() || h.is_body_write_aborted())
@@ -224,6 +553,11 @@ pub struct UpstreamConfig {
     /// Speak HTTP/2 (prior knowledge for http, ALPN for https) to the upstream.
     #[serde(default)]
     pub http2: bool,
+    /// Most upstream connections held by busy HTTP/1.1 client connections for their own
+    /// use (see [`PinnedSlot`]); beyond it, and for HTTP/2 clients, the shared pool.
+    /// 0 turns pinning off. Not used with `http2: true`.
+    #[serde(default = "default_max_pinned")]
+    pub max_pinned_connections: usize,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -237,4 +571,7 @@ fn default_pool_idle() -> Duration {
 }
 fn default_pool_max_idle() -> usize {
     64
+}
+fn default_max_pinned() -> usize {
+    128
 }

@@ -127,10 +127,13 @@ impl Snapshot {
         };
 
         let headers = self.gateway.connection_headers(&identity, peer);
+        // HTTP/2 clients multiplex their requests, so they use the shared pool.
+        let pinned = if h2 { None } else { self.gateway.pinned_slot() };
         let conn = Arc::new(ConnInfo {
             identity,
             peer,
             headers,
+            upstream: pinned.clone(),
         });
         let activity = Arc::new(Activity::new());
         let mut io = TokioIo::new(TrackedIo {
@@ -222,6 +225,10 @@ impl Snapshot {
             let Served::H1(mut h1) = served else { break };
             if !park {
                 break;
+            }
+            // An idle client holds no upstream connection.
+            if let Some(p) = &pinned {
+                p.release();
             }
             // Parking: hyper closes an idle connection at once on a graceful shutdown,
             // and hands back the still-open TLS stream and the service. Boxed, like the

@@ -24,6 +24,7 @@ mod idle;
 mod nhsd;
 mod oidc;
 mod path_props;
+mod pinned;
 mod reload;
 mod service;
 mod shell;

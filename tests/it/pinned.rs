@@ -1,0 +1,485 @@
+//! A busy HTTP/1.1 client connection's own upstream connection
+//! (`upstream.max_pinned_connections`, src/pipeline/upstream.rs): which upstream
+//! connection each request arrives on, what happens when the upstream closes one, and
+//! that a response only ever reaches the client connection that asked for it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::harness::*;
+
+/// One request as the upstream saw it: the gateway's port on that connection, the path,
+/// the verified client's CN the gateway sent, and the Host header.
+#[derive(Clone, Debug)]
+struct Hit {
+    port: u16,
+    path: String,
+    cn: String,
+    host: String,
+}
+
+#[derive(Clone, Default)]
+struct Log {
+    hits: Arc<Mutex<Vec<Hit>>>,
+    /// Upstream connections currently open.
+    open: Arc<AtomicUsize>,
+}
+
+impl Log {
+    fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().expect("lock").clone()
+    }
+    fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+async fn recording_upstream() -> (SocketAddr, Log) {
+    recording_upstream_on(None).await
+}
+
+/// An HTTP/1.1 upstream that answers with the client CN it was sent (so each client can
+/// check the answer is its own), and by path: `/close…` with `Connection: close`,
+/// `/empty…` 204 with no body, `/big…` a 256 KiB body, `/slow…` after 3 s. With `tls`,
+/// over TLS.
+async fn recording_upstream_on(tls: Option<tokio_rustls::TlsAcceptor>) -> (SocketAddr, Log) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let log = Log::default();
+    let l = log.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, peer)) = listener.accept().await {
+            let l = l.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let io = match tls {
+                    Some(t) => match t.accept(tcp).await {
+                        Ok(s) => either_io::Io::Tls(Box::new(s)),
+                        Err(_) => return,
+                    },
+                    None => either_io::Io::Plain(tcp),
+                };
+                l.open.fetch_add(1, Ordering::SeqCst);
+                let hits = l.hits.clone();
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let hits = hits.clone();
+                    async move {
+                        let header = |n: &str| {
+                            req.headers()
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned()
+                        };
+                        let hit = Hit {
+                            port: peer.port(),
+                            path: req.uri().to_string(),
+                            cn: header("x-client-cert-cn"),
+                            host: header("host"),
+                        };
+                        let _ = req.into_body().collect().await;
+                        hits.lock().expect("lock").push(hit.clone());
+                        if hit.path.starts_with("/slow") {
+                            tokio::time::sleep(Duration::from_secs(3)).await;
+                        }
+                        let body = if hit.path.starts_with("/big") {
+                            Bytes::from(vec![b'b'; 256 * 1024])
+                        } else if hit.path.starts_with("/empty") {
+                            Bytes::new()
+                        } else {
+                            Bytes::from(format!("{{\"cn\":\"{}\"}}", hit.cn))
+                        };
+                        let mut r = Response::new(Full::new(body));
+                        if hit.path.starts_with("/empty") {
+                            *r.status_mut() = StatusCode::NO_CONTENT;
+                        }
+                        if hit.path.starts_with("/close") {
+                            r.headers_mut()
+                                .insert("connection", "close".parse().expect("hv"));
+                        }
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
+                l.open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, log)
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn get_on(tx: &mut Sender, path: &str) -> (StatusCode, Bytes) {
+    let resp = tokio::time::timeout(Duration::from_secs(20), async {
+        tx.ready().await.expect("client connection ready");
+        let resp = tx.send_request(h1_get(path)).await.expect("response");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, body)
+    });
+    resp.await.expect("answered in time")
+}
+
+fn ports(hits: &[Hit]) -> Vec<u16> {
+    hits.iter().map(|h| h.port).collect()
+}
+
+#[tokio::test]
+async fn a_busy_connection_gets_its_own_upstream_connection_and_only_its_own_answers() {
+    let pki = Pki::new();
+    let (up, log) = recording_upstream().await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let (mut a, _ta) = open_h1(&tls_client(&pki, Some("client"), H1), addr)
+        .await
+        .expect("client a");
+    let (mut b, _tb) = open_h1(&tls_client(&pki, Some("second-client"), H1), addr)
+        .await
+        .expect("client b");
+
+    // Interleaved, so both clients' connections are busy at once.
+    let mut answers = Vec::new();
+    for i in 0..4 {
+        answers.push(("a", get_on(&mut a, &format!("/a/{i}")).await));
+        answers.push(("b", get_on(&mut b, &format!("/b/{i}")).await));
+    }
+    let hits = log.hits();
+    assert_eq!(hits.len(), 8, "{hits:?}");
+    let of = |prefix: &str| -> Vec<Hit> {
+        hits.iter()
+            .filter(|h| h.path.starts_with(prefix))
+            .cloned()
+            .collect()
+    };
+    let (ha, hb) = (of("/a/"), of("/b/"));
+    // The first request after connecting goes through the shared pool (a warm
+    // connection, no connect); the rest of the burst on one upstream connection that
+    // is that client connection's alone.
+    let pa = ports(&ha[1..]);
+    let pb = ports(&hb[1..]);
+    assert!(pa.iter().all(|p| *p == pa[0]), "a's burst moved: {ha:?}");
+    assert!(pb.iter().all(|p| *p == pb[0]), "b's burst moved: {hb:?}");
+    assert_ne!(pa[0], pb[0], "two clients shared a pinned connection");
+    assert_ne!(ha[0].port, pa[0], "a's first request was not on the pool");
+    assert_eq!(
+        metric(&gw, "fhirgate_upstream_pinned_connections"),
+        2.0,
+        "two busy clients, two pinned connections"
+    );
+
+    // Every answer is the asking client's: the upstream echoes the CN it was sent.
+    for (who, (status, body)) in &answers {
+        assert_eq!(*status, StatusCode::OK);
+        let want = if *who == "a" {
+            "BaRS-X26.fhirgate-dev.nhs.uk"
+        } else {
+            "BaRS-RX1.other-trust-dev.nhs.uk"
+        };
+        let text = String::from_utf8_lossy(body);
+        assert!(text.contains(want), "{who} got {text}");
+    }
+    // RFC 9112 §3.2: "A client MUST send a Host header field in all HTTP/1.1 request
+    // messages"; §3.2.1: "When making a request directly to an origin server, other than
+    // a CONNECT or server-wide OPTIONS request, a client MUST send only the absolute
+    // path and query components of the target URI as the request-target." As the pool
+    // sends them, the upstream's own Host.
+    for h in &hits {
+        assert!(h.path.starts_with('/'), "{h:?}");
+        assert_eq!(h.host, up.to_string(), "{h:?}");
+    }
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn a_pinned_connection_survives_empty_and_large_bodies_and_the_upstream_closing_it() {
+    let pki = Pki::new();
+    let (up, log) = recording_upstream().await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let (mut c, _t) = open_h1(&tls_client(&pki, Some("client"), H1), addr)
+        .await
+        .expect("client");
+    for path in [
+        "/1", "/2", "/empty/3", "/4", "/big/5", "/6", "/close/7", "/8", "/9",
+    ] {
+        let (status, body) = get_on(&mut c, path).await;
+        let want = if path.starts_with("/empty") {
+            StatusCode::NO_CONTENT
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(status, want, "{path}");
+        if path.starts_with("/big") {
+            assert_eq!(body.len(), 256 * 1024, "the whole large body");
+        }
+    }
+    let hits = log.hits();
+    let port = |p: &str| {
+        hits.iter()
+            .find(|h| h.path == p)
+            .map(|h| h.port)
+            .unwrap_or_else(|| panic!("{p} not seen: {hits:?}"))
+    };
+    // Pinned from the second request on ...
+    assert_ne!(port("/1"), port("/2"), "the burst did not pin");
+    assert_eq!(metric(&gw, "fhirgate_upstream_pinned_connections"), 1.0);
+    // ... kept across an empty body and a large one (each read to its end) ...
+    for p in ["/empty/3", "/4", "/big/5", "/6", "/close/7"] {
+        assert_eq!(port(p), port("/2"), "{p} not on the pinned connection");
+    }
+    // ... and replaced when the upstream closes it.
+    assert_ne!(port("/8"), port("/close/7"));
+    assert_eq!(port("/9"), port("/8"));
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn an_idle_client_holds_no_upstream_connection_and_the_cap_holds() {
+    let pki = Pki::new();
+    let (up, log) = recording_upstream().await;
+    let mut o = Opts::new(up);
+    o.upstream_extra = "  max_pinned_connections: 1\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let (mut a, _ta) = open_h1(&tls_client(&pki, Some("client"), H1), addr)
+        .await
+        .expect("a");
+    let (mut b, _tb) = open_h1(&tls_client(&pki, Some("second-client"), H1), addr)
+        .await
+        .expect("b");
+    for i in 0..3 {
+        get_on(&mut a, &format!("/a/{i}")).await;
+        get_on(&mut b, &format!("/b/{i}")).await;
+    }
+    let pinned = "fhirgate_upstream_pinned_connections";
+    assert_eq!(metric(&gw, pinned), 1.0, "capped at one");
+    // The pool's connection(s) and the one pinned: b's burst stayed on the pool.
+    let open = log.open();
+    assert!((2..=3).contains(&open), "{open} upstream connections");
+
+    // Both clients go quiet: parked, they give their pinned connection up.
+    wait_metric(&gw, "fhirgate_parked_connections", 2.0).await;
+    assert_eq!(metric(&gw, pinned), 0.0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while log.open() >= open && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(log.open(), open - 1, "the pinned connection was closed");
+    // And the next burst starts on the pool again, then pins.
+    get_on(&mut a, "/a/again").await;
+    get_on(&mut a, "/a/again2").await;
+    assert_eq!(metric(&gw, pinned), 1.0);
+    gw.shutdown(Duration::from_secs(2)).await;
+
+    // Off: every request through the pool.
+    let (up, log) = recording_upstream().await;
+    let mut o = Opts::new(up);
+    o.upstream_extra = "  max_pinned_connections: 0\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let (mut a, _ta) = open_h1(&tls_client(&pki, Some("client"), H1), addr)
+        .await
+        .expect("a");
+    for i in 0..4 {
+        get_on(&mut a, &format!("/a/{i}")).await;
+    }
+    let hits = log.hits();
+    assert!(ports(&hits).iter().all(|p| *p == hits[0].port), "{hits:?}");
+    assert_eq!(metric(&gw, pinned), 0.0);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn refusals_on_a_pinned_connection_are_the_pools_refusals() {
+    let pki = Pki::new();
+    let (up, _log) = recording_upstream().await;
+    let mut o = Opts::new(up);
+    o.limits = "  max_body_bytes: 1024\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let (mut c, _t) = open_h1(&tls_client(&pki, Some("client"), H1), addr)
+        .await
+        .expect("client");
+    get_on(&mut c, "/1").await;
+    get_on(&mut c, "/2").await;
+    assert_eq!(metric(&gw, "fhirgate_upstream_pinned_connections"), 1.0);
+
+    // Slower than response_timeout (2 s): 504, and the connection it was on is dropped.
+    let (status, body) = get_on(&mut c, "/slow/3").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(String::from_utf8_lossy(&body).contains("REC_TIMEOUT"));
+    assert_eq!(metric(&gw, "fhirgate_upstream_pinned_connections"), 0.0);
+
+    // A body streamed past max_body_bytes (no Content-Length, so only counting finds
+    // it) on a pinned connection: 413, as on the pool.
+    let (status, _) = get_on(&mut c, "/4").await;
+    assert_eq!(status, StatusCode::OK);
+    let tls = connect(&tls_client(&pki, Some("client"), H1), addr)
+        .await
+        .expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    for i in 0..2 {
+        let resp = tx
+            .send_request(h1_get(&format!("/warm/{i}")).map(|_| {
+                http_body_util::Either::Left::<_, http_body_util::StreamBody<_>>(Full::new(
+                    Bytes::new(),
+                ))
+            }))
+            .await
+            .expect("warm-up");
+        let _ = resp.into_body().collect().await;
+        tx.ready().await.expect("ready");
+    }
+    let frames =
+        (0..8).map(|_| Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(vec![b'y'; 512]))));
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+    let req = Request::post("/process")
+        .header("host", "localhost")
+        .body(http_body_util::Either::Right(body))
+        .expect("request");
+    let resp = tx.send_request(req).await.expect("answer");
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // The upstream gone: 502 for the next request of a busy connection.
+    gw.shutdown(Duration::from_secs(2)).await;
+    let (gw, addr) = gateway(&pki, &Opts::new(dead_port().await)).await;
+    let (mut c, _t) = open_h1(&tls_client(&pki, Some("client"), H1), addr)
+        .await
+        .expect("client");
+    for path in ["/1", "/2"] {
+        let (status, body) = get_on(&mut c, path).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{path}");
+        assert!(String::from_utf8_lossy(&body).contains("REC_SERVICE_UNAVAILABLE"));
+    }
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Plain or TLS upstream stream, one type for the upstream's server.
+mod either_io {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio::net::TcpStream;
+
+    pub enum Io {
+        Plain(TcpStream),
+        Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    }
+
+    impl AsyncRead for Io {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            match self.get_mut() {
+                Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+                Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            }
+        }
+    }
+
+    impl AsyncWrite for Io {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            match self.get_mut() {
+                Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+                Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            }
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            match self.get_mut() {
+                Io::Plain(s) => Pin::new(s).poll_flush(cx),
+                Io::Tls(s) => Pin::new(s).poll_flush(cx),
+            }
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            match self.get_mut() {
+                Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+                Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn pinned_connections_to_an_https_upstream_verify_it_and_present_the_gateways_certificate() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pki = Pki::new();
+    let mut roots = rustls::RootCertStore::empty();
+    for f in ["root-ca.crt", "sub-ca.crt"] {
+        for c in CertificateDer::pem_file_iter(pki.path(f)).expect("ca file") {
+            roots.add(c.expect("ca pem")).expect("ca");
+        }
+    }
+    let provider = fhirgate::tls::provider();
+    // The upstream requires a client certificate: the gateway's upstream.client_cert.
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .expect("verifier");
+    let chain: Vec<_> = CertificateDer::pem_file_iter(pki.path("server.crt"))
+        .expect("server cert")
+        .collect::<Result<_, _>>()
+        .expect("pem");
+    let key = PrivateKeyDer::from_pem_file(pki.path("server.key")).expect("server key");
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .expect("server config");
+    let (up, log) =
+        recording_upstream_on(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))).await;
+
+    let mut o = Opts::new(up);
+    o.upstream_extra = format!(
+        "  ca_file: {}\n  client_cert: {}\n  client_key: {}\n",
+        pki.path("root-ca.crt").display(),
+        pki.path("client.crt").display(),
+        pki.path("client.key").display()
+    );
+    let yaml = config_yaml(&pki, &o).replace(
+        &format!("url: http://{up}"),
+        &format!("url: https://localhost:{}", up.port()),
+    );
+    let cfg = fhirgate::config::Config::from_yaml(&yaml, std::path::Path::new("/"))
+        .unwrap_or_else(|e| panic!("config: {e}\n{yaml}"));
+    let gw = fhirgate::server::start(&cfg).await.expect("start gateway");
+    let addr = gw.addrs[0];
+    let (mut c, _t) = open_h1(&tls_client(&pki, Some("client"), H1), addr)
+        .await
+        .expect("client");
+    for i in 0..4 {
+        let (status, body) = get_on(&mut c, &format!("/{i}")).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    }
+    let hits = log.hits();
+    assert_eq!(hits.len(), 4);
+    assert!(
+        ports(&hits[1..]).iter().all(|p| *p == hits[1].port),
+        "{hits:?}"
+    );
+    assert_ne!(hits[0].port, hits[1].port);
+    assert_eq!(hits[1].host, format!("localhost:{}", up.port()));
+    assert_eq!(metric(&gw, "fhirgate_upstream_pinned_connections"), 1.0);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
