@@ -123,6 +123,32 @@ async fn recording_upstream_on(tls: Option<tokio_rustls::TlsAcceptor>) -> (Socke
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
+/// An HTTP/1.1 client connection presenting `cert`.
+async fn client_h1(
+    pki: &Pki,
+    cert: &str,
+    addr: SocketAddr,
+) -> (Sender, tokio::task::JoinHandle<()>) {
+    open_h1(&tls_client(pki, Some(cert), H1), addr)
+        .await
+        .unwrap_or_else(|e| panic!("{cert}: {e}"))
+}
+
+/// A gateway in front of a [`recording_upstream`], with these `upstream:` and `limits:`
+/// lines.
+async fn recorded_gateway(
+    pki: &Pki,
+    upstream_extra: &str,
+    limits: &str,
+) -> (fhirgate::server::Running, SocketAddr, Log) {
+    let (up, log) = recording_upstream().await;
+    let mut o = Opts::new(up);
+    o.upstream_extra = upstream_extra.into();
+    o.limits = limits.into();
+    let (gw, addr) = gateway(pki, &o).await;
+    (gw, addr, log)
+}
+
 async fn get_on(tx: &mut Sender, path: &str) -> (StatusCode, Bytes) {
     let resp = tokio::time::timeout(Duration::from_secs(20), async {
         tx.ready().await.expect("client connection ready");
@@ -143,12 +169,8 @@ async fn a_busy_connection_gets_its_own_upstream_connection_and_only_its_own_ans
     let pki = Pki::new();
     let (up, log) = recording_upstream().await;
     let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
-    let (mut a, _ta) = open_h1(&tls_client(&pki, Some("client"), H1), addr)
-        .await
-        .expect("client a");
-    let (mut b, _tb) = open_h1(&tls_client(&pki, Some("second-client"), H1), addr)
-        .await
-        .expect("client b");
+    let (mut a, _ta) = client_h1(&pki, "client", addr).await;
+    let (mut b, _tb) = client_h1(&pki, "second-client", addr).await;
 
     // Interleaved, so both clients' connections are busy at once.
     let mut answers = Vec::new();
@@ -206,11 +228,8 @@ async fn a_busy_connection_gets_its_own_upstream_connection_and_only_its_own_ans
 #[tokio::test]
 async fn a_pinned_connection_survives_empty_and_large_bodies_and_the_upstream_closing_it() {
     let pki = Pki::new();
-    let (up, log) = recording_upstream().await;
-    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
-    let (mut c, _t) = open_h1(&tls_client(&pki, Some("client"), H1), addr)
-        .await
-        .expect("client");
+    let (gw, addr, log) = recorded_gateway(&pki, "", "").await;
+    let (mut c, _t) = client_h1(&pki, "client", addr).await;
     for path in [
         "/1", "/2", "/empty/3", "/4", "/big/5", "/6", "/close/7", "/8", "/9",
     ] {
@@ -248,16 +267,9 @@ async fn a_pinned_connection_survives_empty_and_large_bodies_and_the_upstream_cl
 #[tokio::test]
 async fn an_idle_client_holds_no_upstream_connection_and_the_cap_holds() {
     let pki = Pki::new();
-    let (up, log) = recording_upstream().await;
-    let mut o = Opts::new(up);
-    o.upstream_extra = "  max_pinned_connections: 1\n".into();
-    let (gw, addr) = gateway(&pki, &o).await;
-    let (mut a, _ta) = open_h1(&tls_client(&pki, Some("client"), H1), addr)
-        .await
-        .expect("a");
-    let (mut b, _tb) = open_h1(&tls_client(&pki, Some("second-client"), H1), addr)
-        .await
-        .expect("b");
+    let (gw, addr, log) = recorded_gateway(&pki, "  max_pinned_connections: 1\n", "").await;
+    let (mut a, _ta) = client_h1(&pki, "client", addr).await;
+    let (mut b, _tb) = client_h1(&pki, "second-client", addr).await;
     for i in 0..3 {
         get_on(&mut a, &format!("/a/{i}")).await;
         get_on(&mut b, &format!("/b/{i}")).await;
@@ -283,13 +295,8 @@ async fn an_idle_client_holds_no_upstream_connection_and_the_cap_holds() {
     gw.shutdown(Duration::from_secs(2)).await;
 
     // Off: every request through the pool.
-    let (up, log) = recording_upstream().await;
-    let mut o = Opts::new(up);
-    o.upstream_extra = "  max_pinned_connections: 0\n".into();
-    let (gw, addr) = gateway(&pki, &o).await;
-    let (mut a, _ta) = open_h1(&tls_client(&pki, Some("client"), H1), addr)
-        .await
-        .expect("a");
+    let (gw, addr, log) = recorded_gateway(&pki, "  max_pinned_connections: 0\n", "").await;
+    let (mut a, _ta) = client_h1(&pki, "client", addr).await;
     for i in 0..4 {
         get_on(&mut a, &format!("/a/{i}")).await;
     }
@@ -302,13 +309,8 @@ async fn an_idle_client_holds_no_upstream_connection_and_the_cap_holds() {
 #[tokio::test]
 async fn refusals_on_a_pinned_connection_are_the_pools_refusals() {
     let pki = Pki::new();
-    let (up, _log) = recording_upstream().await;
-    let mut o = Opts::new(up);
-    o.limits = "  max_body_bytes: 1024\n".into();
-    let (gw, addr) = gateway(&pki, &o).await;
-    let (mut c, _t) = open_h1(&tls_client(&pki, Some("client"), H1), addr)
-        .await
-        .expect("client");
+    let (gw, addr, _log) = recorded_gateway(&pki, "", "  max_body_bytes: 1024\n").await;
+    let (mut c, _t) = client_h1(&pki, "client", addr).await;
     get_on(&mut c, "/1").await;
     get_on(&mut c, "/2").await;
     assert_eq!(metric(&gw, "fhirgate_upstream_pinned_connections"), 1.0);
@@ -355,9 +357,7 @@ async fn refusals_on_a_pinned_connection_are_the_pools_refusals() {
     // The upstream gone: 502 for the next request of a busy connection.
     gw.shutdown(Duration::from_secs(2)).await;
     let (gw, addr) = gateway(&pki, &Opts::new(dead_port().await)).await;
-    let (mut c, _t) = open_h1(&tls_client(&pki, Some("client"), H1), addr)
-        .await
-        .expect("client");
+    let (mut c, _t) = client_h1(&pki, "client", addr).await;
     for path in ["/1", "/2"] {
         let (status, body) = get_on(&mut c, path).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY, "{path}");
@@ -465,9 +465,7 @@ async fn pinned_connections_to_an_https_upstream_verify_it_and_present_the_gatew
         .unwrap_or_else(|e| panic!("config: {e}\n{yaml}"));
     let gw = fhirgate::server::start(&cfg).await.expect("start gateway");
     let addr = gw.addrs[0];
-    let (mut c, _t) = open_h1(&tls_client(&pki, Some("client"), H1), addr)
-        .await
-        .expect("client");
+    let (mut c, _t) = client_h1(&pki, "client", addr).await;
     for i in 0..4 {
         let (status, body) = get_on(&mut c, &format!("/{i}")).await;
         assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
