@@ -95,7 +95,7 @@ impl Upstream {
             .timer(TokioTimer::new())
             .http2_only(cfg.http2)
             .build(https.clone());
-        let host = HeaderValue::from_str(authority.as_str())
+        let host = HeaderValue::from_str(&host_header(&scheme, &authority))
             .map_err(|_| err("upstream.url", "the host is not usable as a Host header"))?;
         let origin = Uri::builder()
             .scheme(scheme.clone())
@@ -224,6 +224,16 @@ impl Upstream {
             conn: Box::pin(conn),
             _count: count,
         })
+    }
+}
+
+/// `Host` as the pool's client writes it (RFC 9110 §7.2: uri-host, and the port unless
+/// it is the scheme's default), so a request carries the same `Host` on either path.
+fn host_header(scheme: &Scheme, authority: &http::uri::Authority) -> String {
+    let default = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    match authority.port_u16() {
+        Some(port) if port != default => format!("{}:{port}", authority.host()),
+        _ => authority.host().to_owned(),
     }
 }
 
@@ -574,4 +584,32 @@ fn default_pool_max_idle() -> usize {
 }
 fn default_max_pinned() -> usize {
     128
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned_host_header_is_the_pools() {
+        let host = |url: &str| {
+            let uri: Uri = url.parse().expect("url");
+            host_header(
+                uri.scheme().expect("scheme"),
+                uri.authority().expect("authority"),
+            )
+        };
+        assert_eq!(host("http://fhir.example.nhs.uk"), "fhir.example.nhs.uk");
+        assert_eq!(
+            host("http://fhir.example.nhs.uk:80/fhir"),
+            "fhir.example.nhs.uk"
+        );
+        assert_eq!(
+            host("https://fhir.example.nhs.uk:443"),
+            "fhir.example.nhs.uk"
+        );
+        assert_eq!(host("https://10.0.0.5:8443"), "10.0.0.5:8443");
+        assert_eq!(host("http://127.0.0.1:8081"), "127.0.0.1:8081");
+        assert_eq!(host("http://[::1]:8081"), "[::1]:8081");
+    }
 }
