@@ -202,7 +202,14 @@ impl Upstream {
                 };
                 match self.open_pinned(count).await {
                     Ok(c) => c,
-                    Err(r) => return Pinned::Answered(Err(r)),
+                    // A timeout is answered (the pool would wait as long again); any
+                    // other failure goes to the pool, whose warm connections may still
+                    // work when an upstream at its connection limit refuses new ones.
+                    Err(r) if r.0 == UpstreamError::Timeout => return Pinned::Answered(Err(r)),
+                    Err((_, detail)) => {
+                        tracing::debug!(target: "fhirgate::upstream", error = %detail, "no pinned connection: the pool serves the request");
+                        return Pinned::NotSent(req);
+                    }
                 }
             }
         };

@@ -481,3 +481,36 @@ async fn pinned_connections_to_an_https_upstream_verify_it_and_present_the_gatew
     assert_eq!(metric(&gw, "fhirgate_upstream_pinned_connections"), 1.0);
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test]
+async fn an_upstream_refusing_new_connections_is_still_reached_through_the_pool() {
+    // An upstream at its connection limit: it serves the connection it accepted first
+    // (the pool's) and refuses any other, here by closing its listening socket.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = listener.local_addr().expect("addr");
+    let served = Arc::new(AtomicUsize::new(0));
+    let s = served.clone();
+    tokio::spawn(async move {
+        let Ok((tcp, _)) = listener.accept().await else {
+            return;
+        };
+        drop(listener);
+        let svc = service_fn(move |_req: Request<Incoming>| {
+            s.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}")))) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tcp), svc)
+            .await;
+    });
+    let pki = Pki::new();
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let (mut c, _t) = client_h1(&pki, "client", addr).await;
+    for path in ["/1", "/2", "/3"] {
+        let (status, _) = get_on(&mut c, path).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+    }
+    assert_eq!(served.load(Ordering::SeqCst), 3);
+    assert_eq!(metric(&gw, "fhirgate_upstream_pinned_connections"), 0.0);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
