@@ -127,7 +127,8 @@ impl Snapshot {
         };
 
         let headers = self.gateway.connection_headers(&identity, peer);
-        // HTTP/2 clients multiplex their requests, so they use the shared pool.
+        // HTTP/2 clients use the shared pool: pinning per stream measured slower
+        // (bench/README.md, eighth pass).
         let pinned = if h2 { None } else { self.gateway.pinned_slot() };
         let conn = Arc::new(ConnInfo {
             identity,
