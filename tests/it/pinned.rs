@@ -63,62 +63,70 @@ async fn recording_upstream_on(tls: Option<tokio_rustls::TlsAcceptor>) -> (Socke
             let l = l.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
-                let io = match tls {
-                    Some(t) => match t.accept(tcp).await {
-                        Ok(s) => either_io::Io::Tls(Box::new(s)),
-                        Err(_) => return,
-                    },
-                    None => either_io::Io::Plain(tcp),
-                };
-                l.open.fetch_add(1, Ordering::SeqCst);
-                let hits = l.hits.clone();
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let hits = hits.clone();
-                    async move {
-                        let header = |n: &str| {
-                            req.headers()
-                                .get(n)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_owned()
-                        };
-                        let hit = Hit {
-                            port: peer.port(),
-                            path: req.uri().to_string(),
-                            cn: header("x-client-cert-cn"),
-                            host: header("host"),
-                        };
-                        let _ = req.into_body().collect().await;
-                        hits.lock().expect("lock").push(hit.clone());
-                        if hit.path.starts_with("/slow") {
-                            tokio::time::sleep(Duration::from_secs(3)).await;
+                match tls {
+                    Some(t) => {
+                        if let Ok(s) = t.accept(tcp).await {
+                            serve_recorded(s, peer, l).await;
                         }
-                        let body = if hit.path.starts_with("/big") {
-                            Bytes::from(vec![b'b'; 256 * 1024])
-                        } else if hit.path.starts_with("/empty") {
-                            Bytes::new()
-                        } else {
-                            Bytes::from(format!("{{\"cn\":\"{}\"}}", hit.cn))
-                        };
-                        let mut r = Response::new(Full::new(body));
-                        if hit.path.starts_with("/empty") {
-                            *r.status_mut() = StatusCode::NO_CONTENT;
-                        }
-                        if hit.path.starts_with("/close") {
-                            r.headers_mut()
-                                .insert("connection", "close".parse().expect("hv"));
-                        }
-                        Ok::<_, Infallible>(r)
                     }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(io), svc)
-                    .await;
-                l.open.fetch_sub(1, Ordering::SeqCst);
+                    None => serve_recorded(tcp, peer, l).await,
+                }
             });
         }
     });
     (addr, log)
+}
+
+/// One upstream connection of [`recording_upstream_on`], plain or TLS.
+async fn serve_recorded<I>(io: I, peer: SocketAddr, l: Log)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    l.open.fetch_add(1, Ordering::SeqCst);
+    let hits = l.hits.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let hits = hits.clone();
+        async move {
+            let header = |n: &str| {
+                req.headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let hit = Hit {
+                port: peer.port(),
+                path: req.uri().to_string(),
+                cn: header("x-client-cert-cn"),
+                host: header("host"),
+            };
+            let _ = req.into_body().collect().await;
+            hits.lock().expect("lock").push(hit.clone());
+            if hit.path.starts_with("/slow") {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            let body = if hit.path.starts_with("/big") {
+                Bytes::from(vec![b'b'; 256 * 1024])
+            } else if hit.path.starts_with("/empty") {
+                Bytes::new()
+            } else {
+                Bytes::from(format!("{{\"cn\":\"{}\"}}", hit.cn))
+            };
+            let mut r = Response::new(Full::new(body));
+            if hit.path.starts_with("/empty") {
+                *r.status_mut() = StatusCode::NO_CONTENT;
+            }
+            if hit.path.starts_with("/close") {
+                r.headers_mut()
+                    .insert("connection", "close".parse().expect("hv"));
+            }
+            Ok::<_, Infallible>(r)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
+    l.open.fetch_sub(1, Ordering::SeqCst);
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -364,57 +372,6 @@ async fn refusals_on_a_pinned_connection_are_the_pools_refusals() {
         assert!(String::from_utf8_lossy(&body).contains("REC_SERVICE_UNAVAILABLE"));
     }
     gw.shutdown(Duration::from_secs(2)).await;
-}
-
-/// Plain or TLS upstream stream, one type for the upstream's server.
-mod either_io {
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-    use tokio::net::TcpStream;
-
-    pub enum Io {
-        Plain(TcpStream),
-        Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    }
-
-    impl AsyncRead for Io {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            match self.get_mut() {
-                Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-                Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
-            }
-        }
-    }
-
-    impl AsyncWrite for Io {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            match self.get_mut() {
-                Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-                Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
-            }
-        }
-        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            match self.get_mut() {
-                Io::Plain(s) => Pin::new(s).poll_flush(cx),
-                Io::Tls(s) => Pin::new(s).poll_flush(cx),
-            }
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            match self.get_mut() {
-                Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-                Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
-            }
-        }
-    }
 }
 
 #[tokio::test]
