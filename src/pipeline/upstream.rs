@@ -8,7 +8,7 @@
 //! ([`PinnedSlot`]), driven inside the client connection's task, as nginx runs an upstream
 //! socket in the client's event loop: hyper-util's pool drives each connection in a task
 //! of its own, so every request and its response cross between tasks (bench/README.md,
-//! eighth pass: 10–16% of CPU per request on keep-alive GET).
+//! eighth pass: 8–16% of CPU per request on keep-alive GET).
 
 use std::future::Future;
 use std::pin::Pin;
