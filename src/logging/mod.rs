@@ -11,15 +11,16 @@
 //! first: it wakes its thread for every line, which cost more than the `write` it saved;
 //! see bench/README.md.)
 
+use std::cell::RefCell;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 mod format;
-pub use format::ACCESS;
+pub use format::{AccessLine, ACCESS};
 
 /// How long the log thread gathers lines before writing them.
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
@@ -27,6 +28,9 @@ const BATCH_WINDOW: Duration = Duration::from_millis(5);
 const MAX_PENDING: usize = 16 << 20;
 
 static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Set by [`init`] when access lines can be written straight to the log thread's
+/// buffer: text format, no colour, the log thread running.
+static DIRECT: AtomicBool = AtomicBool::new(false);
 static SHARED: OnceLock<Arc<Shared>> = OnceLock::new();
 
 #[derive(Default)]
@@ -84,8 +88,36 @@ pub fn init(json: bool) -> FlushGuard {
         builder.json().flatten_event(true).init();
     } else {
         builder.event_format(format::Lines::default()).init();
+        DIRECT.store(!ansi && thread.is_some(), Ordering::Relaxed);
     }
     FlushGuard { thread }
+}
+
+/// Logs one request's access line (target [`ACCESS`], level INFO, so `FHIRGATE_LOG`
+/// filters it as any other event). In plain text logs it is formatted here, with the
+/// bytes the `tracing` formatter would write, and appended to the log thread's buffer.
+pub fn access(line: &AccessLine<'_>) {
+    thread_local! {
+        static TEXT: RefCell<String> = const { RefCell::new(String::new()) };
+    }
+    if DIRECT.load(Ordering::Relaxed) {
+        if !tracing::enabled!(target: ACCESS, tracing::Level::INFO) {
+            return;
+        }
+        let written = TEXT.with(|t| {
+            let mut t = t.try_borrow_mut().ok()?;
+            t.clear();
+            line.write_text(std::time::SystemTime::now(), &mut t)?;
+            let _ = LineSink.write(t.as_bytes());
+            // A burst's odd long line does not stay allocated.
+            t.shrink_to(4096);
+            Some(())
+        });
+        if written.is_some() {
+            return;
+        }
+    }
+    line.emit();
 }
 
 /// Log lines dropped because stderr could not keep up (0 before [`init`]).

@@ -223,30 +223,34 @@ impl Gateway {
         };
         let trace_id = trace.context.as_ref().map(TraceContext::trace_id_hex);
         let span_id = trace.context.as_ref().map(TraceContext::span_id_hex);
-        tracing::info!(
-            target: crate::logging::ACCESS,
-            method = %method,
-            path = %path,
+        crate::logging::access(&crate::logging::AccessLine {
+            method: method.as_str(),
+            path: &path,
             status,
-            latency_ms = latency.as_secs_f64() * 1000.0,
-            client_subject = %conn.identity.subject,
-            client_fingerprint = %conn.identity.fingerprint_sha256,
-            bundle = %conn.identity.bundle,
-            peer = %conn.peer,
+            latency_ms: latency.as_secs_f64() * 1000.0,
+            client_subject: &conn.identity.subject,
+            client_fingerprint: &conn.identity.fingerprint_sha256,
+            bundle: &conn.identity.bundle,
+            peer: conn.peer,
             route,
-            ods_code = trace.ods_code.as_deref().unwrap_or("-"),
-            client_id = trace.client_id.as_deref().unwrap_or("-"),
-            token_hash = trace.token_hash.as_deref().unwrap_or("-"),
-            auth = if self.auth.is_development() { "DEVELOPMENT-NO-TOKEN-CHECK" } else { "checked" },
-            upstream_status = trace.upstream_status.unwrap_or(0),
-            upstream_ms = trace.upstream_time.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
-            rejection = trace.rejection.unwrap_or("-"),
-            request_id = id(0),
-            correlation_id = id(1),
-            trace_id = trace_id.as_ref().map_or("", Hex::as_str),
-            span_id = span_id.as_ref().map_or("", Hex::as_str),
-            "request"
-        );
+            ods_code: trace.ods_code.as_deref().unwrap_or("-"),
+            client_id: trace.client_id.as_deref().unwrap_or("-"),
+            token_hash: trace.token_hash.as_deref().unwrap_or("-"),
+            auth: if self.auth.is_development() {
+                "DEVELOPMENT-NO-TOKEN-CHECK"
+            } else {
+                "checked"
+            },
+            upstream_status: trace.upstream_status.unwrap_or(0),
+            upstream_ms: trace
+                .upstream_time
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+            rejection: trace.rejection.unwrap_or("-"),
+            request_id: id(0),
+            correlation_id: id(1),
+            trace_id: trace_id.as_ref().map_or("", Hex::as_str),
+            span_id: span_id.as_ref().map_or("", Hex::as_str),
+        });
         #[cfg(feature = "otlp")]
         if let (Some(x), Some(tc)) = (&self.otlp, &trace.context) {
             let end = std::time::SystemTime::now();

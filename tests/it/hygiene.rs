@@ -177,6 +177,70 @@ async fn request_ids_are_made_up_and_access_paths_redacted() {
     assert!(log.contains("path=/Patient/9000000009"), "{log}");
 }
 
+/// The access line is an INFO event of target `fhirgate::access` whichever way it is
+/// written: `FHIRGATE_LOG` can turn it off like any other target, and JSON logs carry it
+/// as a JSON object with the same fields as the text line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_lines_follow_the_log_filter_and_format() {
+    let pki = Pki::new();
+    let (up, _seen) = upstream(UpstreamMode::Echo).await;
+    let gw = free_addr();
+    let o = Opts::new(up);
+    let text = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw.to_string());
+    let json = format!("{text}logging:\n  format: json\n");
+    let c = tls_client(&pki, Some("client"), H1);
+    let cfg_path = pki.path("config.yaml");
+    let log_path = pki.path("filtered.log");
+    for (yaml, filter) in [
+        (&text, "info"),
+        (&text, "info,fhirgate::access=off"),
+        (&json, "info"),
+    ] {
+        std::fs::write(&cfg_path, yaml).unwrap();
+        let mut child = run_gateway(&cfg_path, &log_path, &[("FHIRGATE_LOG", filter)]);
+        let mut up_now = false;
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(gw).is_ok() {
+                up_now = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        assert!(
+            up_now,
+            "{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        let got = send(&c, gw, get("/Patient/1")).await.unwrap();
+        assert_eq!(got.status, StatusCode::OK);
+        signal(&child.0, "-TERM");
+        wait_exit(&mut child, Duration::from_secs(10)).expect("exits");
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        let access: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("fhirgate::access"))
+            .collect();
+        assert!(log.contains("listening (TLS-MA)"), "{filter}: {log}");
+        if filter.contains("=off") {
+            assert!(access.is_empty(), "{filter}: {log}");
+        } else if yaml.contains("format: json") {
+            assert_eq!(access.len(), 1, "{log}");
+            let v: serde_json::Value = serde_json::from_str(access[0]).unwrap();
+            assert_eq!(v["target"], "fhirgate::access", "{v}");
+            assert_eq!(v["level"], "INFO", "{v}");
+            assert_eq!(v["path"], "/Patient/1", "{v}");
+            assert_eq!(v["status"], 200, "{v}");
+            assert_eq!(v["upstream_status"], 200, "{v}");
+            assert!(v["latency_ms"].as_f64().is_some(), "{v}");
+        } else {
+            assert_eq!(access.len(), 1, "{log}");
+            let line = access[0];
+            assert!(line.contains("  INFO fhirgate::access: request method=GET path=/Patient/1 status=200 latency_ms="), "{line}");
+            assert!(line.contains(" route=\"all\" "), "{line}");
+        }
+    }
+}
+
 /// With BaRS checks on, a missing `X-Request-ID` stays a 400 naming it (BaRS: the sender
 /// must send one); nothing is made up or echoed.
 #[tokio::test]
