@@ -124,10 +124,11 @@ impl AccessLine<'_> {
         );
     }
 
-    /// The line exactly as [`Lines`] writes [`AccessLine::emit`]'s event, without
-    /// `tracing`'s per-field dispatch (8% of a keep-alive GET's CPU time;
-    /// bench/README.md, ninth pass). `None` when the clock is outside what the default
-    /// timer writes.
+    /// The line as [`Lines`] writes [`AccessLine::emit`]'s event (the same bytes, but
+    /// for the digits of a float in an exact tie: [`Text::float`]), without `tracing`'s
+    /// per-field dispatch and the formatting machinery (8-10% of a keep-alive GET's CPU
+    /// time; bench/README.md, ninth pass). `None` when the clock is outside what the
+    /// default timer writes.
     pub fn write_text(&self, now: SystemTime, out: &mut String) -> Option<()> {
         let in_range = now
             .duration_since(UNIX_EPOCH)
@@ -135,41 +136,90 @@ impl AccessLine<'_> {
         if !in_range {
             return None;
         }
-        let mut w = Writer::new(out);
-        write!(
-            w,
-            "{}  INFO {ACCESS}: request",
-            humantime::format_rfc3339_micros(now)
-        )
-        .ok()?;
-        let mut f = PlainFields {
-            writer: w,
-            first: false,
-            result: Ok(()),
-        };
-        f.display("method", &self.method);
-        f.display("path", &self.path);
-        f.number("status", self.status.into());
-        f.float("latency_ms", self.latency_ms);
-        f.display("client_subject", &self.client_subject);
-        f.display("client_fingerprint", &self.client_fingerprint);
-        f.display("bundle", &self.bundle);
-        f.display("peer", &self.peer);
-        f.string("route", self.route);
-        f.string("ods_code", self.ods_code);
-        f.string("client_id", self.client_id);
-        f.string("token_hash", self.token_hash);
-        f.string("auth", self.auth);
-        f.number("upstream_status", self.upstream_status.into());
-        f.float("upstream_ms", self.upstream_ms);
-        f.string("rejection", self.rejection);
-        f.string("request_id", self.request_id);
-        f.string("correlation_id", self.correlation_id);
-        f.string("trace_id", self.trace_id);
-        f.string("span_id", self.span_id);
-        f.result.ok()?;
-        f.writer.write_char('\n').ok()
+        write!(out, "{}", humantime::format_rfc3339_micros(now)).ok()?;
+        out.push_str("  INFO ");
+        out.push_str(ACCESS);
+        out.push_str(": request");
+        let mut t = Text(out);
+        t.shown("method", self.method);
+        t.shown("path", self.path);
+        t.number("status", self.status.into());
+        t.float("latency_ms", self.latency_ms);
+        t.shown("client_subject", self.client_subject);
+        t.shown("client_fingerprint", self.client_fingerprint);
+        t.shown("bundle", self.bundle);
+        write!(t.0, " peer={}", self.peer).ok()?;
+        t.quoted("route", self.route);
+        t.quoted("ods_code", self.ods_code);
+        t.quoted("client_id", self.client_id);
+        t.quoted("token_hash", self.token_hash);
+        t.quoted("auth", self.auth);
+        t.number("upstream_status", self.upstream_status.into());
+        t.float("upstream_ms", self.upstream_ms);
+        t.quoted("rejection", self.rejection);
+        t.quoted("request_id", self.request_id);
+        t.quoted("correlation_id", self.correlation_id);
+        t.quoted("trace_id", self.trace_id);
+        t.quoted("span_id", self.span_id);
+        out.push('\n');
+        Some(())
     }
+}
+
+/// The access line's fields, appended as [`PlainFields`] writes them.
+struct Text<'a>(&'a mut String);
+
+impl Text<'_> {
+    /// ` name=value`: a `name = %value` field.
+    fn shown(&mut self, name: &str, value: &str) {
+        self.0.push(' ');
+        self.0.push_str(name);
+        self.0.push('=');
+        self.0.push_str(value);
+    }
+
+    /// A `name = value` string field: quoted, escaped as `Debug` escapes it.
+    fn quoted(&mut self, name: &str, value: &str) {
+        if plain(value) {
+            self.0.push(' ');
+            self.0.push_str(name);
+            self.0.push_str("=\"");
+            self.0.push_str(value);
+            self.0.push('"');
+        } else {
+            let _ = write!(self.0, " {name}={value:?}");
+        }
+    }
+
+    fn number(&mut self, name: &str, value: u64) {
+        self.0.push(' ');
+        self.0.push_str(name);
+        self.0.push('=');
+        self.0.push_str(itoa::Buffer::new().format(value));
+    }
+
+    /// As `Debug` writes an `f64`. In [1e-4, 1e16) that is the shortest digits that read
+    /// back as the same number, in positional notation, which zmij writes too, faster
+    /// (in an exact tie between two such digit strings it may pick the other one, which
+    /// reads back the same); elsewhere, where `Debug` switches to an exponent at
+    /// another point than zmij, `Debug` itself.
+    fn float(&mut self, name: &str, value: f64) {
+        self.0.push(' ');
+        self.0.push_str(name);
+        self.0.push('=');
+        if value == 0.0 || (1e-4..1e16).contains(&value.abs()) {
+            self.0.push_str(zmij::Buffer::new().format_finite(value));
+        } else {
+            let _ = write!(self.0, "{value:?}");
+        }
+    }
+}
+
+/// A string whose `Debug` form is itself in quotes: printable ASCII without `"` or `\`.
+fn plain(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
 }
 
 /// The default formatter's level column (right-aligned in five characters).
@@ -203,23 +253,11 @@ impl PlainFields<'_> {
 }
 
 impl PlainFields<'_> {
-    /// ` name=value`, with `value` as `name = %value` shows it.
-    fn display(&mut self, name: &str, value: &dyn fmt::Display) {
-        self.pad();
-        if self.result.is_ok() {
-            self.result = write!(self.writer, "{name}={value}");
-        }
-    }
-
     fn string(&mut self, name: &str, value: &str) {
-        // `Debug` of a string of printable ASCII without `"` or `\` is the string in
-        // quotes: written without the escaping machinery.
-        let plain = value
-            .bytes()
-            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
         self.pad();
         if self.result.is_ok() {
-            self.result = if plain {
+            // Without the escaping machinery where `Debug` would not escape.
+            self.result = if plain(value) {
                 write!(self.writer, "{name}=\"{value}\"")
             } else {
                 write!(self.writer, "{name}={value:?}")
@@ -232,13 +270,6 @@ impl PlainFields<'_> {
         if self.result.is_ok() {
             let mut b = itoa::Buffer::new();
             self.result = write!(self.writer, "{name}={}", b.format(value));
-        }
-    }
-
-    fn float(&mut self, name: &str, value: f64) {
-        self.pad();
-        if self.result.is_ok() {
-            self.result = write!(self.writer, "{name}={value:?}");
         }
     }
 }
@@ -399,6 +430,68 @@ mod tests {
         // A clock past what the default timer writes is left to it.
         let far = UNIX_EPOCH + std::time::Duration::from_secs(LAST_FOUR_DIGIT_SECOND + 1);
         assert!(line.write_text(far, &mut String::new()).is_none());
+    }
+
+    /// The fast float path writes the number `Debug` writes: millisecond figures as the
+    /// gateway computes them from nanoseconds, pseudo-random bit patterns across the whole
+    /// range, and the edges where notations switch.
+    #[test]
+    fn floats_are_written_as_debug_writes_them() {
+        let ties = std::cell::Cell::new(0);
+        let check = |v: f64| {
+            let mut ours = String::new();
+            Text(&mut ours).float("x", v);
+            let theirs = format!(" x={v:?}");
+            if ours != theirs {
+                // Where two shortest digit strings are exactly as close to the value,
+                // the two algorithms may break the tie differently: same length, and
+                // both read back as the same f64.
+                let back = |s: &str| s[3..].parse::<f64>().unwrap().to_bits();
+                assert_eq!(ours.len(), theirs.len(), "{ours} {theirs}");
+                assert_eq!(back(&ours), v.to_bits(), "{ours} {theirs}");
+                assert_eq!(back(&theirs), v.to_bits(), "{ours} {theirs}");
+                ties.set(ties.get() + 1);
+            }
+        };
+        for v in [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            1e-4,
+            9.999_999_999_999_999e-5,
+            1e-5,
+            1e15,
+            9.999e15,
+            1e16,
+            1e21,
+            0.1,
+            0.3,
+            2.5e-8,
+            f64::MIN_POSITIVE,
+            f64::MAX,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            check(v);
+        }
+        for nanos in (0..2_000_000u64)
+            .step_by(7)
+            .chain((0..40).map(|i| 1u64 << i))
+        {
+            check(std::time::Duration::from_nanos(nanos).as_secs_f64() * 1000.0);
+        }
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..200_000 {
+            // xorshift64: deterministic bit patterns, every exponent.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            check(f64::from_bits(x));
+        }
+        // Ties are rare: the exact value must have one digit more than the shortest.
+        assert!(ties.get() < 100, "{} ties", ties.get());
     }
 
     /// The access line is the default formatter's line, byte for byte.

@@ -40,40 +40,48 @@ const FORWARDING: [HeaderName; 5] = [
     HeaderName::from_static("x-real-ip"),
 ];
 
-/// Removes hop-by-hop headers, including any named in `Connection`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Empty (and unallocated) when there is no `Connection` header.
-    let listed: Vec<HeaderName> = headers
+/// The names a `Connection` header lists: hop-by-hop too (RFC 9110 §7.6.1). Empty (and
+/// unallocated) when there is no `Connection` header.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in listed {
-        headers.remove(n);
-    }
-    for n in &HOP_BY_HOP {
+        .collect()
+}
+
+/// Removes every header `doomed` picks: one pass over the few headers a request has,
+/// rather than a lookup for each of the twenty-odd names that might be there.
+fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    // Unallocated when nothing matches, as for most requests.
+    let found: Vec<HeaderName> = headers.keys().filter(|k| doomed(k)).cloned().collect();
+    for n in found {
         headers.remove(n);
     }
 }
 
+fn is_hop_by_hop(name: &HeaderName, listed: &[HeaderName]) -> bool {
+    HOP_BY_HOP.contains(name) || listed.contains(name)
+}
+
+/// A header the gateway is the only authority for.
+fn is_reserved(name: &HeaderName, names: &IdentityNames) -> bool {
+    names.0.iter().flatten().any(|n| n == name)
+        || FORWARDING.contains(name)
+        || name.as_str().starts_with(RESERVED_PREFIX)
+}
+
+/// Removes hop-by-hop headers, including any named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed = connection_listed(headers);
+    remove_where(headers, |k| is_hop_by_hop(k, &listed));
+}
+
 /// Removes every header the gateway is the only authority for.
 pub fn strip_reserved(headers: &mut HeaderMap, names: &IdentityNames) {
-    for n in names.0.iter().flatten() {
-        headers.remove(n);
-    }
-    for n in &FORWARDING {
-        headers.remove(n);
-    }
-    let reserved: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with(RESERVED_PREFIX))
-        .cloned()
-        .collect();
-    for n in reserved {
-        headers.remove(n);
-    }
+    remove_where(headers, |k| is_reserved(k, names));
 }
 
 /// Makes any text safe as a header value: printable ASCII stays, everything else
@@ -137,10 +145,11 @@ pub fn upstream_request_headers(
     conn: &ConnectionHeaders,
     original_host: Option<HeaderValue>,
 ) {
-    strip_hop_by_hop(headers);
-    strip_reserved(headers, names);
+    let listed = connection_listed(headers);
     // The upstream's Host comes from the upstream URI; the client's goes in X-Forwarded-Host.
-    headers.remove(header::HOST);
+    remove_where(headers, |k| {
+        k == header::HOST || is_hop_by_hop(k, &listed) || is_reserved(k, names)
+    });
     for (name, value) in &conn.0 {
         headers.insert(name.clone(), value.clone());
     }

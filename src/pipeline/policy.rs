@@ -161,25 +161,32 @@ pub fn check_path(path: &str) -> Result<(), PolicyError> {
             "Backslashes are not allowed in the path",
         ));
     }
-    let lower = path.to_ascii_lowercase();
-    for enc in ["%2e", "%2f", "%5c", "%00", "%25"] {
-        if lower.contains(enc) {
-            return Err(PolicyError::BadPath(
-                "Encoded dots, slashes, backslashes, NULs or percent signs are not allowed in the path",
-            ));
+    // Without a `%` (most paths) the path is its own decoding: nothing to copy.
+    let decoded = if path.contains('%') {
+        let lower = path.to_ascii_lowercase();
+        for enc in ["%2e", "%2f", "%5c", "%00", "%25"] {
+            if lower.contains(enc) {
+                return Err(PolicyError::BadPath(
+                    "Encoded dots, slashes, backslashes, NULs or percent signs are not allowed in the path",
+                ));
+            }
         }
-    }
-    // Overlong or otherwise invalid UTF-8 (`%c0%ae` is '.' to some old decoders) and
-    // malformed escapes are decoded differently by different servers.
-    let decoded = percent_decode(path)
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or(PolicyError::BadPath(
-            "Percent-encoding in the path must be valid UTF-8",
-        ))?;
+        // Overlong or otherwise invalid UTF-8 (`%c0%ae` is '.' to some old decoders) and
+        // malformed escapes are decoded differently by different servers.
+        Some(
+            percent_decode(path)
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or(PolicyError::BadPath(
+                    "Percent-encoding in the path must be valid UTF-8",
+                ))?,
+        )
+    } else {
+        None
+    };
     // Servlet containers (Tomcat, Jetty) drop `;parameters` from a segment before
     // resolving dot segments, so `/metadata/..;/Patient` is `/Patient` to them; and a
     // decoded `%3b` may be read as that `;`.
-    for p in [path, decoded.as_str()] {
+    for p in std::iter::once(path).chain(decoded.as_deref()) {
         for seg in p.split('/').skip(1) {
             let name = seg.split(';').next().unwrap_or(seg);
             if name == "." || name == ".." {
