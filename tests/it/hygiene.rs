@@ -11,12 +11,30 @@ use fhirgate::pipeline::nhsd;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
+/// The access lines of a log.
+fn access_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("fhirgate::access"))
+        .collect()
+}
+
 /// Starts `fhirgate run` on `yaml` (listener at `gw`), logging to `log`; waits until the
 /// listener accepts TCP.
 fn start_binary(pki: &Pki, yaml: &str, gw: SocketAddr, log: &std::path::Path) -> KillOnDrop {
+    start_binary_with(pki, yaml, gw, log, &[])
+}
+
+/// [`start_binary`] with environment variables.
+fn start_binary_with(
+    pki: &Pki,
+    yaml: &str,
+    gw: SocketAddr,
+    log: &std::path::Path,
+    env: &[(&str, &str)],
+) -> KillOnDrop {
     let cfg_path = pki.path("config.yaml");
     std::fs::write(&cfg_path, yaml).unwrap();
-    let child = run_gateway(&cfg_path, log, &[]);
+    let child = run_gateway(&cfg_path, log, env);
     for _ in 0..200 {
         if std::net::TcpStream::connect(gw).is_ok() {
             return child;
@@ -127,10 +145,7 @@ async fn request_ids_are_made_up_and_access_paths_redacted() {
     signal(&child.0, "-TERM");
     wait_exit(&mut child, Duration::from_secs(10)).expect("exits");
     let log = std::fs::read_to_string(&log_path).unwrap();
-    let access: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("fhirgate::access"))
-        .collect();
+    let access = access_lines(&log);
     assert_eq!(access.len(), 3, "{log}");
     assert!(
         access[0].contains("path=/Patient/{id}/_history/{vid}"),
@@ -189,37 +204,19 @@ async fn access_lines_follow_the_log_filter_and_format() {
     let text = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw.to_string());
     let json = format!("{text}logging:\n  format: json\n");
     let c = tls_client(&pki, Some("client"), H1);
-    let cfg_path = pki.path("config.yaml");
     let log_path = pki.path("filtered.log");
     for (yaml, filter) in [
         (&text, "info"),
         (&text, "info,fhirgate::access=off"),
         (&json, "info"),
     ] {
-        std::fs::write(&cfg_path, yaml).unwrap();
-        let mut child = run_gateway(&cfg_path, &log_path, &[("FHIRGATE_LOG", filter)]);
-        let mut up_now = false;
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(gw).is_ok() {
-                up_now = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        assert!(
-            up_now,
-            "{}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        );
+        let mut child = start_binary_with(&pki, yaml, gw, &log_path, &[("FHIRGATE_LOG", filter)]);
         let got = send(&c, gw, get("/Patient/1")).await.unwrap();
         assert_eq!(got.status, StatusCode::OK);
         signal(&child.0, "-TERM");
         wait_exit(&mut child, Duration::from_secs(10)).expect("exits");
         let log = std::fs::read_to_string(&log_path).unwrap();
-        let access: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("fhirgate::access"))
-            .collect();
+        let access = access_lines(&log);
         assert!(log.contains("listening (TLS-MA)"), "{filter}: {log}");
         if filter.contains("=off") {
             assert!(access.is_empty(), "{filter}: {log}");
