@@ -87,7 +87,7 @@ pub fn init(json: bool) -> FlushGuard {
     if json {
         builder.json().flatten_event(true).init();
     } else {
-        builder.event_format(format::Lines::default()).init();
+        builder.init();
         DIRECT.store(!ansi && thread.is_some(), Ordering::Relaxed);
     }
     FlushGuard { thread }

@@ -79,11 +79,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     remove_where(headers, |k| is_hop_by_hop(k, &listed));
 }
 
-/// Removes every header the gateway is the only authority for.
-pub fn strip_reserved(headers: &mut HeaderMap, names: &IdentityNames) {
-    remove_where(headers, |k| is_reserved(k, names));
-}
-
 /// Makes any text safe as a header value: printable ASCII stays, everything else
 /// (and `%`) is percent-encoded, as Envoy does for certificate fields.
 pub fn header_value(text: &str) -> HeaderValue {
