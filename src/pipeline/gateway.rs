@@ -70,8 +70,8 @@ pub(super) struct Trace<'g> {
     pub(super) upstream_status: Option<u16>,
     pub(super) upstream_time: Option<Duration>,
     pub(super) ods_code: Option<String>,
-    pub(super) client_id: Option<String>,
-    pub(super) token_hash: Option<String>,
+    /// The verified token's facts, shared with its cache entry.
+    pub(super) token: Option<Arc<auth::TokenFacts>>,
     /// W3C trace context: continued from the client's `traceparent` or new.
     pub(super) context: Option<TraceContext>,
 }
@@ -221,6 +221,7 @@ impl Gateway {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-")
         };
+        let token = trace.token.as_deref();
         let trace_id = trace.context.as_ref().map(TraceContext::trace_id_hex);
         let span_id = trace.context.as_ref().map(TraceContext::span_id_hex);
         crate::logging::access(&crate::logging::AccessLine {
@@ -234,8 +235,11 @@ impl Gateway {
             peer: conn.peer,
             route,
             ods_code: trace.ods_code.as_deref().unwrap_or("-"),
-            client_id: trace.client_id.as_deref().unwrap_or("-"),
-            token_hash: trace.token_hash.as_deref().unwrap_or("-"),
+            client_id: token.and_then(|t| t.client_id.as_deref()).unwrap_or("-"),
+            token_hash: token
+                .map(|t| t.token_hash.as_str())
+                .filter(|h| !h.is_empty())
+                .unwrap_or("-"),
             auth: if self.auth.is_development() {
                 "DEVELOPMENT-NO-TOKEN-CHECK"
             } else {
@@ -406,7 +410,7 @@ impl Gateway {
         req: &Request<Body>,
         conn: &ConnInfo,
         trace: &mut Trace<'_>,
-    ) -> Result<Option<auth::TokenFacts>, Rejection> {
+    ) -> Result<Option<Arc<auth::TokenFacts>>, Rejection> {
         // RFC 6750 §3.1: a request that "uses more than one method for including an
         // access token" is `invalid_request` (400). Checked on every route, before any
         // introspection, so such a query string never goes anywhere.
@@ -422,19 +426,17 @@ impl Gateway {
             TokenRequirement::None => Ok(None),
             TokenRequirement::Required => {
                 let need = scope::classify(req.method(), req.uri().path());
-                // Boxed: the introspection future is large, and inline it would make
-                // every request's future (kept by hyper for the life of the connection,
-                // idle or not) that large too.
-                let facts = Box::pin(self.auth.authorise(
-                    req.headers(),
-                    &need,
-                    &route.required_scopes,
-                    &conn.identity.fingerprint_sha256,
-                ))
-                .await
-                .map_err(|e| e.refusal(self.auth.config()).rejection())?;
-                trace.client_id = facts.client_id.clone();
-                trace.token_hash = Some(facts.token_hash.clone()).filter(|h| !h.is_empty());
+                let facts = self
+                    .auth
+                    .authorise(
+                        req.headers(),
+                        &need,
+                        &route.required_scopes,
+                        &conn.identity.fingerprint_sha256,
+                    )
+                    .await
+                    .map_err(|e| e.refusal(self.auth.config()).rejection())?;
+                trace.token = Some(facts.clone());
                 Ok(Some(facts))
             }
         }
@@ -504,8 +506,8 @@ impl Gateway {
             tc.set_upstream(&mut parts.headers);
         }
         if let Some(t) = token {
-            for (name, value) in auth::upstream_headers(t) {
-                parts.headers.insert(name, forward::header_value(value));
+            for (name, value) in &t.upstream {
+                parts.headers.insert(name.clone(), value.clone());
             }
         }
         if let (Some(f), Some(cfg)) = (facts, &self.nhsd) {

@@ -49,7 +49,7 @@ impl Gateway {
         service::check_accept(req.headers(), &levels.accept_versions)?; // Accept version
         let req = self.body(req, route).await?; // body limit, RFC 6750 §2.2 form token
         let (out, body_done) =
-            self.upstream_request(req, route, conn, trace, token.as_ref(), facts.as_ref())?; // 7. forward
+            self.upstream_request(req, route, conn, trace, token.as_deref(), facts.as_ref())?; // 7. forward
         self.send(out, body_done, conn.upstream.as_ref(), trace)
             .await // 7. upstream
     }

@@ -20,6 +20,11 @@ pub fn token_key(token: &str) -> TokenKey {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// First 16 hex digits of the token's SHA-256: safe to log, useful to correlate.
+pub fn token_hash(key: &TokenKey) -> String {
+    hex::encode(&key[..8])
+}
+
 pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -32,7 +37,7 @@ pub fn unix_now() -> i64 {
 pub enum CachedToken {
     /// `granted`: the token's SMART scopes, parsed once when cached.
     Active {
-        facts: TokenFacts,
+        facts: Arc<TokenFacts>,
         granted: Vec<super::scope::Scope>,
         ttl: Duration,
     },
@@ -90,7 +95,13 @@ pub fn binding(i: &Introspection) -> Binding {
 }
 
 /// Turns an introspection response into a verdict, applying the local checks.
-pub fn entry_from(i: &Introspection, cfg: &AuthConfig, now: i64) -> CachedToken {
+/// `token_hash`: [`token_hash`] of the token, logged with every request that uses it.
+pub fn entry_from(
+    i: &Introspection,
+    cfg: &AuthConfig,
+    now: i64,
+    token_hash: String,
+) -> CachedToken {
     if !i.active {
         return CachedToken::Inactive;
     }
@@ -122,11 +133,13 @@ pub fn entry_from(i: &Introspection, cfg: &AuthConfig, now: i64) -> CachedToken 
                     client_id: i.client_id.clone(),
                     sub: i.sub.clone(),
                     scope,
-                    token_hash: String::new(),
+                    token_hash,
                     exp: i.exp,
                     development: false,
                     bound_cert_sha256,
-                },
+                    upstream: Vec::new(),
+                }
+                .sealed(),
                 ttl,
             }
         }
@@ -222,6 +235,43 @@ mod tests {
                 "{unverifiable}"
             );
         }
+    }
+
+    /// What every request presenting the token reuses: the hash its access lines log
+    /// (never the token) and its upstream headers, encoded as the forward stage encodes
+    /// any header value (non-ASCII percent-encoded).
+    #[test]
+    fn an_entry_carries_its_log_hash_and_upstream_headers() {
+        let cfg: AuthConfig = serde_saphyr::from_str("mode: introspection\n").expect("auth config");
+        let token = "eyJhbGciOiJub25lIn0.e30.not-a-real-token";
+        let key = token_key(token);
+        let hash = token_hash(&key);
+        let expected = hex::encode(Sha256::digest(token.as_bytes()));
+        assert_eq!(hash, expected[..16], "first 16 hex digits of SHA-256");
+        let i = with(serde_json::json!({
+            "client_id": "bars-sender-1",
+            "sub": "Zoë",
+            "exp": 2_000_000_000,
+        }));
+        let CachedToken::Active { facts, .. } = entry_from(&i, &cfg, 1_000_000, hash.clone())
+        else {
+            panic!("an active token with a future exp is cached as active");
+        };
+        assert_eq!(facts.token_hash, hash);
+        assert!(!hash.contains(token) && !format!("{facts:?}").contains(token));
+        let headers: Vec<(&str, &str)> = facts
+            .upstream
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().expect("visible ASCII")))
+            .collect();
+        assert_eq!(
+            headers,
+            [
+                ("x-fhirgate-client-id", "bars-sender-1"),
+                ("x-fhirgate-sub", "Zo%C3%AB"),
+                ("x-fhirgate-scopes", "system/*.*"),
+            ]
+        );
     }
 
     #[test]

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
@@ -382,7 +383,8 @@ fn is_loopback(uri: &http::Uri) -> bool {
     }
 }
 
-/// What a verified token says, forwarded upstream and logged.
+/// What a verified token says, forwarded upstream and logged. Built once per cache
+/// entry and shared (`Arc`) by every request that presents the token.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TokenFacts {
     pub client_id: Option<String>,
@@ -397,6 +399,25 @@ pub struct TokenFacts {
     /// RFC 8705: the token is bound to the client certificate with this SHA-256
     /// thumbprint (lower-case hex), and is refused on any other connection.
     pub bound_cert_sha256: Option<String>,
+    /// [`upstream_headers`] as header values, built with the facts rather than for
+    /// every request.
+    pub upstream: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl TokenFacts {
+    /// The facts with their upstream headers built.
+    pub fn sealed(mut self) -> Arc<Self> {
+        self.upstream = upstream_headers(&self)
+            .into_iter()
+            .map(|(n, v)| {
+                (
+                    HeaderName::from_static(n),
+                    crate::pipeline::forward::header_value(v),
+                )
+            })
+            .collect();
+        Arc::new(self)
+    }
 }
 
 /// Headers set upstream from a verified token (all under the reserved `x-fhirgate-`
@@ -487,6 +508,11 @@ pub struct Authoriser {
     cache: TokenCache,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    /// `fhirgate_token_cache_total{result="hit"}` and `{result="miss"}`, resolved once.
+    cache_hits: Counter,
+    cache_misses: Counter,
+    /// What development mode says of every request.
+    development: Arc<TokenFacts>,
 }
 
 impl Authoriser {
@@ -528,7 +554,22 @@ impl Authoriser {
             )
             .accept_legacy_typ(cfg.accept_legacy_jwt_typ)
         });
+        let cache_counter = |result: &str| {
+            metrics
+                .token_cache
+                .get_or_create(&crate::metrics::ResultLabel {
+                    result: result.into(),
+                })
+                .clone()
+        };
         let a = Authoriser {
+            cache_hits: cache_counter("hit"),
+            cache_misses: cache_counter("miss"),
+            development: TokenFacts {
+                development: true,
+                ..TokenFacts::default()
+            }
+            .sealed(),
             cache: TokenCache::new(&cfg.cache),
             permits: Arc::new(Semaphore::new(cfg.max_concurrent_introspections.max(1))),
             cfg: cfg.clone(),
@@ -583,7 +624,7 @@ impl Authoriser {
         need: &Requirement,
         required_scopes: &[String],
         cert_sha256: &str,
-    ) -> Result<TokenFacts, AuthError> {
+    ) -> Result<Arc<TokenFacts>, AuthError> {
         let Some(client) = &self.client else {
             if self.cfg.mode == AuthMode::None {
                 // Config validation keeps token-checked routes out of this mode; fail
@@ -592,40 +633,27 @@ impl Authoriser {
                     "auth.mode is none but the route requires a token".into(),
                 ));
             }
-            return Ok(TokenFacts {
-                development: true,
-                ..TokenFacts::default()
-            });
+            return Ok(self.development.clone());
         };
         let token = bearer::extract(headers)?;
         let key = cache::token_key(token);
-        let hash = hex::encode(&key[..8]);
 
         let now = cache::unix_now();
         let entry = match self.cache.get(&key).await {
             Some(e) => {
-                self.metrics
-                    .token_cache
-                    .get_or_create(&crate::metrics::ResultLabel {
-                        result: "hit".into(),
-                    })
-                    .inc();
+                self.cache_hits.inc();
                 e
             }
             None => {
-                self.metrics
-                    .token_cache
-                    .get_or_create(&crate::metrics::ResultLabel {
-                        result: "miss".into(),
-                    })
-                    .inc();
+                self.cache_misses.inc();
                 let fetch = self.introspect_once(client, token);
-                // Concurrent misses for one token share this single call.
-                self.cache
-                    .get_or_fetch(key, fetch)
+                // Concurrent misses for one token share this single call. Boxed: the
+                // introspection future is large (about 8 KB), and inline it would make
+                // every request's future that large, cache hits included.
+                Box::pin(self.cache.get_or_fetch(key, fetch))
                     .await
                     .map_err(|e| {
-                        tracing::warn!(target: "fhirgate::auth", token_hash = %hash, error = %e, "token could not be verified");
+                        tracing::warn!(target: "fhirgate::auth", token_hash = %cache::token_hash(&key), error = %e, "token could not be verified");
                         AuthError::Unavailable(e.to_string())
                     })?
             }
@@ -661,10 +689,7 @@ impl Authoriser {
                 needed: missing.clone(),
             });
         }
-        Ok(TokenFacts {
-            token_hash: hash,
-            ..facts.clone()
-        })
+        Ok(facts.clone())
     }
 
     fn count_introspection(&self, result: &str) {
@@ -726,6 +751,7 @@ impl Authoriser {
             &i,
             &self.cfg,
             cache::unix_now(),
+            cache::token_hash(&cache::token_key(token)),
         )))
     }
 }
