@@ -131,6 +131,14 @@ impl ConnectionHeaders {
         out.push((X_FORWARDED_PROTO, HeaderValue::from_static("https")));
         ConnectionHeaders(out)
     }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// Prepares request headers for the upstream: `conn` from [`ConnectionHeaders::new`].

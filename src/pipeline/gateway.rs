@@ -496,6 +496,14 @@ impl Gateway {
             }
         }
         let uri = self.upstream.target(pq)?;
+        // Room for every header added below at once: one growth of the map, not one per
+        // power of two it passes (an error leaves the inserts to grow it as they go).
+        let _ = parts.headers.try_reserve(
+            conn.headers.len()
+                + 3 // X-Forwarded-Host, traceparent, tracestate
+                + token.map_or(0, |t| t.upstream.len())
+                + facts.map_or(0, |_| nhsd::FORWARDED_FACT_HEADERS.len()),
+        );
         forward::upstream_request_headers(
             &mut parts.headers,
             &self.identity_names,
