@@ -4,7 +4,7 @@
 //! refusal kinds), never from client input, so cardinality stays bounded.
 
 use std::sync::atomic::AtomicI64;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -71,10 +71,24 @@ fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
 }
 
+/// One route's request series, resolved on its first request and then used without a
+/// lookup (a family hashes the label and takes a lock for every lookup). Kept with the
+/// route ([`crate::pipeline::policy::Route`]); each series is created when first used,
+/// as a lookup would create it.
+#[derive(Debug, Default)]
+pub struct RouteMetrics {
+    /// `fhirgate_requests_total{status="200"}`, the status nearly every request has.
+    ok: OnceLock<Counter>,
+    total: OnceLock<Histogram>,
+    gateway: OnceLock<Histogram>,
+    upstream: OnceLock<Histogram>,
+}
+
 pub struct Metrics {
     registry: Registry,
-    /// The route label of requests no route matched.
+    /// The route label of requests no route matched, and their series.
     no_route: Arc<str>,
+    no_route_metrics: RouteMetrics,
     pub requests: Family<RequestLabels, Counter>,
     pub rejections: Family<KindLabel, Counter>,
     pub request_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
@@ -142,6 +156,7 @@ impl Metrics {
             cert_not_after: Family::default(),
             registry: Registry::default(),
             no_route: Arc::from("-"),
+            no_route_metrics: RouteMetrics::default(),
         };
         registry.register(
             "requests",
@@ -302,24 +317,54 @@ impl Metrics {
         total: Duration,
         upstream: Option<Duration>,
     ) {
-        let route = route.unwrap_or(&self.no_route).clone();
-        self.requests
-            .get_or_create(&RequestLabels {
+        match route {
+            Some(r) => self.request_on(r, &RouteMetrics::default(), status, total, upstream),
+            None => self.request_on(
+                &self.no_route,
+                &self.no_route_metrics,
+                status,
+                total,
+                upstream,
+            ),
+        }
+    }
+
+    /// [`Metrics::request`] for a matched route, through the route's own handles.
+    pub fn request_on(
+        &self,
+        route: &Arc<str>,
+        handles: &RouteMetrics,
+        status: u16,
+        total: Duration,
+        upstream: Option<Duration>,
+    ) {
+        let requests = |status| {
+            self.requests.get_or_create(&RequestLabels {
                 route: route.clone(),
                 status,
             })
-            .inc();
-        let r = RouteLabel { route };
-        self.request_seconds
-            .get_or_create(&r)
+        };
+        if status == 200 {
+            handles.ok.get_or_init(|| requests(200).clone()).inc();
+        } else {
+            requests(status).inc();
+        }
+        let label = || RouteLabel {
+            route: route.clone(),
+        };
+        handles
+            .total
+            .get_or_init(|| self.request_seconds.get_or_create(&label()).clone())
             .observe(total.as_secs_f64());
         let own = total.saturating_sub(upstream.unwrap_or_default());
-        self.gateway_seconds
-            .get_or_create(&r)
+        handles
+            .gateway
+            .get_or_init(|| self.gateway_seconds.get_or_create(&label()).clone())
             .observe(own.as_secs_f64());
         if let Some(u) = upstream {
-            self.upstream_seconds
-                .get_or_create(&r)
+            handles
+                .upstream
+                .get_or_init(|| self.upstream_seconds.get_or_create(&label()).clone())
                 .observe(u.as_secs_f64());
         }
     }
@@ -515,6 +560,36 @@ a 1
 a 1
 "#
         );
+    }
+
+    /// A route's own handles count into the same series a lookup finds, and create a
+    /// series only when it is first used, as a lookup would.
+    #[test]
+    fn route_handles_share_the_series_and_create_them_when_used() {
+        let m = Metrics::new();
+        let fhir: Arc<str> = Arc::from("fhir");
+        let handles = RouteMetrics::default();
+        let ms = Duration::from_millis;
+        m.request_on(&fhir, &handles, 404, ms(1), None);
+        let text = m.encode();
+        assert!(!text.contains("status=\"200\""), "{text}");
+        assert!(!text.contains("fhirgate_upstream_duration_seconds_count"), "{text}");
+        m.request_on(&fhir, &handles, 200, ms(3), Some(ms(2)));
+        m.request_on(&fhir, &handles, 200, ms(3), Some(ms(2)));
+        m.request(Some(&fhir), 200, ms(3), Some(ms(2)));
+        m.request(None, 200, ms(1), None);
+        let text = m.encode();
+        for line in [
+            "fhirgate_requests_total{route=\"fhir\",status=\"200\"} 3",
+            "fhirgate_requests_total{route=\"fhir\",status=\"404\"} 1",
+            "fhirgate_requests_total{route=\"-\",status=\"200\"} 1",
+            "fhirgate_request_duration_seconds_count{route=\"fhir\"} 4",
+            "fhirgate_gateway_duration_seconds_count{route=\"fhir\"} 4",
+            "fhirgate_upstream_duration_seconds_count{route=\"fhir\"} 3",
+            "fhirgate_request_duration_seconds_count{route=\"-\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 
     #[test]

@@ -206,12 +206,15 @@ impl Gateway {
         };
         // One clock read for the metric and the access line, so they agree.
         let latency = start.elapsed();
-        self.metrics.request(
-            trace.route.map(|r| &r.name),
-            status,
-            latency,
-            trace.upstream_time,
-        );
+        match trace.route {
+            Some(r) => {
+                self.metrics
+                    .request_on(&r.name, &r.metrics, status, latency, trace.upstream_time)
+            }
+            None => self
+                .metrics
+                .request(None, status, latency, trace.upstream_time),
+        }
         if let Some(kind) = trace.rejection {
             self.metrics.rejection(kind);
         }

@@ -30,6 +30,8 @@ pub struct Route {
     pub required_scopes: Vec<String>,
     /// Whether the client's token goes upstream (`forward_token`).
     pub forward_token: bool,
+    /// The route's request metrics, resolved on its first request.
+    pub metrics: crate::metrics::RouteMetrics,
 }
 
 impl Route {
@@ -48,6 +50,7 @@ impl Route {
             token: c.token,
             required_scopes: c.required_scopes.clone(),
             forward_token: c.forward_token,
+            metrics: Default::default(),
         }
     }
 
