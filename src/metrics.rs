@@ -573,7 +573,10 @@ a 1
         m.request_on(&fhir, &handles, 404, ms(1), None);
         let text = m.encode();
         assert!(!text.contains("status=\"200\""), "{text}");
-        assert!(!text.contains("fhirgate_upstream_duration_seconds_count"), "{text}");
+        assert!(
+            !text.contains("fhirgate_upstream_duration_seconds_count"),
+            "{text}"
+        );
         m.request_on(&fhir, &handles, 200, ms(3), Some(ms(2)));
         m.request_on(&fhir, &handles, 200, ms(3), Some(ms(2)));
         m.request(Some(&fhir), 200, ms(3), Some(ms(2)));

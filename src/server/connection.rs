@@ -195,6 +195,7 @@ impl Snapshot {
                         break false;
                     }
                     _ = tick.tick() => {
+                        activity.stamp();
                         // A request being handled is bounded by the upstream timeouts.
                         if activity.handling() > 0 {
                             continue;
@@ -256,6 +257,7 @@ impl Snapshot {
             svc = parts.service;
             if parts.read_buf.is_empty() {
                 metrics.parked_connections.inc();
+                activity.stamp();
                 let left = idle.saturating_sub(activity.requests_idle_for());
                 let resume = Box::pin(next_request(&io, left, &mut shutdown)).await;
                 metrics.parked_connections.dec();
@@ -454,10 +456,19 @@ const PARK_AFTER: Duration = Duration::from_millis(250);
 
 /// Last I/O time, last request start or end, requests being handled and responses
 /// being sent on one connection, and what parking needs to know about hyper's state.
+///
+/// The I/O path only raises flags (`moved`, `request_moved`); the connection's tick turns
+/// them into times ([`Activity::stamp`]), so a request costs no clock read here. The
+/// times are those of the tick that saw the movement, at most one tick late, and every
+/// decision made from them is made on a tick anyway.
 struct Activity {
     epoch: Instant,
     last_ms: AtomicU64,
     last_request_ms: AtomicU64,
+    /// A byte moved since the last tick.
+    moved: AtomicBool,
+    /// A request started or ended since the last tick.
+    request_moved: AtomicBool,
     handling: AtomicUsize,
     streaming: AtomicUsize,
     /// Request bodies not yet read to their end.
@@ -476,6 +487,8 @@ impl Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
             last_request_ms: AtomicU64::new(0),
+            moved: AtomicBool::new(false),
+            request_moved: AtomicBool::new(false),
             handling: AtomicUsize::new(0),
             streaming: AtomicUsize::new(0),
             reading: AtomicUsize::new(0),
@@ -488,13 +501,22 @@ impl Activity {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
     fn touch(&self) {
-        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.moved.store(true, Ordering::Relaxed);
     }
     fn touch_request(&self) {
-        let now = self.now_ms();
-        self.last_ms.store(now, Ordering::Relaxed);
-        self.last_request_ms.store(now, Ordering::Relaxed);
+        self.moved.store(true, Ordering::Relaxed);
+        self.request_moved.store(true, Ordering::Relaxed);
         self.read_since_request.store(false, Ordering::Relaxed);
+    }
+    /// On each tick, before the times are read: what moved since the last one moved now.
+    fn stamp(&self) {
+        let now = self.now_ms();
+        if self.moved.swap(false, Ordering::Relaxed) {
+            self.last_ms.store(now, Ordering::Relaxed);
+        }
+        if self.request_moved.swap(false, Ordering::Relaxed) {
+            self.last_request_ms.store(now, Ordering::Relaxed);
+        }
     }
     fn wrote(&self, r: &Poll<std::io::Result<usize>>) {
         match r {
@@ -533,7 +555,9 @@ impl Activity {
             && !self.abandoned.load(Ordering::Relaxed)
             && !self.read_since_request.load(Ordering::Relaxed)
             && !self.write_blocked.load(Ordering::Relaxed)
-            && self.idle_for() >= PARK_AFTER
+            // Stamps are tick times and ticks are PARK_AFTER apart, give or take the
+            // timer's millisecond: one quiet tick period is enough.
+            && self.idle_for() + Duration::from_millis(10) >= PARK_AFTER
     }
 }
 
