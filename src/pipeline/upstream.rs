@@ -60,6 +60,8 @@ pub struct Upstream {
     /// `upstream.max_pinned_connections`, 0 with an HTTP/2 upstream (its pool multiplexes).
     max_pinned: usize,
     pinned: Gauge,
+    /// `upstream.http2`: the pool speaks HTTP/2 upstream (`:authority`, no `Host`).
+    http2: bool,
 }
 
 impl Upstream {
@@ -118,6 +120,7 @@ impl Upstream {
                 cfg.max_pinned_connections
             },
             pinned,
+            http2: cfg.http2,
         })
     }
 
@@ -160,13 +163,17 @@ impl Upstream {
         slot: Option<&Arc<PinnedSlot>>,
     ) -> Result<Response<Body>, (UpstreamError, String)> {
         let sent = tokio::time::timeout(self.response_timeout, async {
-            let req = match slot {
+            let mut req = match slot {
                 Some(slot) => match self.send_pinned(slot, req, body_limit).await {
                     Pinned::Answered(r) => return r,
                     Pinned::NotSent(req) => req,
                 },
                 None => req,
             };
+            // The pool's client would format the same `Host` for every request.
+            if !self.http2 {
+                req.headers_mut().insert(header::HOST, self.host.clone());
+            }
             match self.client.request(req).await {
                 Ok(resp) => Ok(resp.map(BodyExt::boxed)),
                 Err(e) => {
