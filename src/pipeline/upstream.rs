@@ -50,7 +50,8 @@ pub struct Upstream {
     connector: HttpsConnector<HttpConnector>,
     scheme: Scheme,
     authority: http::uri::Authority,
-    /// `Host` for requests on a pinned connection (the pool sets it from the URI).
+    /// `Host` for HTTP/1.1 upstream requests, on either path: the value the pool's client
+    /// would format from the URI for every request.
     host: HeaderValue,
     /// The upstream's origin, what a pinned connection connects to.
     origin: Uri,
@@ -162,18 +163,19 @@ impl Upstream {
         body_limit: u64,
         slot: Option<&Arc<PinnedSlot>>,
     ) -> Result<Response<Body>, (UpstreamError, String)> {
+        let mut req = req;
+        // HTTP/1.1 (pinned connections always are): set once here for both paths.
+        if !self.http2 {
+            req.headers_mut().insert(header::HOST, self.host.clone());
+        }
         let sent = tokio::time::timeout(self.response_timeout, async {
-            let mut req = match slot {
+            let req = match slot {
                 Some(slot) => match self.send_pinned(slot, req, body_limit).await {
                     Pinned::Answered(r) => return r,
                     Pinned::NotSent(req) => req,
                 },
                 None => req,
             };
-            // The pool's client would format the same `Host` for every request.
-            if !self.http2 {
-                req.headers_mut().insert(header::HOST, self.host.clone());
-            }
             match self.client.request(req).await {
                 Ok(resp) => Ok(resp.map(BodyExt::boxed)),
                 Err(e) => {
@@ -223,7 +225,7 @@ impl Upstream {
                 }
             }
         };
-        conn.send(req, &self.host, slot, body_limit).await
+        conn.send(req, slot, body_limit).await
     }
 
     async fn open_pinned(&self, count: PinnedCount) -> Result<PinnedConn, (UpstreamError, String)> {
@@ -376,17 +378,15 @@ impl PinnedConn {
     async fn send(
         mut self,
         mut req: Request<UpstreamBody>,
-        host: &HeaderValue,
         slot: &Arc<PinnedSlot>,
         body_limit: u64,
     ) -> Pinned {
-        // HTTP/1.1 to an origin server: origin-form target and a Host header, as the
-        // pool's client writes them.
+        // HTTP/1.1 to an origin server: origin-form target, as the pool's client writes
+        // it (`Host` is already set, by `Upstream::send`).
         let absolute = std::mem::take(req.uri_mut());
         if let Some(pq) = absolute.path_and_query() {
             *req.uri_mut() = Uri::from(pq.clone());
         }
-        req.headers_mut().insert(header::HOST, host.clone());
         let mut response = std::pin::pin!(self.sender.try_send_request(req));
         let mut open = true;
         let result = std::future::poll_fn(|cx| {
