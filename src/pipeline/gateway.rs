@@ -504,7 +504,7 @@ impl Gateway {
         let _ = parts.headers.try_reserve(
             conn.headers.len()
                 + 3 // X-Forwarded-Host, traceparent, tracestate
-                + token.map_or(0, |t| t.upstream.len())
+                + token.map_or(0, |t| t.upstream().len())
                 + facts.map_or(0, |_| nhsd::FORWARDED_FACT_HEADERS.len()),
         );
         forward::upstream_request_headers(
@@ -517,7 +517,7 @@ impl Gateway {
             tc.set_upstream(&mut parts.headers);
         }
         if let Some(t) = token {
-            for (name, value) in &t.upstream {
+            for (name, value) in t.upstream() {
                 parts.headers.insert(name.clone(), value.clone());
             }
         }

@@ -400,12 +400,12 @@ pub struct TokenFacts {
     /// thumbprint (lower-case hex), and is refused on any other connection.
     pub bound_cert_sha256: Option<String>,
     /// [`upstream_headers`] as header values, built with the facts rather than for
-    /// every request.
-    pub upstream: Vec<(HeaderName, HeaderValue)>,
+    /// every request; set only by [`TokenFacts::sealed`], so they always match.
+    upstream: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl TokenFacts {
-    /// The facts with their upstream headers built.
+    /// The facts with their upstream headers built, shared from then on.
     pub fn sealed(mut self) -> Arc<Self> {
         self.upstream = upstream_headers(&self)
             .into_iter()
@@ -417,6 +417,11 @@ impl TokenFacts {
             })
             .collect();
         Arc::new(self)
+    }
+
+    /// The headers the upstream gets for this token ([`upstream_headers`], encoded).
+    pub fn upstream(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.upstream
     }
 }
 
@@ -646,7 +651,7 @@ impl Authoriser {
             }
             None => {
                 self.cache_misses.inc();
-                let fetch = self.introspect_once(client, token);
+                let fetch = self.introspect_once(client, token, &key);
                 // Concurrent misses for one token share this single call. Boxed: the
                 // introspection future is large (about 8 KB), and inline it would make
                 // every request's future that large, cache hits included.
@@ -701,11 +706,13 @@ impl Authoriser {
             .inc();
     }
 
-    /// One introspection (with retries), turned into a cache entry.
+    /// One introspection (with retries), turned into a cache entry. `key`: the token's
+    /// [`cache::token_key`], already computed by the caller.
     async fn introspect_once(
         &self,
         client: &AsClient,
         token: &str,
+        key: &cache::TokenKey,
     ) -> Result<Arc<CachedToken>, introspect::IntrospectError> {
         let Some(endpoint) = self.endpoint() else {
             return Err(introspect::IntrospectError::NoEndpoint);
@@ -751,7 +758,7 @@ impl Authoriser {
             &i,
             &self.cfg,
             cache::unix_now(),
-            cache::token_hash(&cache::token_key(token)),
+            cache::token_hash(key),
         )))
     }
 }
