@@ -7,6 +7,9 @@
 //! closed gracefully. With no request being handled, a connection on which no byte
 //! moved for `idle_timeout` (a client that stopped reading its response, a stalled
 //! stream), or that was asked to close an `idle_timeout` ago and has not, is dropped.
+//! All of these are checked on the connection's tick (a quarter of `idle_timeout`, at
+//! most 250 ms for HTTP/1.1), so they happen up to a tick after the time is up, never
+//! before it.
 
 use super::Snapshot;
 use std::convert::Infallible;
