@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Limited};
 
 use crate::config::{Config, ConfigError, NhsdConfig};
@@ -77,7 +77,10 @@ pub(super) struct Trace<'g> {
 }
 
 /// Transaction-id headers echoed on every response, refusals included (BaRS).
-const ECHOED: [&str; 2] = ["x-request-id", "x-correlation-id"];
+const ECHOED: [HeaderName; 2] = [
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("x-correlation-id"),
+];
 
 impl Gateway {
     pub fn from_config(cfg: &Config, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
@@ -149,10 +152,10 @@ impl Gateway {
         // Without BaRS checks nothing requires an X-Request-ID, so one is made up when
         // absent: sent upstream, echoed and logged, so one request can be followed
         // through every log. (With an `nhsd` section a missing id stays a 400.)
-        if self.nhsd.is_none() && !req.headers().contains_key("x-request-id") {
+        if self.nhsd.is_none() && !req.headers().contains_key(&ECHOED[0]) {
             let id = uuid::Uuid::new_v4().to_string();
             if let Ok(v) = HeaderValue::from_str(&id) {
-                req.headers_mut().insert("x-request-id", v);
+                req.headers_mut().insert(ECHOED[0].clone(), v);
             }
         }
         let method = req.method().clone();
@@ -160,7 +163,7 @@ impl Gateway {
         // A shared reference to the request line's bytes, not a copy.
         let uri = req.uri().clone();
         let raw_path = uri.path();
-        let echoed = ECHOED.map(|n| echoable(req.headers(), n));
+        let echoed = ECHOED.each_ref().map(|n| echoable(req.headers(), n));
         let mut trace = Trace {
             context: Some(TraceContext::from_headers(req.headers())),
             ..Trace::default()
@@ -177,7 +180,7 @@ impl Gateway {
         };
         for (name, value) in ECHOED.iter().zip(&echoed) {
             if let Some(v) = value {
-                response.headers_mut().insert(*name, v.clone());
+                response.headers_mut().insert(name.clone(), v.clone());
             }
         }
         // An oversized HTTP/1.1 header section ends the connection, as the parser's own
@@ -755,13 +758,18 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 
 /// A transaction id worth echoing: one value, printable ASCII, at most 128 bytes. Anything
 /// else is not reflected back (the NHSD stage reports it as invalid).
-fn echoable(h: &HeaderMap, name: &str) -> Option<HeaderValue> {
+fn echoable(h: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
     let mut all = h.get_all(name).iter();
     let v = all.next()?;
     if all.next().is_some() || v.len() > 128 || !v.as_bytes().iter().all(|b| b.is_ascii_graphic()) {
         return None;
     }
-    Some(v.clone())
+    let mut v = v.clone();
+    // A per-request id never repeats, so HTTP/2's HPACK gains nothing by indexing it, and
+    // every response would otherwise evict and search the connection's header table (h2
+    // sends a "sensitive" value as a never-indexed literal; HTTP/1.1 ignores the flag).
+    v.set_sensitive(true);
+    Some(v)
 }
 
 /// Whether a query string carries an RFC 6750 §2.3 `access_token` parameter.
@@ -941,5 +949,29 @@ mod tests {
         assert!(query_has_access_token(Some("a=1&access_token=")));
         assert!(!query_has_access_token(Some("access_tokens=1")));
         assert!(!query_has_access_token(None));
+    }
+    /// The echoed id is the client's value, byte for byte, marked sensitive so HTTP/2
+    /// sends it as a never-indexed literal; the request's own header (sent upstream) is
+    /// left as it came. Repeated, over-long or non-printable ids are not echoed.
+    #[test]
+    fn echoed_ids_are_the_clients_bytes_marked_never_indexed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-request-id",
+            HeaderValue::from_static("60E0B220-8136-4CA5-AE46-1D97EF59D068"),
+        );
+        let v = echoable(&h, &ECHOED[0]).expect("a valid id is echoed");
+        assert_eq!(v.as_bytes(), b"60E0B220-8136-4CA5-AE46-1D97EF59D068");
+        assert!(v.is_sensitive());
+        assert!(!h["x-request-id"].is_sensitive());
+        assert!(echoable(&h, &ECHOED[1]).is_none());
+
+        h.append("x-request-id", HeaderValue::from_static("second"));
+        assert!(echoable(&h, &ECHOED[0]).is_none());
+        let long = "a".repeat(129);
+        h.insert("x-request-id", HeaderValue::from_str(&long).unwrap());
+        assert!(echoable(&h, &ECHOED[0]).is_none());
+        h.insert("x-request-id", HeaderValue::from_static("has space"));
+        assert!(echoable(&h, &ECHOED[0]).is_none());
     }
 }
