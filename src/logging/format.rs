@@ -81,7 +81,7 @@ impl AccessLine<'_> {
         if !in_range {
             return None;
         }
-        write!(out, "{}", humantime::format_rfc3339_micros(now)).ok()?;
+        timestamp(now, out);
         out.push_str("  INFO ");
         out.push_str(ACCESS);
         out.push_str(": request");
@@ -93,7 +93,7 @@ impl AccessLine<'_> {
         t.shown("client_subject", self.client_subject);
         t.shown("client_fingerprint", self.client_fingerprint);
         t.shown("bundle", self.bundle);
-        write!(t.0, " peer={}", self.peer).ok()?;
+        t.peer(self.peer);
         t.quoted("route", self.route);
         t.quoted("ods_code", self.ods_code);
         t.quoted("client_id", self.client_id);
@@ -111,10 +111,66 @@ impl AccessLine<'_> {
     }
 }
 
+/// `now` as the default timer writes it (humantime's RFC 3339 with microseconds), the
+/// date and time of day formatted once per second per thread: the per-request part is
+/// the microseconds.
+fn timestamp(now: SystemTime, out: &mut String) {
+    thread_local! {
+        // The second last formatted, and its `YYYY-MM-DDTHH:MM:SS` (19 bytes).
+        static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+    }
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (cached, mut prefix) = SECOND.get();
+    if cached != secs {
+        let whole = UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let text = humantime::format_rfc3339_seconds(whole).to_string();
+        match text.as_bytes().get(..19) {
+            Some(p) => prefix.copy_from_slice(p),
+            None => {
+                let _ = write!(out, "{}", humantime::format_rfc3339_micros(now));
+                return;
+            }
+        }
+        SECOND.set((secs, prefix));
+    }
+    // The prefix is ASCII digits and separators, written from a `str`.
+    out.push_str(std::str::from_utf8(&prefix).unwrap_or_default());
+    out.push('.');
+    let mut digits = itoa::Buffer::new();
+    let micros = digits.format(since.subsec_micros());
+    for _ in micros.len()..6 {
+        out.push('0');
+    }
+    out.push_str(micros);
+    out.push('Z');
+}
+
 /// The access line's fields, appended as the default formatter writes them.
 struct Text<'a>(&'a mut String);
 
 impl Text<'_> {
+    /// ` peer=` and the address as `Display` writes it; IPv4 without `core::fmt`.
+    fn peer(&mut self, peer: std::net::SocketAddr) {
+        self.0.push_str(" peer=");
+        match peer {
+            std::net::SocketAddr::V4(a) => {
+                let mut digits = itoa::Buffer::new();
+                for (i, octet) in a.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.0.push('.');
+                    }
+                    self.0.push_str(digits.format(octet));
+                }
+                self.0.push(':');
+                self.0.push_str(digits.format(a.port()));
+            }
+            std::net::SocketAddr::V6(a) => {
+                let _ = write!(self.0, "{a}");
+            }
+        }
+    }
+
     /// ` name=value`: a `name = %value` field.
     fn shown(&mut self, name: &str, value: &str) {
         self.0.push(' ');
@@ -243,6 +299,52 @@ mod tests {
         // A clock past what the default timer writes is left to it.
         let far = UNIX_EPOCH + std::time::Duration::from_secs(LAST_FOUR_DIGIT_SECOND + 1);
         assert!(line.write_text(far, &mut String::new()).is_none());
+    }
+
+    /// The timestamp and the peer, written without `core::fmt`, are what humantime and
+    /// `Display` write: across second boundaries (the cached date and time of day must
+    /// change), with leading zeros in the microseconds, and for IPv4 and IPv6 peers.
+    #[test]
+    fn timestamp_and_peer_are_written_as_humantime_and_display_write_them() {
+        let base = UNIX_EPOCH + std::time::Duration::from_secs(1_764_633_599); // 23:59:59
+        for micros in [
+            0u64,
+            1,
+            9,
+            10,
+            999,
+            1_000,
+            99_999,
+            100_000,
+            999_999,
+            1_000_000,
+            1_000_001,
+            86_400_000_123,
+        ] {
+            for nanos in [0u64, 999] {
+                let t = base + std::time::Duration::from_nanos(micros * 1_000 + nanos);
+                let mut out = String::new();
+                timestamp(t, &mut out);
+                assert_eq!(
+                    out,
+                    humantime::format_rfc3339_micros(t).to_string(),
+                    "{micros} µs {nanos} ns"
+                );
+            }
+        }
+        for peer in [
+            "127.0.0.1:443",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.2.30.4:50443",
+            "[::1]:50443",
+            "[fe80::1%2]:8443",
+        ] {
+            let peer: std::net::SocketAddr = peer.parse().unwrap();
+            let mut out = String::new();
+            Text(&mut out).peer(peer);
+            assert_eq!(out, format!(" peer={peer}"));
+        }
     }
 
     /// The fast float path writes the number `Debug` writes: millisecond figures as the
