@@ -147,7 +147,7 @@ impl Snapshot {
         });
         let gateway = self.gateway.clone();
         let svc_activity = activity.clone();
-        let mut svc = service_fn(move |req: Request<Incoming>| {
+        let handle = move |req: Request<Incoming>| {
             let gateway = gateway.clone();
             let conn = conn.clone();
             let activity = svc_activity.clone();
@@ -169,7 +169,7 @@ impl Snapshot {
                     guard: streaming,
                 }))
             }
-        });
+        };
         let idle = self.limits.idle_timeout;
         let mut every = (idle / 4).max(Duration::from_millis(50));
         if !h2 {
@@ -178,12 +178,18 @@ impl Snapshot {
         let mut tick = tokio::time::interval(every);
         let mut closing: Option<Instant> = None;
         // HTTP/2 if the TLS handshake chose `h2` by ALPN (RFC 9113 §3.2), HTTP/1.1 otherwise.
+        // HTTP/2 streams get the request's future boxed: hyper and tokio move a stream's
+        // future (about 5 KB) several times to spawn it, a pointer is cheaper (bench/README.md,
+        // eleventh pass). HTTP/1.1 keeps it inline: hyper holds one per connection, and a
+        // box per request measured worse there.
+        let mut svc = service_fn(handle.clone());
         let mut served = if h2 {
+            let svc = service_fn(move |req| Box::pin(handle(req)));
             Served::H2(Box::pin(self.http2.serve_connection(io, svc)))
         } else {
             Served::H1(Box::pin(self.http1.serve_connection(io, svc)))
         };
-        let close_gracefully = |s: &mut Served<_, _>| match s {
+        let close_gracefully = |s: &mut Served<_, _, _>| match s {
             Served::H1(c) => c.as_mut().graceful_shutdown(),
             Served::H2(c) => c.as_mut().graceful_shutdown(),
         };
@@ -335,22 +341,25 @@ impl Snapshot {
 /// One connection's HTTP server. Each protocol's connection is boxed, so the connection's
 /// task is not sized for the larger one: hyper-util's `auto` connection, an enum of both
 /// kept inline, made every HTTP/1.1 connection carry HTTP/2's size (880 bytes more).
-enum Served<I, S>
+enum Served<I, S, S2>
 where
     S: HttpService<Incoming>,
+    S2: HttpService<Incoming>,
 {
     H1(Pin<Box<http1::Connection<I, S>>>),
-    H2(Pin<Box<http2::Connection<I, S, TokioExecutor>>>),
+    H2(Pin<Box<http2::Connection<I, S2, TokioExecutor>>>),
 }
 
-impl<I, S> Future for Served<I, S>
+impl<I, S, S2> Future for Served<I, S, S2>
 where
     S: HttpService<Incoming>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::ResBody: http_body::Body + 'static,
     <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S2: HttpService<Incoming, ResBody = S::ResBody>,
+    S2::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    TokioExecutor: Http2ServerConnExec<S::Future, S::ResBody>,
+    TokioExecutor: Http2ServerConnExec<S2::Future, S::ResBody>,
 {
     type Output = hyper::Result<()>;
 
