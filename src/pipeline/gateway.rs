@@ -552,7 +552,7 @@ impl Gateway {
         let sent = Instant::now();
         let result = self
             .upstream
-            .send(upstream_req, self.max_body_bytes, slot)
+            .send(upstream_req, sent, self.max_body_bytes, slot)
             .await;
         trace.upstream_time = Some(sent.elapsed());
         let resp = result.map_err(|(e, detail)| {

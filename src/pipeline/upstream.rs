@@ -157,9 +157,12 @@ impl Upstream {
     ///
     /// `slot` is the client connection's [`PinnedSlot`] (HTTP/1.1 clients): its own
     /// upstream connection when it has one or may open one, else the shared pool.
+    /// `sent`: when the caller started sending, which the response timeout counts from
+    /// (the caller's clock read, not a second one).
     pub async fn send(
         &self,
         req: Request<UpstreamBody>,
+        sent: std::time::Instant,
         body_limit: u64,
         slot: Option<&Arc<PinnedSlot>>,
     ) -> Result<Response<Body>, (UpstreamError, String)> {
@@ -168,7 +171,8 @@ impl Upstream {
         if !self.http2 {
             req.headers_mut().insert(header::HOST, self.host.clone());
         }
-        let sent = tokio::time::timeout(self.response_timeout, async {
+        let deadline = tokio::time::Instant::from_std(sent) + self.response_timeout;
+        let sent = tokio::time::timeout_at(deadline, async {
             let req = match slot {
                 Some(slot) => match self.send_pinned(slot, req, body_limit).await {
                     Pinned::Answered(r) => return r,
