@@ -341,6 +341,7 @@ impl Snapshot {
 /// One connection's HTTP server. Each protocol's connection is boxed, so the connection's
 /// task is not sized for the larger one: hyper-util's `auto` connection, an enum of both
 /// kept inline, made every HTTP/1.1 connection carry HTTP/2's size (880 bytes more).
+/// `S` serves HTTP/1.1, `S2` HTTP/2 (a service of its own: its futures are boxed).
 enum Served<I, S, S2>
 where
     S: HttpService<Incoming>,
