@@ -950,6 +950,7 @@ mod tests {
         assert!(!query_has_access_token(Some("access_tokens=1")));
         assert!(!query_has_access_token(None));
     }
+
     /// The echoed id is the client's value, byte for byte, marked sensitive so HTTP/2
     /// sends it as a never-indexed literal; the request's own header (sent upstream) is
     /// left as it came. Repeated, over-long or non-printable ids are not echoed.

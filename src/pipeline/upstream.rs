@@ -172,7 +172,7 @@ impl Upstream {
             req.headers_mut().insert(header::HOST, self.host.clone());
         }
         let deadline = tokio::time::Instant::from_std(sent) + self.response_timeout;
-        let sent = tokio::time::timeout_at(deadline, async {
+        let answered = tokio::time::timeout_at(deadline, async {
             let req = match slot {
                 Some(slot) => match self.send_pinned(slot, req, body_limit).await {
                     Pinned::Answered(r) => return r,
@@ -188,7 +188,7 @@ impl Upstream {
                 }
             }
         });
-        match sent.await {
+        match answered.await {
             Err(_) => Err((UpstreamError::Timeout, "response timeout".into())),
             Ok(r) => r,
         }

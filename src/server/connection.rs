@@ -182,12 +182,13 @@ impl Snapshot {
         // future (about 5 KB) several times to spawn it, a pointer is cheaper (bench/README.md,
         // eleventh pass). HTTP/1.1 keeps it inline: hyper holds one per connection, and a
         // box per request measured worse there.
-        let mut svc = service_fn(handle.clone());
         let mut served = if h2 {
             let svc = service_fn(move |req| Box::pin(handle(req)));
             Served::H2(Box::pin(self.http2.serve_connection(io, svc)))
         } else {
-            Served::H1(Box::pin(self.http1.serve_connection(io, svc)))
+            Served::H1(Box::pin(
+                self.http1.serve_connection(io, service_fn(handle)),
+            ))
         };
         let close_gracefully = |s: &mut Served<_, _, _>| match s {
             Served::H1(c) => c.as_mut().graceful_shutdown(),
@@ -263,7 +264,7 @@ impl Snapshot {
                 };
             drop(parting);
             io = parts.io;
-            svc = parts.service;
+            let svc = parts.service;
             if parts.read_buf.is_empty() {
                 metrics.parked_connections.inc();
                 activity.stamp();
