@@ -40,7 +40,11 @@ use crate::pipeline::identity::ClientIdentity;
 use crate::pipeline::outcome::Rejection;
 use crate::pipeline::service::ClientConnections;
 use crate::pipeline::ConnInfo;
-use crate::tls::{handshake_failure_kind, HandshakeKind, PresentedCert, REFUSED_CERT};
+use crate::tls::{
+    handshake_failure_kind, rustls_error_kind, HandshakeKind, PresentedCert, REFUSED_CERT,
+};
+use rustls::server::danger::ClientCertVerifier as _;
+use rustls_pki_types::UnixTime;
 
 impl Snapshot {
     pub(super) async fn connection(
@@ -103,6 +107,24 @@ impl Snapshot {
                 tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::NoCert.as_str(), "no client certificate after handshake");
                 return;
             };
+            // rustls takes a resumed session's certificate from the ticket or session
+            // cache without checking it again, and tickets chain (each resumption gets a
+            // new one), so the certificate is checked here as in a full handshake: one
+            // that has expired since, or that the CRLs now in force revoke, ends the
+            // connection before any HTTP (RFC 8446 §4.6.1). The handshake is over, so the
+            // client sees the connection close rather than an alert.
+            if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                if let Err(e) =
+                    self.verifier
+                        .verify_client_cert(leaf, intermediates, UnixTime::now())
+                {
+                    let kind = rustls_error_kind(&e).as_str();
+                    metrics.handshake(kind);
+                    let c = PresentedCert::from_der(leaf).unwrap_or_default();
+                    tracing::warn!(target: "fhirgate::tls", %peer, kind, error = %e, subject = %c.subject, issuer = %c.issuer, serial = %c.serial, not_after = %c.not_after, "resumed session refused: its certificate no longer verifies");
+                    return;
+                }
+            }
             let Some(bundle) = self.verifier.bundle_of(leaf, intermediates) else {
                 metrics.handshake(HandshakeKind::UnknownCa.as_str());
                 let c = PresentedCert::from_der(leaf).unwrap_or_default();

@@ -15,6 +15,7 @@ use crate::harness::{fhirgate, get, send, upstream, UpstreamMode};
 use fhirgate::config::Config;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_rustls::TlsConnector;
 
 /// Root CA with three SubCAs: A (listed, good), B (not listed), R (listed, revoked in
@@ -120,6 +121,17 @@ async fn start(yaml: &str) -> (fhirgate::server::Running, SocketAddr) {
 
 /// A client trusting `root` and presenting `chain` (PEM, leaf first) with `key`.
 fn client(root: &Path, chain: &Path, key: &Path) -> TlsConnector {
+    client_of(root, chain, key, rustls::DEFAULT_VERSIONS)
+}
+
+/// [`client`] speaking only `versions`. Each connector keeps rustls's default session
+/// cache, so its later connections offer to resume.
+fn client_of(
+    root: &Path,
+    chain: &Path,
+    key: &Path,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(root).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -131,7 +143,7 @@ fn client(root: &Path, chain: &Path, key: &Path) -> TlsConnector {
     let key = PrivateKeyDer::from_pem_file(key).unwrap();
     let provider = fhirgate::tls::provider();
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
@@ -210,6 +222,7 @@ async fn wait_for(gw: &fhirgate::server::Running, sample: &str, want: f64) {
 const REVOKED: &str = "fhirgate_tls_handshakes_total{result=\"revoked\"}";
 const UNKNOWN_CA: &str = "fhirgate_tls_handshakes_total{result=\"unknown_ca\"}";
 const EXPIRED_CRL: &str = "fhirgate_tls_handshakes_total{result=\"expired_crl\"}";
+const EXPIRED: &str = "fhirgate_tls_handshakes_total{result=\"expired\"}";
 
 // RFC 5280 §6.1.3 (a)(2): "At the current time, the certificate is not revoked" holds for
 // every certificate of the path but the trust anchor, SubCAs included.
@@ -910,5 +923,165 @@ async fn without_the_root_crl_chain_scope_fails_closed_and_check_says_why() {
     )
     .await;
     assert_eq!(seen.count(), 0);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// openssl s_client as the peer, HTTP/1.1 `GET /` with `Connection: close`, saving the
+/// session to `sess_out` or offering the one in `sess_in`; everything it printed.
+async fn s_client(addr: SocketAddr, root: &Path, who: &Issued, sess: (&str, &Path)) -> String {
+    let args = [
+        "s_client".to_owned(),
+        "-connect".into(),
+        addr.to_string(),
+        "-servername".into(),
+        "localhost".into(),
+        "-tls1_3".into(),
+        "-CAfile".into(),
+        p(root),
+        "-cert".into(),
+        p(&who.cert),
+        "-key".into(),
+        p(&who.key),
+        sess.0.into(),
+        p(sess.1),
+        "-ign_eof".into(),
+    ];
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new("openssl")
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl is installed");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let _ = stdin.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        drop(stdin);
+        let out = child.wait_with_output().expect("s_client ran");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+    .await
+    .unwrap()
+}
+
+// RFC 8446 §4.6.1: "It is RECOMMENDED that implementations place limits on the total
+// lifetime of such keying material; these limits should take into account the lifetime of
+// the peer's certificate, the likelihood of intervening revocation, and the time since the
+// peer's online CertificateVerify signature." A resumed session skips the certificate
+// check in the handshake, and each resumption is handed a new ticket, so without a check
+// of its own the gateway would serve an expired certificate for as long as its holder kept
+// resuming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumed_after_its_certificate_expired_or_was_revoked_gets_no_answer() {
+    let n = nhs();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let cas = [&*n.root.cert, &*n.sub_a.cert];
+    let crls = [&*n.root_crl, &*n.a_crl];
+    let y = yaml("development", &n.server, &cas, &crls, "", "", up);
+    let (gw, addr) = start(&y).await;
+    let root = &n.root.cert;
+
+    // A certificate that expires a few seconds from now, resumed with TLS 1.3 and 1.2
+    // (rustls) and TLS 1.3 (openssl) while it is valid.
+    let until = now() + 8;
+    let brief = n
+        .pki
+        .client_until(&n.sub_a, "brief-client", Alg::Rsa2048, until);
+    let by_version = [
+        (
+            "TLS 1.3",
+            client_of(root, &brief.cert, &brief.key, &[&rustls::version::TLS13]),
+        ),
+        (
+            "TLS 1.2",
+            client_of(root, &brief.cert, &brief.key, &[&rustls::version::TLS12]),
+        ),
+    ];
+    for (v, c) in &by_version {
+        let first = send(c, addr, get("/")).await.unwrap();
+        assert_eq!((first.status.as_u16(), first.resumed), (200, false), "{v}");
+        let again = send(c, addr, get("/")).await.unwrap();
+        assert_eq!(
+            (again.status.as_u16(), again.resumed),
+            (200, true),
+            "{v}: resumed"
+        );
+    }
+    let sess = n.pki.path("brief.session");
+    let fresh = s_client(addr, root, &brief, ("-sess_out", &sess)).await;
+    assert!(fresh.contains("HTTP/1.1 200"), "{fresh}");
+    let resumed = s_client(addr, root, &brief, ("-sess_in", &sess)).await;
+    assert!(
+        resumed.contains("Reused, TLSv1.3") && resumed.contains("HTTP/1.1 200"),
+        "{resumed}"
+    );
+    assert_eq!(seen.count(), 6);
+
+    // Past its notAfter: each client still resumes at the TLS level, and gets no answer.
+    while now() <= until + 1 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (v, c) in &by_version {
+        let mut tls = crate::harness::connect(c, addr)
+            .await
+            .unwrap_or_else(|e| panic!("{v}: {e}"));
+        assert_eq!(
+            tls.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "{v}: the client offered its session and the server took it"
+        );
+        let _ = tls
+            .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await;
+        let mut got = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(3), tls.read_to_end(&mut got)).await;
+        assert!(
+            got.is_empty(),
+            "{v}: an answer on a resumed session whose certificate has expired: {}",
+            String::from_utf8_lossy(&got)
+        );
+        assert!(
+            closed.is_ok(),
+            "{v}: the gateway closes the connection at once"
+        );
+    }
+    let resumed = s_client(addr, root, &brief, ("-sess_in", &sess)).await;
+    assert!(resumed.contains("Reused, TLSv1.3"), "{resumed}");
+    assert!(!resumed.contains("HTTP/1.1"), "{resumed}");
+    wait_for(&gw, EXPIRED, 3.0).await;
+    // Without a session to offer, the handshake itself refuses it.
+    assert!(status(addr, root, &brief.cert, &brief.key).await.is_err());
+    wait_for(&gw, EXPIRED, 4.0).await;
+
+    // Revoked after its session was made: the new CRL takes effect on reload, and a
+    // client offering a session from before it gets no answer either.
+    let c = client_of(root, &n.good.cert, &n.good.key, &[&rustls::version::TLS13]);
+    assert_eq!(send(&c, addr, get("/")).await.unwrap().status, 200);
+    assert!(send(&c, addr, get("/")).await.unwrap().resumed);
+    assert_eq!(seen.count(), 8);
+    n.pki.revoke(&n.sub_a, &n.good.cert);
+    let a_crl = n.pki.crl(&n.sub_a, CrlTimes::Hours(48));
+    let y = yaml(
+        "development",
+        &n.server,
+        &cas,
+        &[&*n.root_crl, &*a_crl],
+        "",
+        "",
+        up,
+    );
+    let cfg = Config::from_yaml(&y, Path::new("/")).unwrap();
+    gw.server().reload(&cfg).expect("reload");
+    assert!(send(&c, addr, get("/")).await.is_err());
+    wait_for(&gw, REVOKED, 1.0).await;
+    assert_eq!(
+        seen.count(),
+        8,
+        "nothing reached the upstream after expiry or revocation"
+    );
     gw.shutdown(Duration::from_secs(2)).await;
 }

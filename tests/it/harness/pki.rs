@@ -339,6 +339,10 @@ impl OpensslPki {
 
     /// Signs a CSR for `subj` with `ca` using the `ext` section; returns the PEM path.
     fn sign(&self, ca: &Ca, key: &Path, subj: &str, ext: &str, out: &Path) {
+        self.sign_with(ca, key, subj, ext, out, &[]);
+    }
+
+    fn sign_with(&self, ca: &Ca, key: &Path, subj: &str, ext: &str, out: &Path, extra: &[&str]) {
         let csr = out.with_extension("csr");
         openssl(&[
             "req",
@@ -350,19 +354,24 @@ impl OpensslPki {
             "-out",
             s(&csr),
         ]);
-        openssl(&[
-            "ca",
-            "-batch",
-            "-notext",
-            "-config",
-            s(&ca.dir.join("ca.cnf")),
-            "-extensions",
-            ext,
-            "-in",
-            s(&csr),
-            "-out",
-            s(out),
-        ]);
+        openssl(
+            &[
+                "ca",
+                "-batch",
+                "-notext",
+                "-config",
+                s(&ca.dir.join("ca.cnf")),
+                "-extensions",
+                ext,
+                "-in",
+                s(&csr),
+                "-out",
+                s(out),
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
+        );
     }
 
     /// A SubCA issued by `parent` with `openssl ca` (pathlen 0, keyCertSign + cRLSign).
@@ -393,9 +402,20 @@ impl OpensslPki {
     }
 
     fn leaf(&self, ca: &Ca, name: &str, alg: Alg, ext: &str) -> Issued {
+        self.leaf_with(ca, name, alg, ext, &[])
+    }
+
+    /// A clientAuth leaf `CN=name` issued by `ca` that expires at `not_after` (Unix
+    /// seconds; `openssl ca -enddate`).
+    pub fn client_until(&self, ca: &Ca, name: &str, alg: Alg, not_after: i64) -> Issued {
+        self.leaf_with(ca, name, alg, "client", &["-enddate", &gtime(not_after)])
+    }
+
+    fn leaf_with(&self, ca: &Ca, name: &str, alg: Alg, ext: &str, extra: &[&str]) -> Issued {
         let key = self.key(&format!("{name}.key"), alg);
         let cert = self.path(&format!("{name}.crt"));
-        self.sign(ca, &key, &format!("/O=fhirgate test/CN={name}"), ext, &cert);
+        let subj = format!("/O=fhirgate test/CN={name}");
+        self.sign_with(ca, &key, &subj, ext, &cert, extra);
         // Leaf + issuing CAs, root excluded (what a TLS peer sends).
         let chain = self.path(&format!("{name}.chain.pem"));
         let mut pem = std::fs::read(&cert).expect("cert");
