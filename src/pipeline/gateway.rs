@@ -21,7 +21,7 @@ use crate::metrics::{HeaderLabel, Metrics};
 use crate::pipeline::auth::{self, scope, Authoriser};
 use crate::pipeline::forward;
 use crate::pipeline::forward::{ConnectionHeaders, IdentityNames};
-use crate::pipeline::identity::ClientIdentity;
+use crate::pipeline::identity::{ClientChain, ClientIdentity};
 use crate::pipeline::nhsd;
 use crate::pipeline::outcome::{Body, Refuse, Rejection};
 use crate::pipeline::policy::{prefix_covers, PolicyError, Route, RoutePolicy, TokenRequirement};
@@ -40,6 +40,21 @@ pub struct ConnInfo {
     /// An HTTP/1.1 connection's place for its own upstream connection
     /// ([`Gateway::pinned_slot`]); `None` for HTTP/2 or with pinning off.
     pub upstream: Option<Arc<PinnedSlot>>,
+    /// The certificate chain the handshake verified, checked again per request.
+    pub chain: ClientChain,
+}
+
+impl ConnInfo {
+    /// Stage 3 again, per request: the connection's certificate has not expired and the
+    /// trust in force still accepts it (logged the first time it does not).
+    pub fn certificate_still_valid(&self) -> Result<(), Rejection> {
+        self.chain.check().map_err(|(lapsed, first)| {
+            if first {
+                tracing::warn!(target: "fhirgate::tls", peer = %self.peer, subject = %self.identity.subject, serial = %self.identity.serial, kind = %lapsed.0, "client certificate no longer valid on an open connection: its requests are refused");
+            }
+            lapsed.into()
+        })
+    }
 }
 
 pub struct Gateway {
@@ -190,7 +205,7 @@ impl Gateway {
         if version < http::Version::HTTP_2
             && matches!(
                 trace.rejection,
-                Some("headers_too_large" | "too_many_headers" | "bad_host")
+                Some("headers_too_large" | "too_many_headers" | "bad_host" | "certificate_lapsed")
             )
         {
             response

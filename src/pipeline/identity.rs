@@ -1,11 +1,21 @@
 //! The verified client identity, read from the certificate rustls has already validated.
 //!
 //! Parsing happens once per connection, after the handshake; the result is shared by
-//! every request on that connection.
+//! every request on that connection. [`ClientChain`] checks the certificate again before
+//! each request, so one that expires or is revoked while its connection is open stops
+//! there.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
+use rustls::server::danger::ClientCertVerifier as _;
+use rustls_pki_types::{CertificateDer, UnixTime};
 use sha2::{Digest, Sha256};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::tls::{rustls_error_kind, BundleVerifier, HandshakeKind};
 
 /// Facts about a client taken from its (already verified) leaf certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +77,130 @@ impl ClientIdentity {
     }
 }
 
+/// The trust material new handshakes are verified against, shared with the connections
+/// already open. When it changes (a CRL fetched or read on reload, a reload), each open
+/// connection checks its client certificate again at its next request, so a revocation
+/// reaches clients that never reconnect: a CRL that only new connections see is the
+/// mistake of radsecproxy#5 and EMQX#10992, which istio/ztunnel#1986 fixed the same way.
+pub struct TrustInForce {
+    generation: AtomicU64,
+    verifier: ArcSwap<BundleVerifier>,
+}
+
+impl TrustInForce {
+    pub fn new(verifier: Arc<BundleVerifier>) -> Self {
+        TrustInForce {
+            generation: AtomicU64::new(0),
+            verifier: ArcSwap::new(verifier),
+        }
+    }
+
+    /// Puts `verifier` in force for open connections too. Called after the new TLS
+    /// context is serving, so a connection that read the old generation re-checks.
+    pub fn publish(&self, verifier: Arc<BundleVerifier>) {
+        self.verifier.store(verifier);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Read before the TLS context a handshake will use, for [`ClientChain::new`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// A connection's client certificate chain as its handshake verified it, checked again
+/// by [`ClientChain::check`] before each request: against the time (notAfter), and
+/// against the trust in force whenever that has changed since the last check.
+pub struct ClientChain {
+    chain: Box<[CertificateDer<'static>]>,
+    /// The earliest notAfter of the certificates the client sent (Unix seconds).
+    not_after: i64,
+    trust: Arc<TrustInForce>,
+    /// The generation of `trust` the chain last verified against.
+    checked: AtomicU64,
+    /// The first refusal; the certificate does not come back on this connection.
+    refused: OnceLock<HandshakeKind>,
+}
+
+/// The connection's client certificate no longer verifies: expired, or refused by the
+/// trust in force (revoked by a newer CRL, its bundle removed, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the client certificate of this connection no longer verifies ({0})")]
+pub struct CertificateLapsed(pub HandshakeKind);
+
+impl std::fmt::Debug for ClientChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientChain")
+            .field("certificates", &self.chain.len())
+            .field("not_after", &self.not_after)
+            .field("refused", &self.refused.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientChain {
+    /// `chain`: leaf first, as presented; `leaf_not_after`: [`ClientIdentity::not_after`];
+    /// `generation`: [`TrustInForce::generation`] read before the handshake began.
+    pub fn new(
+        chain: &[CertificateDer<'static>],
+        leaf_not_after: i64,
+        trust: Arc<TrustInForce>,
+        generation: u64,
+    ) -> Self {
+        let not_after = chain
+            .iter()
+            .skip(1)
+            .filter_map(|c| X509Certificate::from_der(c).ok())
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .fold(leaf_not_after, i64::min);
+        ClientChain {
+            chain: chain.into(),
+            not_after,
+            trust,
+            checked: AtomicU64::new(generation),
+            refused: OnceLock::new(),
+        }
+    }
+
+    /// Ok while the chain still verifies. A clock read and an atomic load while nothing
+    /// changed; a full verification once per change of the trust in force. `Err` with
+    /// `true` the first time it fails (to log it once).
+    pub fn check(&self) -> Result<(), (CertificateLapsed, bool)> {
+        if let Some(kind) = self.refused.get() {
+            return Err((CertificateLapsed(*kind), false));
+        }
+        let now = UnixTime::now();
+        let expired = i64::try_from(now.as_secs()).map_or(true, |t| t > self.not_after);
+        let generation = self.trust.generation();
+        let verdict = if expired {
+            Err(HandshakeKind::Expired)
+        } else if generation == self.checked.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            let verifier = self.trust.verifier.load();
+            match self.chain.split_first() {
+                None => Err(HandshakeKind::NoCert),
+                Some((leaf, intermediates)) => {
+                    match verifier.verify_client_cert(leaf, intermediates, now) {
+                        Ok(_) => {
+                            self.checked.store(generation, Ordering::Relaxed);
+                            Ok(())
+                        }
+                        Err(e) => Err(rustls_error_kind(&e)),
+                    }
+                }
+            }
+        };
+        verdict.map_err(|kind| {
+            let first = self.refused.set(kind).is_ok();
+            (
+                CertificateLapsed(*self.refused.get().unwrap_or(&kind)),
+                first,
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +224,51 @@ mod tests {
         assert_eq!(id.fingerprint_sha256.len(), 64);
         assert_eq!(id.bundle, "nhs-int");
         assert!(id.not_after > 0);
+    }
+
+    /// The dev PKI's trust bundle with `crl` as the SubCA's CRL.
+    fn verifier(dir: &std::path::Path, crl: &str) -> Arc<BundleVerifier> {
+        let yaml = format!(
+            "server_cert: {d}/server.crt\nserver_key: {d}/server.key\ntrust_bundles:\n  - name: nhs-int\n    ca_files: [{d}/root-ca.crt, {d}/sub-ca.crt]\n    crl_files: [{d}/{crl}, {d}/root-ca.crl]\n",
+            d = dir.display()
+        );
+        let cfg: crate::tls::TlsConfig = serde_saphyr::from_str(&yaml).expect("tls section");
+        Arc::new(BundleVerifier::from_config(&cfg, &crate::tls::provider()).expect("verifier"))
+    }
+
+    fn chain_of(pem: &str, trust: &Arc<TrustInForce>) -> ClientChain {
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
+        let not_after = ClientIdentity::from_der(&der, "nhs-int")
+            .expect("parse")
+            .not_after;
+        ClientChain::new(&[der], not_after, trust.clone(), trust.generation())
+    }
+
+    #[test]
+    fn an_open_connections_chain_lapses_with_a_newer_crl_or_its_not_after() {
+        let pki = DevPki::generate().expect("pki");
+        let dir = tempfile::tempdir().expect("tempdir");
+        pki.write_to(dir.path()).expect("write");
+        let trust = Arc::new(TrustInForce::new(verifier(dir.path(), "sub-ca.crl")));
+        let first = chain_of(&pki.client.cert, &trust);
+        let second = chain_of(&pki.second_client.cert, &trust);
+        assert_eq!(first.check(), Ok(()));
+        assert_eq!(second.check(), Ok(()));
+
+        // The SubCA's next CRL also revokes the second client.
+        trust.publish(verifier(dir.path(), "sub-ca-update.crl"));
+        assert_eq!(first.check(), Ok(()));
+        let lapsed = CertificateLapsed(HandshakeKind::Revoked);
+        assert_eq!(second.check(), Err((lapsed, true)), "logged the first time");
+        assert_eq!(second.check(), Err((lapsed, false)));
+        // Once refused, always: a later generation does not bring it back.
+        trust.publish(verifier(dir.path(), "sub-ca.crl"));
+        assert_eq!(second.check(), Err((lapsed, false)));
+
+        // Past notAfter, whatever the CRLs say.
+        let expired = chain_of(&pki.expired_client.cert, &trust);
+        let lapsed = CertificateLapsed(HandshakeKind::Expired);
+        assert_eq!(expired.check(), Err((lapsed, true)));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The request pipeline: one module per stage, run in the order README.md numbers them
 //! ("What the gateway does to a request"). Stages 1-3 run once per connection in
 //! [`crate::server`] (accept, TLS handshake with [`crate::tls`], [`identity`]); every
-//! request on that connection then goes through [`Gateway::run`] below.
+//! request on that connection then goes through [`Gateway::run`] below, which first
+//! checks that the connection's certificate has not lapsed since.
 //!
 //! The route is decided first because it says which later checks apply; a client whose
 //! certificate may not use the route is refused before it can cost an introspection
@@ -29,13 +30,15 @@ use outcome::{Body, Rejection};
 use service::LimitKey;
 
 impl Gateway {
-    /// Stages 4 to 7 for one request (the connection's client identity in `conn`).
+    /// Stages 4 to 7 for one request (the connection's client identity in `conn`, whose
+    /// certificate is checked again first).
     async fn run<'g>(
         &'g self,
         req: Request<Body>,
         conn: &ConnInfo,
         trace: &mut Trace<'g>,
     ) -> Result<Response<Body>, Rejection> {
+        conn.certificate_still_valid()?; // 3. identity, again: not expired, not revoked since
         self.hygiene(&req)?; // CONNECT, Host, header count and size
         let route = self.route(&req, conn, trace)?; // 4. policy
         let levels = self.levels.of(Some(&route.name));

@@ -127,6 +127,21 @@ impl Rejection {
         )
     }
 
+    /// The certificate this connection was opened with has expired or is refused by the
+    /// trust now in force (a newer CRL revokes it); the client must reconnect.
+    pub fn certificate_lapsed(kind: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "REC_FORBIDDEN",
+            "certificate_lapsed",
+            format!(
+                "The client certificate of this connection is no longer valid ({kind}); \
+                 reconnect with a valid certificate"
+            ),
+        )
+    }
+
     /// The client certificate is valid but not allowed on this route.
     pub fn route_forbidden(route: &str) -> Self {
         Self::new(
@@ -424,6 +439,12 @@ impl Rejection {
     }
 }
 
+impl From<crate::pipeline::identity::CertificateLapsed> for Rejection {
+    fn from(e: crate::pipeline::identity::CertificateLapsed) -> Self {
+        Rejection::certificate_lapsed(e.0.as_str())
+    }
+}
+
 impl From<&crate::pipeline::nhsd::NhsdError> for Rejection {
     fn from(e: &crate::pipeline::nhsd::NhsdError) -> Self {
         Rejection::from_parts(
@@ -599,6 +620,10 @@ mod tests {
             (
                 "client over `limits.max_connections_per_client`",
                 Rejection::too_many_connections(1, 1),
+            ),
+            (
+                "certificate of an open connection expired or revoked since",
+                Rejection::certificate_lapsed("revoked"),
             ),
         ];
         let start = readme

@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
-use crate::pipeline::identity::ClientIdentity;
+use crate::pipeline::identity::{ClientChain, ClientIdentity, TrustInForce};
 use crate::pipeline::outcome::Rejection;
 use crate::pipeline::service::ClientConnections;
 use crate::pipeline::ConnInfo;
@@ -54,6 +54,7 @@ impl Snapshot {
         metrics: &Metrics,
         mut shutdown: watch::Receiver<bool>,
         clients: &Arc<ClientConnections>,
+        (trust, generation): (Arc<TrustInForce>, u64),
     ) {
         let _ = tcp.set_nodelay(true);
         // The verifier leaves a refused client certificate here (task-local: the
@@ -97,7 +98,7 @@ impl Snapshot {
                 return;
             }
         };
-        let identity = {
+        let (identity, chain) = {
             let session = tls.get_ref().1;
             let Some((leaf, intermediates)) =
                 session.peer_certificates().and_then(|c| c.split_first())
@@ -132,7 +133,11 @@ impl Snapshot {
                 return;
             };
             match ClientIdentity::from_der(leaf, bundle) {
-                Ok(id) => id,
+                Ok(id) => {
+                    let all = session.peer_certificates().unwrap_or_default();
+                    let chain = ClientChain::new(all, id.not_after, trust, generation);
+                    (id, chain)
+                }
                 Err(e) => {
                     metrics.handshake(HandshakeKind::BadCertificate.as_str());
                     tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::BadCertificate.as_str(), error = %e, "client certificate unreadable");
@@ -160,6 +165,7 @@ impl Snapshot {
             peer,
             headers,
             upstream: pinned.clone(),
+            chain,
         });
         let activity = Arc::new(Activity::new());
         let mut io = TokioIo::new(TrackedIo {

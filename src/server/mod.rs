@@ -25,6 +25,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::{FileLabel, Metrics};
+use crate::pipeline::identity::TrustInForce;
 use crate::pipeline::service::{ClientConnections, Limiters};
 use crate::revocation::CrlStore;
 use crate::tls::server_tls;
@@ -46,6 +47,8 @@ pub struct Server {
     /// Kept across reloads: rate-limit buckets and per-client connection counts.
     limiters: Limiters,
     client_connections: Arc<ClientConnections>,
+    /// The verifier of the current snapshot, for the connections opened under older ones.
+    trust: Arc<TrustInForce>,
 }
 
 impl Server {
@@ -56,6 +59,7 @@ impl Server {
         let snapshot = Snapshot::build_with(&crls.apply(cfg), &metrics, &limiters)?;
         snapshot.publish(&metrics);
         Ok(Arc::new(Server {
+            trust: Arc::new(TrustInForce::new(snapshot.verifier.clone())),
             limiters,
             client_connections: Arc::default(),
             current: ArcSwap::from_pointee(snapshot),
@@ -80,7 +84,9 @@ impl Server {
             s.publish(&self.metrics);
         }
         self.metrics.reload(result.is_ok());
-        self.current.store(Arc::new(result?));
+        let snapshot = Arc::new(result?);
+        self.current.store(snapshot.clone());
+        self.trust.publish(snapshot.verifier.clone());
         *held = Arc::new(cfg.clone());
         drop(held);
         self.crl_wake.notify_one();
@@ -111,8 +117,10 @@ impl Server {
                             })
                             .set(*next);
                     }
+                    let verifier = tls.verifier.clone();
                     self.current
                         .store(Arc::new(self.current.load().with_tls(tls)));
+                    self.trust.publish(verifier);
                     tracing::info!("fetched CRLs in force for new connections");
                 }
                 Err(e) => tracing::error!(
@@ -194,6 +202,9 @@ impl Server {
             };
             match accepted {
                 Ok((tcp, peer)) => {
+                    // The generation first: a swap in between makes the connection check
+                    // its certificate again at its first request, never skip a check.
+                    let trust = (self.trust.clone(), self.trust.generation());
                     let snapshot = self.current.load_full();
                     let metrics = self.metrics.clone();
                     let shutdown = shutdown.clone();
@@ -201,7 +212,7 @@ impl Server {
                     tokio::spawn(async move {
                         metrics.open_connections.inc();
                         snapshot
-                            .connection(tcp, peer, &metrics, shutdown, &clients)
+                            .connection(tcp, peer, &metrics, shutdown, &clients, trust)
                             .await;
                         metrics.open_connections.dec();
                         drop(permit);

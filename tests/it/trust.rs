@@ -124,6 +124,14 @@ fn client(root: &Path, chain: &Path, key: &Path) -> TlsConnector {
     client_of(root, chain, key, rustls::DEFAULT_VERSIONS)
 }
 
+/// [`client`] asking for HTTP/2 by ALPN.
+fn client_h2(root: &Path, chain: &Path, key: &Path) -> TlsConnector {
+    let c = client_of(root, chain, key, rustls::DEFAULT_VERSIONS);
+    let mut cfg = (*c.config().clone()).clone();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    TlsConnector::from(Arc::new(cfg))
+}
+
 /// [`client`] speaking only `versions`. Each connector keeps rustls's default session
 /// cache, so its later connections offer to resume.
 fn client_of(
@@ -224,7 +232,7 @@ const UNKNOWN_CA: &str = "fhirgate_tls_handshakes_total{result=\"unknown_ca\"}";
 const EXPIRED_CRL: &str = "fhirgate_tls_handshakes_total{result=\"expired_crl\"}";
 const EXPIRED: &str = "fhirgate_tls_handshakes_total{result=\"expired\"}";
 
-// RFC 5280 §6.1.3 (a)(2): "At the current time, the certificate is not revoked" holds for
+// RFC 5280 §6.1.3 (a)(3): "At the current time, the certificate is not revoked" holds for
 // every certificate of the path but the trust anchor, SubCAs included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subca_revoked_by_the_root_crl_is_refused_leaf_only_and_full_chain() {
@@ -926,6 +934,68 @@ async fn without_the_root_crl_chain_scope_fails_closed_and_check_says_why() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
+/// A gateway trusting SubCA A of [`nhs`], and a client certificate of A that expires
+/// `until` (8 s from now), for the tests of certificates that lapse after the handshake.
+struct Lapsing {
+    n: Nhs,
+    up: SocketAddr,
+    seen: crate::harness::Seen,
+    gw: fhirgate::server::Running,
+    addr: SocketAddr,
+    brief: Issued,
+    until: i64,
+}
+
+async fn lapsing() -> Lapsing {
+    let n = nhs();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let (gw, addr) = start(&lapsing_yaml(&n, &n.a_crl, up)).await;
+    let until = now() + 8;
+    let brief = n
+        .pki
+        .client_until(&n.sub_a, "brief-client", Alg::Rsa2048, until);
+    Lapsing {
+        n,
+        up,
+        seen,
+        gw,
+        addr,
+        brief,
+        until,
+    }
+}
+
+fn lapsing_yaml(n: &Nhs, a_crl: &Path, up: SocketAddr) -> String {
+    let cas = [&*n.root.cert, &*n.sub_a.cert];
+    yaml(
+        "development",
+        &n.server,
+        &cas,
+        &[&*n.root_crl, a_crl],
+        "",
+        "",
+        up,
+    )
+}
+
+impl Lapsing {
+    /// Revokes `n.good` in SubCA A's database and reloads with A's new CRL.
+    fn revoke_good_and_reload(&self) {
+        self.n.pki.revoke(&self.n.sub_a, &self.n.good.cert);
+        let a_crl = self.n.pki.crl(&self.n.sub_a, CrlTimes::Hours(48));
+        let y = lapsing_yaml(&self.n, &a_crl, self.up);
+        let cfg = Config::from_yaml(&y, Path::new("/")).unwrap();
+        self.gw.server().reload(&cfg).expect("reload");
+    }
+
+    /// Sleeps until `brief` has expired.
+    async fn past_not_after(&self) {
+        while now() <= self.until + 1 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 /// openssl s_client as the peer, HTTP/1.1 `GET /` with `Connection: close`, saving the
 /// session to `sess_out` or offering the one in `sess_in`; everything it printed.
 async fn s_client(addr: SocketAddr, root: &Path, who: &Issued, sess: (&str, &Path)) -> String {
@@ -977,20 +1047,12 @@ async fn s_client(addr: SocketAddr, root: &Path, who: &Issued, sess: (&str, &Pat
 // resuming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_resumed_after_its_certificate_expired_or_was_revoked_gets_no_answer() {
-    let n = nhs();
-    let (up, seen) = upstream(UpstreamMode::Echo).await;
-    let cas = [&*n.root.cert, &*n.sub_a.cert];
-    let crls = [&*n.root_crl, &*n.a_crl];
-    let y = yaml("development", &n.server, &cas, &crls, "", "", up);
-    let (gw, addr) = start(&y).await;
+    let l = lapsing().await;
+    let (n, seen, addr, brief) = (&l.n, &l.seen, l.addr, &l.brief);
     let root = &n.root.cert;
 
     // A certificate that expires a few seconds from now, resumed with TLS 1.3 and 1.2
     // (rustls) and TLS 1.3 (openssl) while it is valid.
-    let until = now() + 8;
-    let brief = n
-        .pki
-        .client_until(&n.sub_a, "brief-client", Alg::Rsa2048, until);
     let by_version = [
         (
             "TLS 1.3",
@@ -1012,9 +1074,9 @@ async fn a_session_resumed_after_its_certificate_expired_or_was_revoked_gets_no_
         );
     }
     let sess = n.pki.path("brief.session");
-    let fresh = s_client(addr, root, &brief, ("-sess_out", &sess)).await;
+    let fresh = s_client(addr, root, brief, ("-sess_out", &sess)).await;
     assert!(fresh.contains("HTTP/1.1 200"), "{fresh}");
-    let resumed = s_client(addr, root, &brief, ("-sess_in", &sess)).await;
+    let resumed = s_client(addr, root, brief, ("-sess_in", &sess)).await;
     assert!(
         resumed.contains("Reused, TLSv1.3") && resumed.contains("HTTP/1.1 200"),
         "{resumed}"
@@ -1022,9 +1084,7 @@ async fn a_session_resumed_after_its_certificate_expired_or_was_revoked_gets_no_
     assert_eq!(seen.count(), 6);
 
     // Past its notAfter: each client still resumes at the TLS level, and gets no answer.
-    while now() <= until + 1 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    l.past_not_after().await;
     for (v, c) in &by_version {
         let mut tls = crate::harness::connect(c, addr)
             .await
@@ -1049,13 +1109,13 @@ async fn a_session_resumed_after_its_certificate_expired_or_was_revoked_gets_no_
             "{v}: the gateway closes the connection at once"
         );
     }
-    let resumed = s_client(addr, root, &brief, ("-sess_in", &sess)).await;
+    let resumed = s_client(addr, root, brief, ("-sess_in", &sess)).await;
     assert!(resumed.contains("Reused, TLSv1.3"), "{resumed}");
     assert!(!resumed.contains("HTTP/1.1"), "{resumed}");
-    wait_for(&gw, EXPIRED, 3.0).await;
+    wait_for(&l.gw, EXPIRED, 3.0).await;
     // Without a session to offer, the handshake itself refuses it.
     assert!(status(addr, root, &brief.cert, &brief.key).await.is_err());
-    wait_for(&gw, EXPIRED, 4.0).await;
+    wait_for(&l.gw, EXPIRED, 4.0).await;
 
     // Revoked after its session was made: the new CRL takes effect on reload, and a
     // client offering a session from before it gets no answer either.
@@ -1063,25 +1123,146 @@ async fn a_session_resumed_after_its_certificate_expired_or_was_revoked_gets_no_
     assert_eq!(send(&c, addr, get("/")).await.unwrap().status, 200);
     assert!(send(&c, addr, get("/")).await.unwrap().resumed);
     assert_eq!(seen.count(), 8);
-    n.pki.revoke(&n.sub_a, &n.good.cert);
-    let a_crl = n.pki.crl(&n.sub_a, CrlTimes::Hours(48));
-    let y = yaml(
-        "development",
-        &n.server,
-        &cas,
-        &[&*n.root_crl, &*a_crl],
-        "",
-        "",
-        up,
-    );
-    let cfg = Config::from_yaml(&y, Path::new("/")).unwrap();
-    gw.server().reload(&cfg).expect("reload");
+    l.revoke_good_and_reload();
     assert!(send(&c, addr, get("/")).await.is_err());
-    wait_for(&gw, REVOKED, 1.0).await;
+    wait_for(&l.gw, REVOKED, 1.0).await;
     assert_eq!(
         seen.count(),
         8,
         "nothing reached the upstream after expiry or revocation"
     );
-    gw.shutdown(Duration::from_secs(2)).await;
+    l.gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// One connection held open by a client, HTTP/1.1 or HTTP/2.
+enum Held {
+    H1(hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>),
+}
+
+impl Held {
+    async fn open(connector: &TlsConnector, addr: SocketAddr) -> Held {
+        let tls = crate::harness::connect(connector, addr).await.unwrap();
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = hyper_util::rt::TokioIo::new(tls);
+        if h2 {
+            let (tx, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            Held::H2(tx)
+        } else {
+            let (tx, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            Held::H1(tx)
+        }
+    }
+
+    /// GET / on this connection: status and body, or the error when it is closed.
+    async fn get(&mut self) -> Result<(u16, String), String> {
+        let empty = http_body_util::Full::new(bytes::Bytes::new());
+        let resp = match self {
+            Held::H1(tx) => {
+                tx.ready().await.map_err(|e| e.to_string())?;
+                let req = http::Request::get("/")
+                    .header("host", "localhost")
+                    .body(empty);
+                tx.send_request(req.unwrap()).await
+            }
+            Held::H2(tx) => {
+                tx.ready().await.map_err(|e| e.to_string())?;
+                tx.send_request(
+                    http::Request::get("https://localhost/")
+                        .body(empty)
+                        .unwrap(),
+                )
+                .await
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+/// A refusal of a lapsed certificate: 403 OperationOutcome `REC_FORBIDDEN` naming `kind`.
+fn assert_lapsed(got: Result<(u16, String), String>, kind: &str) {
+    let (status, body) = got.unwrap();
+    assert_eq!(status, 403, "{body}");
+    let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        j["issue"][0]["details"]["coding"][0]["code"], "REC_FORBIDDEN",
+        "{j}"
+    );
+    assert!(
+        j["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains(kind),
+        "{j}"
+    );
+}
+
+// RFC 5280 §6.1.3 (a): "(2) The certificate validity period includes the current time.
+// (3) At the current time, the certificate is not revoked." On a connection held open,
+// the current time is each request's, and the CRLs are those in force then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_connection_whose_certificate_expires_or_is_revoked_gets_no_more_answers() {
+    let l = lapsing().await;
+    let (n, seen, addr, brief) = (&l.n, &l.seen, l.addr, &l.brief);
+    let root = &n.root.cert;
+
+    // HTTP/1.1 and HTTP/2 connections of a certificate about to expire and of one about
+    // to be revoked, each answered while its certificate is good.
+    let mut held = Vec::new();
+    for who in [brief, &n.good] {
+        for c in [
+            client(root, &who.cert, &who.key),
+            client_h2(root, &who.cert, &who.key),
+        ] {
+            let mut h = Held::open(&c, addr).await;
+            assert_eq!(h.get().await.map(|g| g.0), Ok(200));
+            held.push(h);
+        }
+    }
+    let [brief_h1, brief_h2, good_h1, good_h2] = &mut held[..] else {
+        unreachable!()
+    };
+    assert_eq!(seen.count(), 4);
+
+    // Revoked by a CRL that arrives on reload: the next request on each connection is
+    // refused, HTTP/1.1's connection is closed after it, HTTP/2's keeps being refused.
+    l.revoke_good_and_reload();
+    assert_lapsed(good_h1.get().await, "revoked");
+    assert!(
+        good_h1.get().await.is_err(),
+        "HTTP/1.1 closed after the refusal"
+    );
+    assert_lapsed(good_h2.get().await, "revoked");
+    assert_lapsed(good_h2.get().await, "revoked");
+    // The other client's connections were checked against the new CRL too, and pass.
+    assert_eq!(brief_h1.get().await.map(|g| g.0), Ok(200));
+    assert_eq!(brief_h2.get().await.map(|g| g.0), Ok(200));
+
+    // Past notAfter, with nothing reloaded: refused on the connections it opened.
+    l.past_not_after().await;
+    assert_lapsed(brief_h1.get().await, "expired");
+    assert_lapsed(brief_h2.get().await, "expired");
+    assert_eq!(
+        seen.count(),
+        6,
+        "nothing reached the upstream once a certificate lapsed"
+    );
+    wait_for(
+        &l.gw,
+        "fhirgate_rejections_total{kind=\"certificate_lapsed\"}",
+        5.0,
+    )
+    .await;
+    l.gw.shutdown(Duration::from_secs(2)).await;
 }
