@@ -5,7 +5,7 @@
 //! each request, so one that expires or is revoked while its connection is open stops
 //! there.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
@@ -85,12 +85,17 @@ impl ClientIdentity {
 pub struct TrustInForce {
     generation: AtomicU64,
     verifier: ArcSwap<BundleVerifier>,
+    /// The earliest nextUpdate of the verifier's CRLs (Unix seconds): past it, each open
+    /// connection checks its chain once more, so a CRL gone stale refuses open
+    /// connections as it refuses handshakes (`expired_crl`, where enforced).
+    stale_after: AtomicI64,
 }
 
 impl TrustInForce {
     pub fn new(verifier: Arc<BundleVerifier>) -> Self {
         TrustInForce {
             generation: AtomicU64::new(0),
+            stale_after: AtomicI64::new(earliest_next_update(&verifier)),
             verifier: ArcSwap::new(verifier),
         }
     }
@@ -98,6 +103,8 @@ impl TrustInForce {
     /// Puts `verifier` in force for open connections too. Called after the new TLS
     /// context is serving, so a connection that read the old generation re-checks.
     pub fn publish(&self, verifier: Arc<BundleVerifier>) {
+        self.stale_after
+            .store(earliest_next_update(&verifier), Ordering::Release);
         self.verifier.store(verifier);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
@@ -108,6 +115,15 @@ impl TrustInForce {
     }
 }
 
+fn earliest_next_update(verifier: &BundleVerifier) -> i64 {
+    verifier
+        .crl_next_updates
+        .iter()
+        .map(|(_, t)| *t)
+        .min()
+        .unwrap_or(i64::MAX)
+}
+
 /// A connection's client certificate chain as its handshake verified it, checked again
 /// by [`ClientChain::check`] before each request: against the time (notAfter), and
 /// against the trust in force whenever that has changed since the last check.
@@ -116,7 +132,8 @@ pub struct ClientChain {
     /// The earliest notAfter of the certificates the client sent (Unix seconds).
     not_after: i64,
     trust: Arc<TrustInForce>,
-    /// The generation of `trust` the chain last verified against.
+    /// The state of `trust` the chain last verified against: its generation times two,
+    /// plus one once past its CRLs' earliest nextUpdate.
     checked: AtomicU64,
     /// The first refusal; the certificate does not come back on this connection.
     refused: OnceLock<HandshakeKind>,
@@ -157,7 +174,7 @@ impl ClientChain {
             chain: chain.into(),
             not_after,
             trust,
-            checked: AtomicU64::new(generation),
+            checked: AtomicU64::new(generation * 2),
             refused: OnceLock::new(),
         }
     }
@@ -170,11 +187,12 @@ impl ClientChain {
             return Err((CertificateLapsed(*kind), false));
         }
         let now = UnixTime::now();
-        let expired = i64::try_from(now.as_secs()).map_or(true, |t| t > self.not_after);
-        let generation = self.trust.generation();
-        let verdict = if expired {
+        let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        let stale = secs > self.trust.stale_after.load(Ordering::Acquire);
+        let state = self.trust.generation() * 2 + u64::from(stale);
+        let verdict = if secs > self.not_after {
             Err(HandshakeKind::Expired)
-        } else if generation == self.checked.load(Ordering::Relaxed) {
+        } else if state == self.checked.load(Ordering::Relaxed) {
             Ok(())
         } else {
             let verifier = self.trust.verifier.load();
@@ -183,7 +201,7 @@ impl ClientChain {
                 Some((leaf, intermediates)) => {
                     match verifier.verify_client_cert(leaf, intermediates, now) {
                         Ok(_) => {
-                            self.checked.store(generation, Ordering::Relaxed);
+                            self.checked.store(state, Ordering::Relaxed);
                             Ok(())
                         }
                         Err(e) => Err(rustls_error_kind(&e)),
