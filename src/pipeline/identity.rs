@@ -179,6 +179,11 @@ impl ClientChain {
         }
     }
 
+    /// Whether [`ClientChain::check`] has refused the chain.
+    pub fn has_lapsed(&self) -> bool {
+        self.refused.get().is_some()
+    }
+
     /// Ok while the chain still verifies. A clock read and an atomic load while nothing
     /// changed; a full verification once per change of the trust in force. `Err` with
     /// `true` the first time it fails (to log it once).

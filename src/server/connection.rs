@@ -175,6 +175,7 @@ impl Snapshot {
         });
         let gateway = self.gateway.clone();
         let svc_activity = activity.clone();
+        let lapse = conn.clone();
         let handle = move |req: Request<Incoming>| {
             let gateway = gateway.clone();
             let conn = conn.clone();
@@ -234,6 +235,13 @@ impl Snapshot {
                     }
                     _ = tick.tick() => {
                         activity.stamp();
+                        // Its requests are refused once its certificate lapsed; an HTTP/2
+                        // client is also sent a GOAWAY, so it reconnects and meets the
+                        // handshake (HTTP/1.1 closes after the refusal itself).
+                        if closing.is_none() && lapse.chain.has_lapsed() {
+                            close_gracefully(&mut served);
+                            closing = Some(Instant::now());
+                        }
                         // A request being handled is bounded by the upstream timeouts.
                         if activity.handling() > 0 {
                             continue;

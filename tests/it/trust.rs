@@ -965,6 +965,16 @@ async fn lapsing() -> Lapsing {
     }
 }
 
+/// Revokes `n.good` in SubCA A's database and reloads `gw` with A's new CRL (and
+/// `extra` config lines).
+fn revoke_good_and_reload(n: &Nhs, gw: &fhirgate::server::Running, up: SocketAddr, extra: &str) {
+    n.pki.revoke(&n.sub_a, &n.good.cert);
+    let a_crl = n.pki.crl(&n.sub_a, CrlTimes::Hours(48));
+    let y = lapsing_yaml(n, &a_crl, up) + extra;
+    let cfg = Config::from_yaml(&y, Path::new("/")).unwrap();
+    gw.server().reload(&cfg).expect("reload");
+}
+
 fn lapsing_yaml(n: &Nhs, a_crl: &Path, up: SocketAddr) -> String {
     let cas = [&*n.root.cert, &*n.sub_a.cert];
     yaml(
@@ -981,11 +991,7 @@ fn lapsing_yaml(n: &Nhs, a_crl: &Path, up: SocketAddr) -> String {
 impl Lapsing {
     /// Revokes `n.good` in SubCA A's database and reloads with A's new CRL.
     fn revoke_good_and_reload(&self) {
-        self.n.pki.revoke(&self.n.sub_a, &self.n.good.cert);
-        let a_crl = self.n.pki.crl(&self.n.sub_a, CrlTimes::Hours(48));
-        let y = lapsing_yaml(&self.n, &a_crl, self.up);
-        let cfg = Config::from_yaml(&y, Path::new("/")).unwrap();
-        self.gw.server().reload(&cfg).expect("reload");
+        revoke_good_and_reload(&self.n, &self.gw, self.up, "");
     }
 
     /// Sleeps until `brief` has expired.
@@ -1307,5 +1313,34 @@ async fn an_open_connection_is_refused_once_its_crl_goes_stale_where_that_is_enf
     assert!(status(addr, root, &n.good.cert, &n.good.key).await.is_err());
     wait_for(&gw, EXPIRED_CRL, 1.0).await;
     assert_eq!(seen.count(), 2);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+// RFC 9113 §6.8: GOAWAY "initiate[s] shutdown of a connection"; a client whose certificate
+// lapsed is told to go and reconnect, where the handshake refuses it, rather than having
+// every request on its connection refused for as long as it keeps it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_whose_certificate_lapsed_is_sent_a_goaway() {
+    let n = nhs();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    // A 2 s idle timeout: the connection's checks run every half second.
+    let limits = "limits:\n  idle_timeout: 2s\n";
+    let (gw, addr) = start(&(lapsing_yaml(&n, &n.a_crl, up) + limits)).await;
+    let root = &n.root.cert;
+    let mut h2 = Held::open(&client_h2(root, &n.good.cert, &n.good.key), addr).await;
+    assert_eq!(h2.get().await.map(|g| g.0), Ok(200));
+    revoke_good_and_reload(&n, &gw, up, limits);
+    assert_lapsed(h2.get().await, "revoked");
+    // Busy (a request every 200 ms), so never closed as idle: closed as lapsed.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match h2.get().await {
+            Err(_) => break,
+            Ok((status, body)) => assert_eq!(status, 403, "{body}"),
+        }
+        assert!(Instant::now() < deadline, "the connection is still open");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(seen.count(), 1);
     gw.shutdown(Duration::from_secs(2)).await;
 }
