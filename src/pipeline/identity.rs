@@ -184,9 +184,10 @@ impl ClientChain {
         self.refused.get().is_some()
     }
 
-    /// Ok while the chain still verifies. A clock read and an atomic load while nothing
-    /// changed; a full verification once per change of the trust in force. `Err` with
-    /// `true` the first time it fails (to log it once).
+    /// Ok while the chain still verifies. A clock read and a few atomic loads while
+    /// nothing changed; a full verification once per change of the trust in force (and
+    /// once when its CRLs go stale). `Err` with `true` the first time it fails (to log
+    /// it once).
     pub fn check(&self) -> Result<(), (CertificateLapsed, bool)> {
         if let Some(kind) = self.refused.get() {
             return Err((CertificateLapsed(*kind), false));
