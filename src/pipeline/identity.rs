@@ -85,17 +85,18 @@ impl ClientIdentity {
 pub struct TrustInForce {
     generation: AtomicU64,
     verifier: ArcSwap<BundleVerifier>,
-    /// The earliest nextUpdate of the verifier's CRLs (Unix seconds): past it, each open
-    /// connection checks its chain once more, so a CRL gone stale refuses open
-    /// connections as it refuses handshakes (`expired_crl`, where enforced).
-    stale_after: AtomicI64,
+    /// The next nextUpdate of the verifier's CRLs (Unix seconds). Passing it counts as a
+    /// change of the trust in force (a new generation), so each open connection checks
+    /// its chain once more whenever one of the CRLs goes stale, and a stale CRL refuses
+    /// open connections as it refuses handshakes (`expired_crl`, where enforced).
+    next_stale: AtomicI64,
 }
 
 impl TrustInForce {
     pub fn new(verifier: Arc<BundleVerifier>) -> Self {
         TrustInForce {
             generation: AtomicU64::new(0),
-            stale_after: AtomicI64::new(earliest_next_update(&verifier)),
+            next_stale: AtomicI64::new(next_update_from(&verifier, i64::MIN)),
             verifier: ArcSwap::new(verifier),
         }
     }
@@ -103,8 +104,8 @@ impl TrustInForce {
     /// Puts `verifier` in force for open connections too. Called after the new TLS
     /// context is serving, so a connection that read the old generation re-checks.
     pub fn publish(&self, verifier: Arc<BundleVerifier>) {
-        self.stale_after
-            .store(earliest_next_update(&verifier), Ordering::Release);
+        self.next_stale
+            .store(next_update_from(&verifier, i64::MIN), Ordering::Release);
         self.verifier.store(verifier);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
@@ -113,13 +114,33 @@ impl TrustInForce {
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
+
+    /// The generation at `now` (Unix seconds): a new one once a CRL has gone stale.
+    fn generation_at(&self, now: i64) -> u64 {
+        let due = self.next_stale.load(Ordering::Acquire);
+        if now > due {
+            let next = next_update_from(&self.verifier.load(), now);
+            // One caller moves the deadline on and bumps the generation; the others see
+            // the new generation.
+            if self
+                .next_stale
+                .compare_exchange(due, next, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        self.generation()
+    }
 }
 
-fn earliest_next_update(verifier: &BundleVerifier) -> i64 {
+/// The earliest nextUpdate of `verifier`'s CRLs at or after `from` (`i64::MAX`: none).
+fn next_update_from(verifier: &BundleVerifier, from: i64) -> i64 {
     verifier
         .crl_next_updates
         .iter()
         .map(|(_, t)| *t)
+        .filter(|t| *t >= from)
         .min()
         .unwrap_or(i64::MAX)
 }
@@ -132,8 +153,7 @@ pub struct ClientChain {
     /// The earliest notAfter of the certificates the client sent (Unix seconds).
     not_after: i64,
     trust: Arc<TrustInForce>,
-    /// The state of `trust` the chain last verified against: its generation times two,
-    /// plus one once past its CRLs' earliest nextUpdate.
+    /// The generation of `trust` the chain last verified against.
     checked: AtomicU64,
     /// The first refusal; the certificate does not come back on this connection.
     refused: OnceLock<HandshakeKind>,
@@ -174,7 +194,7 @@ impl ClientChain {
             chain: chain.into(),
             not_after,
             trust,
-            checked: AtomicU64::new(generation * 2),
+            checked: AtomicU64::new(generation),
             refused: OnceLock::new(),
         }
     }
@@ -194,8 +214,7 @@ impl ClientChain {
         }
         let now = UnixTime::now();
         let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-        let stale = secs > self.trust.stale_after.load(Ordering::Acquire);
-        let state = self.trust.generation() * 2 + u64::from(stale);
+        let state = self.trust.generation_at(secs);
         let verdict = if secs > self.not_after {
             Err(HandshakeKind::Expired)
         } else if state == self.checked.load(Ordering::Relaxed) {
