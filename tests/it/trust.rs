@@ -383,6 +383,14 @@ fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// Sleeps until a second after `t` (Unix seconds), so that `t` is in the past for a
+/// validity check with one-second resolution.
+async fn past(t: i64) {
+    while now() <= t + 1 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 // RFC 5280 §5.1.2.5: nextUpdate "indicates the date by which the next CRL will be issued";
 // past it, the CRL no longer says whether a certificate is revoked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -996,9 +1004,7 @@ impl Lapsing {
 
     /// Sleeps until `brief` has expired.
     async fn past_not_after(&self) {
-        while now() <= self.until + 1 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        past(self.until).await;
     }
 }
 
@@ -1298,11 +1304,6 @@ async fn an_open_connection_is_refused_once_its_crl_goes_stale_where_that_is_enf
     let mut h2 = Held::open(&client_h2(root, &n.good.cert, &n.good.key), addr).await;
     assert_eq!(h1.get().await.map(|g| g.0), Ok(200));
     assert_eq!(h2.get().await.map(|g| g.0), Ok(200));
-    let past = |t: i64| async move {
-        while now() <= t + 1 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
     past(b_next).await;
     // B's clients are refused in the handshake; A's connections are still served.
     assert!(status(addr, root, &n.other.cert, &n.other.key)
