@@ -176,25 +176,26 @@ impl std::fmt::Debug for ClientChain {
 }
 
 impl ClientChain {
-    /// `chain`: leaf first, as presented; `leaf_not_after`: [`ClientIdentity::not_after`];
-    /// `generation`: [`TrustInForce::generation`] read before the handshake began.
+    /// `chain`: leaf first, as presented. `verified_at`: the [`TrustInForce::generation`]
+    /// read before the handshake that verified it began; `None` when no handshake did
+    /// (a resumed TLS session), so the first [`ClientChain::check`] verifies it in full.
     pub fn new(
         chain: &[CertificateDer<'static>],
-        leaf_not_after: i64,
         trust: Arc<TrustInForce>,
-        generation: u64,
+        verified_at: Option<u64>,
     ) -> Self {
         let not_after = chain
             .iter()
-            .skip(1)
             .filter_map(|c| X509Certificate::from_der(c).ok())
             .map(|(_, c)| c.validity().not_after.timestamp())
-            .fold(leaf_not_after, i64::min);
+            .min()
+            .unwrap_or(i64::MIN);
         ClientChain {
             chain: chain.into(),
             not_after,
             trust,
-            checked: AtomicU64::new(generation),
+            // No generation reaches u64::MAX.
+            checked: AtomicU64::new(verified_at.unwrap_or(u64::MAX)),
             refused: OnceLock::new(),
         }
     }
@@ -281,10 +282,7 @@ mod tests {
 
     fn chain_of(pem: &str, trust: &Arc<TrustInForce>) -> ClientChain {
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
-        let not_after = ClientIdentity::from_der(&der, "nhs-int")
-            .expect("parse")
-            .not_after;
-        ClientChain::new(&[der], not_after, trust.clone(), trust.generation())
+        ClientChain::new(&[der], trust.clone(), Some(trust.generation()))
     }
 
     #[test]

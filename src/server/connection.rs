@@ -40,11 +40,7 @@ use crate::pipeline::identity::{ClientChain, ClientIdentity, TrustInForce};
 use crate::pipeline::outcome::Rejection;
 use crate::pipeline::service::ClientConnections;
 use crate::pipeline::ConnInfo;
-use crate::tls::{
-    handshake_failure_kind, rustls_error_kind, HandshakeKind, PresentedCert, REFUSED_CERT,
-};
-use rustls::server::danger::ClientCertVerifier as _;
-use rustls_pki_types::UnixTime;
+use crate::tls::{handshake_failure_kind, HandshakeKind, PresentedCert, REFUSED_CERT};
 
 impl Snapshot {
     pub(super) async fn connection(
@@ -110,19 +106,20 @@ impl Snapshot {
             };
             // rustls takes a resumed session's certificate from the ticket or session
             // cache without checking it again, and tickets chain (each resumption gets a
-            // new one), so the certificate is checked here as in a full handshake: one
-            // that has expired since, or that the CRLs now in force revoke, ends the
-            // connection before any HTTP (RFC 8446 §4.6.1). The handshake is over, so the
-            // client sees the connection close rather than an alert.
-            if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-                if let Err(e) =
-                    self.verifier
-                        .verify_client_cert(leaf, intermediates, UnixTime::now())
-                {
-                    let kind = rustls_error_kind(&e).as_str();
+            // new one), so its chain starts unverified and is checked here as in a full
+            // handshake, against the trust in force: one that has expired since, or that
+            // the CRLs now in force revoke, ends the connection before any HTTP (RFC 8446
+            // §4.6.1). The handshake is over, so the client sees the connection close
+            // rather than an alert.
+            let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            let all = session.peer_certificates().unwrap_or_default();
+            let chain = ClientChain::new(all, trust, (!resumed).then_some(generation));
+            if resumed {
+                if let Err((lapsed, _)) = chain.check() {
+                    let kind = lapsed.0.as_str();
                     metrics.handshake(kind);
                     let c = PresentedCert::from_der(leaf).unwrap_or_default();
-                    tracing::warn!(target: "fhirgate::tls", %peer, kind, error = %e, subject = %c.subject, issuer = %c.issuer, serial = %c.serial, not_after = %c.not_after, "resumed session refused: its certificate no longer verifies");
+                    tracing::warn!(target: "fhirgate::tls", %peer, kind, subject = %c.subject, issuer = %c.issuer, serial = %c.serial, not_after = %c.not_after, "resumed session refused: its certificate no longer verifies");
                     return;
                 }
             }
@@ -133,11 +130,7 @@ impl Snapshot {
                 return;
             };
             match ClientIdentity::from_der(leaf, bundle) {
-                Ok(id) => {
-                    let all = session.peer_certificates().unwrap_or_default();
-                    let chain = ClientChain::new(all, id.not_after, trust, generation);
-                    (id, chain)
-                }
+                Ok(id) => (id, chain),
                 Err(e) => {
                     metrics.handshake(HandshakeKind::BadCertificate.as_str());
                     tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::BadCertificate.as_str(), error = %e, "client certificate unreadable");
