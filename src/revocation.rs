@@ -14,7 +14,8 @@
 //! The verifier is built from `crl_files` plus [`FetchedCrls`]; for each issuer only the
 //! newest CRL is used ([`add_fetched`]), because webpki consults the first CRL of a
 //! matching issuer it finds. When a fetched CRL changes, the server builds a new TLS
-//! context and swaps it in (new connections use it; open ones keep theirs).
+//! context and swaps it in (new connections use it; open ones check their client's chain
+//! against it at their next request).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -28,13 +28,19 @@ pub fn watched_files(path: &Path, cfg: Option<&Config>) -> Vec<PathBuf> {
         out.extend(b.ca_files.iter().cloned());
         out.extend(b.crl_files.iter().cloned());
     }
+    out.extend(gateway_files(cfg));
+    out
+}
+
+/// The files the request pipeline reads when it is built (upstream TLS, the
+/// authorisation server's CA, the gateway's own client credentials).
+pub fn gateway_files(cfg: &Config) -> Vec<PathBuf> {
     let u = &cfg.upstream;
-    out.extend(
-        [&u.ca_file, &u.client_cert, &u.client_key, &cfg.auth.ca_file]
-            .into_iter()
-            .flatten()
-            .cloned(),
-    );
+    let mut out: Vec<PathBuf> = [&u.ca_file, &u.client_cert, &u.client_key, &cfg.auth.ca_file]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
     if let Some(c) = &cfg.auth.client_auth {
         out.extend(
             [&c.client_secret_file, &c.private_key_file]
@@ -65,7 +71,7 @@ fn directories(files: &[PathBuf]) -> BTreeSet<PathBuf> {
 }
 
 /// A hash of the names and contents of `files` (a missing file hashes as missing).
-fn fingerprint(files: &[PathBuf]) -> [u8; 32] {
+pub fn fingerprint(files: &[PathBuf]) -> [u8; 32] {
     let mut h = Sha256::new();
     for f in files {
         h.update(f.as_os_str().as_encoded_bytes());

@@ -40,8 +40,9 @@ pub struct ConnInfo {
     /// An HTTP/1.1 connection's place for its own upstream connection
     /// ([`Gateway::pinned_slot`]); `None` for HTTP/2 or with pinning off.
     pub upstream: Option<Arc<PinnedSlot>>,
-    /// The certificate chain the handshake verified, checked again per request.
-    pub chain: ClientChain,
+    /// The certificate chain the handshake verified, checked again per request (shared
+    /// with the connection's next binding after a reload).
+    pub chain: Arc<ClientChain>,
 }
 
 impl ConnInfo {

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use std::future::Future;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use http::Request;
@@ -39,7 +40,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::identity::{ClientChain, ClientIdentity, TrustInForce};
 use crate::pipeline::outcome::Rejection;
 use crate::pipeline::service::ClientConnections;
-use crate::pipeline::ConnInfo;
+use crate::pipeline::{ConnInfo, Gateway};
 use crate::tls::{handshake_failure_kind, HandshakeKind, PresentedCert, REFUSED_CERT};
 
 impl Snapshot {
@@ -50,8 +51,13 @@ impl Snapshot {
         metrics: &Metrics,
         mut shutdown: watch::Receiver<bool>,
         clients: &Arc<ClientConnections>,
-        (trust, generation): (Arc<TrustInForce>, u64),
+        in_force: InForce,
     ) {
+        let InForce {
+            trust,
+            generation,
+            gateway: in_force,
+        } = in_force;
         let _ = tcp.set_nodelay(true);
         // The verifier leaves a refused client certificate here (task-local: the
         // handshake runs inside this future), so the refusal line can name it.
@@ -149,29 +155,21 @@ impl Snapshot {
             return;
         };
 
-        let headers = self.gateway.connection_headers(&identity, peer);
-        // HTTP/2 clients use the shared pool: pinning per stream measured slower
-        // (bench/README.md, eighth pass).
-        let pinned = if h2 { None } else { self.gateway.pinned_slot() };
-        let conn = Arc::new(ConnInfo {
-            identity,
-            peer,
-            headers,
-            upstream: pinned.clone(),
-            chain,
-        });
+        // The gateway in force now, not the snapshot's: a reload during the handshake
+        // applies from the first request.
+        let bound = Bound::to(in_force.load_full(), identity, peer, Arc::new(chain), h2);
+        let lapse = bound.conn.clone();
+        let binding = Arc::new(ArcSwap::from_pointee(bound));
         let activity = Arc::new(Activity::new());
         let mut io = TokioIo::new(TrackedIo {
             inner: tls,
             activity: activity.clone(),
             unread: Bytes::new(),
         });
-        let gateway = self.gateway.clone();
+        let svc_binding = binding.clone();
         let svc_activity = activity.clone();
-        let lapse = conn.clone();
         let handle = move |req: Request<Incoming>| {
-            let gateway = gateway.clone();
-            let conn = conn.clone();
+            let bound = Bound::current(&svc_binding, &in_force, h2);
             let activity = svc_activity.clone();
             let guard = InFlight::new(activity.clone());
             let req = if h2 || req.body().is_end_stream() {
@@ -182,7 +180,7 @@ impl Snapshot {
                 req.map(|inner| Guarded { inner, guard }.boxed())
             };
             async move {
-                let resp = gateway.handle(req, &conn).await;
+                let resp = bound.gateway.handle(req, &bound.conn).await;
                 drop(guard);
                 // The response body still has to be sent; track it until it is dropped.
                 let streaming = Streaming::new(activity);
@@ -268,7 +266,7 @@ impl Snapshot {
                 break;
             }
             // An idle client holds no upstream connection.
-            if let Some(p) = &pinned {
+            if let Some(p) = &binding.load().conn.upstream {
                 p.release();
             }
             // Parking: hyper closes an idle connection at once on a graceful shutdown,
@@ -317,6 +315,74 @@ impl Snapshot {
             tick.reset();
             served = Served::H1(Box::pin(self.http1.serve_connection(io, svc)));
         }
+    }
+}
+
+/// What the server has in force, which open connections follow.
+pub(super) struct InForce {
+    /// The verifier in force, and its generation when the connection was accepted.
+    pub trust: Arc<TrustInForce>,
+    pub generation: u64,
+    /// The gateway in force.
+    pub gateway: Arc<ArcSwap<Gateway>>,
+}
+
+/// The gateway a connection's requests go to, and what the connection holds that the
+/// gateway built: its identity headers and (HTTP/1.1) its place for a pinned upstream
+/// connection.
+struct Bound {
+    gateway: Arc<Gateway>,
+    conn: Arc<ConnInfo>,
+}
+
+impl Bound {
+    fn to(
+        gateway: Arc<Gateway>,
+        identity: ClientIdentity,
+        peer: SocketAddr,
+        chain: Arc<ClientChain>,
+        h2: bool,
+    ) -> Bound {
+        let headers = gateway.connection_headers(&identity, peer);
+        // HTTP/2 clients use the shared pool: pinning per stream measured slower
+        // (bench/README.md, eighth pass).
+        let upstream = if h2 { None } else { gateway.pinned_slot() };
+        let conn = Arc::new(ConnInfo {
+            identity,
+            peer,
+            headers,
+            upstream,
+            chain,
+        });
+        Bound { gateway, conn }
+    }
+
+    /// Per request: the binding, moved to the gateway in force if a reload replaced the
+    /// one it was made with, so routes, allow-lists, token and NHSD checks and the
+    /// upstream apply to open connections from their next request (an operator taking a
+    /// client off a route in an incident does not wait for it to reconnect). Only the
+    /// connection's task calls this, so the load and store do not race.
+    fn current(binding: &ArcSwap<Bound>, in_force: &ArcSwap<Gateway>, h2: bool) -> Arc<Bound> {
+        let bound = binding.load_full();
+        let gateway = in_force.load();
+        if Arc::ptr_eq(&bound.gateway, &gateway) {
+            return bound;
+        }
+        // The old upstream's pinned connection is not used again: let it go.
+        if let Some(p) = &bound.conn.upstream {
+            p.release();
+        }
+        let c = &bound.conn;
+        let gateway = arc_swap::Guard::into_inner(gateway);
+        let rebound = Arc::new(Bound::to(
+            gateway,
+            c.identity.clone(),
+            c.peer,
+            c.chain.clone(),
+            h2,
+        ));
+        binding.store(rebound.clone());
+        rebound
     }
 }
 

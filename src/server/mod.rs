@@ -14,6 +14,7 @@ pub mod lifecycle;
 mod snapshot;
 
 pub use connection::ConnectionKind;
+use connection::InForce;
 pub use snapshot::Snapshot;
 
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::{FileLabel, Metrics};
 use crate::pipeline::identity::TrustInForce;
 use crate::pipeline::service::{ClientConnections, Limiters};
+use crate::pipeline::Gateway;
 use crate::revocation::CrlStore;
 use crate::tls::server_tls;
 use arc_swap::ArcSwap;
@@ -49,6 +51,9 @@ pub struct Server {
     client_connections: Arc<ClientConnections>,
     /// The verifier of the current snapshot, for the connections opened under older ones.
     trust: Arc<TrustInForce>,
+    /// The gateway of the current snapshot, which open connections send their next
+    /// request to.
+    gateway: Arc<ArcSwap<Gateway>>,
 }
 
 impl Server {
@@ -60,6 +65,7 @@ impl Server {
         snapshot.publish(&metrics);
         Ok(Arc::new(Server {
             trust: Arc::new(TrustInForce::new(snapshot.verifier.clone())),
+            gateway: Arc::new(ArcSwap::new(snapshot.gateway.clone())),
             limiters,
             client_connections: Arc::default(),
             current: ArcSwap::from_pointee(snapshot),
@@ -73,12 +79,16 @@ impl Server {
     }
 
     /// Swaps in a new configuration. Listener addresses and `limits.max_connections` are
-    /// fixed at start; everything else (certificates, trust bundles, CRLs, routes,
-    /// upstream, limits) takes effect for new connections.
+    /// fixed at start. Certificates, trust bundles and CRLs take effect for new
+    /// handshakes and, at their next request, for open connections (`TrustInForce`);
+    /// routes, allow-lists, token and NHSD checks, identity headers and the upstream at
+    /// every connection's next request; HTTP limits and timeouts for new connections.
     pub fn reload(&self, cfg: &Config) -> Result<(), ConfigError> {
         let mut held = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = self.current.load_full();
         let result = self.crls.load_cache(&cfg.tls).and_then(|()| {
-            Snapshot::build_with(&self.crls.apply(cfg), &self.metrics, &self.limiters)
+            let cfg = self.crls.apply(cfg);
+            Snapshot::build_after(&cfg, &self.metrics, &self.limiters, Some(&previous))
         });
         if let Ok(s) = &result {
             s.publish(&self.metrics);
@@ -87,6 +97,12 @@ impl Server {
         let snapshot = Arc::new(result?);
         self.current.store(snapshot.clone());
         self.trust.publish(snapshot.verifier.clone());
+        if !Arc::ptr_eq(&previous.gateway, &snapshot.gateway) {
+            self.gateway.store(snapshot.gateway.clone());
+            tracing::info!(
+                "request pipeline rebuilt: open connections use it from their next request"
+            );
+        }
         *held = Arc::new(cfg.clone());
         drop(held);
         self.crl_wake.notify_one();
@@ -204,7 +220,11 @@ impl Server {
                 Ok((tcp, peer)) => {
                     // The generation first: a swap in between makes the connection check
                     // its certificate again at its first request, never skip a check.
-                    let trust = (self.trust.clone(), self.trust.generation());
+                    let in_force = InForce {
+                        trust: self.trust.clone(),
+                        generation: self.trust.generation(),
+                        gateway: self.gateway.clone(),
+                    };
                     let snapshot = self.current.load_full();
                     let metrics = self.metrics.clone();
                     let shutdown = shutdown.clone();
@@ -212,7 +232,7 @@ impl Server {
                     tokio::spawn(async move {
                         metrics.open_connections.inc();
                         snapshot
-                            .connection(tcp, peer, &metrics, shutdown, &clients, trust)
+                            .connection(tcp, peer, &metrics, shutdown, &clients, in_force)
                             .await;
                         metrics.open_connections.dec();
                         drop(permit);

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use sha2::{Digest, Sha256};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, ConfigError, Limits};
@@ -17,9 +18,12 @@ use crate::pipeline::Gateway;
 use crate::tls::{server_tls, BundleVerifier, ServerTls, TrustInventory};
 
 /// Everything built from one version of the config. A reload builds a new snapshot and
-/// swaps it in: new connections use it, open connections keep the one they started with.
+/// swaps it in: new connections use it; open connections keep their TLS session and HTTP
+/// settings, and send their next request to its gateway (`connection::Bound`).
 pub struct Snapshot {
     pub(super) gateway: Arc<Gateway>,
+    /// What `gateway` was built from ([`gateway_key`]).
+    gateway_key: [u8; 32],
     pub(super) acceptor: TlsAcceptor,
     pub(super) verifier: Arc<BundleVerifier>,
     pub(super) limits: Limits,
@@ -49,8 +53,24 @@ impl Snapshot {
         metrics: &Arc<Metrics>,
         limiters: &Limiters,
     ) -> Result<Self, ConfigError> {
+        Self::build_after(cfg, metrics, limiters, None)
+    }
+
+    /// As [`Snapshot::build_with`], keeping `previous`'s gateway (its token cache, upstream
+    /// connections and discovery state) when nothing it is built from changed: a reload
+    /// that only brings new certificates or CRLs does not start the pipeline afresh.
+    pub(super) fn build_after(
+        cfg: &Config,
+        metrics: &Arc<Metrics>,
+        limiters: &Limiters,
+        previous: Option<&Snapshot>,
+    ) -> Result<Self, ConfigError> {
         let tls = server_tls(&cfg.tls)?;
-        let gateway = Arc::new(Gateway::with_limiters(cfg, metrics.clone(), limiters)?);
+        let gateway_key = gateway_key(cfg);
+        let gateway = match previous {
+            Some(p) if p.gateway_key == gateway_key => p.gateway.clone(),
+            _ => Arc::new(Gateway::with_limiters(cfg, metrics.clone(), limiters)?),
+        };
         let limits = cfg.limits.clone();
         // The HTTP libraries' own limits are twice the configured ones: a request a little
         // over `limits.max_header_bytes` / `max_headers` still reaches the gateway, which
@@ -83,6 +103,7 @@ impl Snapshot {
             server_not_after: tls.server_not_after,
             crl_next_updates: tls.crl_next_updates,
             gateway,
+            gateway_key,
             acceptor: TlsAcceptor::from(tls.config),
             verifier: tls.verifier,
             handshake_timeout: cfg.tls.handshake_timeout,
@@ -133,6 +154,7 @@ impl Snapshot {
     pub(super) fn with_tls(&self, tls: ServerTls) -> Snapshot {
         Snapshot {
             gateway: self.gateway.clone(),
+            gateway_key: self.gateway_key,
             acceptor: TlsAcceptor::from(tls.config),
             verifier: tls.verifier,
             limits: self.limits.clone(),
@@ -144,5 +166,107 @@ impl Snapshot {
             server_not_after: tls.server_not_after,
             crl_next_updates: tls.crl_next_updates,
         }
+    }
+}
+
+/// A digest of what a [`Gateway`] is built from: every config section but the TLS ones
+/// (the verifier in force reaches open connections by itself, `TrustInForce`) and those
+/// fixed at start or outside the pipeline, and the contents of the files the gateway
+/// reads. Compared within one process only, so the sections' `Debug` text serves.
+fn gateway_key(cfg: &Config) -> [u8; 32] {
+    // No `..`: a new section has to be placed on one side or the other.
+    let Config {
+        environment,
+        environment_explicit: _,
+        listeners: _,
+        tls: _,
+        limits,
+        upstream,
+        identity_headers,
+        routes,
+        admin: _,
+        logging,
+        auth,
+        nhsd,
+        reload: _,
+        service_levels,
+        telemetry,
+    } = cfg;
+    let mut h = Sha256::new();
+    h.update(format!(
+        "{environment:?}{limits:?}{upstream:?}{identity_headers:?}{routes:?}{logging:?}\
+         {auth:?}{nhsd:?}{service_levels:?}{telemetry:?}"
+    ));
+    h.update(crate::watch::fingerprint(&crate::watch::gateway_files(cfg)));
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILES: [&str; 6] = [
+        "server.crt",
+        "server.key",
+        "ca.crt",
+        "ca.crl",
+        "ca2.crl",
+        "secret",
+    ];
+
+    fn cfg(dir: &std::path::Path, edit: impl Fn(String) -> String) -> Config {
+        let yaml = "listeners: [{address: 127.0.0.1:8443}]
+tls:
+  server_cert: server.crt
+  server_key: server.key
+  trust_bundles:
+    - name: nhs-int
+      ca_files: [ca.crt]
+      crl_files: [ca.crl]
+upstream: {url: 'http://127.0.0.1:9'}
+auth:
+  mode: introspection
+  issuer: https://auth.example.nhs.uk
+  client_auth: {method: client_secret_basic, client_id: gw, client_secret_file: secret}
+routes:
+  - name: all
+    path_prefix: /
+"
+        .to_owned();
+        Config::from_yaml(&edit(yaml), dir).expect("valid test config")
+    }
+
+    /// A reload keeps the running pipeline (its token cache, upstream connections) when
+    /// only TLS material changed, and builds a new one, which open connections then move
+    /// to, when anything the pipeline is built from changed.
+    #[test]
+    fn the_gateway_is_rebuilt_only_when_what_it_is_built_from_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in FILES {
+            std::fs::write(d.join(f), "x").unwrap();
+        }
+        let key = |edit: &dyn Fn(String) -> String| gateway_key(&cfg(d, edit));
+        let base = key(&|y| y);
+        assert_eq!(base, key(&|y| y), "same config, same key");
+
+        // TLS material: a new CRL, another CRL file, a new CA file content.
+        std::fs::write(d.join("ca.crl"), "new CRL").unwrap();
+        std::fs::write(d.join("ca.crt"), "new CA").unwrap();
+        assert_eq!(base, key(&|y| y));
+        assert_eq!(
+            base,
+            key(&|y| y.replace("crl_files: [ca.crl]", "crl_files: [ca.crl, ca2.crl]"))
+        );
+
+        // What the pipeline is built from.
+        let allow = |y: String| y + "    allow_subjects: ['CN=someone else']\n";
+        assert_ne!(base, key(&allow), "a route's allow-list");
+        let up = |y: String| y.replace("127.0.0.1:9'", "127.0.0.1:10'");
+        assert_ne!(base, key(&up), "the upstream");
+        let limits = |y: String| y + "limits: {max_body_bytes: 1000}\n";
+        assert_ne!(base, key(&limits), "a limit");
+        std::fs::write(d.join("secret"), "rotated").unwrap();
+        assert_ne!(base, key(&|y| y), "the gateway's client secret, rotated");
     }
 }

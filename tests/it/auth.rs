@@ -680,3 +680,48 @@ async fn introspection_refusals_are_verdicts_and_credential_errors_are_outages()
     );
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// A reload that changes nothing the pipeline is built from (a CRL or certificate file
+/// rewritten, which the file watcher turns into a reload) keeps the token cache: no burst
+/// of introspections after each CRL update. Rotating the gateway's client secret does
+/// build a new pipeline, which authenticates with the new secret.
+#[tokio::test]
+async fn a_reload_keeps_the_token_cache_unless_the_pipeline_changed() {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = basic_auth(&stub, &pki, "");
+    o.routes = ROUTES.into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    let get = || with_token(http::Method::GET, "/Patient/1", Some("good-token"));
+    let ok = |got: Result<Got, String>| assert_eq!(got.unwrap().status, StatusCode::OK);
+    let reload = || {
+        let yaml = config_yaml(&pki, &o);
+        let cfg = fhirgate::config::Config::from_yaml(&yaml, std::path::Path::new("/")).unwrap();
+        gw.server().reload(&cfg).expect("reload");
+    };
+    ok(send(&c, addr, get()).await);
+    assert_eq!(stub.calls(), 1);
+
+    // The SubCA's CRL file rewritten (same content here; a new CRL is the same case for
+    // the pipeline) and the config reloaded: the cached answer still serves.
+    let crl = pki.path("sub-ca.crl");
+    std::fs::write(&crl, std::fs::read(&crl).unwrap()).unwrap();
+    reload();
+    ok(send(&c, addr, get()).await);
+    assert_eq!(stub.calls(), 1, "token cache kept");
+
+    // The client secret rotated: a new pipeline (empty cache), the new secret used.
+    std::fs::write(pki.path("client-secret"), "rotated\n").unwrap();
+    reload();
+    ok(send(&c, addr, get()).await);
+    assert_eq!(stub.calls(), 2, "a new pipeline introspects again");
+    let auth = stub.last_auth().unwrap();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(auth.strip_prefix("Basic ").unwrap())
+        .unwrap();
+    assert_eq!(String::from_utf8(decoded).unwrap(), "fhirgate-gw:rotated");
+    gw.shutdown(Duration::from_secs(2)).await;
+}

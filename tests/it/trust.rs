@@ -1349,3 +1349,75 @@ async fn an_http2_connection_whose_certificate_lapsed_is_sent_a_goaway() {
     assert_eq!(seen.count(), 1);
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+// A reload reaches connections already open at their next request: a client taken off a
+// route in an incident is refused on the connection it holds, not only once it
+// reconnects, and a new upstream or new identity header names apply to it at once. (Until
+// this test, open connections kept the configuration they were accepted under, for as
+// long as a client kept them open.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reaches_open_connections_at_their_next_request() {
+    let n = nhs();
+    let (up1, seen1) = upstream(UpstreamMode::Echo).await;
+    let (up2, seen2) = upstream(UpstreamMode::Echo).await;
+    let (gw, addr) = start(&lapsing_yaml(&n, &n.a_crl, up1)).await;
+    let reload = |yaml: String| {
+        let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
+        gw.server().reload(&cfg).expect("reload");
+    };
+    let root = &n.root.cert;
+    let mut held = [
+        Held::open(&client(root, &n.good.cert, &n.good.key), addr).await,
+        Held::open(&client_h2(root, &n.good.cert, &n.good.key), addr).await,
+    ];
+    for h in &mut held {
+        assert_eq!(h.get().await.map(|g| g.0), Ok(200));
+    }
+    assert_eq!(seen1.count(), 2);
+
+    // The only route now allows someone else: refused on both connections, which stay
+    // open (the refusal is the route's, not the connection's).
+    reload(lapsing_yaml(&n, &n.a_crl, up1) + "    allow_subjects: ['CN=someone-else*']\n");
+    for h in &mut held {
+        let (status, body) = h.get().await.expect("connection still open");
+        assert_eq!(status, 403, "{body}");
+        assert!(
+            body.contains("REC_FORBIDDEN") && body.contains("route"),
+            "{body}"
+        );
+    }
+    assert_eq!(seen1.count(), 2, "nothing reached the upstream");
+
+    // Allowed again, with another upstream and another subject header: the same
+    // connections reach the new upstream with the new header.
+    let renamed = "identity_headers:\n  subject: X-Verified-Subject\n";
+    reload(lapsing_yaml(&n, &n.a_crl, up2) + renamed);
+    for (i, h) in held.iter_mut().enumerate() {
+        assert_eq!(h.get().await.map(|g| g.0), Ok(200));
+        assert_eq!(seen2.count(), i + 1);
+        let (_, headers, _) = seen2.last();
+        assert!(
+            headers["x-verified-subject"]
+                .to_str()
+                .unwrap()
+                .contains("good-client"),
+            "{headers:?}"
+        );
+        assert!(
+            !headers.contains_key("x-client-cert-subject"),
+            "{headers:?}"
+        );
+    }
+    assert_eq!(seen1.count(), 2, "the old upstream gets nothing more");
+
+    // A reload that brings only a new CRL (for another client) changes nothing for them.
+    let another = n.pki.client(&n.sub_a, "another-client", Alg::Rsa2048);
+    n.pki.revoke(&n.sub_a, &another.cert);
+    let a_crl = n.pki.crl(&n.sub_a, CrlTimes::Hours(48));
+    reload(lapsing_yaml(&n, &a_crl, up2) + renamed);
+    for h in &mut held {
+        assert_eq!(h.get().await.map(|g| g.0), Ok(200));
+    }
+    assert_eq!(seen2.count(), 4);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
