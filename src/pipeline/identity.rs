@@ -85,10 +85,12 @@ impl ClientIdentity {
 pub struct TrustInForce {
     generation: AtomicU64,
     verifier: ArcSwap<BundleVerifier>,
-    /// The next nextUpdate of the verifier's CRLs (Unix seconds). Passing it counts as a
-    /// change of the trust in force (a new generation), so each open connection checks
-    /// its chain once more whenever one of the CRLs goes stale, and a stale CRL refuses
-    /// open connections as it refuses handshakes (`expired_crl`, where enforced).
+    /// The next time what the verifier accepts changes by itself (Unix seconds): a CRL's
+    /// nextUpdate or a configured CA's notAfter. Passing it counts as a change of the
+    /// trust in force (a new generation), so each open connection checks its chain once
+    /// more: a stale CRL refuses open connections as it refuses handshakes (`expired_crl`,
+    /// where enforced), and so does a configured SubCA that expired, which a client that
+    /// sends only its leaf never showed the connection's own notAfter check.
     next_stale: AtomicI64,
 }
 
@@ -134,12 +136,14 @@ impl TrustInForce {
     }
 }
 
-/// The earliest nextUpdate of `verifier`'s CRLs at or after `from` (`i64::MAX`: none).
+/// The earliest nextUpdate of `verifier`'s CRLs or notAfter of its bundles' CAs at or
+/// after `from` (`i64::MAX`: none).
 fn next_update_from(verifier: &BundleVerifier, from: i64) -> i64 {
-    verifier
-        .crl_next_updates
-        .iter()
-        .map(|(_, t)| *t)
+    let crls = verifier.crl_next_updates.iter().map(|(_, t)| *t);
+    let cas = (verifier.inventory.certs.iter())
+        .filter(|c| c.bundle != "server")
+        .map(|c| c.not_after);
+    crls.chain(cas)
         .filter(|t| *t >= from)
         .min()
         .unwrap_or(i64::MAX)

@@ -1421,3 +1421,41 @@ async fn a_reload_reaches_open_connections_at_their_next_request() {
     assert_eq!(seen2.count(), 4);
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+// RFC 5280 §6.1.3 (a)(2) holds for every certificate of the path, the SubCA included. A
+// client that sends only its leaf (its SubCA coming from the bundle) is refused on the
+// connections it holds once that SubCA expires, as its new handshakes are; the leaf
+// itself is still within its validity period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_connection_is_refused_once_the_configured_subca_it_chains_through_expires() {
+    let n = nhs();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let until = now() + 8;
+    let brief_ca = n
+        .pki
+        .sub_ca_until(&n.root, "Test NHS SubCA Brief", Alg::Rsa2048, until);
+    let leaf = n.pki.client(&brief_ca, "leaf-only-client", Alg::Rsa2048);
+    let brief_crl = n.pki.crl(&brief_ca, CrlTimes::Hours(48));
+    let cas = [&*n.root.cert, &*n.sub_a.cert, &*brief_ca.cert];
+    let crls = [&*n.root_crl, &*n.a_crl, &*brief_crl];
+    let (gw, addr) = start(&yaml("development", &n.server, &cas, &crls, "", "", up)).await;
+    let root = &n.root.cert;
+    // The leaf alone (`cert`, not `chain`).
+    let mut h1 = Held::open(&client(root, &leaf.cert, &leaf.key), addr).await;
+    let mut h2 = Held::open(&client_h2(root, &leaf.cert, &leaf.key), addr).await;
+    assert_eq!(h1.get().await.map(|g| g.0), Ok(200));
+    assert_eq!(h2.get().await.map(|g| g.0), Ok(200));
+    past(until).await;
+    assert!(
+        status(addr, root, &leaf.cert, &leaf.key).await.is_err(),
+        "a new handshake through the expired SubCA is refused"
+    );
+    assert_lapsed(h1.get().await, "expired");
+    assert_lapsed(h2.get().await, "expired");
+    assert_eq!(
+        seen.count(),
+        2,
+        "nothing reached the upstream after the SubCA expired"
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
+}

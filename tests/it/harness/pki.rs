@@ -376,17 +376,27 @@ impl OpensslPki {
 
     /// A SubCA issued by `parent` with `openssl ca` (pathlen 0, keyCertSign + cRLSign).
     pub fn sub_ca(&self, parent: &Ca, name: &str, alg: Alg) -> Ca {
+        self.sub_ca_with(parent, name, alg, &[])
+    }
+
+    /// As [`OpensslPki::sub_ca`], expiring at `not_after` (Unix seconds).
+    pub fn sub_ca_until(&self, parent: &Ca, name: &str, alg: Alg, not_after: i64) -> Ca {
+        self.sub_ca_with(parent, name, alg, &["-enddate", &gtime(not_after)])
+    }
+
+    fn sub_ca_with(&self, parent: &Ca, name: &str, alg: Alg, extra: &[&str]) -> Ca {
         let dir = self.new_ca_dir(name);
         let key = dir.join("ca.key");
         let cert = dir.join("ca.crt");
         let k = self.key(&format!("{}.key", name.replace(' ', "_")), alg);
         std::fs::rename(&k, &key).expect("move key");
-        self.sign(
+        self.sign_with(
             parent,
             &key,
             &format!("/O=fhirgate test/CN={name}"),
             "v3_sub_ca",
             &cert,
+            extra,
         );
         let chain = dir.join("chain.pem");
         let mut pem = std::fs::read(&cert).expect("cert");
