@@ -56,7 +56,7 @@ impl Snapshot {
         let InForce {
             trust,
             generation,
-            gateway: in_force,
+            snapshot: in_force,
         } = in_force;
         let _ = tcp.set_nodelay(true);
         // The verifier leaves a refused client certificate here (task-local: the
@@ -157,7 +157,8 @@ impl Snapshot {
 
         // The gateway in force now, not the snapshot's: a reload during the handshake
         // applies from the first request.
-        let bound = Bound::to(in_force.load_full(), identity, peer, Arc::new(chain), h2);
+        let gateway = in_force.load().gateway.clone();
+        let bound = Bound::to(gateway, identity, peer, Arc::new(chain), h2);
         let lapse = bound.conn.clone();
         let binding = Arc::new(ArcSwap::from_pointee(bound));
         let activity = Arc::new(Activity::new());
@@ -323,8 +324,8 @@ pub(super) struct InForce {
     /// The verifier in force, and its generation when the connection was accepted.
     pub trust: Arc<TrustInForce>,
     pub generation: u64,
-    /// The gateway in force.
-    pub gateway: Arc<ArcSwap<Gateway>>,
+    /// The snapshot in force, whose gateway the connection's requests go to.
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
 }
 
 /// The gateway a connection's requests go to, and what the connection holds that the
@@ -362,10 +363,10 @@ impl Bound {
     /// upstream apply to open connections from their next request (an operator taking a
     /// client off a route in an incident does not wait for it to reconnect). Only the
     /// connection's task calls this, so the load and store do not race.
-    fn current(binding: &ArcSwap<Bound>, in_force: &ArcSwap<Gateway>, h2: bool) -> Arc<Bound> {
+    fn current(binding: &ArcSwap<Bound>, in_force: &ArcSwap<Snapshot>, h2: bool) -> Arc<Bound> {
         let bound = binding.load_full();
-        let gateway = in_force.load();
-        if Arc::ptr_eq(&bound.gateway, &gateway) {
+        let snapshot = in_force.load();
+        if Arc::ptr_eq(&bound.gateway, &snapshot.gateway) {
             return bound;
         }
         // The old upstream's pinned connection is not used again: let it go.
@@ -373,9 +374,8 @@ impl Bound {
             p.release();
         }
         let c = &bound.conn;
-        let gateway = arc_swap::Guard::into_inner(gateway);
         let rebound = Arc::new(Bound::to(
-            gateway,
+            snapshot.gateway.clone(),
             c.identity.clone(),
             c.peer,
             c.chain.clone(),

@@ -28,14 +28,14 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::{FileLabel, Metrics};
 use crate::pipeline::identity::TrustInForce;
 use crate::pipeline::service::{ClientConnections, Limiters};
-use crate::pipeline::Gateway;
 use crate::revocation::CrlStore;
 use crate::tls::server_tls;
 use arc_swap::ArcSwap;
 
 /// The serving state shared by all listeners.
 pub struct Server {
-    current: ArcSwap<Snapshot>,
+    /// The snapshot in force; open connections send their next request to its gateway.
+    current: Arc<ArcSwap<Snapshot>>,
     connections: Arc<Semaphore>,
     max_connections: usize,
     metrics: Arc<Metrics>,
@@ -51,9 +51,6 @@ pub struct Server {
     client_connections: Arc<ClientConnections>,
     /// The verifier of the current snapshot, for the connections opened under older ones.
     trust: Arc<TrustInForce>,
-    /// The gateway of the current snapshot, which open connections send their next
-    /// request to.
-    gateway: Arc<ArcSwap<Gateway>>,
 }
 
 impl Server {
@@ -65,10 +62,9 @@ impl Server {
         snapshot.publish(&metrics);
         Ok(Arc::new(Server {
             trust: Arc::new(TrustInForce::new(snapshot.verifier.clone())),
-            gateway: Arc::new(ArcSwap::new(snapshot.gateway.clone())),
             limiters,
             client_connections: Arc::default(),
-            current: ArcSwap::from_pointee(snapshot),
+            current: Arc::new(ArcSwap::from_pointee(snapshot)),
             connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             max_connections: cfg.limits.max_connections,
             metrics,
@@ -98,7 +94,6 @@ impl Server {
         self.current.store(snapshot.clone());
         self.trust.publish(snapshot.verifier.clone());
         if !Arc::ptr_eq(&previous.gateway, &snapshot.gateway) {
-            self.gateway.store(snapshot.gateway.clone());
             tracing::info!(
                 "request pipeline rebuilt: open connections use it from their next request"
             );
@@ -223,7 +218,7 @@ impl Server {
                     let in_force = InForce {
                         trust: self.trust.clone(),
                         generation: self.trust.generation(),
-                        gateway: self.gateway.clone(),
+                        snapshot: self.current.clone(),
                     };
                     let snapshot = self.current.load_full();
                     let metrics = self.metrics.clone();
