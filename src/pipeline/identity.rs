@@ -98,7 +98,7 @@ impl TrustInForce {
     pub fn new(verifier: Arc<BundleVerifier>) -> Self {
         TrustInForce {
             generation: AtomicU64::new(0),
-            next_stale: AtomicI64::new(next_update_from(&verifier, i64::MIN)),
+            next_stale: AtomicI64::new(next_change_from(&verifier, i64::MIN)),
             verifier: ArcSwap::new(verifier),
         }
     }
@@ -107,7 +107,7 @@ impl TrustInForce {
     /// context is serving, so a connection that read the old generation re-checks.
     pub fn publish(&self, verifier: Arc<BundleVerifier>) {
         self.next_stale
-            .store(next_update_from(&verifier, i64::MIN), Ordering::Release);
+            .store(next_change_from(&verifier, i64::MIN), Ordering::Release);
         self.verifier.store(verifier);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
@@ -117,11 +117,12 @@ impl TrustInForce {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// The generation at `now` (Unix seconds): a new one once a CRL has gone stale.
+    /// The generation at `now` (Unix seconds): a new one once a CRL has gone stale or a
+    /// configured CA has expired.
     fn generation_at(&self, now: i64) -> u64 {
         let due = self.next_stale.load(Ordering::Acquire);
         if now > due {
-            let next = next_update_from(&self.verifier.load(), now);
+            let next = next_change_from(&self.verifier.load(), now);
             // One caller moves the deadline on and bumps the generation; the others see
             // the new generation.
             if self
@@ -138,7 +139,7 @@ impl TrustInForce {
 
 /// The earliest nextUpdate of `verifier`'s CRLs or notAfter of its bundles' CAs at or
 /// after `from` (`i64::MAX`: none).
-fn next_update_from(verifier: &BundleVerifier, from: i64) -> i64 {
+fn next_change_from(verifier: &BundleVerifier, from: i64) -> i64 {
     let crls = verifier.crl_next_updates.iter().map(|(_, t)| *t);
     let cas = (verifier.inventory.certs.iter())
         .filter(|c| c.bundle != "server")
@@ -211,7 +212,7 @@ impl ClientChain {
 
     /// Ok while the chain still verifies. A clock read and a few atomic loads while
     /// nothing changed; a full verification once per change of the trust in force (and
-    /// once when its CRLs go stale). `Err` with `true` the first time it fails (to log
+    /// once when a CRL goes stale or a configured CA expires). `Err` with `true` the first time it fails (to log
     /// it once).
     pub fn check(&self) -> Result<(), (CertificateLapsed, bool)> {
         if let Some(kind) = self.refused.get() {
