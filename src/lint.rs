@@ -320,48 +320,13 @@ pub fn file_modes(cfg: &Config) -> Vec<Lint> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::test_support::{config_dir, config_in};
     use std::path::PathBuf;
 
-    /// A valid configuration over real (empty) files, as `Config::from_yaml` demands.
+    /// A valid configuration over real (placeholder) files, as `Config::from_yaml` demands.
     fn cfg(extra: &str, edit: impl Fn(String) -> String) -> (tempfile::TempDir, Config) {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("certs/dev")).unwrap();
-        for f in [
-            "server.crt",
-            "server.key",
-            "ca.crt",
-            "ca.crl",
-            "secret",
-            "certs/dev/ca.crt",
-        ] {
-            std::fs::write(dir.path().join(f), "x").unwrap();
-        }
-        let yaml = format!(
-            "{extra}
-listeners: [{{address: 127.0.0.1:8443}}]
-tls:
-  server_cert: server.crt
-  server_key: server.key
-  trust_bundles:
-    - name: nhs-int
-      ca_files: [ca.crt]
-      crl_files: [ca.crl]
-  revocation: {{enforce_crl_expiry: true}}
-upstream: {{url: 'http://127.0.0.1:9'}}
-admin: {{address: 127.0.0.1:9901}}
-auth:
-  mode: introspection
-  issuer: https://auth.example.nhs.uk
-  client_auth: {{method: client_secret_basic, client_id: gw, client_secret_file: secret}}
-routes:
-  - name: meta
-    path_prefix: /metadata
-    token: none
-  - name: all
-    path_prefix: /
-"
-        );
-        let c = Config::from_yaml(&edit(yaml), dir.path()).expect("valid test config");
+        let dir = config_dir();
+        let c = config_in(dir.path(), extra, edit);
         (dir, c)
     }
 

@@ -7,6 +7,8 @@
 
 pub mod duration;
 pub mod error;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 pub(crate) use error::err;
 pub use error::ConfigError;

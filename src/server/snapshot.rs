@@ -204,49 +204,16 @@ fn gateway_key(cfg: &Config) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const FILES: [&str; 6] = [
-        "server.crt",
-        "server.key",
-        "ca.crt",
-        "ca.crl",
-        "ca2.crl",
-        "secret",
-    ];
-
-    fn cfg(dir: &std::path::Path, edit: impl Fn(String) -> String) -> Config {
-        let yaml = "listeners: [{address: 127.0.0.1:8443}]
-tls:
-  server_cert: server.crt
-  server_key: server.key
-  trust_bundles:
-    - name: nhs-int
-      ca_files: [ca.crt]
-      crl_files: [ca.crl]
-upstream: {url: 'http://127.0.0.1:9'}
-auth:
-  mode: introspection
-  issuer: https://auth.example.nhs.uk
-  client_auth: {method: client_secret_basic, client_id: gw, client_secret_file: secret}
-routes:
-  - name: all
-    path_prefix: /
-"
-        .to_owned();
-        Config::from_yaml(&edit(yaml), dir).expect("valid test config")
-    }
+    use crate::config::test_support::{config_dir, config_in};
 
     /// A reload keeps the running pipeline (its token cache, upstream connections) when
     /// only TLS material changed, and builds a new one, which open connections then move
     /// to, when anything the pipeline is built from changed.
     #[test]
     fn the_gateway_is_rebuilt_only_when_what_it_is_built_from_changed() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = config_dir();
         let d = dir.path();
-        for f in FILES {
-            std::fs::write(d.join(f), "x").unwrap();
-        }
-        let key = |edit: &dyn Fn(String) -> String| gateway_key(&cfg(d, edit));
+        let key = |edit: &dyn Fn(String) -> String| gateway_key(&config_in(d, "", edit));
         let base = key(&|y| y);
         assert_eq!(base, key(&|y| y), "same config, same key");
 
@@ -256,7 +223,10 @@ routes:
         assert_eq!(base, key(&|y| y));
         assert_eq!(
             base,
-            key(&|y| y.replace("crl_files: [ca.crl]", "crl_files: [ca.crl, ca2.crl]"))
+            key(&|y| y.replace(
+                "crl_files: [ca.crl]",
+                "crl_files: [ca.crl, certs/dev/ca.crt]"
+            ))
         );
 
         // What the pipeline is built from.

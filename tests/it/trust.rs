@@ -978,8 +978,12 @@ async fn lapsing() -> Lapsing {
 fn revoke_good_and_reload(n: &Nhs, gw: &fhirgate::server::Running, up: SocketAddr, extra: &str) {
     n.pki.revoke(&n.sub_a, &n.good.cert);
     let a_crl = n.pki.crl(&n.sub_a, CrlTimes::Hours(48));
-    let y = lapsing_yaml(n, &a_crl, up) + extra;
-    let cfg = Config::from_yaml(&y, Path::new("/")).unwrap();
+    reload(gw, lapsing_yaml(n, &a_crl, up) + extra);
+}
+
+/// Reloads `gw` with `yaml`, as SIGHUP would.
+fn reload(gw: &fhirgate::server::Running, yaml: String) {
+    let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     gw.server().reload(&cfg).expect("reload");
 }
 
@@ -1361,10 +1365,6 @@ async fn a_reload_reaches_open_connections_at_their_next_request() {
     let (up1, seen1) = upstream(UpstreamMode::Echo).await;
     let (up2, seen2) = upstream(UpstreamMode::Echo).await;
     let (gw, addr) = start(&lapsing_yaml(&n, &n.a_crl, up1)).await;
-    let reload = |yaml: String| {
-        let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap_or_else(|e| panic!("{e}"));
-        gw.server().reload(&cfg).expect("reload");
-    };
     let root = &n.root.cert;
     let mut held = [
         Held::open(&client(root, &n.good.cert, &n.good.key), addr).await,
@@ -1377,7 +1377,10 @@ async fn a_reload_reaches_open_connections_at_their_next_request() {
 
     // The only route now allows someone else: refused on both connections, which stay
     // open (the refusal is the route's, not the connection's).
-    reload(lapsing_yaml(&n, &n.a_crl, up1) + "    allow_subjects: ['CN=someone-else*']\n");
+    reload(
+        &gw,
+        lapsing_yaml(&n, &n.a_crl, up1) + "    allow_subjects: ['CN=someone-else*']\n",
+    );
     for h in &mut held {
         let (status, body) = h.get().await.expect("connection still open");
         assert_eq!(status, 403, "{body}");
@@ -1391,7 +1394,7 @@ async fn a_reload_reaches_open_connections_at_their_next_request() {
     // Allowed again, with another upstream and another subject header: the same
     // connections reach the new upstream with the new header.
     let renamed = "identity_headers:\n  subject: X-Verified-Subject\n";
-    reload(lapsing_yaml(&n, &n.a_crl, up2) + renamed);
+    reload(&gw, lapsing_yaml(&n, &n.a_crl, up2) + renamed);
     for (i, h) in held.iter_mut().enumerate() {
         assert_eq!(h.get().await.map(|g| g.0), Ok(200));
         assert_eq!(seen2.count(), i + 1);
@@ -1414,7 +1417,7 @@ async fn a_reload_reaches_open_connections_at_their_next_request() {
     let another = n.pki.client(&n.sub_a, "another-client", Alg::Rsa2048);
     n.pki.revoke(&n.sub_a, &another.cert);
     let a_crl = n.pki.crl(&n.sub_a, CrlTimes::Hours(48));
-    reload(lapsing_yaml(&n, &a_crl, up2) + renamed);
+    reload(&gw, lapsing_yaml(&n, &a_crl, up2) + renamed);
     for h in &mut held {
         assert_eq!(h.get().await.map(|g| g.0), Ok(200));
     }
