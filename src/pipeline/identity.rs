@@ -158,6 +158,10 @@ pub struct ClientChain {
     /// The earliest notAfter of the certificates the client sent (Unix seconds).
     not_after: i64,
     trust: Arc<TrustInForce>,
+    /// The bundle the handshake admitted it under ([`ClientChain::admit`]), which the
+    /// identity headers and route policies name: it must still be the bundle the chain
+    /// verifies against, or those would describe a trust no longer in force.
+    bundle: Option<Box<str>>,
     /// The generation of `trust` the chain last verified against.
     checked: AtomicU64,
     /// The first refusal; the certificate does not come back on this connection.
@@ -165,7 +169,8 @@ pub struct ClientChain {
 }
 
 /// The connection's client certificate no longer verifies: expired, or refused by the
-/// trust in force (revoked by a newer CRL, its bundle removed, ...).
+/// trust in force (revoked by a newer CRL, its CA no longer in the bundle it was
+/// admitted under, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the client certificate of this connection no longer verifies ({0})")]
 pub struct CertificateLapsed(pub HandshakeKind);
@@ -199,10 +204,19 @@ impl ClientChain {
             chain: chain.into(),
             not_after,
             trust,
+            bundle: None,
             // No generation reaches u64::MAX.
             checked: AtomicU64::new(verified_at.unwrap_or(u64::MAX)),
             refused: OnceLock::new(),
         }
+    }
+
+    /// Records the bundle the connection's identity was given. From then on a check
+    /// against changed trust also requires the chain to verify against that bundle: a
+    /// reload that moves its CA to another bundle (INT to PROD, say) refuses the
+    /// connection, whose next handshake gets the new bundle's name and routes.
+    pub fn admit(&mut self, bundle: &str) {
+        self.bundle = Some(bundle.into());
     }
 
     /// Whether [`ClientChain::check`] has refused the chain.
@@ -231,10 +245,15 @@ impl ClientChain {
                 None => Err(HandshakeKind::NoCert),
                 Some((leaf, intermediates)) => {
                     match verifier.verify_client_cert(leaf, intermediates, now) {
-                        Ok(_) => {
-                            self.checked.store(state, Ordering::Relaxed);
-                            Ok(())
-                        }
+                        Ok(_) => match &self.bundle {
+                            Some(b) if verifier.bundle_of(leaf, intermediates) != Some(&**b) => {
+                                Err(HandshakeKind::UnknownCa)
+                            }
+                            _ => {
+                                self.checked.store(state, Ordering::Relaxed);
+                                Ok(())
+                            }
+                        },
                         Err(e) => Err(rustls_error_kind(&e)),
                     }
                 }
@@ -277,8 +296,12 @@ mod tests {
 
     /// The dev PKI's trust bundle with `crl` as the SubCA's CRL.
     fn verifier(dir: &std::path::Path, crl: &str) -> Arc<BundleVerifier> {
+        verifier_named(dir, crl, "nhs-int")
+    }
+
+    fn verifier_named(dir: &std::path::Path, crl: &str, bundle: &str) -> Arc<BundleVerifier> {
         let yaml = format!(
-            "server_cert: {d}/server.crt\nserver_key: {d}/server.key\ntrust_bundles:\n  - name: nhs-int\n    ca_files: [{d}/root-ca.crt, {d}/sub-ca.crt]\n    crl_files: [{d}/{crl}, {d}/root-ca.crl]\n",
+            "server_cert: {d}/server.crt\nserver_key: {d}/server.key\ntrust_bundles:\n  - name: {bundle}\n    ca_files: [{d}/root-ca.crt, {d}/sub-ca.crt]\n    crl_files: [{d}/{crl}, {d}/root-ca.crl]\n",
             d = dir.display()
         );
         let cfg: crate::tls::TlsConfig = serde_saphyr::from_str(&yaml).expect("tls section");
@@ -315,6 +338,27 @@ mod tests {
         let expired = chain_of(&pki.expired_client.cert, &trust);
         let lapsed = CertificateLapsed(HandshakeKind::Expired);
         assert_eq!(expired.check(), Err((lapsed, true)));
+    }
+
+    #[test]
+    fn an_open_connections_chain_lapses_when_its_ca_leaves_the_bundle_it_was_admitted_under() {
+        let pki = DevPki::generate().expect("pki");
+        let dir = tempfile::tempdir().expect("tempdir");
+        pki.write_to(dir.path()).expect("write");
+        let trust = Arc::new(TrustInForce::new(verifier(dir.path(), "sub-ca.crl")));
+        let mut admitted = chain_of(&pki.client.cert, &trust);
+        admitted.admit("nhs-int");
+        // Never admitted (a resumed session's first check): only the chain counts.
+        let unadmitted = chain_of(&pki.second_client.cert, &trust);
+
+        // Changed trust, same bundle: still fine.
+        trust.publish(verifier(dir.path(), "sub-ca.crl"));
+        assert_eq!(admitted.check(), Ok(()));
+        // The same CAs now under another name: the identity's bundle no longer exists.
+        trust.publish(verifier_named(dir.path(), "sub-ca.crl", "nhs-prod"));
+        let lapsed = CertificateLapsed(HandshakeKind::UnknownCa);
+        assert_eq!(admitted.check(), Err((lapsed, true)));
+        assert_eq!(unadmitted.check(), Ok(()));
     }
 
     #[test]

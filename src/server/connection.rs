@@ -119,7 +119,7 @@ impl Snapshot {
             // rather than an alert.
             let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
             let all = session.peer_certificates().unwrap_or_default();
-            let chain = ClientChain::new(all, trust, (!resumed).then_some(generation));
+            let mut chain = ClientChain::new(all, trust, (!resumed).then_some(generation));
             if resumed {
                 if let Err((lapsed, _)) = chain.check() {
                     let kind = lapsed.0.as_str();
@@ -135,6 +135,7 @@ impl Snapshot {
                 tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::UnknownCa.as_str(), subject = %c.subject, issuer = %c.issuer, serial = %c.serial, not_after = %c.not_after, "verified chain matches no bundle");
                 return;
             };
+            chain.admit(bundle);
             match ClientIdentity::from_der(leaf, bundle) {
                 Ok(id) => (id, chain),
                 Err(e) => {

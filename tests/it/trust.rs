@@ -1175,6 +1175,18 @@ impl Held {
         }
     }
 
+    /// An HTTP/1.1 and an HTTP/2 connection of `who`, each answered 200 once.
+    async fn both(root: &Path, who: &Issued, addr: SocketAddr) -> [Held; 2] {
+        let mut held = [
+            Held::open(&client(root, &who.cert, &who.key), addr).await,
+            Held::open(&client_h2(root, &who.cert, &who.key), addr).await,
+        ];
+        for h in &mut held {
+            assert_eq!(h.get().await.map(|g| g.0), Ok(200));
+        }
+        held
+    }
+
     /// GET / on this connection: status and body, or the error when it is closed.
     async fn get(&mut self) -> Result<(u16, String), String> {
         let empty = http_body_util::Full::new(bytes::Bytes::new());
@@ -1366,13 +1378,7 @@ async fn a_reload_reaches_open_connections_at_their_next_request() {
     let (up2, seen2) = upstream(UpstreamMode::Echo).await;
     let (gw, addr) = start(&lapsing_yaml(&n, &n.a_crl, up1)).await;
     let root = &n.root.cert;
-    let mut held = [
-        Held::open(&client(root, &n.good.cert, &n.good.key), addr).await,
-        Held::open(&client_h2(root, &n.good.cert, &n.good.key), addr).await,
-    ];
-    for h in &mut held {
-        assert_eq!(h.get().await.map(|g| g.0), Ok(200));
-    }
+    let mut held = Held::both(root, &n.good, addr).await;
     assert_eq!(seen1.count(), 2);
 
     // The only route now allows someone else: refused on both connections, which stay
@@ -1460,5 +1466,64 @@ async fn an_open_connection_is_refused_once_the_configured_subca_it_chains_throu
         2,
         "nothing reached the upstream after the SubCA expired"
     );
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Two bundles, `nhs-prod` with `prod` and `nhs-int` with `int` (SubCA certificates under
+/// the shared root), and one route open to `nhs-prod` clients only.
+fn two_bundles_yaml(n: &Nhs, prod: &Ca, int: &Ca, up: SocketAddr) -> String {
+    let crls = list(&[&n.root_crl, &n.a_crl, &n.b_crl]);
+    let bundle = |name: &str, sub: &Ca| {
+        format!(
+            "    - name: {name}\n      ca_files: [{}, {}]\n      crl_files: [{crls}]\n",
+            p(&n.root.cert),
+            p(&sub.cert)
+        )
+    };
+    format!(
+        "environment: development\n\
+listeners:\n  - address: 127.0.0.1:0\n\
+tls:\n  server_cert: {sc}\n  server_key: {sk}\n  handshake_timeout: 2s\n  trust_bundles:\n{prod}{int}  revocation:\n    scope: chain\n\
+upstream:\n  url: http://{up}\n\
+auth:\n  mode: development\n\
+routes:\n  - name: prod-only\n    path_prefix: /\n    token: none\n    bundles: [nhs-prod]\n",
+        sc = p(&n.server.chain),
+        sk = p(&n.server.key),
+        prod = bundle("nhs-prod", prod),
+        int = bundle("nhs-int", int),
+    )
+}
+
+// The bundle a connection was admitted under is part of its identity: routes allow by
+// it and `X-Client-Cert-Bundle` tells the upstream. A reload that moves the client's SubCA
+// from the PROD bundle to the INT one (an operator correcting a misfiled CA) must not
+// leave its open connections on PROD routes as PROD clients until they reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_connection_is_refused_once_its_subca_moves_to_another_bundle() {
+    let n = nhs();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let (gw, addr) = start(&two_bundles_yaml(&n, &n.sub_a, &n.sub_b, up)).await;
+    let root = &n.root.cert;
+    let mut held = Held::both(root, &n.good, addr).await;
+    assert_eq!(seen.last().1["x-client-cert-bundle"], "nhs-prod");
+
+    // SubCA A now belongs to INT and SubCA B to PROD.
+    reload(&gw, two_bundles_yaml(&n, &n.sub_b, &n.sub_a, up));
+    for h in &mut held {
+        assert_lapsed(h.get().await, "unknown_ca");
+    }
+    assert_eq!(seen.count(), 2, "nothing more reached the upstream");
+    // A new connection is an INT client, which the route does not allow; SubCA B's
+    // client is now the PROD one.
+    let (status, body) = Held::open(&client(root, &n.good.cert, &n.good.key), addr)
+        .await
+        .get()
+        .await
+        .expect("answered");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("route"), "{body}");
+    let mut other = Held::open(&client(root, &n.other.cert, &n.other.key), addr).await;
+    assert_eq!(other.get().await.map(|g| g.0), Ok(200));
+    assert_eq!(seen.last().1["x-client-cert-bundle"], "nhs-prod");
     gw.shutdown(Duration::from_secs(2)).await;
 }
