@@ -830,6 +830,31 @@ pub struct BundleVerifier {
     pub inventory: TrustInventory,
     /// Fetched CRLs; shown each presented leaf to learn its CRL URL (revocation.rs).
     fetched: crate::revocation::FetchedCrls,
+    /// Chains this verifier has accepted ([`Accepted`]).
+    accepted: moka::sync::Cache<[u8; 32], Accepted>,
+}
+
+/// Most accepted chains remembered per verifier: far more than the client certificates
+/// a gateway serves (a few per sending system), at about 100 bytes each.
+const ACCEPTED_CHAINS: u64 = 4096;
+
+/// A chain the verifier accepted, and how long that verdict stands. Verifying a chain
+/// (path building, two signatures, two CRL signatures with `scope: chain`) is about a
+/// tenth of a full RSA-2048 mTLS handshake's CPU (bench/README.md), and the same few
+/// client certificates connect again and again. The verdict depends only on the chain's
+/// bytes (the key), this verifier's bundles and CRLs (a reload or fetched CRL builds a
+/// new verifier, with an empty cache) and the time: it stands until the first notAfter
+/// among the certificates sent or the first CRL nextUpdate or CA notAfter of the
+/// verifier. Only acceptances are kept; the client's proof that it holds the key
+/// (CertificateVerify) is checked in every handshake, outside this verifier's chain check.
+#[derive(Debug, Clone, Copy)]
+struct Accepted {
+    /// Index into `bundles` of the bundle that accepted it.
+    bundle: usize,
+    /// The latest notBefore among the certificates sent (Unix seconds).
+    from: i64,
+    /// Stands while the time is before this (Unix seconds).
+    until: i64,
 }
 
 impl fmt::Debug for BundleVerifier {
@@ -883,11 +908,74 @@ impl BundleVerifier {
             crl_next_updates,
             inventory,
             fetched: cfg.fetched_crls.clone(),
+            accepted: moka::sync::Cache::new(ACCEPTED_CHAINS),
         })
     }
 
+    /// The earliest nextUpdate of the CRLs or notAfter of the bundles' CAs at or after
+    /// `from` (`i64::MAX`: none): when this verifier's verdicts may next change.
+    pub fn next_change_from(&self, from: i64) -> i64 {
+        let crls = self.crl_next_updates.iter().map(|(_, t)| *t);
+        let cas = (self.inventory.certs.iter())
+            .filter(|c| c.bundle != "server")
+            .map(|c| c.not_after);
+        crls.chain(cas)
+            .filter(|t| *t >= from)
+            .min()
+            .unwrap_or(i64::MAX)
+    }
+
+    /// The bundle that accepted this chain, if its verdict still stands at `now`.
+    fn accepted(&self, key: &[u8; 32], now: UnixTime) -> Option<usize> {
+        let a = self.accepted.get(key)?;
+        let now = unix_secs(now);
+        (a.from <= now && now < a.until).then_some(a.bundle)
+    }
+
+    #[cfg(test)]
+    fn remembers(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        sent: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> bool {
+        self.accepted(&chain_key(end_entity, sent), now).is_some()
+    }
+
+    /// Remembers that `bundle` accepted the chain at `now` ([`Accepted`]).
+    fn accept(
+        &self,
+        key: [u8; 32],
+        bundle: usize,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) {
+        let now = unix_secs(now);
+        let (mut from, mut until) = (i64::MIN, self.next_change_from(now));
+        for der in std::iter::once(end_entity).chain(intermediates) {
+            // Unreadable here yet accepted by webpki: not worth remembering.
+            let Ok((_, c)) = x509_parser::parse_x509_certificate(der) else {
+                return;
+            };
+            from = from.max(c.validity().not_before.timestamp());
+            until = until.min(c.validity().not_after.timestamp());
+        }
+        if from <= now && now < until {
+            self.accepted.insert(
+                key,
+                Accepted {
+                    bundle,
+                    from,
+                    until,
+                },
+            );
+        }
+    }
+
     /// Name of the bundle a (verified) chain belongs to. With one bundle this is free;
-    /// with several, the chain is verified again per bundle, once per connection.
+    /// with several, the bundle that accepted it in the handshake (or the chain is
+    /// verified again per bundle).
     pub fn bundle_of(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -897,6 +985,9 @@ impl BundleVerifier {
             return Some(&only.name);
         }
         let now = UnixTime::now();
+        if let Some(i) = self.accepted(&chain_key(end_entity, intermediates), now) {
+            return Some(&self.bundles[i].name);
+        }
         self.bundles
             .iter()
             .find(|b| b.verify(end_entity, intermediates, now).is_ok())
@@ -986,10 +1077,17 @@ impl ClientCertVerifier for BundleVerifier {
                 rustls::OtherError(Arc::new(ChainTooDeep(self.max_depth))),
             )));
         }
+        let key = chain_key(end_entity, intermediates);
+        if self.accepted(&key, now).is_some() {
+            return Ok(ClientCertVerified::assertion());
+        }
         let mut best: Option<rustls::Error> = None;
-        for b in &self.bundles {
+        for (i, b) in self.bundles.iter().enumerate() {
             match b.verify(end_entity, intermediates, now) {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.accept(key, i, end_entity, intermediates, now);
+                    return Ok(v);
+                }
                 // "Unknown issuer" from one bundle says nothing; a revoked or expired
                 // verdict from the bundle that knows the issuer is the one to report.
                 Err(e) => {
@@ -1035,6 +1133,22 @@ impl ClientCertVerifier for BundleVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.first().supported_verify_schemes()
     }
+}
+
+/// The key of a chain in [`BundleVerifier`]'s accepted chains: SHA-256 of every
+/// certificate as sent, each after its length, so no two chains share a key.
+fn chain_key(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for der in std::iter::once(end_entity).chain(intermediates) {
+        h.update((der.len() as u64).to_be_bytes());
+        h.update(der.as_ref());
+    }
+    h.finalize().into()
+}
+
+fn unix_secs(t: UnixTime) -> i64 {
+    i64::try_from(t.as_secs()).unwrap_or(i64::MAX)
 }
 
 #[derive(Debug)]
@@ -1423,6 +1537,64 @@ impl RevocationConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // RFC 5280 §6.1.3 (a)(2)-(3) and §6.3.3 hold at each handshake: a chain accepted
+    // once is taken from the verifier's memory only while nothing its verdict rests on
+    // can have changed, and is verified again (and refused) from the instant it could.
+    #[test]
+    fn an_accepted_chain_is_remembered_only_while_its_verdict_stands() {
+        use crate::tools::pki::DevPki;
+        let pki = DevPki::generate().expect("pki");
+        let dir = tempfile::tempdir().expect("tempdir");
+        pki.write_to(dir.path()).expect("write");
+        let yaml = format!(
+            "server_cert: {d}/server.crt\nserver_key: {d}/server.key\ntrust_bundles:\n  - name: nhs-int\n    ca_files: [{d}/root-ca.crt, {d}/sub-ca.crt]\n    crl_files: [{d}/sub-ca.crl, {d}/root-ca.crl]\n",
+            d = dir.path().display()
+        );
+        let cfg: TlsConfig = serde_saphyr::from_str(&yaml).expect("tls section");
+        let v = BundleVerifier::from_config(&cfg, &provider()).expect("verifier");
+        let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
+        let (leaf, sub) = (der(&pki.client.cert), der(&pki.sub_ca.cert));
+        let at = |secs: i64| UnixTime::since_unix_epoch(Duration::from_secs(secs as u64));
+        let now = unix_secs(UnixTime::now());
+
+        assert!(!v.remembers(&leaf, &[], at(now)));
+        v.verify_client_cert(&leaf, &[], at(now)).expect("accepted");
+        assert!(v.remembers(&leaf, &[], at(now)));
+        // The same leaf sent with its SubCA is another chain.
+        assert!(!v.remembers(&leaf, std::slice::from_ref(&sub), at(now)));
+        // A refused chain is not remembered.
+        let revoked = der(&pki.revoked_client.cert);
+        assert!(v.verify_client_cert(&revoked, &[], at(now)).is_err());
+        assert!(!v.remembers(&revoked, &[], at(now)));
+
+        // The SubCA's CRL comes before the leaf's notAfter: the verdict stands until
+        // that CRL's nextUpdate and no later, when it is verified again and refused
+        // (the CRL is stale, enforced outside development).
+        let next_update = v.next_change_from(now);
+        assert!(next_update < i64::MAX);
+        assert!(v.remembers(&leaf, &[], at(next_update - 1)));
+        assert!(!v.remembers(&leaf, &[], at(next_update)));
+        let stale = v.verify_client_cert(&leaf, &[], at(next_update + 1));
+        assert!(
+            matches!(
+                stale,
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::ExpiredRevocationList
+                        | CertificateError::ExpiredRevocationListContext { .. }
+                ))
+            ),
+            "{stale:?}"
+        );
+        // Nor before the latest notBefore of the chain (a clock set back).
+        let not_before = x509_parser::parse_x509_certificate(&leaf)
+            .expect("leaf")
+            .1
+            .validity()
+            .not_before
+            .timestamp();
+        assert!(!v.remembers(&leaf, &[], at(not_before - 1)));
+    }
 
     /// The handshake labels are the metric's label values: fixed, distinct, snake_case.
     #[test]

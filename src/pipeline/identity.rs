@@ -98,7 +98,7 @@ impl TrustInForce {
     pub fn new(verifier: Arc<BundleVerifier>) -> Self {
         TrustInForce {
             generation: AtomicU64::new(0),
-            next_stale: AtomicI64::new(next_change_from(&verifier, i64::MIN)),
+            next_stale: AtomicI64::new(verifier.next_change_from(i64::MIN)),
             verifier: ArcSwap::new(verifier),
         }
     }
@@ -107,7 +107,7 @@ impl TrustInForce {
     /// context is serving, so a connection that read the old generation re-checks.
     pub fn publish(&self, verifier: Arc<BundleVerifier>) {
         self.next_stale
-            .store(next_change_from(&verifier, i64::MIN), Ordering::Release);
+            .store(verifier.next_change_from(i64::MIN), Ordering::Release);
         self.verifier.store(verifier);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
@@ -122,7 +122,7 @@ impl TrustInForce {
     fn generation_at(&self, now: i64) -> u64 {
         let due = self.next_stale.load(Ordering::Acquire);
         if now > due {
-            let next = next_change_from(&self.verifier.load(), now);
+            let next = self.verifier.load().next_change_from(now);
             // One caller moves the deadline on and bumps the generation; the others see
             // the new generation.
             if self
@@ -135,19 +135,6 @@ impl TrustInForce {
         }
         self.generation()
     }
-}
-
-/// The earliest nextUpdate of `verifier`'s CRLs or notAfter of its bundles' CAs at or
-/// after `from` (`i64::MAX`: none).
-fn next_change_from(verifier: &BundleVerifier, from: i64) -> i64 {
-    let crls = verifier.crl_next_updates.iter().map(|(_, t)| *t);
-    let cas = (verifier.inventory.certs.iter())
-        .filter(|c| c.bundle != "server")
-        .map(|c| c.not_after);
-    crls.chain(cas)
-        .filter(|t| *t >= from)
-        .min()
-        .unwrap_or(i64::MAX)
 }
 
 /// A connection's client certificate chain as its handshake verified it, checked again

@@ -267,6 +267,50 @@ async fn every_bad_client_certificate_is_refused_counted_and_harmless() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
+// RFC 8446 §4.4.3: "The receiver of a CertificateVerify message MUST verify the
+// signature field." (RFC 5246 §7.4.8 likewise for TLS 1.2.) fhirgate remembers chains it
+// has accepted, so a client reconnecting with the same certificate skips the chain's
+// verification; the proof that the client holds the certificate's key is not part of
+// that: certificates are public, and one accepted a moment ago, presented with another
+// key, is refused.
+#[tokio::test]
+async fn an_accepted_certificate_presented_with_another_key_is_refused() {
+    watch_panics();
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let (cert, key) = stock(&pki, "client");
+    let (_, other_key) = stock(&pki, "second-client");
+    for v in [Version::Tls12, Version::Tls13] {
+        let genuine = client_with(&pki, v, Some((cert.clone(), key.clone_key())), H1);
+        let got = send(&genuine, addr, get("/metadata")).await;
+        assert_eq!(got.expect("genuine client").status, http::StatusCode::OK);
+        let impostor = client_with(&pki, v, Some((cert.clone(), other_key.clone_key())), H1);
+        let before = refused_total(&gw);
+        send(&impostor, addr, get("/metadata"))
+            .await
+            .expect_err(&format!(
+                "the certificate with another key ({v:?}) must be refused"
+            ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while refused_total(&gw) < before + 1.0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            refused_total(&gw),
+            before + 1.0,
+            "{v:?}: counted as refused"
+        );
+    }
+    assert_eq!(
+        handshakes(&gw, "ok"),
+        2.0,
+        "only the genuine handshakes succeeded"
+    );
+    assert_eq!(seen.count(), 2, "only the genuine requests were forwarded");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
 /// A TLS record carrying a ClientHello with the given legacy versions and cipher suites,
 /// and no extensions (so no `supported_versions`: what a TLS 1.0/1.1 client sends).
 fn client_hello(record_version: [u8; 2], hello_version: [u8; 2], suites: &[u16]) -> Vec<u8> {
