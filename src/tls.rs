@@ -1147,8 +1147,33 @@ fn chain_key(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_
     h.finalize().into()
 }
 
-fn unix_secs(t: UnixTime) -> i64 {
+/// `t` in Unix seconds, as certificate and CRL times are compared.
+pub(crate) fn unix_secs(t: UnixTime) -> i64 {
     i64::try_from(t.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// The development PKI written to a temporary directory, and a verifier of its one
+/// bundle (named `bundle`, with `crl` as the SubCA's CRL file), for unit tests.
+#[cfg(test)]
+pub(crate) mod dev {
+    use super::*;
+    use crate::tools::pki::DevPki;
+
+    pub fn pki_dir() -> (DevPki, tempfile::TempDir) {
+        let pki = DevPki::generate().expect("pki");
+        let dir = tempfile::tempdir().expect("tempdir");
+        pki.write_to(dir.path()).expect("write");
+        (pki, dir)
+    }
+
+    pub fn verifier(dir: &Path, crl: &str, bundle: &str) -> BundleVerifier {
+        let yaml = format!(
+            "server_cert: {d}/server.crt\nserver_key: {d}/server.key\ntrust_bundles:\n  - name: {bundle}\n    ca_files: [{d}/root-ca.crt, {d}/sub-ca.crt]\n    crl_files: [{d}/{crl}, {d}/root-ca.crl]\n",
+            d = dir.display()
+        );
+        let cfg: TlsConfig = serde_saphyr::from_str(&yaml).expect("tls section");
+        BundleVerifier::from_config(&cfg, &provider()).expect("verifier")
+    }
 }
 
 #[derive(Debug)]
@@ -1543,16 +1568,8 @@ mod tests {
     // can have changed, and is verified again (and refused) from the instant it could.
     #[test]
     fn an_accepted_chain_is_remembered_only_while_its_verdict_stands() {
-        use crate::tools::pki::DevPki;
-        let pki = DevPki::generate().expect("pki");
-        let dir = tempfile::tempdir().expect("tempdir");
-        pki.write_to(dir.path()).expect("write");
-        let yaml = format!(
-            "server_cert: {d}/server.crt\nserver_key: {d}/server.key\ntrust_bundles:\n  - name: nhs-int\n    ca_files: [{d}/root-ca.crt, {d}/sub-ca.crt]\n    crl_files: [{d}/sub-ca.crl, {d}/root-ca.crl]\n",
-            d = dir.path().display()
-        );
-        let cfg: TlsConfig = serde_saphyr::from_str(&yaml).expect("tls section");
-        let v = BundleVerifier::from_config(&cfg, &provider()).expect("verifier");
+        let (pki, dir) = dev::pki_dir();
+        let v = dev::verifier(dir.path(), "sub-ca.crl", "nhs-int");
         let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
         let (leaf, sub) = (der(&pki.client.cert), der(&pki.sub_ca.cert));
         let at = |secs: i64| UnixTime::since_unix_epoch(Duration::from_secs(secs as u64));

@@ -220,7 +220,7 @@ impl ClientChain {
             return Err((CertificateLapsed(*kind), false));
         }
         let now = UnixTime::now();
-        let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        let secs = crate::tls::unix_secs(now);
         let state = self.trust.generation_at(secs);
         let verdict = if secs > self.not_after {
             Err(HandshakeKind::Expired)
@@ -287,12 +287,7 @@ mod tests {
     }
 
     fn verifier_named(dir: &std::path::Path, crl: &str, bundle: &str) -> Arc<BundleVerifier> {
-        let yaml = format!(
-            "server_cert: {d}/server.crt\nserver_key: {d}/server.key\ntrust_bundles:\n  - name: {bundle}\n    ca_files: [{d}/root-ca.crt, {d}/sub-ca.crt]\n    crl_files: [{d}/{crl}, {d}/root-ca.crl]\n",
-            d = dir.display()
-        );
-        let cfg: crate::tls::TlsConfig = serde_saphyr::from_str(&yaml).expect("tls section");
-        Arc::new(BundleVerifier::from_config(&cfg, &crate::tls::provider()).expect("verifier"))
+        Arc::new(crate::tls::dev::verifier(dir, crl, bundle))
     }
 
     fn chain_of(pem: &str, trust: &Arc<TrustInForce>) -> ClientChain {
@@ -302,9 +297,7 @@ mod tests {
 
     #[test]
     fn an_open_connections_chain_lapses_with_a_newer_crl_or_its_not_after() {
-        let pki = DevPki::generate().expect("pki");
-        let dir = tempfile::tempdir().expect("tempdir");
-        pki.write_to(dir.path()).expect("write");
+        let (pki, dir) = crate::tls::dev::pki_dir();
         let trust = Arc::new(TrustInForce::new(verifier(dir.path(), "sub-ca.crl")));
         let first = chain_of(&pki.client.cert, &trust);
         let second = chain_of(&pki.second_client.cert, &trust);
@@ -329,9 +322,7 @@ mod tests {
 
     #[test]
     fn an_open_connections_chain_lapses_when_its_ca_leaves_the_bundle_it_was_admitted_under() {
-        let pki = DevPki::generate().expect("pki");
-        let dir = tempfile::tempdir().expect("tempdir");
-        pki.write_to(dir.path()).expect("write");
+        let (pki, dir) = crate::tls::dev::pki_dir();
         let trust = Arc::new(TrustInForce::new(verifier(dir.path(), "sub-ca.crl")));
         let mut admitted = chain_of(&pki.client.cert, &trust);
         admitted.admit("nhs-int");

@@ -104,6 +104,15 @@ fn refused_total(gw: &server::Running) -> f64 {
         .sum()
 }
 
+/// Waits (up to 5 s) until [`refused_total`] reaches `want`: the server counts a refusal a
+/// moment after the client has seen it.
+async fn wait_refused(gw: &server::Running, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refused_total(gw) < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn every_bad_client_certificate_is_refused_counted_and_harmless() {
     watch_panics();
@@ -235,10 +244,7 @@ async fn every_bad_client_certificate_is_refused_counted_and_harmless() {
                 "{what} ({v:?}): expected alert {alert}, got {err}"
             );
             refused += 1.0;
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while refused_total(&gw) < total_before + 1.0 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            wait_refused(&gw, total_before + 1.0).await;
             assert_eq!(
                 refused_total(&gw),
                 total_before + 1.0,
@@ -292,10 +298,7 @@ async fn an_accepted_certificate_presented_with_another_key_is_refused() {
             .expect_err(&format!(
                 "the certificate with another key ({v:?}) must be refused"
             ));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while refused_total(&gw) < before + 1.0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_refused(&gw, before + 1.0).await;
         assert_eq!(
             refused_total(&gw),
             before + 1.0,
@@ -414,10 +417,7 @@ async fn legacy_protocol_versions_and_weak_suites_are_refused_with_an_alert() {
             text.contains("alert"),
             "{flag}: refused with an alert: {text}"
         );
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while refused_total(&gw) < before + 1.0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_refused(&gw, before + 1.0).await;
         assert_eq!(refused_total(&gw), before + 1.0, "{flag}: counted");
     }
 
