@@ -400,6 +400,16 @@ async fn jwt_mode_validates_locally_with_jwks_rotation() {
     .await;
     assert_eq!(seen.last().1["x-fhirgate-client-id"], "bars-jwt");
     assert_eq!(stub.calls(), 0, "jwt mode never calls introspection");
+    // RFC 7519 §4.1.3: `aud` may be an array; one of its values naming us is enough.
+    let several = mint(
+        &k1,
+        "k1",
+        serde_json::json!({"iss": "https://as.example", "aud": ["billing", "fhirgate"], "exp": exp, "client_id": "bars-jwt", "scope": "system/*.*"}),
+    );
+    assert_eq!(
+        send(&c, addr, get(several)).await.unwrap().status,
+        StatusCode::OK
+    );
 
     let bad = [
         mint(
@@ -429,6 +439,27 @@ async fn jwt_mode_validates_locally_with_jwks_rotation() {
         )
         .unwrap(),
         "aaa.bbb.ccc".to_string(),
+        // RFC 9068 §4: "The resource server MUST validate that the aud claim contains a
+        // resource indicator value corresponding to an identifier the resource server
+        // expects for itself. The JWT access token MUST be rejected if aud does not
+        // contain a resource indicator of the current resource server as a valid
+        // audience." A token with no `aud` names no audience, so it is refused too.
+        mint(
+            &k1,
+            "k1",
+            serde_json::json!({"iss": "https://as.example", "exp": exp, "client_id": "other-api", "scope": "system/*.*"}),
+        ),
+        // "... MUST validate that the iss claim exactly matches": none is no match.
+        mint(
+            &k1,
+            "k1",
+            serde_json::json!({"aud": "fhirgate", "exp": exp, "client_id": "other-api", "scope": "system/*.*"}),
+        ),
+        mint(
+            &k1,
+            "k1",
+            serde_json::json!({"iss": "https://as.example", "aud": ["other-api", "billing"], "exp": exp, "client_id": "other-api", "scope": "system/*.*"}),
+        ),
     ];
     for t in bad {
         send(&c, addr, get(t))

@@ -53,11 +53,15 @@ struct Claims {
     exp: Option<i64>,
     #[serde(default)]
     iss: Option<String>,
+    /// One audience or several (RFC 7519 §4.1.3).
+    #[serde(default)]
+    aud: Option<ScopeClaim>,
     /// RFC 7800 confirmation (certificate- or DPoP-bound tokens).
     #[serde(default)]
     cnf: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// A claim that is a string or an array of strings (`scope`/`scp`, `aud`).
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum ScopeClaim {
@@ -70,6 +74,13 @@ impl ScopeClaim {
         match self {
             ScopeClaim::Text(s) => s,
             ScopeClaim::List(v) => v.join(" "),
+        }
+    }
+
+    fn list(self) -> Vec<String> {
+        match self {
+            ScopeClaim::Text(s) => vec![s],
+            ScopeClaim::List(v) => v,
         }
     }
 }
@@ -177,13 +188,22 @@ impl JwtVerifier {
         let mut v = Validation::new(header.alg);
         v.leeway = 30;
         v.validate_nbf = true;
+        // jsonwebtoken checks `iss` and `aud` only when the token has them; RFC 9068 §4
+        // says a token whose `aud` does not name this resource server MUST be rejected,
+        // and one without `aud` names nothing. So configured claims are also required.
+        let mut required = vec!["exp"];
         if let Some(i) = &self.issuer {
             v.set_issuer(&[i]);
+            required.push("iss");
         }
         match &self.audience {
-            Some(a) => v.set_audience(&[a]),
+            Some(a) => {
+                v.set_audience(&[a]);
+                required.push("aud");
+            }
             None => v.validate_aud = false,
         }
+        v.set_required_spec_claims(&required);
         let Ok(data) = jsonwebtoken::decode::<Claims>(token, key, &v) else {
             return Ok(inactive);
         };
@@ -197,8 +217,9 @@ impl JwtVerifier {
             iat: None,
             nbf: None,
             iss: c.iss,
-            // Already checked by the signature validation above.
-            aud: self.audience.iter().cloned().collect(),
+            // The token's own audiences, so the shared check after this one sees what
+            // the token says rather than what was expected.
+            aud: c.aud.map(ScopeClaim::list).unwrap_or_default(),
             token_type: None,
             cnf: c.cnf,
         })
