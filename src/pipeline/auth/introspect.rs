@@ -275,19 +275,36 @@ impl AsClient {
         let body = tokio::time::timeout(self.timeout, self.send(req))
             .await
             .map_err(|_| IntrospectError::Timeout)??;
-        let meta: Metadata =
-            serde_json::from_slice(&body).map_err(|e| IntrospectError::Discovery(e.to_string()))?;
-        if meta.issuer.trim_end_matches('/') != issuer.trim_end_matches('/') {
-            return Err(IntrospectError::Discovery(format!(
-                "metadata issuer {:?} differs from the configured issuer",
-                meta.issuer
-            )));
-        }
-        Ok(Endpoints {
-            introspection: meta.introspection_endpoint,
-            jwks_uri: meta.jwks_uri,
-        })
+        endpoints(&body, issuer)
     }
+}
+
+/// The endpoints an ITI-103 metadata document gives, held to the rules configured ones
+/// are: its `issuer` must be the configured one, and a learned endpoint must be https
+/// (or loopback), as tokens, the gateway's credentials and the keys travel over it.
+fn endpoints(body: &[u8], issuer: &str) -> Result<Endpoints, IntrospectError> {
+    let meta: Metadata =
+        serde_json::from_slice(body).map_err(|e| IntrospectError::Discovery(e.to_string()))?;
+    if meta.issuer.trim_end_matches('/') != issuer.trim_end_matches('/') {
+        return Err(IntrospectError::Discovery(format!(
+            "metadata issuer {:?} differs from the configured issuer",
+            meta.issuer
+        )));
+    }
+    for (field, url) in [
+        ("introspection_endpoint", &meta.introspection_endpoint),
+        ("jwks_uri", &meta.jwks_uri),
+    ] {
+        if let Some(u) = url {
+            super::secure_url(u).map_err(|why| {
+                IntrospectError::Discovery(format!("metadata {field} {u:?}: {why}"))
+            })?;
+        }
+    }
+    Ok(Endpoints {
+        introspection: meta.introspection_endpoint,
+        jwks_uri: meta.jwks_uri,
+    })
 }
 
 /// The `error` code of an RFC 6749 §5.2 error response, if the body is one (the code is
@@ -386,6 +403,63 @@ pub fn spawn_discovery(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RFC 6750 §5.3: "Clients MUST always use TLS [RFC5246] (https) or equivalent
+    /// transport security when making requests with bearer tokens." An endpoint learned
+    /// from metadata gets the tokens (introspection) or decides which signatures count
+    /// (JWKS), so it is held to the rule configured endpoints are.
+    #[test]
+    fn discovered_endpoints_must_be_https_or_loopback() {
+        let meta = |intro: &str, jwks: &str| {
+            serde_json::json!({"issuer": "https://as.example", "introspection_endpoint": intro, "jwks_uri": jwks})
+                .to_string()
+        };
+        let ok = endpoints(
+            meta("https://as.example/introspect", "https://as.example/jwks").as_bytes(),
+            "https://as.example/",
+        )
+        .unwrap();
+        assert_eq!(ok.jwks_uri.as_deref(), Some("https://as.example/jwks"));
+        for (intro, jwks) in [
+            ("http://127.0.0.1:8080/introspect", "http://[::1]:8080/jwks"),
+            ("http://localhost/introspect", "https://as.example/jwks"),
+        ] {
+            assert!(
+                endpoints(meta(intro, jwks).as_bytes(), "https://as.example").is_ok(),
+                "{intro} {jwks}"
+            );
+        }
+        for (intro, jwks, names) in [
+            (
+                "https://as.example/introspect",
+                "http://as.internal/jwks",
+                "jwks_uri",
+            ),
+            (
+                "http://as.example/introspect",
+                "https://as.example/jwks",
+                "introspection_endpoint",
+            ),
+            (
+                "ftp://as.example/introspect",
+                "https://as.example/jwks",
+                "introspection_endpoint",
+            ),
+        ] {
+            match endpoints(meta(intro, jwks).as_bytes(), "https://as.example") {
+                Err(IntrospectError::Discovery(why)) => assert!(why.contains(names), "{why}"),
+                other => panic!("{intro} {jwks}: {other:?}"),
+            }
+        }
+        // Another issuer's metadata is refused whatever its endpoints.
+        assert!(matches!(
+            endpoints(
+                meta("https://as.example/introspect", "https://as.example/jwks").as_bytes(),
+                "https://other.example"
+            ),
+            Err(IntrospectError::Discovery(_))
+        ));
+    }
 
     #[test]
     fn non_200_answers_are_classified() {

@@ -242,21 +242,7 @@ impl AuthConfig {
             ("auth.jwks_uri", &self.jwks_uri),
         ] {
             if let Some(u) = url {
-                let uri: http::Uri = u
-                    .parse()
-                    .map_err(|e| err(field, format!("not a URL: {e}")))?;
-                match uri.scheme_str() {
-                    Some("https") => {}
-                    // Plain http only where nothing can listen in: loopback.
-                    Some("http") if is_loopback(&uri) => {}
-                    Some("http") => {
-                        return Err(err(
-                            field,
-                            "must be https (http is allowed on loopback only)",
-                        ))
-                    }
-                    _ => return Err(err(field, "must be an http(s) URL")),
-                }
+                secure_url(u).map_err(|why| err(field, why))?;
             }
         }
         let ca = self.ca_file.as_ref();
@@ -368,6 +354,19 @@ impl AuthConfig {
             return Err(err("auth.cache.max_ttl", "must be greater than zero"));
         }
         Ok(())
+    }
+}
+
+/// Where the gateway may send tokens and its own credentials, or fetch keys from: https,
+/// or plain http where nothing can listen in, loopback (RFC 6750 §5.3: bearer tokens
+/// MUST travel over TLS). For configured URLs and those discovery learns alike.
+pub(crate) fn secure_url(u: &str) -> Result<(), String> {
+    let uri: http::Uri = u.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("https") => Ok(()),
+        Some("http") if is_loopback(&uri) => Ok(()),
+        Some("http") => Err("must be https (http is allowed on loopback only)".into()),
+        _ => Err("must be an http(s) URL".into()),
     }
 }
 
