@@ -447,7 +447,8 @@ impl Gateway {
         match route.token {
             TokenRequirement::None => Ok(None),
             TokenRequirement::Required => {
-                let need = scope::classify(req.method(), req.uri().path());
+                let need =
+                    scope::classify(req.method(), req.uri().path()).with_query(req.uri().query());
                 let facts = self
                     .auth
                     .authorise(

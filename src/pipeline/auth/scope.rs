@@ -140,6 +140,9 @@ pub struct Requirement {
     /// Resource type, or `*` when the request is not limited to one type.
     pub resource: String,
     pub perms: Perms,
+    /// Other types the answer may carry (`_include`, `_revinclude`), each of which needs
+    /// `r`; `*` when they cannot be told from the request. `_has` types need `s`.
+    pub also: Vec<(String, Perms)>,
 }
 
 impl Requirement {
@@ -149,24 +152,86 @@ impl Requirement {
             interaction: Interaction::Capabilities,
             resource: "*".into(),
             perms: Perms::default(),
+            also: Vec::new(),
+        }
+    }
+
+    /// Adds what the query string asks the answer to carry besides the base type:
+    /// `_include` / `_revinclude` (with `:iterate`) bring in resources of other types,
+    /// and `_has` searches another type. A gateway cannot see the answer, so the token
+    /// must cover every type the request can name (SMART scopes "correspond directly to
+    /// FHIR resource types"). An `_include` without a target type
+    /// (`Slot:schedule`) could be any type the parameter refers to, so it needs `*`:
+    /// name the target (`Slot:schedule:Schedule`) to need only that type.
+    pub fn with_query(mut self, query: Option<&str>) -> Self {
+        let Some(q) = query else { return self };
+        if self.perms == Perms::default() {
+            return self;
+        }
+        for (name, value) in form_urlencoded::parse(q.as_bytes()) {
+            let base = name.split(':').next().unwrap_or_default();
+            let one = |t: &str| {
+                if valid_resource_type(t) {
+                    t.to_owned()
+                } else {
+                    "*".to_owned()
+                }
+            };
+            match base {
+                "_include" => {
+                    let mut parts = value.split(':');
+                    let target = parts.nth(2);
+                    let t = target.map_or_else(|| "*".to_owned(), one);
+                    self.need(t, Perms::R);
+                }
+                "_revinclude" => {
+                    let source = value.split(':').next().unwrap_or_default();
+                    self.need(one(source), Perms::R);
+                }
+                "_has" => {
+                    // `_has:Observation:patient:code`, nested as `_has:A:p:_has:B:q:code`.
+                    let segs: Vec<&str> = name.split(':').collect();
+                    for (i, seg) in segs.iter().enumerate() {
+                        if *seg == "_has" {
+                            self.need(one(segs.get(i + 1).copied().unwrap_or_default()), Perms::S);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        self
+    }
+
+    fn need(&mut self, resource: String, perms: Perms) {
+        if resource == self.resource && self.perms.contains(perms) {
+            return;
+        }
+        match self.also.iter_mut().find(|(r, _)| *r == resource) {
+            Some((_, p)) => *p = p.union(perms),
+            None => self.also.push((resource, perms)),
         }
     }
 
     /// The smallest v1-style scope that would satisfy this requirement, for
     /// `WWW-Authenticate: … scope="…"`.
     pub fn hint(&self) -> String {
-        let access = if Perms::R.union(Perms::S).contains(self.perms) {
-            "read"
-        } else if Perms::C
-            .union(Perms::U)
-            .union(Perms::D)
-            .contains(self.perms)
-        {
-            "write"
-        } else {
-            "*"
+        let one = |resource: &str, perms: Perms| {
+            let access = if Perms::R.union(Perms::S).contains(perms) {
+                "read"
+            } else if Perms::C.union(Perms::U).union(Perms::D).contains(perms) {
+                "write"
+            } else {
+                "*"
+            };
+            format!("system/{resource}.{access}")
         };
-        format!("system/{}.{access}", self.resource)
+        let mut out = one(&self.resource, self.perms);
+        for (r, p) in &self.also {
+            out.push(' ');
+            out.push_str(&one(r, *p));
+        }
+        out
     }
 }
 
@@ -178,6 +243,7 @@ pub fn classify(method: &Method, path: &str) -> Requirement {
         interaction,
         resource,
         perms,
+        also: Vec::new(),
     };
     let read_like = |m: &Method| *m == Method::GET || *m == Method::HEAD;
     let unknown = || req(Interaction::Unknown, "*".into(), Perms::ALL);
@@ -215,8 +281,14 @@ pub fn classify(method: &Method, path: &str) -> Requirement {
             }
             _ => unknown(),
         },
+        // The search parameters are in a body the token stage has not read, so the
+        // types `_include`, `_revinclude` or `_has` might name are unknown: `*` read.
         [t, "_search"] if *method == Method::POST => match typ(t) {
-            Some(t) => req(Interaction::Search, t, Perms::S),
+            Some(t) => {
+                let mut r = req(Interaction::Search, t, Perms::S);
+                r.need("*".into(), Perms::R);
+                r
+            }
             None => unknown(),
         },
         [t, "_history"] if read_like(method) => match typ(t) {
@@ -226,7 +298,7 @@ pub fn classify(method: &Method, path: &str) -> Requirement {
         [t, op] if op.starts_with('$') => match typ(t) {
             Some(t) => req(
                 Interaction::Operation(op[1..].to_owned()),
-                t,
+                op_scope(t, &op[1..]),
                 op_perms(method),
             ),
             None => unknown(),
@@ -241,7 +313,7 @@ pub fn classify(method: &Method, path: &str) -> Requirement {
         [t, _id, op] if op.starts_with('$') => match typ(t) {
             Some(t) => req(
                 Interaction::Operation(op[1..].to_owned()),
-                t,
+                op_scope(t, &op[1..]),
                 op_perms(method),
             ),
             None => unknown(),
@@ -258,6 +330,32 @@ pub fn classify(method: &Method, path: &str) -> Requirement {
     }
 }
 
+/// FHIR core operations whose answer is about the type they are invoked on (or an
+/// OperationOutcome) and nothing else. Any other operation on a type or instance may
+/// answer with other types (`Patient/123/$everything` returns the whole compartment,
+/// `$export` anything), so it needs a `*` scope.
+const SAME_TYPE_OPERATIONS: [&str; 11] = [
+    "validate",
+    "meta",
+    "meta-add",
+    "meta-delete",
+    "match",
+    "expand",
+    "validate-code",
+    "lookup",
+    "subsumes",
+    "translate",
+    "lastn",
+];
+
+fn op_scope(resource: String, op: &str) -> String {
+    if SAME_TYPE_OPERATIONS.contains(&op) {
+        resource
+    } else {
+        "*".into()
+    }
+}
+
 /// Whether the granted scopes cover the requirement. Only scopes of an allowed context
 /// count; a `*` requirement needs a `*` scope.
 pub fn permits(granted: &[Scope], need: &Requirement, contexts: &[Context]) -> bool {
@@ -265,16 +363,19 @@ pub fn permits(granted: &[Scope], need: &Requirement, contexts: &[Context]) -> b
         return true;
     }
     // Permissions may come from several scopes (e.g. `Patient.r` and `Patient.s`).
-    let mut have = Perms::default();
-    for s in granted {
-        if s.constrained || !contexts.contains(&s.context) {
-            continue;
+    let covers = |resource: &str, perms: Perms| {
+        let mut have = Perms::default();
+        for s in granted {
+            if s.constrained || !contexts.contains(&s.context) {
+                continue;
+            }
+            if s.resource == "*" || (resource != "*" && s.resource == resource) {
+                have = have.union(s.perms);
+            }
         }
-        if s.resource == "*" || (need.resource != "*" && s.resource == need.resource) {
-            have = have.union(s.perms);
-        }
-    }
-    have.contains(need.perms)
+        have.contains(perms)
+    };
+    covers(&need.resource, need.perms) && need.also.iter().all(|(r, p)| covers(r, *p))
 }
 
 /// Splits an RFC 6749 `scope` string and keeps the SMART resource scopes.
@@ -423,12 +524,34 @@ mod tests {
                 "*",
                 Perms::C.union(Perms::U),
             ),
+            // The compartment: every type, so `*`.
             (
                 g.clone(),
                 "/Patient/1/$everything",
                 I::Operation("everything".into()),
-                "Patient",
+                "*",
                 Perms::R,
+            ),
+            (
+                g.clone(),
+                "/Patient/$everything",
+                I::Operation("everything".into()),
+                "*",
+                Perms::R,
+            ),
+            (
+                Method::POST,
+                "/Group/1/$export",
+                I::Operation("export".into()),
+                "*",
+                Perms::C.union(Perms::U),
+            ),
+            (
+                Method::POST,
+                "/Patient/1/$validate",
+                I::Operation("validate".into()),
+                "Patient",
+                Perms::C.union(Perms::U),
             ),
             (
                 Method::POST,
@@ -507,6 +630,112 @@ mod tests {
             &need(Method::GET, "/Patient/1"),
             &[Context::System, Context::User]
         ));
+    }
+
+    /// SMART App Launch: "SMART on FHIR defines OAuth2 access scopes that correspond
+    /// directly to FHIR resource types." A request whose answer carries other types
+    /// (`_include`, `_revinclude`, a compartment operation) needs their scopes too, and
+    /// `_has` searches the type it names.
+    #[test]
+    fn included_types_need_their_own_scopes() {
+        let sys = [Context::System];
+        let ok = |granted: &str, m: Method, pq: &str| {
+            let (path, query) = match pq.split_once('?') {
+                Some((p, q)) => (p, Some(q)),
+                None => (pq, None),
+            };
+            permits(
+                &parse_scope_list(granted),
+                &classify(&m, path).with_query(query),
+                &sys,
+            )
+        };
+        let get = Method::GET;
+        let cases: &[(&str, &str, bool)] = &[
+            ("system/Patient.read", "/Patient?name=smith", true),
+            (
+                "system/Patient.read",
+                "/Patient?_revinclude=Observation:subject",
+                false,
+            ),
+            (
+                "system/Patient.read",
+                "/Patient?_revinclude%3Aiterate=Observation%3Asubject",
+                false,
+            ),
+            (
+                "system/Patient.read system/Observation.read",
+                "/Patient?_revinclude=Observation:subject",
+                true,
+            ),
+            // Read is what an included resource needs; search alone is not reading.
+            (
+                "system/Patient.read system/Observation.s",
+                "/Patient?_revinclude=Observation:subject",
+                false,
+            ),
+            // A target type named: only that type.
+            (
+                "system/Slot.read system/Schedule.read",
+                "/Slot?_include=Slot:schedule:Schedule",
+                true,
+            ),
+            // No target type: whatever `schedule` refers to, so `*`.
+            (
+                "system/Slot.read system/Schedule.read",
+                "/Slot?_include=Slot:schedule",
+                false,
+            ),
+            ("system/*.read", "/Slot?_include=Slot:schedule", true),
+            (
+                "system/Slot.read system/Schedule.read",
+                "/Slot?_include=Slot:schedule:Schedule&_include:iterate=Schedule:actor",
+                false,
+            ),
+            ("system/Slot.read", "/Slot?_include=*", false),
+            (
+                "system/Patient.read",
+                "/Patient?_has:Observation:patient:code=1234-5",
+                false,
+            ),
+            (
+                "system/Patient.read system/Observation.s",
+                "/Patient?_has:Observation:patient:code=1234-5",
+                true,
+            ),
+            (
+                "system/Patient.read system/Observation.s",
+                "/Patient?_has:Observation:patient:_has:AuditEvent:entity:agent=x",
+                false,
+            ),
+            (
+                "system/Patient.read",
+                "/Patient/9000000009/$everything",
+                false,
+            ),
+            ("system/Patient.read", "/Patient/$everything", false),
+            ("system/*.read", "/Patient/9000000009/$everything", true),
+            ("system/Observation.read", "/Observation/$lastn", true),
+            ("system/Patient.read", "/Patient/_search", false),
+            ("system/*.read", "/Patient/_search", true),
+            // The capability statement needs nothing, whatever its query says.
+            ("", "/metadata?_include=*", true),
+        ];
+        for (granted, pq, want) in cases {
+            let m = if pq.ends_with("/_search") {
+                Method::POST
+            } else {
+                get.clone()
+            };
+            assert_eq!(ok(granted, m, pq), *want, "{granted:?} {pq}");
+        }
+        let need = classify(&Method::GET, "/Patient").with_query(Some(
+            "_revinclude=Observation:subject&_include=Patient:organization:Organization",
+        ));
+        assert_eq!(
+            need.hint(),
+            "system/Patient.read system/Observation.read system/Organization.read"
+        );
     }
 
     #[test]
