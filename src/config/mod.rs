@@ -420,8 +420,9 @@ impl Config {
                 ));
             }
         }
-        self.auth
-            .validate_jwt_claims(self.environment == Environment::Development)?;
+        let development = self.environment == Environment::Development;
+        self.auth.validate_jwt_claims(development)?;
+        self.auth.validate_contexts(development)?;
         if let Some(n) = &self.nhsd {
             for (i, p) in n.exempt_paths.iter().enumerate() {
                 if !p.starts_with('/') || (p.len() > 1 && p.ends_with('/')) {

@@ -640,6 +640,30 @@ fn jwt_mode_needs_issuer_and_audience_outside_development() {
         .expect("both set");
 }
 
+/// SMART "Scopes and Launch Context": "If the app has any patient-level scopes, they will
+/// be scoped to Patient 123." The gateway cannot confine a `patient/` scope to one
+/// patient's compartment, so counting them outside development is a config error.
+#[test]
+fn patient_scopes_count_only_in_development() {
+    let pki = Pki::new();
+    let mut o = Opts::new("127.0.0.1:9".parse().unwrap());
+    let with = |o: &Opts, env: &str| {
+        config_yaml(&pki, o).replace("environment: development", &format!("environment: {env}"))
+    };
+    o.auth = "auth:\n  mode: jwt\n  jwks_uri: http://127.0.0.1:9/jwks\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n  contexts: [system, patient]\n".into();
+    for env in ["integration", "production"] {
+        let e = fhirgate::config::Config::from_yaml(&with(&o, env), std::path::Path::new("/"))
+            .unwrap_err();
+        assert_eq!(e.field, "auth.contexts[1]", "{env}: {e}");
+        assert!(e.to_string().contains("compartment"), "{e}");
+    }
+    fhirgate::config::Config::from_yaml(&with(&o, "development"), std::path::Path::new("/"))
+        .expect("development may count patient scopes");
+    o.auth = o.auth.replace("[system, patient]", "[system, user]");
+    fhirgate::config::Config::from_yaml(&with(&o, "production"), std::path::Path::new("/"))
+        .expect("system and user contexts are allowed");
+}
+
 /// Only transport failures, 5xx and malformed answers are outages (503). A 400 with an
 /// RFC 6749 §5.2 error code is the server's verdict on the token: refused (403) and
 /// remembered for `negative_ttl`. RFC 7662 §2.3: "If the protected resource uses OAuth

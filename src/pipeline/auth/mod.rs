@@ -295,6 +295,25 @@ impl AuthConfig {
         self.validate_common()
     }
 
+    /// SMART "Scopes and Launch Context": with a `patient` launch context, "patient-level
+    /// scopes ... will be scoped to" that patient. The gateway does not know which
+    /// resources are in a patient's compartment, so a `patient/` scope would open every
+    /// patient's records here: refused outside `environment: development`.
+    pub fn validate_contexts(&self, development: bool) -> Result<(), ConfigError> {
+        if development || self.mode == AuthMode::None {
+            return Ok(());
+        }
+        match self.contexts.iter().position(|c| c == "patient") {
+            Some(i) => Err(err(
+                format!("auth.contexts[{i}]"),
+                "patient is refused outside environment: development: the gateway cannot confine \
+                 patient/ scopes to the launch patient's compartment, so they would grant every \
+                 patient's records; use system (or user), or enforce patient scopes upstream",
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// RFC 9068 §4: a resource server validating JWT access tokens MUST check `iss` and
     /// `aud`. Without both, any token the JWKS signed (an ID token, a token for another
     /// API) would pass, so both are required outside `environment: development`.
