@@ -105,7 +105,8 @@ impl Default for ReloadConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NhsdConfig {
-    /// Paths (and their sub-paths) that carry no NHSD headers.
+    /// Paths (and their sub-paths) where no NHSD header (nor either id) is required;
+    /// those sent are still checked.
     #[serde(default = "default_nhsd_exempt")]
     pub exempt_paths: Vec<String>,
     /// Set `X-Fhirgate-Ods-Code`, `-Software-Name`, … upstream from verified headers.

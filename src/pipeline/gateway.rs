@@ -366,7 +366,8 @@ impl Gateway {
         }
     }
 
-    /// NHSD stage: the route's policy (or the default) unless the path is exempt.
+    /// NHSD stage: the route's policy (or the default), relaxed on an exempt path to the
+    /// two ids plus whichever NHSD headers were sent.
     pub(super) fn check_nhsd(
         &self,
         route: &Route,
@@ -376,10 +377,14 @@ impl Gateway {
             return Ok(None);
         };
         let path = req.uri().path();
-        if cfg.exempt_paths.iter().any(|p| prefix_covers(p, path)) {
-            return Ok(None);
-        }
         let policy = route.nhsd.as_ref().unwrap_or(&cfg.headers);
+        let relaxed;
+        let policy = if cfg.exempt_paths.iter().any(|p| prefix_covers(p, path)) {
+            relaxed = policy.exempt();
+            &relaxed
+        } else {
+            policy
+        };
         nhsd::check(req.headers(), policy).map(Some).map_err(|e| {
             self.metrics
                 .nhsd_rejections

@@ -52,7 +52,8 @@ async fn nhsd_headers_are_enforced_forwarded_and_echoed() {
     let (gw, addr) = gateway(&pki, &o).await;
     let c = tls_client(&pki, Some("client"), H2);
 
-    // Exempt paths need no headers.
+    // Exempt paths need no headers (BaRS guide: the NHSD headers are expected "for each
+    // request (excluding /metadata and /MessageDefinition)").
     for p in ["/metadata", "/MessageDefinition/abc"] {
         assert_eq!(
             send(&c, addr, get(p)).await.unwrap().status,
@@ -60,6 +61,23 @@ async fn nhsd_headers_are_enforced_forwarded_and_echoed() {
             "{p}"
         );
     }
+    // But what is sent there is checked all the same: nothing unverified goes upstream.
+    let before = seen.count();
+    for (k, v) in [
+        ("x-request-id", "not-a-uuid"),
+        ("x-correlation-id", "42"),
+        ("nhsd-end-user-organisation", "bm90IGpzb24="),
+    ] {
+        let r = Request::get("/metadata")
+            .header(k, v)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        send(&c, addr, r)
+            .await
+            .unwrap()
+            .assert_outcome(400, "REC_BAD_REQUEST");
+    }
+    assert_eq!(seen.count(), before, "nothing refused was forwarded");
 
     // A full valid set is forwarded unchanged, with the verified facts added and any
     // client-sent fact header replaced.

@@ -43,7 +43,7 @@ pub enum Refusal {
 /// `NHSD-Requesting-Practitioner` is `required: false` ("This item is not mandatory,
 /// however if the information is available it must be included"). The API change log
 /// for v1.0.0 made the organisation and software headers mandatory. `/metadata` and
-/// `/MessageDefinition` are exempt, but exemption is the router's job, not this module's.
+/// `/MessageDefinition` are exempt: see [`NhsdPolicy::exempt`].
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NhsdPolicy {
@@ -163,6 +163,32 @@ impl NhsdPolicy {
             }
         }
         Ok(())
+    }
+
+    /// The policy on a path exempt from the NHSD headers (`nhsd.exempt_paths`:
+    /// `/metadata`, `/MessageDefinition`, which the BaRS guide excludes from them).
+    /// Nothing is required there and no allow-list applies, but every header that is
+    /// sent, the two ids included, is still checked: nothing unverified is passed on. A
+    /// missing `X-Request-ID` is generated as on any path, so capability discovery and
+    /// probes work without the BaRS headers; a route's own `nhsd` block can require them.
+    pub fn exempt(&self) -> NhsdPolicy {
+        let relax = |h| match h {
+            HeaderRequirement::Required => HeaderRequirement::Optional,
+            other => other,
+        };
+        NhsdPolicy {
+            request_id: relax(self.request_id),
+            correlation_id: relax(self.correlation_id),
+            target_identifier: relax(self.target_identifier),
+            end_user_organisation: relax(self.end_user_organisation),
+            requesting_software: relax(self.requesting_software),
+            requesting_practitioner: relax(self.requesting_practitioner),
+            allowed_ods_codes: Vec::new(),
+            allowed_target_identifiers: Vec::new(),
+            max_encoded_bytes: self.max_encoded_bytes,
+            max_decoded_bytes: self.max_decoded_bytes,
+            refusal: self.refusal,
+        }
     }
 
     /// The requirement `check` applies: a non-empty allow-list makes its header required,
