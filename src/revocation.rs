@@ -217,6 +217,8 @@ pub enum Failure {
     UnknownIssuer,
     BadSignature,
     Older,
+    /// Another issuer (or scope) than the CRL held for this URL.
+    IssuerChanged,
     Io,
 }
 
@@ -231,6 +233,7 @@ impl Failure {
             Failure::UnknownIssuer => "unknown_issuer",
             Failure::BadSignature => "bad_signature",
             Failure::Older => "older",
+            Failure::IssuerChanged => "issuer_changed",
             Failure::Io => "io",
         }
     }
@@ -318,7 +321,9 @@ pub fn add_fetched(bundles: &mut [LoadedBundle], fetched: &FetchedCrls) {
     }
 }
 
-fn merge_newest(list: &mut Vec<LoadedCrl>, new: LoadedCrl) {
+/// Adds `new` to `list` unless a CRL of the same issuer and scope is there already, in
+/// which case the newer of the two (CRL number, else thisUpdate) is kept.
+pub(crate) fn merge_newest(list: &mut Vec<LoadedCrl>, new: LoadedCrl) {
     let Ok((ni, _)) = CrlInfo::parse(&new.der) else {
         list.push(new);
         return;
@@ -703,21 +708,32 @@ impl CrlStore {
             };
             (f, format!("{why} (issuer {})", crl.issuer()))
         })?;
+        let issuer = crl.issuer().to_string();
         drop(crl);
         let key = (src.bundle.clone(), src.url.clone());
         let mut held = self.lock_held();
         if let Some(h) = held.get(&key) {
-            if h.info.scope == info.scope {
-                match info.cmp_age(&h.info) {
-                    std::cmp::Ordering::Less => {
-                        return Err((
-                            Failure::Older,
-                            "older than the CRL held (CRL number / thisUpdate)".into(),
-                        ))
-                    }
-                    std::cmp::Ordering::Equal => return Ok(false),
-                    std::cmp::Ordering::Greater => {}
+            // A URL serves one issuer's CRL. Another CA's CRL, however well signed, would
+            // replace the one held and let an older CRL of the first issuer back in
+            // after it (RFC 5280 §5.2.3: CRL numbers only increase), so it is refused.
+            if h.info.scope != info.scope {
+                return Err((
+                    Failure::IssuerChanged,
+                    format!(
+                        "issued by {issuer}, another issuer or scope than the CRL this URL \
+                         served before"
+                    ),
+                ));
+            }
+            match info.cmp_age(&h.info) {
+                std::cmp::Ordering::Less => {
+                    return Err((
+                        Failure::Older,
+                        "older than the CRL held (CRL number / thisUpdate)".into(),
+                    ))
                 }
+                std::cmp::Ordering::Equal => return Ok(false),
+                std::cmp::Ordering::Greater => {}
             }
         }
         let labels = CrlLabel {

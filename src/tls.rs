@@ -391,9 +391,13 @@ pub fn load_bundle(i: usize, b: &TrustBundleConfig) -> Result<LoadedBundle, Conf
             cas.push((field.clone(), c));
         }
     }
+    // webpki uses the first CRL whose issuer matches, so two CRLs of one issuer (an old
+    // and a new file, or both in one PEM) are reduced to the newer.
     let mut crls = Vec::new();
     for (j, p) in b.crl_files.iter().enumerate() {
-        crls.extend(load_crl_file(&format!("{f}.crl_files[{j}]"), p)?);
+        for c in load_crl_file(&format!("{f}.crl_files[{j}]"), p)? {
+            crate::revocation::merge_newest(&mut crls, c);
+        }
     }
     Ok(LoadedBundle {
         name: b.name.clone(),

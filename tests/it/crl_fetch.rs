@@ -300,10 +300,15 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
     // 150 kB that start like a DER SEQUENCE: too large whatever they hold.
     let mut oversize = vec![0x30, 0x83, 0x02, 0x49, 0xf0];
     oversize.resize(150_000, 0);
-    let cases: [(&str, (u16, Vec<u8>)); 6] = [
+    // A roll-back in two steps: the root's own, validly signed CRL served at the SubCA's
+    // URL (were it taken, the SubCA's CRL held for that URL would be gone), then the
+    // SubCA's older CRL, which must not un-revoke bob. RFC 5280 §5.2.3: CRL numbers are
+    // "monotonically increasing"; a URL's issuer does not change under it.
+    let cases: [(&str, (u16, Vec<u8>)); 7] = [
         ("parse", (200, b"this is not a CRL".to_vec())),
         ("bad_signature", (200, pki.crl(&evil))),
         ("unknown_issuer", (200, pki.crl(&other))),
+        ("issuer_changed", (200, pki.crl(&pki.root))),
         ("older", (200, first_sub_crl.clone())),
         ("http_status", (503, Vec::new())),
         ("too_large", (200, oversize)),

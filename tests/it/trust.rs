@@ -281,6 +281,49 @@ async fn subca_revoked_by_the_root_crl_is_refused_leaf_only_and_full_chain() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
+/// Two CRLs of one issuer in `crl_files` (last month's file left beside this month's,
+/// or both in one PEM): the newer counts, whichever comes first. RFC 5280 §5.2.3: CRL
+/// numbers are "monotonically increasing"; webpki would use the first CRL whose issuer
+/// matches, so the gateway keeps only the newer of the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_crls_from_one_issuer_the_newer_counts_whatever_their_order() {
+    let n = nhs();
+    let (up, _seen) = upstream(UpstreamMode::Echo).await;
+    let old = n.a_crl.clone();
+    n.pki.revoke(&n.sub_a, &n.good.cert);
+    let new = n.pki.crl(&n.sub_a, CrlTimes::Hours(48));
+    let both_old_first = n.pki.path("both.crl.pem");
+    let mut joined = std::fs::read(&old).unwrap();
+    joined.extend(std::fs::read(&new).unwrap());
+    std::fs::write(&both_old_first, joined).unwrap();
+    let cas = [&*n.root.cert, &*n.sub_a.cert];
+    let cases: [(&str, Vec<&Path>, bool); 4] = [
+        ("the old CRL alone", vec![&n.root_crl, &old], true),
+        (
+            "old file listed first",
+            vec![&n.root_crl, &old, &new],
+            false,
+        ),
+        (
+            "new file listed first",
+            vec![&n.root_crl, &new, &old],
+            false,
+        ),
+        (
+            "both in one PEM, old first",
+            vec![&n.root_crl, &both_old_first],
+            false,
+        ),
+    ];
+    for (what, crls, served) in cases {
+        let y = yaml("development", &n.server, &cas, &crls, "", "", up);
+        let (gw, addr) = start(&y).await;
+        let got = status(addr, &n.root.cert, &n.good.cert, &n.good.key).await;
+        assert_eq!(got.is_ok(), served, "{what}: {got:?}");
+        gw.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_of_an_unlisted_subca_of_the_listed_root_is_refused_whatever_unknown_status() {
     let n = nhs();
