@@ -579,9 +579,13 @@ impl CrlStore {
                     .push((url.clone(), h.der.clone()));
             }
         }
-        // A bundle with CRL sources but no CRL at all (from fetch, cache or files).
+        // A bundle with CRL sources but no CRL at all (from fetch, cache or files). With
+        // `fetch_distribution_points` every bundle expects some, also one whose CAs name
+        // no distribution point and whose URLs are yet to be learned from clients: with
+        // no CRL at all the verifier would check no revocation.
         for b in &tls.trust_bundles {
-            let expects = srcs.iter().any(|s| s.bundle == b.name);
+            let expects =
+                tls.revocation.fetch_distribution_points || srcs.iter().any(|s| s.bundle == b.name);
             if expects && b.crl_files.is_empty() && !map.contains_key(&b.name) {
                 let p = placeholder().map(|d| (PLACEHOLDER_SOURCE.to_owned(), d));
                 map.insert(b.name.clone(), p.into_iter().collect());
@@ -915,7 +919,12 @@ impl CrlStore {
         let wall = now_unix();
         for s in &due_now {
             let key = (s.bundle.clone(), s.url.clone());
-            let next_update = held.get(&key).and_then(|h| h.info.next_update);
+            // Nothing held for the URL yet (its fetches failed): retried as often as a
+            // stale CRL, as the clients it covers are refused until one arrives.
+            let next_update = match held.get(&key) {
+                Some(h) => h.info.next_update,
+                None => Some(wall),
+            };
             due.insert(key, now + next_wait(interval, next_update, wall));
         }
         due.retain(|k, _| srcs.iter().any(|s| s.bundle == k.0 && s.url == k.1));
@@ -942,8 +951,8 @@ pub fn cached(tls: &TlsConfig) -> FetchedCrls {
 }
 
 /// When to fetch a URL again: after one interval, or a minute before the held CRL's
-/// nextUpdate if that is sooner; a CRL at or past its nextUpdate is retried every 30 s
-/// (or every interval, if shorter) until the CA publishes a new one.
+/// nextUpdate if that is sooner; a CRL at or past its nextUpdate (or none held at all)
+/// is retried every 30 s (or every interval, if shorter) until the CA publishes one.
 fn next_wait(interval: Duration, next_update: Option<i64>, now_unix: i64) -> Duration {
     let Some(next) = next_update else {
         return interval;

@@ -532,6 +532,74 @@ async fn kubernetes_secret_symlink_swap_is_picked_up_without_sighup() {
     revoked_after_file_swap(Swap::KubernetesSymlink).await;
 }
 
+/// SECURITY.md: "a bundle whose CRLs have not been fetched yet and are not cached is
+/// refused, never waved through unchecked". Also when its CA certificates name no
+/// distribution point, so that every CRL URL is still to be learned from a client's
+/// certificate: while the CRL is withheld a revoked client is refused, not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_learning_all_its_crl_urls_from_clients_fails_closed_until_one_arrives() {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let crl_addr = http.local_addr().unwrap();
+    let sub_url = format!("http://{crl_addr}/sub.crl");
+    let openssl_pki = OpensslPki::new();
+    // The root publishes no CRL URL, so the SubCA names none; its leaves name the SubCA's.
+    let root = openssl_pki.root("Test Root CA", Alg::Rsa2048);
+    let sub = openssl_pki.sub_ca(&root, "Test SubCA", Alg::Rsa2048);
+    openssl_pki.publish_crls_at(&sub, &sub_url);
+    let server_cert = openssl_pki.server(&root, "server", Alg::Rsa2048);
+    let alice = openssl_pki.client(&sub, "alice", Alg::Rsa2048);
+    let bob = openssl_pki.client(&sub, "bob", Alg::Rsa2048);
+    openssl_pki.revoke(&sub, &bob.cert);
+    let pki = CrlPki {
+        pki: openssl_pki,
+        root,
+        sub,
+        server: server_cert,
+        alice,
+        bob,
+    };
+    let routes: Routes = Arc::default();
+    routes
+        .lock()
+        .unwrap()
+        .insert("/sub.crl".into(), (503, Vec::new()));
+    let _server = crl_server(http, routes.clone(), Arc::default()).await;
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let yaml = gateway_yaml(
+        &pki,
+        up,
+        "",
+        "  revocation:\n    scope: end_entity\n    fetch_distribution_points: true\n    refresh_interval: 1h\n",
+    );
+    let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let running = server::start(&cfg).await.unwrap();
+    let addr = running.addrs[0];
+    let (alice, bob) = (pki.client(&pki.alice.cert), pki.client(&pki.bob.cert));
+    for _ in 0..3 {
+        assert!(
+            !accepted(&bob, addr).await,
+            "revoked bob served while its CRL is withheld"
+        );
+        assert!(!accepted(&alice, addr).await, "alice served unchecked");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(seen.count(), 0, "nothing reached the upstream unchecked");
+    // The CRL arrives: alice in, bob still out, with no fetch held for the URL retried
+    // as a stale one is (every 30 s), not once per `refresh_interval` (1 h here).
+    routes
+        .lock()
+        .unwrap()
+        .insert("/sub.crl".into(), (200, pki.crl(&pki.sub)));
+    within(
+        Duration::from_secs(45),
+        "alice served once the CRL arrives",
+        async || accepted(&alice, addr).await,
+    )
+    .await;
+    assert!(!accepted(&bob, addr).await, "bob revoked");
+    running.shutdown(Duration::from_secs(2)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subca_crl_url_is_learned_from_client_certificates_it_issued() {
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
