@@ -206,6 +206,18 @@ impl ClientChain {
         self.bundle = Some(bundle.into());
     }
 
+    /// The bundle the trust in force places the chain in. For a resumed session, whose
+    /// handshake verified nothing: the connection's snapshot may predate a reload that
+    /// moved its SubCA to another bundle.
+    pub fn bundle_in_force(&self) -> Option<Box<str>> {
+        let (leaf, intermediates) = self.chain.split_first()?;
+        self.trust
+            .verifier
+            .load()
+            .bundle_of(leaf, intermediates)
+            .map(Into::into)
+    }
+
     /// Whether [`ClientChain::check`] has refused the chain.
     pub fn has_lapsed(&self) -> bool {
         self.refused.get().is_some()
@@ -337,6 +349,9 @@ mod tests {
         let lapsed = CertificateLapsed(HandshakeKind::UnknownCa);
         assert_eq!(admitted.check(), Err((lapsed, true)));
         assert_eq!(unadmitted.check(), Ok(()));
+        // A resumed session takes its bundle from the trust in force, not from the
+        // snapshot its connection was accepted under (which still says nhs-int).
+        assert_eq!(unadmitted.bundle_in_force().as_deref(), Some("nhs-prod"));
     }
 
     #[test]
