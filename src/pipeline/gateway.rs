@@ -392,7 +392,17 @@ impl Gateway {
                     header: e.header().to_owned(),
                 })
                 .inc();
-            Rejection::from(&e)
+            let r = Rejection::from(&e);
+            // `refusal: unauthorized` (the BaRS coding) answers 401, and RFC 9110
+            // §15.5.2: "The server generating a 401 response MUST send a
+            // WWW-Authenticate header field containing at least one challenge". The
+            // gateway's one scheme is Bearer, in its configured realm.
+            if r.status == http::StatusCode::UNAUTHORIZED {
+                let realm = &self.auth.config().realm;
+                r.with_www_authenticate(Some(format!("Bearer realm=\"{realm}\"")))
+            } else {
+                r
+            }
         })
     }
 

@@ -23,6 +23,12 @@ fn routes() -> String {
         "      requesting_software: optional",
         "      target_identifier: ignored",
         "      allowed_ods_codes: [RYG]",
+        "  - name: appointments",
+        "    path_prefix: /Appointment",
+        "    nhsd:",
+        "      target_identifier: ignored",
+        "      allowed_ods_codes: [RYG]",
+        "      refusal: unauthorized",
         "  - name: fhir",
         "    path_prefix: /",
         "",
@@ -186,6 +192,19 @@ async fn nhsd_headers_are_enforced_forwarded_and_echoed() {
         .as_str()
         .unwrap()
         .contains("ODS code"));
+    // The BaRS coding of the same refusal, 401 REC_UNAUTHORIZED, with the challenge RFC
+    // 9110 §15.5.2 requires: "The server generating a 401 response MUST send a
+    // WWW-Authenticate header field containing at least one challenge".
+    let got = send(
+        &c,
+        addr,
+        request("/Appointment", &[nhsd::TARGET_IDENTIFIER], &[]),
+    )
+    .await
+    .unwrap();
+    got.assert_outcome(401, "REC_UNAUTHORIZED");
+    let challenge = got.headers["www-authenticate"].to_str().unwrap();
+    assert!(challenge.starts_with("Bearer realm=\""), "{challenge}");
     gw.shutdown(Duration::from_secs(2)).await;
 }
 

@@ -23,7 +23,8 @@ pub enum HeaderRequirement {
 /// at the receiver", and the GET /Slot scenarios) give an access-control refusal based on
 /// the NHSD headers as **401 `REC_UNAUTHORIZED`** and reserve 403 `REC_FORBIDDEN` for a
 /// TLS-MA failure. HTTP (RFC 9110 section 15.5.2) requires a `WWW-Authenticate` challenge
-/// on every 401, which has no meaning for a header allow-list, so the default is 403.
+/// on every 401, which has little meaning for a header allow-list, so the default is 403;
+/// with `unauthorized` the gateway sends its Bearer challenge (`auth.realm`) with the 401.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Refusal {
