@@ -534,8 +534,14 @@ mod tests {
                     .rejection(),
             ),
             (
-                "NHSD / transaction-id header missing",
+                "NHSD header missing",
                 nhsd(NhsdError::Missing { header: H }),
+            ),
+            (
+                "`X-Request-ID` / `X-Correlation-ID` missing",
+                nhsd(NhsdError::Missing {
+                    header: crate::pipeline::nhsd::REQUEST_ID,
+                }),
             ),
             (
                 "NHSD header not standard Base64",

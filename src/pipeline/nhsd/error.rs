@@ -126,6 +126,11 @@ impl NhsdError {
     /// FHIR `OperationOutcome.issue.code` (<http://hl7.org/fhir/issue-type>).
     pub fn fhir_issue_code(&self) -> &'static str {
         match self {
+            // The BaRS failure scenarios: "400 | REC_BAD_REQUEST | invalid | ... a request
+            // be received with no X-Request-Id or X-Correlation-Id".
+            NhsdError::Missing {
+                header: super::REQUEST_ID | super::CORRELATION_ID,
+            } => "invalid",
             NhsdError::Missing { .. } | NhsdError::MissingField { .. } => "required",
             NhsdError::Duplicate { .. } | NhsdError::NotAscii { .. } | NhsdError::Base64 { .. } => {
                 "invalid"

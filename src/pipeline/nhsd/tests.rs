@@ -1344,9 +1344,16 @@ fn readme_refusal_table_matches_the_issue_codes_sent() {
     let readme = include_str!("../../../README.md");
     let h = END_USER_ORGANISATION;
     for (row, e) in [
+        ("NHSD header missing", NhsdError::Missing { header: h }),
         (
-            "NHSD / transaction-id header missing",
-            NhsdError::Missing { header: h },
+            "`X-Request-ID` / `X-Correlation-ID` missing",
+            NhsdError::Missing { header: REQUEST_ID },
+        ),
+        (
+            "`X-Request-ID` / `X-Correlation-ID` missing",
+            NhsdError::Missing {
+                header: CORRELATION_ID,
+            },
         ),
         (
             "NHSD header not standard Base64",
