@@ -613,31 +613,35 @@ async fn jwt_mode_checks_the_rfc9068_typ() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
+/// `o`'s config in environment `env`, parsed and validated.
+fn config_in(
+    pki: &Pki,
+    o: &Opts,
+    env: &str,
+) -> Result<fhirgate::config::Config, fhirgate::config::ConfigError> {
+    let yaml =
+        config_yaml(pki, o).replace("environment: development", &format!("environment: {env}"));
+    fhirgate::config::Config::from_yaml(&yaml, std::path::Path::new("/"))
+}
+
 /// RFC 9068 §4: iss and aud MUST be validated, so `mode: jwt` without
 /// `expected_issuer`/`expected_audience` is a config error outside development.
 #[test]
 fn jwt_mode_needs_issuer_and_audience_outside_development() {
     let pki = Pki::new();
     let mut o = Opts::new("127.0.0.1:9".parse().unwrap());
-    let with = |o: &Opts, env: &str| {
-        config_yaml(&pki, o).replace("environment: development", &format!("environment: {env}"))
-    };
     o.auth = "auth:\n  mode: jwt\n  jwks_uri: http://127.0.0.1:9/jwks\n".into();
     for env in ["integration", "production"] {
-        let e = fhirgate::config::Config::from_yaml(&with(&o, env), std::path::Path::new("/"))
-            .unwrap_err();
+        let e = config_in(&pki, &o, env).unwrap_err();
         assert_eq!(e.field, "auth.expected_issuer", "{env}");
         assert!(e.to_string().contains("RFC 9068"), "{e}");
     }
-    fhirgate::config::Config::from_yaml(&with(&o, "development"), std::path::Path::new("/"))
-        .expect("development may omit them");
+    config_in(&pki, &o, "development").expect("development may omit them");
     o.auth.push_str("  expected_issuer: https://as.example\n");
-    let e = fhirgate::config::Config::from_yaml(&with(&o, "production"), std::path::Path::new("/"))
-        .unwrap_err();
+    let e = config_in(&pki, &o, "production").unwrap_err();
     assert_eq!(e.field, "auth.expected_audience");
     o.auth.push_str("  expected_audience: fhirgate\n");
-    fhirgate::config::Config::from_yaml(&with(&o, "production"), std::path::Path::new("/"))
-        .expect("both set");
+    config_in(&pki, &o, "production").expect("both set");
 }
 
 /// SMART "Scopes and Launch Context": "If the app has any patient-level scopes, they will
@@ -647,21 +651,15 @@ fn jwt_mode_needs_issuer_and_audience_outside_development() {
 fn patient_scopes_count_only_in_development() {
     let pki = Pki::new();
     let mut o = Opts::new("127.0.0.1:9".parse().unwrap());
-    let with = |o: &Opts, env: &str| {
-        config_yaml(&pki, o).replace("environment: development", &format!("environment: {env}"))
-    };
     o.auth = "auth:\n  mode: jwt\n  jwks_uri: http://127.0.0.1:9/jwks\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n  contexts: [system, patient]\n".into();
     for env in ["integration", "production"] {
-        let e = fhirgate::config::Config::from_yaml(&with(&o, env), std::path::Path::new("/"))
-            .unwrap_err();
+        let e = config_in(&pki, &o, env).unwrap_err();
         assert_eq!(e.field, "auth.contexts[1]", "{env}: {e}");
         assert!(e.to_string().contains("compartment"), "{e}");
     }
-    fhirgate::config::Config::from_yaml(&with(&o, "development"), std::path::Path::new("/"))
-        .expect("development may count patient scopes");
+    config_in(&pki, &o, "development").expect("development may count patient scopes");
     o.auth = o.auth.replace("[system, patient]", "[system, user]");
-    fhirgate::config::Config::from_yaml(&with(&o, "production"), std::path::Path::new("/"))
-        .expect("system and user contexts are allowed");
+    config_in(&pki, &o, "production").expect("system and user contexts are allowed");
 }
 
 /// Only transport failures, 5xx and malformed answers are outages (503). A 400 with an
