@@ -366,8 +366,8 @@ impl Gateway {
         }
     }
 
-    /// NHSD stage: the route's policy (or the default), relaxed on an exempt path to the
-    /// two ids plus whichever NHSD headers were sent.
+    /// NHSD stage: the route's policy (or the default); on an exempt path nothing is
+    /// required, but whatever is sent is checked ([`nhsd::NhsdPolicy::exempt`]).
     pub(super) fn check_nhsd(
         &self,
         route: &Route,
