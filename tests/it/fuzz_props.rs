@@ -45,6 +45,23 @@ proptest! {
         }
     }
 
+    /// Query strings naming other types: never panic, and never need less than the
+    /// path alone (a query can only add types to cover).
+    #[test]
+    fn queries_only_add_to_what_a_request_needs(
+        s in "(system/[A-Z*][a-z]{0,6}\\.(read|rs|s|r|\\*) ?){0,4}",
+        path in "/[A-Z][a-z]{0,6}(/[0-9]{1,3})?",
+        query in "((_include|_revinclude|_has|_include:iterate)(:[A-Za-z*]{0,6}){0,4}=[A-Za-z:*%3]{0,20}&?){0,4}",
+    ) {
+        let granted = scope::parse_scope_list(&s);
+        let contexts = [scope::Context::System];
+        let alone = scope::classify(&Method::GET, &path);
+        let with = scope::classify(&Method::GET, &path).with_query(Some(&query));
+        if scope::permits(&granted, &with, &contexts) {
+            prop_assert!(scope::permits(&granted, &alone, &contexts), "{s:?} {path}?{query}");
+        }
+    }
+
     /// Introspection responses: arbitrary bytes never panic; anything accepted has a
     /// boolean `active`.
     #[test]
