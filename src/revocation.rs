@@ -324,11 +324,17 @@ pub fn add_fetched(bundles: &mut [LoadedBundle], fetched: &FetchedCrls) {
 /// Adds `new` to `list` unless a CRL of the same issuer and scope is there already, in
 /// which case the newer of the two (CRL number, else thisUpdate) is kept.
 pub(crate) fn merge_newest(list: &mut Vec<LoadedCrl>, new: LoadedCrl) {
+    // The scope starts with the issuer name, so only CRLs of the same issuer are parsed
+    // for it: usually none (a root's and a SubCA's CRL), at start-up and on every reload.
+    if !list.iter().any(|held| held.issuer_raw == new.issuer_raw) {
+        list.push(new);
+        return;
+    }
     let Ok((ni, _)) = CrlInfo::parse(&new.der) else {
         list.push(new);
         return;
     };
-    for held in list.iter_mut() {
+    for held in list.iter_mut().filter(|h| h.issuer_raw == new.issuer_raw) {
         if let Ok((hi, _)) = CrlInfo::parse(&held.der) {
             if hi.scope == ni.scope {
                 if ni.cmp_age(&hi) == std::cmp::Ordering::Greater {
