@@ -131,9 +131,12 @@ impl Snapshot {
             }
             // A resumed session was checked against the trust in force just above, so its
             // bundle comes from there too, not from this connection's snapshot.
-            let bundle = match resumed {
-                true => chain.bundle_in_force(),
-                false => self.verifier.bundle_of(leaf, intermediates).map(Into::into),
+            let in_force;
+            let bundle = if resumed {
+                in_force = chain.bundle_in_force();
+                in_force.as_deref()
+            } else {
+                self.verifier.bundle_of(leaf, intermediates)
             };
             let Some(bundle) = bundle else {
                 metrics.handshake(HandshakeKind::UnknownCa.as_str());
@@ -141,8 +144,8 @@ impl Snapshot {
                 tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::UnknownCa.as_str(), subject = %c.subject, issuer = %c.issuer, serial = %c.serial, not_after = %c.not_after, "verified chain matches no bundle");
                 return;
             };
-            chain.admit(&bundle);
-            match ClientIdentity::from_der(leaf, &bundle) {
+            chain.admit(bundle);
+            match ClientIdentity::from_der(leaf, bundle) {
                 Ok(id) => (id, chain),
                 Err(e) => {
                     metrics.handshake(HandshakeKind::BadCertificate.as_str());
