@@ -40,9 +40,9 @@ pub fn parse_algorithm(name: &str) -> Option<Algorithm> {
 #[derive(Deserialize)]
 struct Claims {
     #[serde(default)]
-    scope: Option<ScopeClaim>,
+    scope: Option<OneOrMany>,
     #[serde(default)]
-    scp: Option<ScopeClaim>,
+    scp: Option<OneOrMany>,
     #[serde(default)]
     client_id: Option<String>,
     #[serde(default)]
@@ -55,7 +55,7 @@ struct Claims {
     iss: Option<String>,
     /// One audience or several (RFC 7519 §4.1.3).
     #[serde(default)]
-    aud: Option<ScopeClaim>,
+    aud: Option<OneOrMany>,
     /// RFC 7800 confirmation (certificate- or DPoP-bound tokens).
     #[serde(default)]
     cnf: Option<serde_json::Map<String, serde_json::Value>>,
@@ -64,23 +64,23 @@ struct Claims {
 /// A claim that is a string or an array of strings (`scope`/`scp`, `aud`).
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum ScopeClaim {
+enum OneOrMany {
     Text(String),
     List(Vec<String>),
 }
 
-impl ScopeClaim {
+impl OneOrMany {
     fn joined(self) -> String {
         match self {
-            ScopeClaim::Text(s) => s,
-            ScopeClaim::List(v) => v.join(" "),
+            OneOrMany::Text(s) => s,
+            OneOrMany::List(v) => v.join(" "),
         }
     }
 
     fn list(self) -> Vec<String> {
         match self {
-            ScopeClaim::Text(s) => vec![s],
-            ScopeClaim::List(v) => v,
+            OneOrMany::Text(s) => vec![s],
+            OneOrMany::List(v) => v,
         }
     }
 }
@@ -210,7 +210,7 @@ impl JwtVerifier {
         let c = data.claims;
         Ok(Introspection {
             active: true,
-            scope: c.scope.or(c.scp).map(ScopeClaim::joined),
+            scope: c.scope.or(c.scp).map(OneOrMany::joined),
             client_id: c.client_id.or(c.azp),
             sub: c.sub,
             exp: c.exp,
@@ -219,7 +219,7 @@ impl JwtVerifier {
             iss: c.iss,
             // The token's own audiences, so the shared check after this one sees what
             // the token says rather than what was expected.
-            aud: c.aud.map(ScopeClaim::list).unwrap_or_default(),
+            aud: c.aud.map(OneOrMany::list).unwrap_or_default(),
             token_type: None,
             cnf: c.cnf,
         })
