@@ -51,7 +51,7 @@ proptest! {
     fn queries_only_add_to_what_a_request_needs(
         s in "(system/[A-Z*][a-z]{0,6}\\.(read|rs|s|r|\\*) ?){0,4}",
         path in "/[A-Z][a-z]{0,6}(/[0-9]{1,3})?",
-        query in "((_include|_revinclude|_has|_include:iterate)(:[A-Za-z*]{0,6}){0,4}=[A-Za-z:*%3]{0,20}&?){0,4}",
+        query in "((_include|_revinclude|_has|_include:iterate|[a-z]{1,6})(:[A-Za-z*]{0,6}){0,4}(\\.[a-z]{1,5}(:[A-Z][a-z]{0,5})?){0,2}=[A-Za-z:*%3]{0,20}&?){0,4}",
     ) {
         let granted = scope::parse_scope_list(&s);
         let contexts = [scope::Context::System];

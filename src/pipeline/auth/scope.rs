@@ -158,11 +158,12 @@ impl Requirement {
 
     /// Adds what the query string asks the answer to carry besides the base type:
     /// `_include` / `_revinclude` (with `:iterate`) bring in resources of other types,
-    /// and `_has` searches another type. A gateway cannot see the answer, so the token
-    /// must cover every type the request can name (SMART scopes "correspond directly to
-    /// FHIR resource types"). An `_include` without a target type
-    /// (`Slot:schedule`) could be any type the parameter refers to, so it needs `*`:
-    /// name the target (`Slot:schedule:Schedule`) to need only that type.
+    /// and `_has` and chained parameters (`subject:Patient.name`) search other types. A
+    /// gateway cannot see the answer, so the token must cover every type the request can
+    /// name (SMART scopes "correspond directly to FHIR resource types"). An `_include` or
+    /// a chain without a target type (`Slot:schedule`, `subject.name`) could reach any
+    /// type the parameter refers to, so it needs `*`: name the target
+    /// (`Slot:schedule:Schedule`, `subject:Patient.name`) to need only that type.
     pub fn with_query(mut self, query: Option<&str>) -> Self {
         let Some(q) = query else { return self };
         if self.perms == Perms::default() {
@@ -198,6 +199,14 @@ impl Requirement {
                     }
                 }
                 _ => {}
+            }
+            // A chain: each link before a '.' searches the type its reference points
+            // to, named as the link's modifier or else any (`*`).
+            if let Some((links, _)) = name.rsplit_once('.') {
+                for link in links.split('.') {
+                    let t = link.split_once(':').map_or("*", |(_, t)| t);
+                    self.need(one(t), Perms::S);
+                }
             }
         }
         self
@@ -718,6 +727,46 @@ mod tests {
             ("system/Observation.read", "/Observation/$lastn", true),
             ("system/Patient.read", "/Patient/_search", false),
             ("system/*.read", "/Patient/_search", true),
+            // FHIR R4 search §3.1.1.4.13: reference parameters may be "chained by
+            // appending them with a period (.) followed by the name of a search
+            // parameter defined for the target resource": the target type is searched.
+            (
+                "system/Observation.read",
+                "/Observation?subject:Patient.name=peter",
+                false,
+            ),
+            (
+                "system/Observation.read system/Patient.s",
+                "/Observation?subject:Patient.name=peter",
+                true,
+            ),
+            // No type modifier: any type `subject` refers to.
+            (
+                "system/Observation.read system/Patient.s",
+                "/Observation?subject.name=peter",
+                false,
+            ),
+            (
+                "system/Observation.read system/*.s",
+                "/Observation?subject.name=peter",
+                true,
+            ),
+            (
+                "system/Observation.read system/Patient.s",
+                "/Observation?subject:Patient.organization:Organization.name=x",
+                false,
+            ),
+            (
+                "system/Observation.read system/Patient.s system/Organization.s",
+                "/Observation?subject:Patient.organization:Organization.name:exact=x",
+                true,
+            ),
+            // A modifier that is not a type on the link: `*`.
+            (
+                "system/Observation.read system/Patient.s",
+                "/Observation?subject%3Aidentifier.name=x",
+                false,
+            ),
             // The capability statement needs nothing, whatever its query says.
             ("", "/metadata?_include=*", true),
         ];
