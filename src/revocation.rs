@@ -313,7 +313,8 @@ pub fn add_fetched(bundles: &mut [LoadedBundle], fetched: &FetchedCrls) {
         for (url, der) in list {
             let field = format!("{}.crl_urls", lb.field);
             match crate::tls::parse_crl(&field, url, der.to_vec()) {
-                Ok(c) => merge_newest(&mut lb.crls, c),
+                // A file older than what was fetched is the usual case, not a mistake.
+                Ok(c) => drop(merge_newest(&mut lb.crls, c)),
                 // Checked when fetched; only a future webpki could disagree.
                 Err(e) => tracing::warn!(error = %e, "fetched CRL not used"),
             }
@@ -322,29 +323,31 @@ pub fn add_fetched(bundles: &mut [LoadedBundle], fetched: &FetchedCrls) {
 }
 
 /// Adds `new` to `list` unless a CRL of the same issuer and scope is there already, in
-/// which case the newer of the two (CRL number, else thisUpdate) is kept.
-pub(crate) fn merge_newest(list: &mut Vec<LoadedCrl>, new: LoadedCrl) {
+/// which case the newer of the two (CRL number, else thisUpdate) is kept. Returns the
+/// one not kept, if any.
+pub(crate) fn merge_newest(list: &mut Vec<LoadedCrl>, new: LoadedCrl) -> Option<LoadedCrl> {
     // The scope starts with the issuer name, so only CRLs of the same issuer are parsed
     // for it: usually none (a root's and a SubCA's CRL), at start-up and on every reload.
     if !list.iter().any(|held| held.issuer_raw == new.issuer_raw) {
         list.push(new);
-        return;
+        return None;
     }
     let Ok((ni, _)) = CrlInfo::parse(&new.der) else {
         list.push(new);
-        return;
+        return None;
     };
     for held in list.iter_mut().filter(|h| h.issuer_raw == new.issuer_raw) {
         if let Ok((hi, _)) = CrlInfo::parse(&held.der) {
             if hi.scope == ni.scope {
                 if ni.cmp_age(&hi) == std::cmp::Ordering::Greater {
-                    *held = new;
+                    return Some(std::mem::replace(held, new));
                 }
-                return;
+                return Some(new);
             }
         }
     }
     list.push(new);
+    None
 }
 
 /// Whether a CRL is the stand-in for "no CRL fetched yet" (see [`placeholder`]).

@@ -375,6 +375,10 @@ pub struct LoadedBundle {
     /// (config field, certificate) for every configured CA.
     pub cas: Vec<(String, CertificateDer<'static>)>,
     pub crls: Vec<LoadedCrl>,
+    /// `crl_files` CRLs not used because a newer one of the same issuer and scope is
+    /// configured too: an operator who added the new file without removing the old one
+    /// is told (`check`, start-up and reload warnings).
+    pub superseded: Vec<LoadedCrl>,
     /// CRLs also come from fetching (`crl_urls`, distribution points): a CA with no CRL
     /// yet is then a passing state (`check` lists each URL and its cache), not a set-up
     /// warning. Set by [`crate::revocation::add_fetched`].
@@ -394,9 +398,12 @@ pub fn load_bundle(i: usize, b: &TrustBundleConfig) -> Result<LoadedBundle, Conf
     // webpki uses the first CRL whose issuer matches, so two CRLs of one issuer (an old
     // and a new file, or both in one PEM) are reduced to the newer.
     let mut crls = Vec::new();
+    let mut superseded = Vec::new();
     for (j, p) in b.crl_files.iter().enumerate() {
         for c in load_crl_file(&format!("{f}.crl_files[{j}]"), p)? {
-            crate::revocation::merge_newest(&mut crls, c);
+            if let Some(old) = crate::revocation::merge_newest(&mut crls, c) {
+                superseded.push(old);
+            }
         }
     }
     Ok(LoadedBundle {
@@ -405,6 +412,7 @@ pub fn load_bundle(i: usize, b: &TrustBundleConfig) -> Result<LoadedBundle, Conf
         anchor: b.anchor,
         cas,
         crls,
+        superseded,
         fetches_crls: false,
     })
 }
@@ -771,11 +779,19 @@ fn build_bundle(
             ));
         }
     }
+    for old in &lb.superseded {
+        inv.warnings.push(format!(
+            "{}: CRL {} of {} is not used: another CRL of that issuer, at least as new, is \
+             configured too; remove the older file",
+            old.field, old.source, old.issuer
+        ));
+    }
     // Fail-closed set-ups that would refuse every client are worth saying out loud.
     if lb.crls.is_empty() {
         // rustls/webpki check no revocation at all for a verifier without CRLs.
         inv.warnings.push(format!(
-            "{f}.crl_files: none configured: revocation is NOT checked for bundle {:?}              (unknown_status does not apply without CRLs)",
+            "{f}.crl_files: none configured: revocation is NOT checked for bundle {:?} \
+             (unknown_status does not apply without CRLs)",
             lb.name
         ));
     } else if rev.unknown_status == UnknownRevocation::Deny && !lb.fetches_crls {

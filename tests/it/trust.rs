@@ -315,12 +315,29 @@ async fn of_two_crls_from_one_issuer_the_newer_counts_whatever_their_order() {
             false,
         ),
     ];
-    for (what, crls, served) in cases {
+    for (i, (what, crls, served)) in cases.into_iter().enumerate() {
         let y = yaml("development", &n.server, &cas, &crls, "", "", up);
         let (gw, addr) = start(&y).await;
         let got = status(addr, &n.root.cert, &n.good.cert, &n.good.key).await;
         assert_eq!(got.is_ok(), served, "{what}: {got:?}");
         gw.shutdown(Duration::from_secs(2)).await;
+        // The CRL not used is named, so the operator can remove it.
+        let cfg = write_cfg(&n.pki, &format!("two-crls-{i}.yaml"), &y);
+        let (ok, out, err) = fhirgate(&["check", "--config", &cfg]);
+        assert!(ok, "{what}: {err}");
+        let unused = match i {
+            0 => None,
+            3 => Some(&both_old_first),
+            _ => Some(&old),
+        };
+        let line = out
+            .lines()
+            .find(|l| l.contains("is not used: another CRL of that issuer, at least as new"));
+        match (unused, line) {
+            (None, None) => {}
+            (Some(p), Some(l)) => assert!(l.contains(&p.display().to_string()), "{what}: {l}"),
+            _ => panic!("{what}: expected {unused:?} named unused: {out}"),
+        }
     }
 }
 
