@@ -500,6 +500,9 @@ fn verify_issuer(
     })
 }
 
+/// When a source is next due, and the CAs it was fetched for.
+type Due = (std::time::Instant, Arc<Vec<Vec<u8>>>);
+
 struct Held {
     der: CertificateRevocationListDer<'static>,
     info: CrlInfo,
@@ -533,8 +536,9 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// The fetched CRLs of a running gateway, and the means to refresh them.
 pub struct CrlStore {
     held: Mutex<HashMap<(String, String), Held>>,
-    /// When each source is next due (a source not listed is due now).
-    due: Mutex<HashMap<(String, String), std::time::Instant>>,
+    /// When each source is next due (a source not listed is due now), and the CAs its
+    /// CRL was checked against then: a reload that changes them makes it due at once.
+    due: Mutex<HashMap<(String, String), Due>>,
     metrics: Arc<Metrics>,
     http: Client<HttpConnector, Empty<Bytes>>,
     learner: Arc<Learner>,
@@ -729,6 +733,8 @@ impl CrlStore {
             // A URL serves one issuer's CRL. Another CA's CRL, however well signed, would
             // replace the one held and let an older CRL of the first issuer back in
             // after it (RFC 5280 §5.2.3: CRL numbers only increase), so it is refused.
+            // (A reload that takes the held CRL's issuer out of the bundle drops it
+            // first: `load_cache`.)
             if h.info.scope != info.scope {
                 return Err((
                     Failure::IssuerChanged,
@@ -892,7 +898,7 @@ impl CrlStore {
                 .filter(|s| {
                     all || due
                         .get(&(s.bundle.clone(), s.url.clone()))
-                        .is_none_or(|d| *d <= now)
+                        .is_none_or(|(d, cas)| *d <= now || *cas != s.cas)
                 })
                 .collect()
         };
@@ -934,12 +940,15 @@ impl CrlStore {
                 Some(h) => h.info.next_update,
                 None => Some(wall),
             };
-            due.insert(key, now + next_wait(interval, next_update, wall));
+            due.insert(
+                key,
+                (now + next_wait(interval, next_update, wall), s.cas.clone()),
+            );
         }
         due.retain(|k, _| srcs.iter().any(|s| s.bundle == k.0 && s.url == k.1));
         let next = srcs
             .iter()
-            .filter_map(|s| due.get(&(s.bundle.clone(), s.url.clone())).copied())
+            .filter_map(|s| due.get(&(s.bundle.clone(), s.url.clone())).map(|d| d.0))
             .min()
             .unwrap_or(now + interval);
         (changed, next)

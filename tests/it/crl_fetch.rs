@@ -773,3 +773,60 @@ async fn url_added_on_reload_is_fetched_at_once_and_beats_an_older_crl_file() {
     assert!(accepted(&pki.client(&pki.alice.cert), addr).await);
     running.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subca_replaced_on_reload_may_publish_at_its_predecessors_url() {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let crl_addr = http.local_addr().unwrap();
+    let sub_url = format!("http://{crl_addr}/sub.crl");
+    let pki = CrlPki::new("http://127.0.0.1:1/unused.crl", &sub_url);
+    // The CA replaces its SubCA with one of another name, publishing at the same URL.
+    let sub_b = pki.pki.sub_ca(&pki.root, "Test SubCA B", Alg::Rsa2048);
+    pki.pki.publish_crls_at(&sub_b, &sub_url);
+    let carol = pki.pki.client(&sub_b, "carol", Alg::Rsa2048);
+    let routes: Routes = Arc::default();
+    routes
+        .lock()
+        .unwrap()
+        .insert("/sub.crl".into(), (200, pki.crl(&pki.sub)));
+    let _server = crl_server(http, routes.clone(), Arc::default()).await;
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let bundle = format!("      crl_urls: [\"{sub_url}\"]\n");
+    let tls_extra = "  revocation:\n    scope: end_entity\n    refresh_interval: 1h\n";
+    let yaml = gateway_yaml(&pki, up, &bundle, tls_extra);
+    let cfg = Config::from_yaml(&yaml, Path::new("/")).unwrap();
+    let running = server::start(&cfg).await.unwrap();
+    let addr = running.addrs[0];
+    let (alice, carol) = (pki.client(&pki.alice.cert), pki.client(&carol.cert));
+    assert!(accepted(&alice, addr).await, "alice: the first SubCA's CRL");
+
+    // The operator swaps the SubCA in the bundle and reloads; the URL now serves the new
+    // SubCA's CRL. The held CRL's issuer left the bundle, so it is dropped and the new
+    // issuer's taken (`issuer_changed` refuses one only while the old issuer is still
+    // trusted), and the URL is fetched at once as its CAs changed: not after the 1 h
+    // interval, with carol refused meanwhile for want of a CRL.
+    routes
+        .lock()
+        .unwrap()
+        .insert("/sub.crl".into(), (200, pki.crl(&sub_b)));
+    let yaml2 = yaml.replace(
+        &pki.sub.cert.display().to_string(),
+        &sub_b.cert.display().to_string(),
+    );
+    assert_ne!(yaml, yaml2);
+    running
+        .server()
+        .reload(&Config::from_yaml(&yaml2, Path::new("/")).unwrap())
+        .unwrap();
+    within(
+        Duration::from_secs(5),
+        "carol served on the new SubCA's CRL",
+        async || accepted(&carol, addr).await,
+    )
+    .await;
+    assert!(
+        !accepted(&alice, addr).await,
+        "alice's SubCA left the bundle"
+    );
+    running.shutdown(Duration::from_secs(2)).await;
+}
