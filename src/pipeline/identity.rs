@@ -173,20 +173,23 @@ impl std::fmt::Debug for ClientChain {
 }
 
 impl ClientChain {
-    /// `chain`: leaf first, as presented. `verified_at`: the [`TrustInForce::generation`]
-    /// read before the handshake that verified it began; `None` when no handshake did
-    /// (a resumed TLS session), so the first [`ClientChain::check`] verifies it in full.
+    /// `chain`: leaf first, as presented; `leaf_not_after`: the leaf's, already parsed
+    /// into the connection's [`ClientIdentity`] (one parse of the leaf per handshake).
+    /// `verified_at`: the [`TrustInForce::generation`] read before the handshake that
+    /// verified it began; `None` when no handshake did (a resumed TLS session), so the
+    /// first [`ClientChain::check`] verifies it in full.
     pub fn new(
         chain: &[CertificateDer<'static>],
+        leaf_not_after: i64,
         trust: Arc<TrustInForce>,
         verified_at: Option<u64>,
     ) -> Self {
         let not_after = chain
             .iter()
+            .skip(1)
             .filter_map(|c| X509Certificate::from_der(c).ok())
             .map(|(_, c)| c.validity().not_after.timestamp())
-            .min()
-            .unwrap_or(i64::MIN);
+            .fold(leaf_not_after, i64::min);
         ClientChain {
             chain: chain.into(),
             not_after,
@@ -304,7 +307,8 @@ mod tests {
 
     fn chain_of(pem: &str, trust: &Arc<TrustInForce>) -> ClientChain {
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
-        ClientChain::new(&[der], trust.clone(), Some(trust.generation()))
+        let not_after = ClientIdentity::from_der(&der, "b").expect("leaf").not_after;
+        ClientChain::new(&[der], not_after, trust.clone(), Some(trust.generation()))
     }
 
     #[test]

@@ -119,7 +119,22 @@ impl Snapshot {
             // rather than an alert.
             let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
             let all = session.peer_certificates().unwrap_or_default();
-            let mut chain = ClientChain::new(all, trust, (!resumed).then_some(generation));
+            // The leaf parsed once, for the identity and the chain's notAfter; its bundle
+            // is named below, once the chain is placed in one.
+            let mut identity = match ClientIdentity::from_der(leaf, "") {
+                Ok(id) => id,
+                Err(e) => {
+                    metrics.handshake(HandshakeKind::BadCertificate.as_str());
+                    tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::BadCertificate.as_str(), error = %e, "client certificate unreadable");
+                    return;
+                }
+            };
+            let mut chain = ClientChain::new(
+                all,
+                identity.not_after,
+                trust,
+                (!resumed).then_some(generation),
+            );
             if resumed {
                 if let Err((lapsed, _)) = chain.check() {
                     let kind = lapsed.0.as_str();
@@ -145,14 +160,8 @@ impl Snapshot {
                 return;
             };
             chain.admit(bundle);
-            match ClientIdentity::from_der(leaf, bundle) {
-                Ok(id) => (id, chain),
-                Err(e) => {
-                    metrics.handshake(HandshakeKind::BadCertificate.as_str());
-                    tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::BadCertificate.as_str(), error = %e, "client certificate unreadable");
-                    return;
-                }
-            }
+            bundle.clone_into(&mut identity.bundle);
+            (identity, chain)
         };
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         metrics.handshake(HandshakeKind::Ok.as_str());
