@@ -444,7 +444,7 @@ impl Gateway {
     pub(super) async fn token(
         &self,
         route: &Route,
-        req: &Request<Body>,
+        req: &mut Request<Body>,
         conn: &ConnInfo,
         trace: &mut Trace<'_>,
     ) -> Result<Option<Arc<auth::TokenFacts>>, Rejection> {
@@ -462,22 +462,67 @@ impl Gateway {
         match route.token {
             TokenRequirement::None => Ok(None),
             TokenRequirement::Required => {
-                let need =
-                    scope::classify(req.method(), req.uri().path()).with_query(req.uri().query());
-                let facts = self
-                    .auth
-                    .authorise(
-                        req.headers(),
-                        &need,
-                        &route.required_scopes,
-                        &conn.identity.fingerprint_sha256,
-                    )
-                    .await
-                    .map_err(|e| e.refusal(self.auth.config()).rejection())?;
+                // A FHIR search by POST carries its parameters in a form-encoded body:
+                // the token is checked first for the search of the type alone, then the
+                // body (read only for a verified token, so a refused client cannot make
+                // the gateway buffer it) for what its parameters bring in. Any other
+                // body there counts as unknown parameters (`*` read, from `classify`).
+                let by_post = req.method() == http::Method::POST
+                    && is_form_encoded(req.headers())
+                    && req.uri().path().ends_with("/_search");
+                let need = {
+                    let path = req.uri().path();
+                    match path.strip_suffix("/_search").filter(|_| by_post) {
+                        Some(searched) => scope::classify(&http::Method::GET, searched),
+                        None => scope::classify(req.method(), path),
+                    }
+                    .with_query(req.uri().query())
+                };
+                let facts = self.authorise(route, req.headers(), &need, conn).await?;
+                if by_post {
+                    // Boxed: rare, and not worth space in every request's future.
+                    Box::pin(self.search_body(route, req, need, conn)).await?;
+                }
                 trace.token = Some(facts.clone());
                 Ok(Some(facts))
             }
         }
+    }
+
+    /// A search by POST whose token passed for its type: the form-encoded body read, its
+    /// parameters checked as a query's are, and the body put back to be sent on.
+    async fn search_body(
+        &self,
+        route: &Route,
+        req: &mut Request<Body>,
+        need: scope::Requirement,
+        conn: &ConnInfo,
+    ) -> Result<(), Rejection> {
+        let params = self.read_body(std::mem::take(req.body_mut())).await?;
+        // The same token again: a cache hit, with the whole requirement.
+        let need = need.with_params(&params);
+        self.authorise(route, req.headers(), &need, conn).await?;
+        *req.body_mut() = full_body(params);
+        Ok(())
+    }
+
+    /// The bearer token of `headers` checked for `need` and the route's required scopes.
+    async fn authorise(
+        &self,
+        route: &Route,
+        headers: &http::HeaderMap,
+        need: &scope::Requirement,
+        conn: &ConnInfo,
+    ) -> Result<Arc<auth::TokenFacts>, Rejection> {
+        self.auth
+            .authorise(
+                headers,
+                need,
+                &route.required_scopes,
+                &conn.identity.fingerprint_sha256,
+            )
+            .await
+            .map_err(|e| e.refusal(self.auth.config()).rejection())
     }
 
     /// The body limit from `Content-Length`, then a form-encoded body's `access_token`
@@ -668,17 +713,7 @@ impl Gateway {
             return Ok(req);
         }
         let (mut parts, body) = req.into_parts();
-        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
-        let read =
-            tokio::time::timeout(self.body_read_timeout, Limited::new(body, limit).collect());
-        let bytes = match read.await {
-            Err(_) => return Err(Rejection::body_timeout()),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(Rejection::body_too_large(self.max_body_bytes))
-            }
-            Ok(Err(_)) => return Err(Rejection::bad_request_body()),
-            Ok(Ok(collected)) => collected.to_bytes(),
-        };
+        let bytes = self.read_body(body).await?;
         let is_token = |pair: &[u8]| form_urlencoded::parse(pair).any(|(k, _)| k == "access_token");
         let body_token = is_token(&bytes);
         if body_token && has_header {
@@ -701,11 +736,30 @@ impl Gateway {
         } else {
             bytes
         };
-        let body = http_body_util::Full::new(bytes)
-            .map_err(|never: std::convert::Infallible| match never {})
-            .boxed();
-        Ok(Request::from_parts(parts, body))
+        Ok(Request::from_parts(parts, full_body(bytes)))
     }
+
+    /// A body read whole, within `limits.max_body_bytes` (413) and the body read timeout.
+    async fn read_body(&self, body: Body) -> Result<bytes::Bytes, Rejection> {
+        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        let read =
+            tokio::time::timeout(self.body_read_timeout, Limited::new(body, limit).collect());
+        match read.await {
+            Err(_) => Err(Rejection::body_timeout()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(Rejection::body_too_large(self.max_body_bytes))
+            }
+            Ok(Err(_)) => Err(Rejection::bad_request_body()),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        }
+    }
+}
+
+/// A body already read, to send on.
+fn full_body(bytes: bytes::Bytes) -> Body {
+    http_body_util::Full::new(bytes)
+        .map_err(|never: std::convert::Infallible| match never {})
+        .boxed()
 }
 
 /// Whether the body is `application/x-www-form-urlencoded` (RFC 6750 §2.2's condition).

@@ -34,7 +34,7 @@ impl Gateway {
     /// certificate is checked again first).
     async fn run<'g>(
         &'g self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         conn: &ConnInfo,
         trace: &mut Trace<'g>,
     ) -> Result<Response<Body>, Rejection> {
@@ -44,7 +44,7 @@ impl Gateway {
         let levels = self.levels.of(Some(&route.name));
         // Certificate-keyed rate limits before the token, so a flood costs no introspection.
         self.rate_limit(levels, &route.name, conn, None, LimitKey::Fingerprint)?;
-        let token = self.token(route, &req, conn, trace).await?; // 5. token
+        let token = self.token(route, &mut req, conn, trace).await?; // 5. token
         let client_id = token.as_ref().and_then(|t| t.client_id.as_deref());
         self.rate_limit(levels, &route.name, conn, client_id, LimitKey::ClientId)?;
         let facts = self.check_nhsd(route, &req)?; // 6. NHSD headers

@@ -148,6 +148,56 @@ async fn tokens_are_introspected_checked_and_forwarded() {
         .unwrap();
     assert_eq!(send(&c, addr, req).await.unwrap().status, StatusCode::OK);
     assert_eq!(seen.last().1["x-fhirgate-client-id"], "reader");
+
+    // A search by POST: FHIR R4 §3.1.1.1.1 "the search parameters are passed in the body
+    // of the request, encoded as application/x-www-form-urlencoded"; SMART scopes
+    // "correspond directly to FHIR resource types", so the body's `_revinclude` needs
+    // read on Observation as it would in the query. The body is read once the token is
+    // verified (one introspection for the token, the check of the body a cache hit).
+    let search = |body: &'static str, ct: &str| {
+        Request::post("/Patient/_search")
+            .header("authorization", "Bearer readonly-token")
+            .header("content-type", ct)
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    let form = "application/x-www-form-urlencoded";
+    let (calls, forwarded) = (stub.calls(), seen.count());
+    let got = send(&c, addr, search("name=smith&birthdate=2000-01-01", form))
+        .await
+        .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    let (path, _, body) = seen.last();
+    assert_eq!(path, "/Patient/_search");
+    assert_eq!(
+        &body[..],
+        b"name=smith&birthdate=2000-01-01",
+        "the body goes up as sent"
+    );
+    let got = send(
+        &c,
+        addr,
+        search("name=smith&_revinclude=Observation%3Asubject", form),
+    )
+    .await
+    .unwrap();
+    got.assert_outcome(403, "REC_FORBIDDEN");
+    assert_eq!(
+        got.headers["www-authenticate"],
+        "Bearer realm=\"fhirgate\", error=\"insufficient_scope\", \
+         scope=\"system/Patient.read system/Observation.read\""
+    );
+    // Parameters the gateway cannot read (another media type) need `*` read.
+    let got = send(&c, addr, search("{}", "application/json"))
+        .await
+        .unwrap();
+    got.assert_outcome(403, "REC_FORBIDDEN");
+    assert_eq!(stub.calls(), calls, "readonly-token was cached already");
+    assert_eq!(
+        seen.count(),
+        forwarded + 1,
+        "only the first search forwarded"
+    );
     gw.shutdown(Duration::from_secs(2)).await;
 }
 

@@ -164,12 +164,20 @@ impl Requirement {
     /// a chain without a target type (`Slot:schedule`, `subject.name`) could reach any
     /// type the parameter refers to, so it needs `*`: name the target
     /// (`Slot:schedule:Schedule`, `subject:Patient.name`) to need only that type.
-    pub fn with_query(mut self, query: Option<&str>) -> Self {
-        let Some(q) = query else { return self };
+    pub fn with_query(self, query: Option<&str>) -> Self {
+        match query {
+            Some(q) => self.with_params(q.as_bytes()),
+            None => self,
+        }
+    }
+
+    /// [`Requirement::with_query`] for parameters in `application/x-www-form-urlencoded`
+    /// form: a query string, or the body of a search by POST.
+    pub fn with_params(mut self, params: &[u8]) -> Self {
         if self.perms == Perms::default() {
             return self;
         }
-        for (name, value) in form_urlencoded::parse(q.as_bytes()) {
+        for (name, value) in form_urlencoded::parse(params) {
             let base = name.split(':').next().unwrap_or_default();
             let one = |t: &str| {
                 if valid_resource_type(t) {
@@ -290,8 +298,9 @@ pub fn classify(method: &Method, path: &str) -> Requirement {
             }
             _ => unknown(),
         },
-        // The search parameters are in a body the token stage has not read, so the
-        // types `_include`, `_revinclude` or `_has` might name are unknown: `*` read.
+        // The search parameters are in the body, so the types `_include`, `_revinclude`
+        // or `_has` might name are unknown here: `*` read. (The gateway reads a
+        // form-encoded body and checks its parameters instead: `Gateway::token`.)
         [t, "_search"] if *method == Method::POST => match typ(t) {
             Some(t) => {
                 let mut r = req(Interaction::Search, t, Perms::S);
