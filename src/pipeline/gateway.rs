@@ -467,17 +467,16 @@ impl Gateway {
                 // body (read only for a verified token, so a refused client cannot make
                 // the gateway buffer it) for what its parameters bring in. Any other
                 // body there counts as unknown parameters (`*` read, from `classify`).
-                let by_post = req.method() == http::Method::POST
-                    && is_form_encoded(req.headers())
-                    && req.uri().path().ends_with("/_search");
-                let need = {
-                    let path = req.uri().path();
-                    match path.strip_suffix("/_search").filter(|_| by_post) {
-                        Some(searched) => scope::classify(&http::Method::GET, searched),
-                        None => scope::classify(req.method(), path),
-                    }
-                    .with_query(req.uri().query())
-                };
+                let path = req.uri().path();
+                let as_get = (req.method() == http::Method::POST && is_form_encoded(req.headers()))
+                    .then(|| path.strip_suffix("/_search"))
+                    .flatten()
+                    .map(|searched| scope::classify(&http::Method::GET, searched))
+                    .filter(|r| r.interaction == scope::Interaction::Search);
+                let by_post = as_get.is_some();
+                let need = as_get
+                    .unwrap_or_else(|| scope::classify(req.method(), path))
+                    .with_query(req.uri().query());
                 let facts = self.authorise(route, req.headers(), &need, conn).await?;
                 if by_post {
                     // Boxed: rare, and not worth space in every request's future.

@@ -192,6 +192,12 @@ async fn tokens_are_introspected_checked_and_forwarded() {
         .await
         .unwrap();
     got.assert_outcome(403, "REC_FORBIDDEN");
+    // Only a search is checked as one: `_search` after an instance is no FHIR
+    // interaction, not a read of Patient/1.
+    let mut on_instance = search("name=smith", form);
+    *on_instance.uri_mut() = "/Patient/1/_search".parse().unwrap();
+    let got = send(&c, addr, on_instance).await.unwrap();
+    got.assert_outcome(403, "REC_FORBIDDEN");
     assert_eq!(stub.calls(), calls, "readonly-token was cached already");
     assert_eq!(
         seen.count(),
