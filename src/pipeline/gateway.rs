@@ -497,6 +497,7 @@ impl Gateway {
         need: scope::Requirement,
         conn: &ConnInfo,
     ) -> Result<(), Rejection> {
+        self.declared_size(req.headers())?;
         let params = self.read_body(std::mem::take(req.body_mut())).await?;
         // The same token again: a cache hit, with the whole requirement.
         let need = need.with_params(&params);
@@ -532,11 +533,7 @@ impl Gateway {
         req: Request<Body>,
         route: &Route,
     ) -> Result<Request<Body>, Rejection> {
-        if let Some(len) = content_length(req.headers()) {
-            if len > self.max_body_bytes {
-                return Err(Rejection::body_too_large(self.max_body_bytes));
-            }
-        }
+        self.declared_size(req.headers())?;
         if is_form_encoded(req.headers()) {
             // Boxed, as the token check: rare, and not worth space in every request.
             Box::pin(self.form_body_token(req, route.forward_token)).await
@@ -736,6 +733,17 @@ impl Gateway {
             bytes
         };
         Ok(Request::from_parts(parts, full_body(bytes)))
+    }
+
+    /// A body whose `Content-Length` is over `limits.max_body_bytes` is refused (413)
+    /// before any of it is read.
+    fn declared_size(&self, headers: &HeaderMap) -> Result<(), Rejection> {
+        match content_length(headers) {
+            Some(len) if len > self.max_body_bytes => {
+                Err(Rejection::body_too_large(self.max_body_bytes))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A body read whole, within `limits.max_body_bytes` (413) and the body read timeout.

@@ -140,8 +140,9 @@ pub struct Requirement {
     /// Resource type, or `*` when the request is not limited to one type.
     pub resource: String,
     pub perms: Perms,
-    /// Other types the answer may carry (`_include`, `_revinclude`), each of which needs
-    /// `r`; `*` when they cannot be told from the request. `_has` types need `s`.
+    /// Other types the request reaches besides `resource`: those the answer may carry
+    /// (`_include`, `_revinclude`) need `r`, those it searches (`_has`, chained
+    /// parameters) `s`; `*` when they cannot be told from the request.
     pub also: Vec<(String, Perms)>,
 }
 
@@ -177,15 +178,16 @@ impl Requirement {
         if self.perms == Perms::default() {
             return self;
         }
+        // A named type, or `*` for anything that is not one.
+        let one = |t: &str| {
+            if valid_resource_type(t) {
+                t.to_owned()
+            } else {
+                "*".to_owned()
+            }
+        };
         for (name, value) in form_urlencoded::parse(params) {
             let base = name.split(':').next().unwrap_or_default();
-            let one = |t: &str| {
-                if valid_resource_type(t) {
-                    t.to_owned()
-                } else {
-                    "*".to_owned()
-                }
-            };
             match base {
                 "_include" => {
                     let mut parts = value.split(':');
