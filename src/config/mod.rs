@@ -457,12 +457,25 @@ impl Config {
             ));
         }
         let mut route_names = HashSet::new();
+        let mut prefixes = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
             let f = format!("routes[{i}]");
             if !route_names.insert(r.name.as_str()) {
                 return Err(err(
                     format!("{f}.name"),
                     format!("duplicate route name {:?}", r.name),
+                ));
+            }
+            // One prefix, one route: the second would never be chosen, and two that
+            // differ only in case name the same path to a case-insensitive upstream.
+            if !prefixes.insert(r.path_prefix.to_ascii_lowercase()) {
+                return Err(err(
+                    format!("{f}.path_prefix"),
+                    format!(
+                        "another route already has the path prefix {:?} (letter case aside); \
+                         merge the two routes",
+                        r.path_prefix
+                    ),
                 ));
             }
             if !r.path_prefix.starts_with('/') {

@@ -1,10 +1,11 @@
 //! Route policy: which verified clients may use which paths.
 //!
 //! Pure functions over the request path and the [`ClientIdentity`]; no I/O. Paths are
-//! matched as sent, so anything that could be decoded into a different path by the
-//! upstream (dot segments, encoded dots or slashes, backslashes) is refused outright
-//! rather than normalised: a security gateway and its upstream must never disagree about
-//! which resource a request names.
+//! matched as sent, so anything an upstream could read as another path (dot segments,
+//! encoded dots or slashes, backslashes, `;parameters`, needless percent-encoding,
+//! another letter case of a route's prefix) is refused outright rather than normalised:
+//! a security gateway and its upstream must never disagree about which resource a
+//! request names.
 
 use wildmatch::WildMatch;
 
@@ -56,6 +57,15 @@ impl Route {
 
     fn covers(&self, path: &str) -> bool {
         prefix_covers(&self.path_prefix, path)
+    }
+
+    fn covers_ignoring_case(&self, path: &str) -> bool {
+        let prefix = &self.path_prefix;
+        prefix == "/"
+            || path.get(..prefix.len()).is_some_and(|head| {
+                head.eq_ignore_ascii_case(prefix)
+                    && path.as_bytes().get(prefix.len()).is_none_or(|b| *b == b'/')
+            })
     }
 
     /// Whether this client may use the route. With no subject or SAN patterns, any client
@@ -114,6 +124,16 @@ impl RoutePolicy {
             .iter()
             .find(|r| r.covers(path))
             .ok_or(PolicyError::NoRoute)?;
+        // Upstreams that match paths without regard to case (ASP.NET, IIS) read
+        // `/PATIENT/1` as `/Patient/1`; the route must not depend on which kind it is.
+        // (Config refuses two prefixes that differ only in case, so a longer match is
+        // the only way the two choices can differ.)
+        let ignoring_case = self.routes.iter().find(|r| r.covers_ignoring_case(path));
+        if !ignoring_case.is_some_and(|r| std::ptr::eq(r, route)) {
+            return Err(PolicyError::BadPath(
+                "The path differs only in letter case from a route's path; write it as the route does",
+            ));
+        }
         if route.permits(id) {
             Ok(route)
         } else {
@@ -164,6 +184,14 @@ pub fn check_path(path: &str) -> Result<(), PolicyError> {
             "Backslashes are not allowed in the path",
         ));
     }
+    // Servlet containers (Tomcat, Jetty) drop `;parameters` from a segment, so
+    // `/Patient;x=1/1` is `/Patient/1` to them but not to a prefix match, and
+    // `/metadata/..;/Patient` is `/Patient`. FHIR paths never carry them.
+    if path.contains(';') {
+        return Err(PolicyError::BadPath(
+            "Path parameters (';') are not allowed in the path",
+        ));
+    }
     // Without a `%` (most paths) the path is its own decoding: nothing to copy.
     let decoded = if path.contains('%') {
         let lower = path.to_ascii_lowercase();
@@ -173,6 +201,18 @@ pub fn check_path(path: &str) -> Result<(), PolicyError> {
                     "Encoded dots, slashes, backslashes, NULs or percent signs are not allowed in the path",
                 ));
             }
+        }
+        // A character a path may hold as it is means the same encoded (RFC 3986
+        // §6.2.2.2) to an upstream that decodes it, but not to a prefix match:
+        // `/P%61tient/1` would miss the `/Patient` route.
+        if path.split('%').skip(1).any(|esc| {
+            esc.get(..2)
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                .is_some_and(is_pchar)
+        }) {
+            return Err(PolicyError::BadPath(
+                "Letters, digits and the characters - . _ ~ ! $ & ' ( ) * + , ; = : @ must not be percent-encoded in the path; write them as they are",
+            ));
         }
         // Overlong or otherwise invalid UTF-8 (`%c0%ae` is '.' to some old decoders) and
         // malformed escapes are decoded differently by different servers.
@@ -186,13 +226,9 @@ pub fn check_path(path: &str) -> Result<(), PolicyError> {
     } else {
         None
     };
-    // Servlet containers (Tomcat, Jetty) drop `;parameters` from a segment before
-    // resolving dot segments, so `/metadata/..;/Patient` is `/Patient` to them; and a
-    // decoded `%3b` may be read as that `;`.
     for p in std::iter::once(path).chain(decoded.as_deref()) {
         for seg in p.split('/').skip(1) {
-            let name = seg.split(';').next().unwrap_or(seg);
-            if name == "." || name == ".." {
+            if seg == "." || seg == ".." {
                 return Err(PolicyError::BadPath(
                     "Dot segments are not allowed in the path",
                 ));
@@ -203,6 +239,11 @@ pub fn check_path(path: &str) -> Result<(), PolicyError> {
         return Err(PolicyError::BadPath("Empty path segments are not allowed"));
     }
     Ok(())
+}
+
+/// RFC 3986 §3.3 `pchar` less `pct-encoded`: what a path segment may hold as it is.
+fn is_pchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b)
 }
 
 /// Percent-decodes `s` (the `percent-encoding` crate); `None` when a `%` is not followed
@@ -376,7 +417,26 @@ mod tests {
             ("/metadata/\u{e9}", &x26, Err(StatusCode::BAD_REQUEST)),
             ("/metadata/\0", &x26, Err(StatusCode::BAD_REQUEST)),
             ("/metadata/a b", &x26, Err(StatusCode::BAD_REQUEST)),
-            ("/metadata/a;b", &x26, Ok("metadata")),
+            // Each of these names a route's resource to an upstream that decodes
+            // unreserved characters (RFC 3986 §6.2.2.2: "URIs that differ in the
+            // replacement of an unreserved character with its corresponding
+            // percent-encoded US-ASCII octet are equivalent"), drops `;parameters`
+            // (servlet containers) or ignores case (ASP.NET), but would miss that route
+            // in a byte-wise prefix match.
+            ("/metadata/a;b", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/Patient;x=1/1", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/P%61tient/1", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/%50atient", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/%24process-message", &other, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/%7E", &x26, Err(StatusCode::BAD_REQUEST)),
+            ("/metadata/%40", &x26, Err(StatusCode::BAD_REQUEST)),
+            // With no `/` route another case finds no route at all: default deny.
+            ("/patient/1", &x26, Err(StatusCode::FORBIDDEN)),
+            ("/$Process-Message", &other, Err(StatusCode::FORBIDDEN)),
+            // Encodings with no literal form in a path stay as they are.
+            ("/metadata/a%20b", &x26, Ok("metadata")),
+            ("/metadata/%3F%23%5B", &x26, Ok("metadata")),
+            ("/metadata/ABC", &x26, Ok("metadata")),
             ("/metadata/...", &x26, Ok("metadata")),
             ("*", &x26, Err(StatusCode::BAD_REQUEST)),
         ];
@@ -405,6 +465,19 @@ mod tests {
         );
         let any = id("CN=anyone", &[], "b");
         assert_eq!(p.decide("/Patient", &any).map(|r| &*r.name), Ok("all"));
+        // Under the `/` route, a path that a case-insensitive upstream reads as
+        // `/metadata` is refused rather than sent there by another route's rules.
+        for path in ["/METADATA", "/Metadata/x"] {
+            assert_eq!(
+                p.decide(path, &any)
+                    .map_err(|r| r.reason())
+                    .map(|r| &*r.name),
+                Err("bad_path"),
+                "{path}"
+            );
+        }
+        assert_eq!(p.decide("/metadataX", &any).map(|r| &*r.name), Ok("all"));
+        assert_eq!(p.decide("/metadata/X", &c).map(|r| &*r.name), Ok("meta"));
     }
 
     #[test]

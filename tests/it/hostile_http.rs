@@ -709,6 +709,65 @@ async fn absolute_form_connect_and_upgrade_cannot_redirect_or_tunnel() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
+/// RFC 3986 §6.2.2.2: "URIs that differ in the replacement of an unreserved character
+/// with its corresponding percent-encoded US-ASCII octet are equivalent"; servlet
+/// containers drop `;parameters` from a segment; ASP.NET matches paths without regard to
+/// case. Each would let `/P%61tient/1`, `/Patient;x=1/1` or `/PATIENT/1` miss the
+/// `/Patient` route (closed to this client) for the open `/` route while the upstream
+/// serves Patient/1. The gateway refuses them instead (400): it never guesses which kind
+/// of upstream it fronts.
+#[tokio::test]
+async fn route_choice_does_not_depend_on_encoding_parameters_or_case() {
+    watch_panics();
+    let pki = Pki::new();
+    let (up, seen) = raw_upstream().await;
+    let mut o = Opts::new(up);
+    o.routes = "  - name: patients\n    path_prefix: /Patient\n    token: none\n    \
+                allow_subjects: [\"*CN=nobody*\"]\n  - name: rest\n    path_prefix: /\n    \
+                token: none\n"
+        .into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    for (c, version) in [
+        (tls_client(&pki, Some("client"), H1), "HTTP/1.1"),
+        (tls_client(&pki, Some("client"), H2), "HTTP/2"),
+    ] {
+        // Control: the route itself refuses this client.
+        send(&c, addr, get("/Patient/1"))
+            .await
+            .expect("refused")
+            .assert_outcome(403, "REC_FORBIDDEN");
+        for p in [
+            "/P%61tient/1",
+            "/%50atient/1",
+            "/Patient%2D/1",
+            "/%24process-message",
+            "/Patient;x=1/1",
+            "/Patient/1;jsessionid=x",
+            "/patient/1",
+            "/PATIENT",
+        ] {
+            send(&c, addr, get(p))
+                .await
+                .unwrap_or_else(|e| panic!("{version} {p}: {e}"))
+                .assert_outcome(400, "REC_BAD_REQUEST");
+        }
+        // What the open route is for still works, encodings that have no literal form
+        // included.
+        for p in ["/Observation/1", "/Binary/a%20b", "/Binary/%C3%A9"] {
+            let got = send(&c, addr, get(p)).await.expect("served");
+            assert_eq!(got.status, StatusCode::OK, "{version} {p}");
+        }
+    }
+    assert!(
+        seen.complete().iter().all(
+            |q| !q.request_line().to_ascii_lowercase().contains("atient")
+                && !q.request_line().contains("process")
+        ),
+        "nothing but the controls reached the upstream"
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
 #[tokio::test]
 async fn path_tricks_cannot_escape_a_route() {
     watch_panics();

@@ -134,3 +134,114 @@ proptest! {
         let _ = scope::classify(&Method::POST, &path);
     }
 }
+
+/// The routes the choice property judges: a type, an operation, an exempt path, the rest.
+fn route_table() -> fhirgate::pipeline::policy::RoutePolicy {
+    use fhirgate::pipeline::policy::{RouteConfig, RoutePolicy, TokenRequirement};
+    let route = |name: &str, prefix: &str| RouteConfig {
+        name: name.into(),
+        path_prefix: prefix.into(),
+        bundles: vec![],
+        allow_subjects: vec![],
+        allow_sans: vec![],
+        token: TokenRequirement::None,
+        required_scopes: vec![],
+        nhsd: None,
+        forward_token: false,
+        service_levels: Default::default(),
+    };
+    RoutePolicy::new(&[
+        route("patient", "/Patient"),
+        route("messaging", "/$process-message"),
+        route("metadata", "/metadata"),
+        route("rest", "/"),
+    ])
+}
+
+/// The route an upstream's reading of `path` falls under, by longest prefix on a segment
+/// boundary, with or without regard to letter case: written apart from the gateway's
+/// matcher, as the decoding oracle is.
+fn oracle_route(path: &str, ignore_case: bool) -> &'static str {
+    let fold = |s: &str| {
+        if ignore_case {
+            s.to_ascii_lowercase()
+        } else {
+            s.to_owned()
+        }
+    };
+    let p = fold(path);
+    for (name, prefix) in [
+        ("messaging", "/$process-message"),
+        ("metadata", "/metadata"),
+        ("patient", "/Patient"),
+    ] {
+        let prefix = fold(prefix);
+        if p == prefix || p.starts_with(&format!("{prefix}/")) {
+            return name;
+        }
+    }
+    "rest"
+}
+
+fn routed_segment() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("Patient".to_owned()),
+        Just("patient".to_owned()),
+        Just("PATIENT".to_owned()),
+        Just("P%61tient".to_owned()),
+        Just("%50atient".to_owned()),
+        Just("Patient;x=1".to_owned()),
+        Just("$process-message".to_owned()),
+        Just("%24process-message".to_owned()),
+        Just("$PROCESS-message".to_owned()),
+        Just("metadata".to_owned()),
+        Just("metad%61ta".to_owned()),
+        Just("Metadata".to_owned()),
+        Just("%3b".to_owned()),
+        Just("%C3%A9".to_owned()),
+        Just("%20".to_owned()),
+        "[A-Za-z0-9_$.;-]{1,8}",
+        "(%[0-9A-Fa-f]{2}){1,2}",
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    /// README stage 4: "the gateway and the upstream can never disagree about which
+    /// resource a path names". For every path the route stage accepts, an upstream that
+    /// percent-decodes it, drops `;parameters` or ignores letter case puts it under the
+    /// same route as the gateway did.
+    #[test]
+    fn an_accepted_path_is_routed_as_any_upstream_reads_it(
+        segs in proptest::collection::vec(routed_segment(), 1..4)
+    ) {
+        let path = format!("/{}", segs.join("/"));
+        let anyone = fhirgate::pipeline::identity::ClientIdentity {
+            subject: "CN=client".into(),
+            common_name: None,
+            issuer: "CN=SubCA".into(),
+            dns_sans: vec![],
+            serial: "01".into(),
+            fingerprint_sha256: "00".into(),
+            not_after: 0,
+            bundle: "nhs".into(),
+        };
+        let table = route_table();
+        if let Ok(route) = table.decide(&path, &anyone) {
+            let decoded = decode_once(&path).map(|b| String::from_utf8_lossy(&b).into_owned());
+            prop_assert!(decoded.is_some(), "{path}");
+            let decoded = decoded.unwrap_or_default();
+            let servlet = servlet_segments(&decoded).join("/");
+            for view in [path.as_str(), decoded.as_str(), servlet.as_str()] {
+                for ignore_case in [false, true] {
+                    prop_assert_eq!(
+                        &*route.name,
+                        oracle_route(view, ignore_case),
+                        "{} read as {} (ignoring case: {})", path, view, ignore_case
+                    );
+                }
+            }
+        }
+    }
+}

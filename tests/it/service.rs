@@ -379,6 +379,11 @@ fn config_errors_name_the_field() {
             "service_levels.accept_versions[0]: must be a version",
         ),
         (
+            "",
+            "  - name: p\n    path_prefix: /Patient\n  - name: q\n    path_prefix: /patient\n",
+            "routes[2].path_prefix: another route already has the path prefix \"/patient\"",
+        ),
+        (
             "telemetry:\n  otlp_endpoint: https://collector.example/v1/traces\n",
             "",
             "telemetry.otlp_endpoint: must be an http:// URL",
