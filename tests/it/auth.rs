@@ -834,3 +834,63 @@ async fn a_reload_keeps_the_token_cache_unless_the_pipeline_changed() {
     assert_eq!(String::from_utf8(decoded).unwrap(), "fhirgate-gw:rotated");
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// A gateway with the stub authorisation server and an echoing upstream, for the scope
+/// tests below.
+async fn scope_gateway() -> (
+    Pki,
+    StubAs,
+    Seen,
+    fhirgate::server::Running,
+    std::net::SocketAddr,
+) {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = basic_auth(&stub, &pki, "");
+    o.routes = ROUTES.into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    (pki, stub, seen, gw, addr)
+}
+
+/// FHIR R4 operations: "When an operation has affectsState = false, and the parameters
+/// are all primitive datatypes with no extensions (as is the case with the example
+/// above), it may be invoked using GET as well", the example being
+/// `POST …/Patient/1/$everything`: a write-only token reads nothing by POST either.
+#[tokio::test]
+async fn operations_by_post_need_read_when_they_read() {
+    let (pki, _stub, seen, gw, addr) = scope_gateway().await;
+    let c = tls_client(&pki, Some("client"), H1);
+    for m in [http::Method::GET, http::Method::POST] {
+        let got = send(
+            &c,
+            addr,
+            with_token(m.clone(), "/Patient/1/$everything", Some("writeonly-token")),
+        )
+        .await
+        .unwrap();
+        got.assert_outcome(403, "REC_FORBIDDEN");
+        assert_eq!(
+            got.headers["www-authenticate"],
+            "Bearer realm=\"fhirgate\", error=\"insufficient_scope\", scope=\"system/*.read\"",
+            "{m}"
+        );
+    }
+    assert_eq!(seen.count(), 0);
+    // A BaRS sender's write scopes still post messages.
+    let got = send(
+        &c,
+        addr,
+        with_token(
+            http::Method::POST,
+            "/$process-message",
+            Some("writeonly-token"),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(seen.last().0, "/$process-message");
+    gw.shutdown(Duration::from_secs(2)).await;
+}

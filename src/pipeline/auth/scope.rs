@@ -266,13 +266,6 @@ pub fn classify(method: &Method, path: &str) -> Requirement {
     };
     let read_like = |m: &Method| *m == Method::GET || *m == Method::HEAD;
     let unknown = || req(Interaction::Unknown, "*".into(), Perms::ALL);
-    let op_perms = |m: &Method| {
-        if read_like(m) {
-            Perms::R
-        } else {
-            Perms::C.union(Perms::U)
-        }
-    };
 
     match segs.as_slice() {
         [] if *method == Method::POST => {
@@ -283,7 +276,7 @@ pub fn classify(method: &Method, path: &str) -> Requirement {
         [op] if op.starts_with('$') => req(
             Interaction::Operation(op[1..].to_owned()),
             "*".into(),
-            op_perms(method),
+            op_perms(method, &op[1..]),
         ),
         [t] => match typ(t) {
             Some(t) if read_like(method) => req(Interaction::Search, t, Perms::S),
@@ -319,7 +312,7 @@ pub fn classify(method: &Method, path: &str) -> Requirement {
             Some(t) => req(
                 Interaction::Operation(op[1..].to_owned()),
                 op_scope(t, &op[1..]),
-                op_perms(method),
+                op_perms(method, &op[1..]),
             ),
             None => unknown(),
         },
@@ -334,7 +327,7 @@ pub fn classify(method: &Method, path: &str) -> Requirement {
             Some(t) => req(
                 Interaction::Operation(op[1..].to_owned()),
                 op_scope(t, &op[1..]),
-                op_perms(method),
+                op_perms(method, &op[1..]),
             ),
             None => unknown(),
         },
@@ -367,6 +360,45 @@ const SAME_TYPE_OPERATIONS: [&str; 11] = [
     "translate",
     "lastn",
 ];
+
+/// FHIR R4 core operations with `affectsState = false` (and Bulk Data `$export`) whose
+/// answer is stored data (`$everything`, `$match`, `$export`, …) or describes it
+/// (`$validate` of an instance, `$meta`, `$stats`). Any operation may come by POST, so
+/// these need read and search whatever the method: a write-only token must not read
+/// through them. Not here: `$graphql` (by POST it may carry mutations, which create,
+/// update and delete) and `$document` (its `persist` parameter stores a Bundle).
+const READ_OPERATIONS: [&str; 12] = [
+    "everything",
+    "match",
+    "lastn",
+    "expand",
+    "lookup",
+    "validate-code",
+    "subsumes",
+    "translate",
+    "meta",
+    "validate",
+    "stats",
+    "export",
+];
+
+/// What an operation needs. FHIR R4 operations: "When an operation has affectsState =
+/// false, and the parameters are all primitive datatypes with no extensions …, it may be
+/// invoked using GET as well", so a GET only reads (and a read-only answer may be a
+/// search's: `$everything`, `$match`), while a POST of an operation the gateway does not
+/// know may change and return anything: every letter.
+fn op_perms(method: &Method, op: &str) -> Perms {
+    let read = Perms::R.union(Perms::S);
+    match op {
+        _ if READ_OPERATIONS.contains(&op) => read,
+        // They change a resource's meta and answer with it.
+        "meta-add" | "meta-delete" => Perms::R.union(Perms::U),
+        // BaRS: a sender posts a message; `system/*.write` (v2 `cud`) is what it holds.
+        "process-message" if *method == Method::POST => Perms::C.union(Perms::U),
+        _ if *method == Method::GET || *method == Method::HEAD => read,
+        _ => Perms::ALL,
+    }
+}
 
 fn op_scope(resource: String, op: &str) -> String {
     if SAME_TYPE_OPERATIONS.contains(&op) {
@@ -550,35 +582,63 @@ mod tests {
                 "/Patient/1/$everything",
                 I::Operation("everything".into()),
                 "*",
-                Perms::R,
+                Perms::R.union(Perms::S),
             ),
             (
                 g.clone(),
                 "/Patient/$everything",
                 I::Operation("everything".into()),
                 "*",
-                Perms::R,
+                Perms::R.union(Perms::S),
             ),
             (
                 Method::POST,
                 "/Group/1/$export",
                 I::Operation("export".into()),
                 "*",
-                Perms::C.union(Perms::U),
+                Perms::R.union(Perms::S),
             ),
             (
                 Method::POST,
                 "/Patient/1/$validate",
                 I::Operation("validate".into()),
                 "Patient",
-                Perms::C.union(Perms::U),
+                Perms::R.union(Perms::S),
             ),
             (
                 Method::POST,
                 "/Patient/$match",
                 I::Operation("match".into()),
                 "Patient",
-                Perms::C.union(Perms::U),
+                Perms::R.union(Perms::S),
+            ),
+            (
+                Method::POST,
+                "/$graphql",
+                I::Operation("graphql".into()),
+                "*",
+                Perms::ALL,
+            ),
+            (
+                g.clone(),
+                "/$graphql",
+                I::Operation("graphql".into()),
+                "*",
+                Perms::R.union(Perms::S),
+            ),
+            (
+                Method::POST,
+                "/Patient/1/$meta-add",
+                I::Operation("meta-add".into()),
+                "Patient",
+                Perms::R.union(Perms::U),
+            ),
+            (
+                Method::POST,
+                "/Patient/1/$merge",
+                I::Operation("merge".into()),
+                "*",
+                Perms::ALL,
             ),
             (g.clone(), "/patient/1", I::Unknown, "*", Perms::ALL),
             (Method::OPTIONS, "/Patient/1", I::Unknown, "*", Perms::ALL),
@@ -796,6 +856,58 @@ mod tests {
             need.hint(),
             "system/Patient.read system/Observation.read system/Organization.read"
         );
+    }
+
+    /// FHIR R4 operations: "When an operation has affectsState = false, and the
+    /// parameters are all primitive datatypes with no extensions (as is the case with the
+    /// example above), it may be invoked using GET as well", the example being
+    /// `POST http://fhir.someserver.org/fhir/Patient/1/$everything`. So the method does not
+    /// say whether an operation reads: one that reads needs read by POST as by GET.
+    #[test]
+    fn operations_by_post_need_what_they_read() {
+        let sys = [Context::System];
+        let ok = |granted: &str, m: Method, path: &str| {
+            permits(&parse_scope_list(granted), &classify(&m, path), &sys)
+        };
+        let cases: &[(&str, &str, bool)] = &[
+            ("system/*.write", "/Patient/1/$everything", false),
+            ("system/*.cu", "/Patient/1/$everything", false),
+            ("system/*.read", "/Patient/1/$everything", true),
+            ("system/Patient.cu", "/Patient/$match", false),
+            ("system/Patient.rs", "/Patient/$match", true),
+            ("system/*.cu", "/$export", false),
+            ("system/*.read", "/$export", true),
+            ("system/Observation.cud", "/Observation/$lastn", false),
+            ("system/ValueSet.cu", "/ValueSet/$expand", false),
+            // By POST, GraphQL may carry mutations (create, update, delete) as well as
+            // queries: every letter.
+            ("system/*.cu", "/$graphql", false),
+            ("system/*.read", "/$graphql", false),
+            ("system/*.*", "/$graphql", true),
+            // An operation the gateway does not know may change and return anything.
+            ("system/*.write", "/Patient/1/$merge", false),
+            ("system/*.read", "/Patient/1/$merge", false),
+            ("system/*.cruds", "/Patient/1/$merge", true),
+            // `$meta-add` changes the meta and answers with it.
+            ("system/Patient.u", "/Patient/1/$meta-add", false),
+            ("system/Patient.ru", "/Patient/1/$meta-add", true),
+            // BaRS senders post messages with write scopes, as before.
+            ("system/*.write", "/$process-message", true),
+            ("system/*.cud", "/$process-message", true),
+            ("system/*.read", "/$process-message", false),
+        ];
+        for (granted, path, want) in cases {
+            assert_eq!(
+                ok(granted, Method::POST, path),
+                *want,
+                "{granted:?} POST {path}"
+            );
+        }
+        // By GET the same operations read, and a write-only token is refused.
+        for path in ["/Patient/1/$everything", "/$graphql", "/Patient/1/$merge"] {
+            assert!(!ok("system/*.write", Method::GET, path), "GET {path}");
+            assert!(ok("system/*.read", Method::GET, path), "GET {path}");
+        }
     }
 
     #[test]

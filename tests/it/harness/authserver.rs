@@ -64,6 +64,9 @@ pub fn answer(token: &str) -> serde_json::Value {
             "active": true, "scope": "system/*.*", "client_id": "sender-1",
             "sub": "sender-1", "exp": exp
         }),
+        "writeonly-token" => serde_json::json!({
+            "active": true, "scope": "system/*.write", "client_id": "writer", "exp": exp
+        }),
         "readonly-token" => serde_json::json!({
             "active": true, "scope": "system/Patient.read", "client_id": "reader", "exp": exp
         }),
