@@ -894,3 +894,25 @@ async fn operations_by_post_need_read_when_they_read() {
     assert_eq!(seen.last().0, "/$process-message");
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// FHIR R4 datatypes: an id is "Any combination of upper- or lower-case ASCII letters
+/// ('A'..'Z', and 'a'..'z', numerals ('0'..'9'), '-' and '.'", so `GET /Patient/_search`
+/// is no read of a resource: it is a search, and needs `s`.
+#[tokio::test]
+async fn get_type_search_needs_search() {
+    let (pki, _stub, seen, gw, addr) = scope_gateway().await;
+    let c = tls_client(&pki, Some("client"), H1);
+    for path in ["/Patient?name=smith", "/Patient/_search?name=smith"] {
+        let got = send(
+            &c,
+            addr,
+            with_token(http::Method::GET, path, Some("patient-r-token")),
+        )
+        .await
+        .unwrap();
+        got.assert_outcome(403, "REC_FORBIDDEN");
+        got.assert_challenge("insufficient_scope");
+    }
+    assert_eq!(seen.count(), 0);
+    gw.shutdown(Duration::from_secs(2)).await;
+}

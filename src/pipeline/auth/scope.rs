@@ -304,6 +304,13 @@ pub fn classify(method: &Method, path: &str) -> Requirement {
             }
             None => unknown(),
         },
+        // Not a read: an id is "Any combination of upper- or lower-case ASCII letters
+        // ..., numerals ..., '-' and '.'" (FHIR R4 datatypes), so `_search` is none, and
+        // servers (HAPI) answer it as the search by POST is answered.
+        [t, "_search"] if read_like(method) => match typ(t) {
+            Some(t) => req(Interaction::Search, t, Perms::S),
+            None => unknown(),
+        },
         [t, "_history"] if read_like(method) => match typ(t) {
             Some(t) => req(Interaction::History, t, Perms::S),
             None => unknown(),
@@ -545,6 +552,13 @@ mod tests {
             (g.clone(), "/Patient", I::Search, "Patient", Perms::S),
             (
                 Method::POST,
+                "/Patient/_search",
+                I::Search,
+                "Patient",
+                Perms::S,
+            ),
+            (
+                g.clone(),
                 "/Patient/_search",
                 I::Search,
                 "Patient",
@@ -856,6 +870,35 @@ mod tests {
             need.hint(),
             "system/Patient.read system/Observation.read system/Organization.read"
         );
+    }
+
+    /// FHIR R4 datatypes: an id is "Any combination of upper- or lower-case ASCII
+    /// letters ('A'..'Z', and 'a'..'z', numerals ('0'..'9'), '-' and '.', with a length
+    /// limit of 64 characters", so `GET /Patient/_search` reads no resource: it is the
+    /// search that HAPI answers, and needs search (`s`) and its parameters' types.
+    #[test]
+    fn get_type_search_is_a_search() {
+        let sys = [Context::System];
+        let ok = |granted: &str, pq: &str| {
+            let (path, query) = pq.split_once('?').unwrap_or((pq, ""));
+            let need = classify(&Method::GET, path).with_query(Some(query));
+            permits(&parse_scope_list(granted), &need, &sys)
+        };
+        assert!(!ok("system/Patient.r", "/Patient?name=smith"));
+        assert!(!ok("system/Patient.r", "/Patient/_search?name=smith"));
+        assert!(ok("system/Patient.s", "/Patient/_search?name=smith"));
+        assert!(!ok(
+            "system/Patient.s",
+            "/Patient/_search?_has:Observation:patient:code=1234-5"
+        ));
+        assert!(ok(
+            "system/Patient.s system/Observation.s",
+            "/Patient/_search?_has:Observation:patient:code=1234-5"
+        ));
+        assert!(!ok(
+            "system/Patient.s",
+            "/Patient/_search?_revinclude=Observation:subject"
+        ));
     }
 
     /// FHIR R4 operations: "When an operation has affectsState = false, and the

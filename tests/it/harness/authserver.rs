@@ -67,6 +67,9 @@ pub fn answer(token: &str) -> serde_json::Value {
         "writeonly-token" => serde_json::json!({
             "active": true, "scope": "system/*.write", "client_id": "writer", "exp": exp
         }),
+        "patient-r-token" => serde_json::json!({
+            "active": true, "scope": "system/Patient.r", "client_id": "r-only", "exp": exp
+        }),
         "readonly-token" => serde_json::json!({
             "active": true, "scope": "system/Patient.read", "client_id": "reader", "exp": exp
         }),
