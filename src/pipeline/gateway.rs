@@ -474,9 +474,14 @@ impl Gateway {
                     .map(|searched| scope::classify(&http::Method::GET, searched))
                     .filter(|r| r.interaction == scope::Interaction::Search);
                 let by_post = as_get.is_some();
-                let need = as_get
+                let mut need = as_get
                     .unwrap_or_else(|| scope::classify(req.method(), path))
                     .with_query(req.uri().query());
+                // A conditional create searches with its criteria (left as they are for
+                // anything but a create).
+                for criteria in req.headers().get_all("if-none-exist") {
+                    need = need.with_if_none_exist(criteria.as_bytes());
+                }
                 let facts = self.authorise(route, req.headers(), &need, conn).await?;
                 if by_post {
                     // Boxed: rare, and not worth space in every request's future.

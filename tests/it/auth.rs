@@ -916,3 +916,46 @@ async fn get_type_search_needs_search() {
     assert_eq!(seen.count(), 0);
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// FHIR R4 §3.1.0.8.1 conditional create: "the server performs a search as specified
+/// using its standard search facilities for the resource type" with the `If-None-Exist`
+/// parameters, and on "One Match: The server ignores the post and returns 200 OK".
+#[tokio::test]
+async fn conditional_create_needs_search_for_its_criteria() {
+    let (pki, _stub, seen, gw, addr) = scope_gateway().await;
+    let c = tls_client(&pki, Some("client"), H1);
+    let has = "_has:Observation:patient:code=http://loinc.org|1234-5";
+    let create = |token: &str, criteria: Option<&str>| {
+        let mut b = Request::post("/Patient")
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/fhir+json");
+        if let Some(c) = criteria {
+            b = b.header("if-none-exist", c);
+        }
+        b.body(Full::new(Bytes::from_static(
+            b"{\"resourceType\":\"Patient\"}",
+        )))
+        .unwrap()
+    };
+    // Create alone needs only `c`.
+    let got = send(&c, addr, create("create-only-token", None))
+        .await
+        .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    let forwarded = seen.count();
+    for criteria in ["identifier=x", has] {
+        let got = send(&c, addr, create("create-only-token", Some(criteria)))
+            .await
+            .unwrap();
+        got.assert_outcome(403, "REC_FORBIDDEN");
+        got.assert_challenge("insufficient_scope");
+    }
+    assert_eq!(seen.count(), forwarded);
+    // With search and read on Patient and search on Observation, it goes on as sent.
+    let got = send(&c, addr, create("create-search-token", Some(has)))
+        .await
+        .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(seen.last().1["if-none-exist"], has);
+    gw.shutdown(Duration::from_secs(2)).await;
+}

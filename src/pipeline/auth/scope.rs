@@ -222,6 +222,31 @@ impl Requirement {
         self
     }
 
+    /// A create's `If-None-Exist` criteria. FHIR R4 conditional create: the server
+    /// searches with them, and "One Match: The server ignores the post and returns 200
+    /// OK", with the match: a search that may answer with a resource. So a create with
+    /// criteria also needs search and read on its type, and its parameters are checked
+    /// as a query's. Any other interaction is left as it is.
+    pub fn with_if_none_exist(mut self, criteria: &[u8]) -> Self {
+        if self.interaction != Interaction::Create {
+            return self;
+        }
+        self.perms = self.perms.union(Perms::R).union(Perms::S);
+        // Some servers take the criteria as a whole search URL (`Patient?identifier=…`)
+        // or with a leading `?`, others as parameters whatever they hold: both readings
+        // are checked.
+        let criteria = criteria.trim_ascii();
+        let after = criteria
+            .iter()
+            .position(|b| *b == b'?')
+            .map(|i| &criteria[i + 1..]);
+        let need = self.with_params(criteria);
+        match after {
+            Some(params) => need.with_params(params),
+            None => need,
+        }
+    }
+
     fn need(&mut self, resource: String, perms: Perms) {
         if resource == self.resource && self.perms.contains(perms) {
             return;
@@ -951,6 +976,43 @@ mod tests {
             assert!(!ok("system/*.write", Method::GET, path), "GET {path}");
             assert!(ok("system/*.read", Method::GET, path), "GET {path}");
         }
+    }
+
+    /// FHIR R4 §3.1.0.8.1 conditional create: "the server performs a search as
+    /// specified using its standard search facilities for the resource type" with the
+    /// `If-None-Exist` parameters, and on "One Match: The server ignores the post and
+    /// returns 200 OK". So the criteria are a search, and the match may be answered.
+    #[test]
+    fn conditional_create_is_a_search_too() {
+        let sys = [Context::System];
+        let ok = |granted: &str, criteria: &str| {
+            let need = classify(&Method::POST, "/Patient").with_if_none_exist(criteria.as_bytes());
+            permits(&parse_scope_list(granted), &need, &sys)
+        };
+        let has = "_has:Observation:patient:code=http://loinc.org|1234-5";
+        assert!(!ok("system/Patient.c", "identifier=x"));
+        assert!(!ok("system/Patient.cs", "identifier=x"));
+        assert!(ok("system/Patient.crs", "identifier=x"));
+        assert!(!ok("system/Patient.crs", has));
+        assert!(ok("system/Patient.crs system/Observation.s", has));
+        // The parameters after a `?` are checked, and so is the whole.
+        for wrapped in [
+            format!("?{has}"),
+            format!("Patient?{has}"),
+            format!(" {has} "),
+            format!("{has}?x=y"),
+        ] {
+            assert!(!ok("system/Patient.crs", &wrapped), "{wrapped}");
+        }
+        // A create without criteria, and other interactions, are unchanged.
+        let plain = classify(&Method::POST, "/Patient");
+        assert_eq!(plain.clone().with_if_none_exist(b""), {
+            let mut p = plain;
+            p.perms = Perms::C.union(Perms::R).union(Perms::S);
+            p
+        });
+        let read = classify(&Method::GET, "/Patient/1");
+        assert_eq!(read.clone().with_if_none_exist(has.as_bytes()), read);
     }
 
     #[test]

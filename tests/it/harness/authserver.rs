@@ -70,6 +70,13 @@ pub fn answer(token: &str) -> serde_json::Value {
         "patient-r-token" => serde_json::json!({
             "active": true, "scope": "system/Patient.r", "client_id": "r-only", "exp": exp
         }),
+        "create-only-token" => serde_json::json!({
+            "active": true, "scope": "system/Patient.c", "client_id": "c-only", "exp": exp
+        }),
+        "create-search-token" => serde_json::json!({
+            "active": true, "scope": "system/Patient.crs system/Observation.s",
+            "client_id": "c-search", "exp": exp
+        }),
         "readonly-token" => serde_json::json!({
             "active": true, "scope": "system/Patient.read", "client_id": "reader", "exp": exp
         }),
