@@ -108,16 +108,17 @@ async fn tokens_are_introspected_checked_and_forwarded() {
             "Bearer realm=\"fhirgate\", error=\"invalid_token\""
         );
     }
-    // Malformed bearer syntax is refused without asking the server.
+    // Malformed bearer syntax is refused without asking the server. RFC 6750 §3.1:
+    // "invalid_request ... or is otherwise malformed. The resource server SHOULD respond
+    // with the HTTP 400 (Bad Request) status code."
     let calls = stub.calls();
     let req = Request::get("/Patient/1")
         .header("authorization", "Bearer a b")
         .body(Full::new(Bytes::new()))
         .unwrap();
-    send(&c, addr, req)
-        .await
-        .unwrap()
-        .assert_outcome(403, "REC_FORBIDDEN");
+    let got = send(&c, addr, req).await.unwrap();
+    got.assert_outcome(400, "REC_BAD_REQUEST");
+    got.assert_challenge("invalid_request");
     assert_eq!(stub.calls(), calls);
 
     // Scope: read-only token may read, not create.

@@ -948,7 +948,8 @@ async fn authorization_with_several_schemes_or_values_is_refused_before_introspe
     o.limits = LIMITS.into();
     let (gw, addr) = gateway(&pki, &o).await;
 
-    // (Authorization values, status, NHS code)
+    // (Authorization values, status, NHS code). RFC 6750 §3.1: a request that "repeats
+    // the same parameter ... or is otherwise malformed" is `invalid_request`, 400.
     let cases: &[(&[&str], u16, &str)] = &[
         (&["Basic dXNlcjpwYXNz"], 401, "REC_UNAUTHORIZED"),
         (&["Negotiate YIIGhgYGKwYBBQUCoII="], 401, "REC_UNAUTHORIZED"),
@@ -957,19 +958,23 @@ async fn authorization_with_several_schemes_or_values_is_refused_before_introspe
             401,
             "REC_UNAUTHORIZED",
         ),
-        (&["Bearer good-1, Basic dXNlcjpwYXNz"], 403, "REC_FORBIDDEN"),
-        (&["Bearer good-1 good-2"], 403, "REC_FORBIDDEN"),
-        (&["Bearer\tgood-1"], 403, "REC_FORBIDDEN"),
-        (&["Bearer good-1", "Bearer good-1"], 403, "REC_FORBIDDEN"),
+        (
+            &["Bearer good-1, Basic dXNlcjpwYXNz"],
+            400,
+            "REC_BAD_REQUEST",
+        ),
+        (&["Bearer good-1 good-2"], 400, "REC_BAD_REQUEST"),
+        (&["Bearer\tgood-1"], 400, "REC_BAD_REQUEST"),
+        (&["Bearer good-1", "Bearer good-1"], 400, "REC_BAD_REQUEST"),
         (
             &["Bearer good-1", "Basic dXNlcjpwYXNz"],
-            403,
-            "REC_FORBIDDEN",
+            400,
+            "REC_BAD_REQUEST",
         ),
         (
             &["Basic dXNlcjpwYXNz", "Bearer good-1"],
-            403,
-            "REC_FORBIDDEN",
+            400,
+            "REC_BAD_REQUEST",
         ),
     ];
     for alpn in [H1, H2] {
@@ -1002,7 +1007,7 @@ async fn authorization_with_several_schemes_or_values_is_refused_before_introspe
     );
     assert_eq!(seen.count(), 0);
     assert_eq!(rejections(&gw, "token_missing"), 8.0);
-    assert_eq!(rejections(&gw, "token_invalid"), 12.0);
+    assert_eq!(rejections(&gw, "token_invalid_request"), 12.0);
 
     // The control: one well-formed bearer token is introspected once and forwarded.
     let req = Request::get("/metadata")

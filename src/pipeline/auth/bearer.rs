@@ -9,20 +9,25 @@ pub const MAX_TOKEN_BYTES: usize = 8192;
 
 /// The bearer token of a request. Exactly one `Authorization` header is allowed: with two,
 /// which one a downstream would read is anyone's guess.
+///
+/// RFC 6750 §3.1: `invalid_request` is for a request that "repeats the same parameter,
+/// uses more than one method for including an access token, or is otherwise
+/// malformed", so a header that is not one `Bearer <b64token>` (§2.1) is that, 400, not
+/// a verdict on a token; `invalid_token` is left for tokens of the right shape.
 pub fn extract(headers: &HeaderMap) -> Result<&str, AuthError> {
     let mut all = headers.get_all(http::header::AUTHORIZATION).iter();
     let Some(value) = all.next() else {
         return Err(AuthError::Missing);
     };
     if all.next().is_some() {
-        return Err(AuthError::InvalidToken(
+        return Err(AuthError::InvalidRequest(
             "more than one Authorization header",
         ));
     }
     let value = value
         .to_str()
-        .map_err(|_| AuthError::InvalidToken("Authorization header is not ASCII"))?;
-    let (scheme, token) = value.split_once(' ').ok_or(AuthError::InvalidToken(
+        .map_err(|_| AuthError::InvalidRequest("Authorization header is not ASCII"))?;
+    let (scheme, token) = value.split_once(' ').ok_or(AuthError::InvalidRequest(
         "Authorization header is not 'Bearer <token>'",
     ))?;
     if !scheme.eq_ignore_ascii_case("bearer") {
@@ -31,13 +36,14 @@ pub fn extract(headers: &HeaderMap) -> Result<&str, AuthError> {
     }
     let token = token.trim_start_matches(' ');
     if token.is_empty() {
-        return Err(AuthError::InvalidToken("empty bearer token"));
+        return Err(AuthError::InvalidRequest("empty bearer token"));
     }
+    // A well-formed token the gateway will not look at: refused as a token.
     if token.len() > MAX_TOKEN_BYTES {
         return Err(AuthError::InvalidToken("bearer token too long"));
     }
     if !is_token68(token) {
-        return Err(AuthError::InvalidToken(
+        return Err(AuthError::InvalidRequest(
             "bearer token has characters outside token68",
         ));
     }
@@ -69,6 +75,10 @@ mod tests {
         m
     }
 
+    /// RFC 6750 §2.1: `credentials = "Bearer" 1*SP b64token`; §3.1: `invalid_request`
+    /// when the request "repeats the same parameter, uses more than one method for
+    /// including an access token, or is otherwise malformed. The resource server SHOULD
+    /// respond with the HTTP 400 (Bad Request) status code."
     #[test]
     fn bearer_edge_cases() {
         let long = format!("Bearer {}", "a".repeat(MAX_TOKEN_BYTES + 1));
@@ -82,33 +92,35 @@ mod tests {
             (&[b"Basic dXNlcjpwYXNz"], Err(AuthError::Missing)),
             (
                 &[b"Bearer"],
-                Err(AuthError::InvalidToken(
+                Err(AuthError::InvalidRequest(
                     "Authorization header is not 'Bearer <token>'",
                 )),
             ),
             (
                 &[b"Bearer "],
-                Err(AuthError::InvalidToken("empty bearer token")),
+                Err(AuthError::InvalidRequest("empty bearer token")),
             ),
             (
                 &[b"Bearer a b"],
-                Err(AuthError::InvalidToken(
+                Err(AuthError::InvalidRequest(
                     "bearer token has characters outside token68",
                 )),
             ),
             (
                 &[b"Bearer ===="],
-                Err(AuthError::InvalidToken(
+                Err(AuthError::InvalidRequest(
                     "bearer token has characters outside token68",
                 )),
             ),
             (
                 &[b"Bearer \xc3\xa9t\xc3\xa9"],
-                Err(AuthError::InvalidToken("Authorization header is not ASCII")),
+                Err(AuthError::InvalidRequest(
+                    "Authorization header is not ASCII",
+                )),
             ),
             (
                 &[b"Bearer a", b"Bearer b"],
-                Err(AuthError::InvalidToken(
+                Err(AuthError::InvalidRequest(
                     "more than one Authorization header",
                 )),
             ),
