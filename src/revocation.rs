@@ -11,9 +11,10 @@
 //! A failed fetch changes nothing: the last good CRL keeps serving, and stays on disk in
 //! `cache_dir` (written atomically) for the next start.
 //!
-//! The verifier is built from `crl_files` plus [`FetchedCrls`]; for each issuer only the
-//! newest CRL is used ([`add_fetched`]), because webpki consults the first CRL of a
-//! matching issuer it finds. When a fetched CRL changes, the server builds a new TLS
+//! The verifier is built from `crl_files` plus [`FetchedCrls`]; for each issuer and scope
+//! only the newest CRL is kept ([`add_fetched`]), and the newest of an issuer is handed to
+//! webpki first ([`newest_first`]), because webpki consults the first CRL authoritative
+//! for a certificate it finds. When a fetched CRL changes, the server builds a new TLS
 //! context and swaps it in (new connections use it; open ones check their client's chain
 //! against it at their next request).
 
@@ -348,6 +349,40 @@ pub(crate) fn merge_newest(list: &mut Vec<LoadedCrl>, new: LoadedCrl) -> Option<
     }
     list.push(new);
     None
+}
+
+/// The CRLs in the order webpki is to consult them: by issuer, and within one issuer
+/// the newest first (CRL number, RFC 5280 §5.2.3: "monotonically increasing"; else
+/// thisUpdate). webpki uses the first CRL authoritative for a certificate, and CRLs of
+/// one issuer whose Issuing Distribution Points differ are all kept by
+/// [`merge_newest`], so an older CRL listed first would hide a newer one that revokes.
+/// The key is a total order (a CRL without a number, which RFC 5280 does not allow,
+/// comes after those with one), as `sort` requires.
+pub fn newest_first(crls: &[LoadedCrl]) -> Vec<&LoadedCrl> {
+    let mut ordered: Vec<&LoadedCrl> = crls.iter().collect();
+    // Usually one CRL per issuer: nothing to move, and `sort_by_key` is stable.
+    ordered.sort_by_key(|c| age_key(c));
+    ordered
+}
+
+type AgeKey<'a> = (
+    &'a [u8],
+    std::cmp::Reverse<Option<(usize, &'a [u8])>>,
+    std::cmp::Reverse<i64>,
+);
+
+fn age_key(c: &LoadedCrl) -> AgeKey<'_> {
+    let number = c.number.as_deref().map(|n| (n.len(), n));
+    (
+        &c.issuer_raw,
+        std::cmp::Reverse(number),
+        std::cmp::Reverse(c.this_update),
+    )
+}
+
+/// Whether `a` is strictly older than `b` by [`newest_first`]'s order (same issuer).
+pub fn is_older(a: &LoadedCrl, b: &LoadedCrl) -> bool {
+    age_key(a) > age_key(b)
 }
 
 /// Whether a CRL is the stand-in for "no CRL fetched yet" (see [`placeholder`]).
@@ -1082,6 +1117,48 @@ mod tests {
         );
         assert_eq!(mk(Some(vec![3]), 1).cmp_age(&mk(Some(vec![3]), 1)), Equal);
         assert_eq!(mk(None, 5).cmp_age(&mk(Some(vec![9]), 6)), Less);
+    }
+
+    /// RFC 5280 §5.2.3: CRL numbers are "monotonically increasing"; webpki consults the
+    /// first CRL authoritative for a certificate, so within an issuer the newest comes
+    /// first whatever the order of files and fetches (e.g. an old seed file first).
+    #[test]
+    fn newest_first_orders_each_issuer_by_number_then_this_update() {
+        let mk = |issuer: u8, number: Option<Vec<u8>>, this_update: i64| LoadedCrl {
+            der: CertificateRevocationListDer::from(vec![]),
+            source: format!("{issuer}-{number:?}-{this_update}"),
+            field: "f".into(),
+            issuer: format!("CN={issuer}"),
+            issuer_raw: vec![issuer],
+            this_update,
+            next_update: None,
+            number,
+            revoked: 0,
+        };
+        let list = [
+            mk(1, Some(vec![1]), 9),    // seed file, no IDP
+            mk(2, Some(vec![7]), 1),    // another issuer
+            mk(1, Some(vec![0xff]), 1), // fetched, with an IDP
+            mk(1, Some(vec![1, 0]), 1), // 256 > 255: longer is larger
+            mk(1, None, 50),            // no number: after those with one
+            mk(1, None, 60),
+        ];
+        let got: Vec<&str> = newest_first(&list)
+            .iter()
+            .map(|c| c.source.as_str())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "1-Some([1, 0])-1",
+                "1-Some([255])-1",
+                "1-Some([1])-9",
+                "1-None-60",
+                "1-None-50",
+                "2-Some([7])-1",
+            ]
+        );
+        assert!(is_older(&list[0], &list[2]) && !is_older(&list[2], &list[0]));
     }
 
     #[test]

@@ -172,6 +172,9 @@ pub struct LoadedCrl {
     pub this_update: i64,
     /// nextUpdate, Unix seconds (RFC 5280 profile: always present).
     pub next_update: Option<i64>,
+    /// CRL number, big-endian without leading zeros: with thisUpdate, which of two CRLs
+    /// of one issuer is newer ([`crate::revocation::newest_first`]).
+    pub number: Option<Vec<u8>>,
     pub revoked: usize,
 }
 
@@ -212,6 +215,7 @@ pub fn parse_crl(field: &str, source: &str, der: Vec<u8>) -> Result<LoadedCrl, C
         issuer_raw: crl.issuer().as_raw().to_vec(),
         this_update: crl.last_update().timestamp(),
         next_update: crl.next_update().map(|t| t.timestamp()),
+        number: crl.crl_number().map(|n| n.to_bytes_be()),
         revoked: crl.iter_revoked_certificates().count(),
         der: CertificateRevocationListDer::from(der.clone()),
     };
@@ -811,9 +815,27 @@ fn build_bundle(
             }
         }
     }
+    // webpki consults the first CRL authoritative for a certificate, and CRLs of one
+    // issuer with different Issuing Distribution Points are all kept: the newest goes
+    // first, so an older one is consulted only for what the newer does not cover.
+    let ordered = crate::revocation::newest_first(&lb.crls);
+    for pair in ordered.windows(2) {
+        let (newer, older) = (pair[0], pair[1]);
+        if newer.issuer_raw == older.issuer_raw
+            && crate::revocation::is_older(older, newer)
+            && !crate::revocation::is_placeholder(older)
+        {
+            inv.warnings.push(format!(
+                "{}: CRL {} of {} is older than CRL {} of that issuer, whose scope (Issuing \
+                 Distribution Point) differs: it is consulted only for certificates outside \
+                 that scope; remove it unless the CA still publishes both",
+                older.field, older.source, older.issuer, newer.source
+            ));
+        }
+    }
     let mut builder =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .with_crls(lb.crls.iter().map(|c| c.der.clone()));
+            .with_crls(ordered.iter().map(|c| c.der.clone()));
     if rev.scope == RevocationScope::EndEntity {
         builder = builder.only_check_end_entity_revocation();
     }
@@ -1701,6 +1723,7 @@ mod tests {
             issuer_raw: vec![],
             this_update: 0,
             next_update: Some(next),
+            number: None,
             revoked: 0,
         };
         let cert = |t: i64| CertFact {

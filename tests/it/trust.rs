@@ -341,6 +341,63 @@ async fn of_two_crls_from_one_issuer_the_newer_counts_whatever_their_order() {
     }
 }
 
+/// RFC 5280 §5.2.3: "CRL number is a non-critical CRL extension that conveys a
+/// monotonically increasing sequence number for a given CRL scope and CRL issuer", and
+/// webpki consults the first CRL authoritative for a certificate. Two CRLs of one
+/// issuer whose Issuing Distribution Points differ are both kept: the newer, which
+/// revokes the leaf, must win whatever the order of the files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_crl_with_another_scope_is_not_hidden_by_an_older_one_of_its_issuer() {
+    let n = nhs();
+    let (up, _seen) = upstream(UpstreamMode::Echo).await;
+    // Old: no Issuing Distribution Point, nothing revoked. New: end-entity certificates
+    // only, revoking the client. Both in DER, as CAs publish them.
+    let old = n.pki.der(&n.a_crl, Kind::Crl);
+    n.pki.revoke(&n.sub_a, &n.good.cert);
+    let new = n.pki.der(
+        &n.pki.crl_only_user(&n.sub_a, CrlTimes::Hours(48)),
+        Kind::Crl,
+    );
+    let cas = [&*n.root.cert, &*n.sub_a.cert];
+    let cases: [(&str, Vec<&Path>, bool); 4] = [
+        ("the old CRL alone", vec![&n.root_crl, &old], true),
+        ("the new CRL alone", vec![&n.root_crl, &new], false),
+        (
+            "old file listed first",
+            vec![&n.root_crl, &old, &new],
+            false,
+        ),
+        (
+            "new file listed first",
+            vec![&n.root_crl, &new, &old],
+            false,
+        ),
+    ];
+    for (i, (what, crls, served)) in cases.into_iter().enumerate() {
+        let y = yaml("development", &n.server, &cas, &crls, "", "", up);
+        let (gw, addr) = start(&y).await;
+        let got = status(addr, &n.root.cert, &n.good.cert, &n.good.key).await;
+        assert_eq!(got.is_ok(), served, "{what}: {got:?}");
+        gw.shutdown(Duration::from_secs(2)).await;
+        let cfg = write_cfg(&n.pki, &format!("two-scopes-{i}.yaml"), &y);
+        let verdict = inspect(&cfg, &n.good.cert);
+        assert_eq!(verdict.contains("ACCEPTED"), served, "{what}: {verdict}");
+        // The older CRL is still consulted for what the newer does not cover (a CA
+        // certificate of SubCA A's), so `check` names it rather than it being dropped.
+        let (ok, out, err) = fhirgate(&["check", "--config", &cfg]);
+        assert!(ok, "{what}: {err}");
+        let line = out.lines().find(|l| l.contains("is older than CRL"));
+        match (i, line) {
+            (0 | 1, None) => {}
+            (2 | 3, Some(l)) => assert!(
+                l.contains(&p(&old)) && l.contains(&p(&new)) && l.contains("scope"),
+                "{what}: {l}"
+            ),
+            _ => panic!("{what}: unexpected warning {line:?}: {out}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_of_an_unlisted_subca_of_the_listed_root_is_refused_whatever_unknown_status() {
     let n = nhs();

@@ -511,6 +511,24 @@ impl OpensslPki {
         self.gencrl(ca, times, "ca.cnf")
     }
 
+    /// A v2 CRL of `ca` whose critical Issuing Distribution Point limits it to end-entity
+    /// certificates (onlyContainsUserCerts, RFC 5280 §5.2.5), PEM, as a CA that splits
+    /// its CRL by scope publishes it.
+    pub fn crl_only_user(&self, ca: &Ca, times: CrlTimes) -> PathBuf {
+        let cnf = std::fs::read_to_string(ca.dir.join("ca.cnf")).expect("ca.cnf");
+        let aki = "[ crl_ext ]\nauthorityKeyIdentifier = keyid:always\n";
+        assert!(cnf.contains(aki), "ca.cnf has a crl_ext section");
+        let cnf = cnf.replace(
+            aki,
+            &format!("{aki}issuingDistributionPoint = critical, @idp\n"),
+        ) + &format!(
+            "[ idp ]\nfullname = URI:http://crl.invalid/{}-users.crl\nonlyuser = TRUE\n",
+            ca.name.replace(' ', "_")
+        );
+        std::fs::write(ca.dir.join("ca-idp.cnf"), cnf).expect("cnf");
+        self.gencrl(ca, times, "ca-idp.cnf")
+    }
+
     /// A version 1 CRL (no extensions, no CRL number), PEM.
     pub fn crl_v1(&self, ca: &Ca) -> PathBuf {
         self.gencrl(ca, CrlTimes::Hours(24), "ca-v1.cnf")
