@@ -650,7 +650,9 @@ impl Gateway {
 
 pin_project_lite::pin_project! {
     /// The client's request body, noting when it has been read to the end, so that a
-    /// timeout can be blamed on the right side.
+    /// timeout can be blamed on the right side, and without its trailers: a trailer
+    /// section is a header section the client wrote after the body, which the header
+    /// checks never saw (it could name `X-Client-Cert-Subject`), and FHIR uses none.
     struct Watched<B> {
         #[pin]
         inner: B,
@@ -680,11 +682,19 @@ impl<B: http_body::Body> http_body::Body for Watched<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
-        let r = this.inner.as_mut().poll_frame(cx);
-        if matches!(r, Poll::Ready(None)) || this.inner.is_end_stream() {
-            this.done.store(true, Ordering::Relaxed);
+        loop {
+            let r = this.inner.as_mut().poll_frame(cx);
+            if matches!(r, Poll::Ready(None)) || this.inner.is_end_stream() {
+                this.done.store(true, Ordering::Relaxed);
+            }
+            match r {
+                // Dropped, not refused: RFC 9112 §7.1.2 "A recipient that removes the
+                // chunked coding from a message MAY selectively retain or discard the
+                // received trailer fields" (HTTP/2 trailers are the same fields).
+                Poll::Ready(Some(Ok(f))) if f.is_trailers() => continue,
+                r => return r,
+            }
         }
-        r
     }
 
     fn is_end_stream(&self) -> bool {

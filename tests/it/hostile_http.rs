@@ -937,6 +937,93 @@ async fn identity_headers_cannot_be_spoofed_or_duplicated() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
+/// RFC 9112 §7.1.2: "A recipient that removes the chunked coding from a message MAY
+/// selectively retain or discard the received trailer fields." A trailer section is a
+/// header section the header checks never saw, so the gateway discards it: sent over
+/// HTTP/2 and over HTTP/1.1 (chunked), to an HTTP/2 upstream (which would pass it on
+/// as trailers) and an HTTP/1.1 one, identity names included, and the request is
+/// still served with its body.
+#[tokio::test]
+async fn request_trailers_never_reach_the_upstream() {
+    use hyper::body::Frame;
+    watch_panics();
+    let pki = Pki::new();
+    let spoof = [
+        ("x-client-cert-subject", "CN=evil"),
+        ("x-fhirgate-ods-code", "EVIL1"),
+        ("x-checksum", "abc"),
+    ];
+    let h1_raw = {
+        let tr: String = spoof.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
+        format!(
+            "POST /Patient HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/fhir+json\r\n\
+             Transfer-Encoding: chunked\r\nTrailer: x-client-cert-subject, x-fhirgate-ods-code, \
+             x-checksum\r\nConnection: close\r\n\r\n2\r\n{{}}\r\n0\r\n{tr}\r\n"
+        )
+    };
+    let h2_send = |addr: SocketAddr| {
+        let mut tr = http::HeaderMap::new();
+        for (n, v) in spoof {
+            tr.insert(n, http::HeaderValue::from_static(v));
+        }
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"{}"))),
+            Ok(Frame::trailers(tr)),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let req = Request::post("/Patient")
+            .header("content-type", "application/fhir+json")
+            .body(body)
+            .expect("req");
+        let c = tls_client(&pki, Some("client"), H2);
+        async move { send(&c, addr, req).await.expect("h2 response") }
+    };
+
+    // An HTTP/2 upstream.
+    let (up, seen) = h2c_upstream().await;
+    let mut o = Opts::new(up);
+    o.upstream_extra = "  http2: true\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let got = h2_send(addr).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let r = raw_h1(&pki, addr, h1_raw.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(r.status(), Some(200), "{}", r.text());
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 2);
+    for (i, (headers, body, trailers)) in seen.iter().enumerate() {
+        assert_eq!(body.as_ref(), b"{}", "request {i}");
+        assert!(trailers.is_none(), "request {i}: trailers {trailers:?}");
+        assert!(
+            headers.get("trailer").is_none()
+                && headers.get_all("x-client-cert-subject").iter().count() == 1
+                && headers.get("x-fhirgate-ods-code").is_none(),
+            "request {i}: {headers:?}"
+        );
+    }
+    gw.shutdown(Duration::from_secs(2)).await;
+
+    // An HTTP/1.1 upstream, which sees the exact bytes: one complete request each, no
+    // trailer section after the last chunk (it would be read as garbage), no spoof.
+    let (up, raw_seen) = raw_upstream().await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let got = h2_send(addr).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let r = raw_h1(&pki, addr, h1_raw.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(r.status(), Some(200), "{}", r.text());
+    still_serves(&pki, addr).await;
+    let reqs = raw_seen.complete();
+    assert_eq!(raw_seen.aborted(), 0);
+    for q in reqs.iter().filter(|q| q.request_line().starts_with("POST")) {
+        assert_eq!(q.body, b"{}", "{}", q.head);
+        assert!(
+            !q.head.contains("evil") && !q.head.contains("EVIL"),
+            "{}",
+            q.head
+        );
+    }
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
 #[tokio::test]
 async fn authorization_with_several_schemes_or_values_is_refused_before_introspection() {
     watch_panics();

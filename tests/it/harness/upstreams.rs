@@ -109,6 +109,56 @@ pub async fn upstream(mode: UpstreamMode) -> (SocketAddr, Seen) {
     (addr, seen)
 }
 
+/// Requests an [`h2c_upstream`] received: headers, body and trailers.
+pub type H2Seen = Arc<Mutex<Vec<(HeaderMap, Bytes, Option<HeaderMap>)>>>;
+
+/// A cleartext HTTP/2 upstream (hyper) on 127.0.0.1:0 recording each request's
+/// headers, body and trailers, answering 200 with a small FHIR JSON body.
+pub async fn h2c_upstream() -> (SocketAddr, H2Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    let seen = H2Seen::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let s = s.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let s = s.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let (body, trailers) = match body.collect().await {
+                            Ok(c) => {
+                                let trailers = c.trailers().cloned();
+                                (c.to_bytes(), trailers)
+                            }
+                            Err(_) => (Bytes::new(), None),
+                        };
+                        s.lock()
+                            .expect("lock")
+                            .push((parts.headers, body, trailers));
+                        let mut r = Response::new(Full::new(Bytes::from_static(
+                            b"{\"resourceType\":\"Parameters\"}",
+                        )));
+                        r.headers_mut()
+                            .insert("content-type", "application/fhir+json".parse().expect("hv"));
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
 /// A loopback port with nothing listening.
 pub async fn dead_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
