@@ -159,6 +159,34 @@ pub fn upstream_request_headers(
     if let Some(h) = original_host {
         headers.insert(X_FORWARDED_HOST, h);
     }
+    join_cookies(headers);
+}
+
+/// RFC 9113 §8.2.3: "If there are multiple Cookie header fields after decompression,
+/// these MUST be concatenated into a single octet string using the two-octet delimiter
+/// of 0x3B, 0x20 ("; ") before being passed into a non-HTTP/2 context, such as an
+/// HTTP/1.1 connection". An HTTP/2 client may split its cookie into crumbs; the upstream
+/// may be HTTP/1.1, and one field is as good for an HTTP/2 one.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut all = headers.get_all(header::COOKIE).iter();
+    // None or one, as for nearly every request: nothing to join, nothing allocated.
+    if all.next().is_none() || all.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    let mut sensitive = false;
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+        sensitive |= v.is_sensitive();
+    }
+    // Valid values joined by "; " are a valid value; were it not, the crumbs stay.
+    if let Ok(mut v) = HeaderValue::from_bytes(&joined) {
+        v.set_sensitive(sensitive);
+        headers.insert(header::COOKIE, v);
+    }
 }
 
 /// Prepares upstream response headers for the client.
@@ -222,6 +250,29 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "gw.example.nhs.uk");
         assert_eq!(h["x-client-cert-fingerprint"], "ab".repeat(32).as_str());
         assert_eq!(h["accept"], "application/fhir+json");
+    }
+
+    /// RFC 9113 §8.2.3: "If there are multiple Cookie header fields after
+    /// decompression, these MUST be concatenated into a single octet string using the
+    /// two-octet delimiter of 0x3B, 0x20 ("; ")".
+    #[test]
+    fn cookie_crumbs_become_one_cookie_field() {
+        let names = IdentityHeaders::default().parsed();
+        let conn = ConnectionHeaders::default();
+        let mut h = HeaderMap::new();
+        h.append("cookie", HeaderValue::from_static("a=1"));
+        h.append("cookie", HeaderValue::from_static("b=2"));
+        h.append("cookie", HeaderValue::from_static("c=3"));
+        upstream_request_headers(&mut h, &names, &conn, None);
+        let all: Vec<_> = h.get_all("cookie").iter().collect();
+        assert_eq!(all, vec!["a=1; b=2; c=3"]);
+        let mut h = HeaderMap::new();
+        h.insert("cookie", HeaderValue::from_static("a=1; b=2"));
+        upstream_request_headers(&mut h, &names, &conn, None);
+        assert_eq!(h["cookie"], "a=1; b=2");
+        let mut h = HeaderMap::new();
+        upstream_request_headers(&mut h, &names, &conn, None);
+        assert!(h.get("cookie").is_none());
     }
 
     #[test]

@@ -77,6 +77,31 @@ async fn http2_is_negotiated_and_forwarded() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
+/// RFC 9113 §8.2.3: "If there are multiple Cookie header fields after decompression,
+/// these MUST be concatenated into a single octet string using the two-octet delimiter
+/// of 0x3B, 0x20 ("; ") before being passed into a non-HTTP/2 context, such as an
+/// HTTP/1.1 connection." The HTTP/1.1 upstream records the exact bytes it receives.
+#[tokio::test]
+async fn http2_cookie_crumbs_reach_an_http1_upstream_as_one_cookie_line() {
+    watch_panics();
+    let pki = Pki::new();
+    let (up, seen) = raw_upstream().await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let client = tls_client(&pki, Some("client"), H2);
+    let req = Request::get("/Patient/1")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let got = send(&client, addr, req).await.expect("request");
+    assert_eq!(got.version, http::Version::HTTP_2);
+    assert_eq!(got.status, StatusCode::OK);
+    let q = seen.complete().pop().expect("forwarded");
+    assert_eq!(q.header("cookie"), ["a=1; b=2; c=3"], "{}", q.head);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
 /// Each bad client is refused during the handshake with the matching TLS alert, nothing
 /// reaches the upstream, and the gateway keeps serving good clients.
 #[tokio::test]
