@@ -797,7 +797,11 @@ fn is_form_encoded(h: &HeaderMap) -> bool {
 
 /// RFC 9112 §3.2: a request with more than one `Host`, or an HTTP/1.1 request with none,
 /// is refused with 400; so is a `Host` that is not a plain `host[:port]`, since it goes
-/// upstream as `X-Forwarded-Host`.
+/// upstream as `X-Forwarded-Host`. RFC 9113 §8.3.1: "A server SHOULD treat a request as
+/// malformed if it contains a Host header field that identifies an entity that differs
+/// from the entity in the ':authority' pseudo-header field": an HTTP/2 request whose
+/// two disagree is refused too, so the gateway and the upstream cannot each take a
+/// different one for the request's host.
 fn check_host<B>(req: &Request<B>) -> Result<(), Rejection> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let first = hosts.next();
@@ -812,6 +816,15 @@ fn check_host<B>(req: &Request<B>) -> Result<(), Rejection> {
                 return Err(Rejection::bad_host(
                     "The Host header is not a valid host[:port]",
                 ));
+            }
+            if req.version() == http::Version::HTTP_2 {
+                if let Some(a) = req.uri().authority() {
+                    if !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()) {
+                        return Err(Rejection::bad_host(
+                            "The Host header differs from the :authority pseudo-header",
+                        ));
+                    }
+                }
             }
         }
         None if req.version() == http::Version::HTTP_11 && req.uri().authority().is_none() => {

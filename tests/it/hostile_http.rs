@@ -937,6 +937,41 @@ async fn identity_headers_cannot_be_spoofed_or_duplicated() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
+/// RFC 9113 §8.3.1: "A server SHOULD treat a request as malformed if it contains a Host
+/// header field that identifies an entity that differs from the entity in the
+/// ':authority' pseudo-header field." Such an HTTP/2 request is refused like any bad
+/// `Host` (400, `bad_host`) and never forwarded; the same host in other letters, or no
+/// `Host` at all, is served.
+#[tokio::test]
+async fn http2_host_differing_from_authority_is_refused() {
+    watch_panics();
+    let pki = Pki::new();
+    let (up, seen) = raw_upstream().await;
+    let (gw, addr) = gateway(&pki, &Opts::new(up)).await;
+    let c = tls_client(&pki, Some("client"), H2);
+    // `send` gives every HTTP/2 request `:authority: localhost`.
+    let with_host = |host: Option<&'static str>| {
+        let mut req = Request::get("/Patient/1");
+        if let Some(h) = host {
+            req = req.header("host", h);
+        }
+        req.body(Full::new(Bytes::new())).expect("req")
+    };
+    for host in ["evil.example", "localhost:8443", "localhost.evil.example"] {
+        let got = send(&c, addr, with_host(Some(host))).await.expect("h2");
+        assert_eq!(got.version, http::Version::HTTP_2);
+        got.assert_outcome(400, "REC_BAD_REQUEST");
+    }
+    assert_eq!(rejections(&gw, "bad_host"), 3.0);
+    assert_eq!(seen.count(), 0, "refused requests were forwarded");
+    for host in [Some("LocalHost"), None] {
+        let got = send(&c, addr, with_host(host)).await.expect("h2");
+        assert_eq!(got.status, StatusCode::OK, "{host:?}");
+    }
+    assert_eq!(seen.count(), 2);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
 /// RFC 9112 §7.1.2: "A recipient that removes the chunked coding from a message MAY
 /// selectively retain or discard the received trailer fields." A trailer section is a
 /// header section the header checks never saw, so the gateway discards it: sent over
