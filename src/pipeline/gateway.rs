@@ -179,7 +179,9 @@ impl Gateway {
         // A shared reference to the request line's bytes, not a copy.
         let uri = req.uri().clone();
         let raw_path = uri.path();
-        let echoed = ECHOED.each_ref().map(|n| echoable(req.headers(), n));
+        let echoed = ECHOED
+            .each_ref()
+            .map(|n| echoable(req.headers(), n, self.nhsd.is_some()));
         let mut trace = Trace {
             context: Some(TraceContext::from_headers(req.headers())),
             ..Trace::default()
@@ -377,13 +379,16 @@ impl Gateway {
             return Ok(None);
         };
         let path = req.uri().path();
-        let policy = route.nhsd.as_ref().unwrap_or(&cfg.headers);
         let relaxed;
-        let policy = if cfg.exempt_paths.iter().any(|p| prefix_covers(p, path)) {
-            relaxed = policy.exempt();
-            &relaxed
-        } else {
-            policy
+        let policy = match &route.nhsd {
+            // A route's own block is applied as written, on an exempt path too: an
+            // operator who put an allow-list on `/MessageDefinition` meant it.
+            Some(own) => own,
+            None if cfg.exempt_paths.iter().any(|p| prefix_covers(p, path)) => {
+                relaxed = cfg.headers.exempt();
+                &relaxed
+            }
+            None => &cfg.headers,
         };
         nhsd::check(req.headers(), policy).map(Some).map_err(|e| {
             self.metrics
@@ -603,6 +608,14 @@ impl Gateway {
             }
         }
         if let (Some(f), Some(cfg)) = (facts, &self.nhsd) {
+            for name in route
+                .nhsd
+                .as_ref()
+                .unwrap_or(&cfg.headers)
+                .ignored_headers()
+            {
+                parts.headers.remove(name);
+            }
             if cfg.forward_facts {
                 for (name, value) in nhsd::upstream_fact_headers(f) {
                     parts.headers.insert(name, forward::header_value(value));
@@ -877,12 +890,17 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// A transaction id worth echoing: one value, printable ASCII, at most 128 bytes. Anything
-/// else is not reflected back (the NHSD stage reports it as invalid).
-fn echoable(h: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
+/// A transaction id worth echoing: one value, printable ASCII, at most 128 bytes; with
+/// BaRS checks on, a hyphenated UUID, which is what the BaRS API mirrors back
+/// (`format: uuid`) and all the NHSD stage accepts: the value it refuses is never
+/// reflected on the refusal (SECURITY.md).
+fn echoable(h: &HeaderMap, name: &HeaderName, uuid_only: bool) -> Option<HeaderValue> {
     let mut all = h.get_all(name).iter();
     let v = all.next()?;
     if all.next().is_some() || v.len() > 128 || !v.as_bytes().iter().all(|b| b.is_ascii_graphic()) {
+        return None;
+    }
+    if uuid_only && (v.len() != 36 || uuid::Uuid::try_parse_ascii(v.as_bytes()).is_err()) {
         return None;
     }
     let mut v = v.clone();
@@ -1082,18 +1100,37 @@ mod tests {
             "x-request-id",
             HeaderValue::from_static("60E0B220-8136-4CA5-AE46-1D97EF59D068"),
         );
-        let v = echoable(&h, &ECHOED[0]).expect("a valid id is echoed");
+        let v = echoable(&h, &ECHOED[0], false).expect("a valid id is echoed");
         assert_eq!(v.as_bytes(), b"60E0B220-8136-4CA5-AE46-1D97EF59D068");
         assert!(v.is_sensitive());
         assert!(!h["x-request-id"].is_sensitive());
-        assert!(echoable(&h, &ECHOED[1]).is_none());
+        assert!(echoable(&h, &ECHOED[1], false).is_none());
 
         h.append("x-request-id", HeaderValue::from_static("second"));
-        assert!(echoable(&h, &ECHOED[0]).is_none());
+        assert!(echoable(&h, &ECHOED[0], false).is_none());
         let long = "a".repeat(129);
         h.insert("x-request-id", HeaderValue::from_str(&long).unwrap());
-        assert!(echoable(&h, &ECHOED[0]).is_none());
+        assert!(echoable(&h, &ECHOED[0], false).is_none());
         h.insert("x-request-id", HeaderValue::from_static("has space"));
-        assert!(echoable(&h, &ECHOED[0]).is_none());
+        assert!(echoable(&h, &ECHOED[0], false).is_none());
+    }
+
+    /// SECURITY.md: refusals carry "never the offending header value echoed back"; the
+    /// BaRS API's `X-Request-Id` response header is `format: uuid`, "mirrored back".
+    /// With BaRS checks on, only a hyphenated UUID is echoed.
+    #[test]
+    fn with_bars_checks_only_a_uuid_is_echoed() {
+        let mut h = HeaderMap::new();
+        for (value, echoed) in [
+            ("60e0b220-8136-4ca5-ae46-1d97ef59d068", true),
+            ("<img/src=x>", false),
+            ("60e0b2208136-4ca5-ae46-1d97ef59d068x", false),
+            ("{60e0b220-8136-4ca5-ae46-1d97ef59d0}", false),
+            ("60e0b22081364ca5ae461d97ef59d068", false),
+        ] {
+            h.insert("x-request-id", HeaderValue::from_static(value));
+            assert_eq!(echoable(&h, &ECHOED[0], true).is_some(), echoed, "{value}");
+            assert!(echoable(&h, &ECHOED[0], false).is_some(), "{value}");
+        }
     }
 }

@@ -227,3 +227,87 @@ async fn without_an_nhsd_section_headers_are_not_required() {
     );
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// Three things a client sends that the upstream must not get unchecked, or get back:
+/// a route's own allow-list applies on an exempt path as written; a header the route
+/// says is `ignored` is removed, not passed on unread ("nothing unverified is passed
+/// on"); and an `X-Request-ID` refused as not a UUID is not mirrored back on the
+/// refusal (SECURITY.md: "never the offending header value echoed back"; the BaRS API
+/// gives the response's `X-Request-Id` as `format: uuid`).
+#[tokio::test]
+async fn route_blocks_hold_on_exempt_paths_and_nothing_unread_is_forwarded_or_echoed() {
+    let pki = Pki::new();
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.routes = [
+        "  - name: definitions",
+        "    path_prefix: /MessageDefinition",
+        "    nhsd:",
+        "      allowed_ods_codes: [RYG]",
+        "  - name: booking",
+        "    path_prefix: /Slot",
+        "    nhsd:",
+        "      target_identifier: ignored",
+        "  - name: fhir",
+        "    path_prefix: /",
+        NHSD,
+    ]
+    .join("\n");
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    let before = seen.count();
+    send(&c, addr, get("/MessageDefinition"))
+        .await
+        .unwrap()
+        .assert_outcome(400, "REC_BAD_REQUEST");
+    let got = send(&c, addr, request("/MessageDefinition", &[], &[]))
+        .await
+        .unwrap();
+    got.assert_outcome(403, "REC_FORBIDDEN");
+    assert_eq!(seen.count(), before, "the route's allow-list held");
+    // `nhsd.headers` is still relaxed on exempt paths without a block of their own.
+    assert_eq!(
+        send(&c, addr, get("/metadata")).await.unwrap().status,
+        StatusCode::OK
+    );
+
+    let got = send(
+        &c,
+        addr,
+        request(
+            "/Slot",
+            &[nhsd::TARGET_IDENTIFIER],
+            &[(nhsd::TARGET_IDENTIFIER, "!!not-base64{\"value\":\"OTHER\"}")],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    let (_, h, _) = seen.last();
+    assert!(
+        h.get(nhsd::TARGET_IDENTIFIER).is_none(),
+        "an ignored header reached the upstream unread"
+    );
+    assert!(
+        h.get(nhsd::END_USER_ORGANISATION).is_some(),
+        "checked ones go on"
+    );
+
+    let got = send(
+        &c,
+        addr,
+        request(
+            "/Patient/1",
+            &[nhsd::REQUEST_ID],
+            &[(nhsd::REQUEST_ID, "<img/src=x>")],
+        ),
+    )
+    .await
+    .unwrap();
+    got.assert_outcome(400, "REC_BAD_REQUEST");
+    assert!(
+        got.headers.get(nhsd::REQUEST_ID).is_none(),
+        "refused id echoed"
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
+}

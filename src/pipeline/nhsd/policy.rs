@@ -13,7 +13,8 @@ pub enum HeaderRequirement {
     /// Absent is fine; present must be valid.
     #[default]
     Optional,
-    /// Not looked at (the gateway still forwards it unchanged).
+    /// Not looked at, and removed before the upstream: an upstream (or a BaRS library
+    /// in it) must not take an unchecked header for one the gateway checked.
     Ignored,
 }
 
@@ -169,9 +170,10 @@ impl NhsdPolicy {
     /// The policy on a path exempt from the NHSD headers (`nhsd.exempt_paths`:
     /// `/metadata`, `/MessageDefinition`, which the BaRS guide excludes from them).
     /// Nothing is required there and no allow-list applies, but every header that is
-    /// sent, the two ids included, is still checked: nothing unverified is passed on. A
-    /// missing `X-Request-ID` is generated as on any path, so capability discovery and
-    /// probes work without the BaRS headers; a route's own `nhsd` block can require them.
+    /// sent, the two ids included, is still checked: nothing unverified is passed on.
+    /// So capability discovery and probes work without the BaRS headers (a missing
+    /// `X-Request-ID` stays missing). Only `nhsd.headers` is relaxed this way: a route's
+    /// own `nhsd` block applies as written there too.
     pub fn exempt(&self) -> NhsdPolicy {
         let relax = |h| match h {
             HeaderRequirement::Required => HeaderRequirement::Optional,
@@ -190,6 +192,13 @@ impl NhsdPolicy {
             max_decoded_bytes: self.max_decoded_bytes,
             refusal: self.refusal,
         }
+    }
+
+    /// The headers this policy does not look at, which are therefore not forwarded.
+    pub fn ignored_headers(&self) -> impl Iterator<Item = &'static str> + '_ {
+        super::ALL_HEADERS
+            .into_iter()
+            .filter(|h| self.effective(h) == HeaderRequirement::Ignored)
     }
 
     /// The requirement `check` applies: a non-empty allow-list makes its header required,
