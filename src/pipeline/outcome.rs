@@ -435,6 +435,14 @@ impl Rejection {
             resp.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
+        // RFC 9110 §15.5.6: "The origin server MUST generate an Allow header field in a
+        // 405 response"; the methods are FHIR's RESTful API's, all the gateway passes on.
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            resp.headers_mut().insert(
+                http::header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+        }
         resp
     }
 }

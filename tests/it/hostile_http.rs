@@ -662,6 +662,15 @@ async fn absolute_form_connect_and_upgrade_cannot_redirect_or_tunnel() {
     .await;
     assert_eq!(r.status(), Some(405), "{}", r.text());
     assert!(r.is_outcome("REC_METHOD_NOT_ALLOWED"), "{}", r.text());
+    // RFC 9110 §15.5.6: "The origin server MUST generate an Allow header field in a 405
+    // response containing a list of the target resource's currently supported methods."
+    assert!(
+        r.text()
+            .to_ascii_lowercase()
+            .contains("\r\nallow: get, head, post, put, patch, delete, options\r\n"),
+        "{}",
+        r.text()
+    );
     let mut s = raw_h2(&pki, addr).await;
     let mut block = vec![0x02]; // :method, literal value
     block.extend(hpack_string(b"CONNECT"));
