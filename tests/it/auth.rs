@@ -437,7 +437,7 @@ async fn jwt_mode_validates_locally_with_jwks_rotation() {
     let (up, seen) = upstream(UpstreamMode::Echo).await;
     let mut o = Opts::new(up);
     o.auth = format!(
-        "auth:\n  mode: jwt\n  issuer: http://{}\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n  jwks_min_refetch: 1s\n",
+        "auth:\n  mode: jwt\n  issuer: http://{}\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n  jwks_min_refetch: 1s\n  jwks_max_age: 1s\n",
         stub.addr
     );
     o.routes = ROUTES.into();
@@ -567,6 +567,32 @@ async fn jwt_mode_validates_locally_with_jwks_rotation() {
             .assert_outcome(403, "REC_FORBIDDEN");
     }
     assert_eq!(stub.jwks_fetches(), fetches + 1);
+
+    // RFC 9068 §4: "The resource server MUST use the keys provided by the authorization
+    // server". k1 withdrawn from the set: once the keys held are `jwks_max_age` old, a
+    // token signed with it (a new one, so no cached verdict answers) is refused, and k2
+    // still verifies.
+    stub.set_jwks(serde_json::json!({"keys": [jwk2]}));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let withdrawn = mint(
+        &k1,
+        "k1",
+        claims("https://as.example", "fhirgate", exp + 1, "system/*.*"),
+    );
+    send(&c, addr, get(withdrawn))
+        .await
+        .unwrap()
+        .assert_outcome(403, "REC_FORBIDDEN");
+    assert_eq!(stub.jwks_fetches(), fetches + 2);
+    let current = mint(
+        &k2,
+        "k2",
+        claims("https://as.example", "fhirgate", exp + 1, "system/*.*"),
+    );
+    assert_eq!(
+        send(&c, addr, get(current)).await.unwrap().status,
+        StatusCode::OK
+    );
     gw.shutdown(Duration::from_secs(2)).await;
 }
 

@@ -21,7 +21,7 @@ use crate::tls::client_connector;
 /// Largest response body read from the authorisation server.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum IntrospectError {
     #[error("introspection endpoint not known yet (discovery pending)")]
     NoEndpoint,

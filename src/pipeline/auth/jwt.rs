@@ -85,10 +85,23 @@ impl OneOrMany {
     }
 }
 
+/// The last key-set fetch: when it started, and the error if it failed.
+struct LastFetch {
+    at: Instant,
+    failed: Option<IntrospectError>,
+}
+
 pub struct JwtVerifier {
     keys: ArcSwap<HashMap<String, DecodingKey>>,
-    last_fetch: Mutex<Option<Instant>>,
+    /// When the keys in `keys` were fetched (`None` before the first good fetch).
+    keys_at: std::sync::Mutex<Option<Instant>>,
+    last_fetch: Mutex<Option<LastFetch>>,
     min_refetch: Duration,
+    /// `auth.jwks_max_age`: how long a fetched key set is used before it is fetched
+    /// again. RFC 9068 §4: the resource server "MUST use the keys provided by the
+    /// authorization server", so a key the server withdraws (a compromised one) must
+    /// stop verifying tokens: within this long.
+    max_age: Duration,
     algorithms: Vec<Algorithm>,
     issuer: Option<String>,
     audience: Option<String>,
@@ -119,13 +132,21 @@ impl JwtVerifier {
     ) -> Self {
         JwtVerifier {
             keys: ArcSwap::from_pointee(HashMap::new()),
+            keys_at: std::sync::Mutex::new(None),
             last_fetch: Mutex::new(None),
             min_refetch,
+            max_age: Duration::from_secs(300),
             algorithms,
             issuer,
             audience,
             accept_legacy_typ: false,
         }
+    }
+
+    /// `auth.jwks_max_age`.
+    pub fn key_set_max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
     }
 
     /// `auth.accept_legacy_jwt_typ`.
@@ -134,13 +155,47 @@ impl JwtVerifier {
         self
     }
 
-    /// Fetches the JWKS unless one was fetched less than `min_refetch` ago.
+    /// Fetches the JWKS unless one was fetched less than `min_refetch` ago. Within that
+    /// window the last fetch's outcome stands: a failed one is an error again (503, never
+    /// a verdict on the token, so nothing is cached against it), a good one means the
+    /// keys held are the server's current ones.
     async fn refresh(&self, client: &AsClient, jwks_uri: &str) -> Result<(), IntrospectError> {
         let mut last = self.last_fetch.lock().await;
-        if last.is_some_and(|t| t.elapsed() < self.min_refetch) {
-            return Ok(());
+        if let Some(l) = last.as_ref().filter(|l| l.at.elapsed() < self.min_refetch) {
+            return l.failed.clone().map_or(Ok(()), Err);
         }
-        *last = Some(Instant::now());
+        let at = Instant::now();
+        let r = self.fetch(client, jwks_uri).await;
+        *last = Some(LastFetch {
+            at,
+            failed: r.as_ref().err().cloned(),
+        });
+        if r.is_ok() {
+            if let Ok(mut k) = self.keys_at.lock() {
+                *k = Some(at);
+            }
+        }
+        r
+    }
+
+    /// Whether the keys held are older than `max_age` (or there are none).
+    fn keys_stale(&self) -> bool {
+        self.keys_at
+            .lock()
+            .map(|k| k.is_none_or(|t| t.elapsed() >= self.max_age))
+            .unwrap_or(true)
+    }
+
+    /// Whether a fetch is under way or was tried within `min_refetch` (a stale set is
+    /// then used as it is, without waiting).
+    fn fetching_or_fetched_recently(&self) -> bool {
+        self.last_fetch.try_lock().map_or(true, |l| {
+            l.as_ref()
+                .is_some_and(|l| l.at.elapsed() < self.min_refetch)
+        })
+    }
+
+    async fn fetch(&self, client: &AsClient, jwks_uri: &str) -> Result<(), IntrospectError> {
         let body = client.get_json(jwks_uri).await?;
         let set: JwkSet = serde_json::from_slice(&body)
             .map_err(|e| IntrospectError::Malformed(format!("JWKS: {e}")))?;
@@ -180,6 +235,14 @@ impl JwtVerifier {
         };
         if !self.keys.load().contains_key(&kid) {
             self.refresh(client, jwks_uri).await?;
+        } else if self.keys_stale() && !self.fetching_or_fetched_recently() {
+            // A known key, but the set may have dropped it since: fetched again. If the
+            // server cannot be reached the keys held stay in use (an outage of the key
+            // server must not refuse every token), and the next request tries again once
+            // `min_refetch` has passed.
+            if let Err(e) = self.refresh(client, jwks_uri).await {
+                tracing::warn!(target: "fhirgate::auth", error = %e, "JWKS refresh failed; keeping the keys held");
+            }
         }
         let keys = self.keys.load();
         let Some(key) = keys.get(&kid) else {
@@ -228,7 +291,39 @@ impl JwtVerifier {
 
 #[cfg(test)]
 mod tests {
-    use super::typ_acceptable;
+    use super::*;
+    use crate::pipeline::auth::AuthConfig;
+    use base64::Engine;
+
+    /// README: "Fail closed: when the authorisation server is down, slow, … unknown
+    /// tokens get 503". A key set that cannot be fetched is that, on the first try and
+    /// on every try within `jwks_min_refetch` after it: never an `active: false` verdict,
+    /// which would be cached against the token and outlive the outage.
+    #[tokio::test]
+    async fn a_key_set_outage_is_an_error_every_time_not_a_verdict() {
+        // Nothing listens here: every fetch is a transport error.
+        let Ok(l) = std::net::TcpListener::bind("127.0.0.1:0") else {
+            panic!("bind")
+        };
+        let url = format!("http://{}/jwks", l.local_addr().expect("addr"));
+        drop(l);
+        let cfg: AuthConfig =
+            serde_saphyr::from_str(&format!("mode: jwt\njwks_uri: {url}\ntimeout: 1s\n"))
+                .expect("config");
+        let client = AsClient::new(&cfg).expect("client");
+        let v = JwtVerifier::new(vec![Algorithm::ES256], None, None, Duration::from_secs(10));
+        let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let token = format!(
+            "{}.{}.{}",
+            b(r#"{"alg":"ES256","typ":"at+jwt","kid":"k1"}"#),
+            b(r#"{"exp":4000000000}"#),
+            b("sig")
+        );
+        for attempt in 0..3 {
+            let got = v.verify(&client, &url, &token).await;
+            assert!(got.is_err(), "attempt {attempt}: {got:?}");
+        }
+    }
 
     #[test]
     fn rfc9068_typ_values() {

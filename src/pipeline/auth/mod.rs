@@ -119,6 +119,10 @@ pub struct AuthConfig {
     /// Shortest time between two JWKS fetches triggered by unknown `kid`s.
     #[serde(default = "default_min_refetch", with = "crate::config::duration")]
     pub jwks_min_refetch: Duration,
+    /// How long a fetched JWKS is used before it is fetched again, so that a key the
+    /// server withdraws stops verifying tokens (RFC 9068 §4).
+    #[serde(default = "default_jwks_max_age", with = "crate::config::duration")]
+    pub jwks_max_age: Duration,
     /// Signature algorithms accepted in `jwt` mode.
     #[serde(default = "default_algorithms")]
     pub algorithms: Vec<String>,
@@ -169,6 +173,9 @@ pub struct AuthConfig {
 
 fn default_min_refetch() -> Duration {
     Duration::from_secs(10)
+}
+fn default_jwks_max_age() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_algorithms() -> Vec<String> {
     jwt::DEFAULT_ALGORITHMS
@@ -575,6 +582,7 @@ impl Authoriser {
                 cfg.expected_audience.clone(),
                 cfg.jwks_min_refetch,
             )
+            .key_set_max_age(cfg.jwks_max_age)
             .accept_legacy_typ(cfg.accept_legacy_jwt_typ)
         });
         let cache_counter = |result: &str| {
