@@ -406,11 +406,14 @@ impl Rejection {
             "issue": [{
                 "severity": "error",
                 "code": self.issue,
+                // No `display`: FHIR's is "a representation of the meaning of the code
+                // in the system", the CodeSystem's own text (`400: The Receiver was
+                // unable to process the request.`), which a validator checks; the BaRS
+                // examples carry the system and code alone, as here.
                 "details": {
                     "coding": [{
                         "system": NHS_ERROR_SYSTEM,
                         "code": self.nhs_code,
-                        "display": format!("{} - {}", self.status.as_u16(), self.nhs_code),
                     }]
                 },
                 "diagnostics": self.diagnostics,
@@ -695,6 +698,15 @@ mod tests {
             NHS_ERROR_SYSTEM
         );
         assert_eq!(j["issue"][0]["details"]["coding"][0]["code"], "REC_TIMEOUT");
+        // FHIR Coding.display is "a representation of the meaning of the code in the
+        // system": the CodeSystem's text or nothing, never one made up here (it used
+        // to be "504 - REC_TIMEOUT").
+        assert!(
+            j["issue"][0]["details"]["coding"][0]
+                .get("display")
+                .is_none(),
+            "{j}"
+        );
         let resp = r.into_response();
         assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(resp.headers()[CONTENT_TYPE], FHIR_JSON);
