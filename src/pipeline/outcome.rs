@@ -570,6 +570,14 @@ mod tests {
                 }),
             ),
             (
+                "a field of the wrong JSON type",
+                nhsd(NhsdError::WrongType {
+                    header: H,
+                    field: "x",
+                    reason: String::new(),
+                }),
+            ),
+            (
                 "NHSD header over `max_encoded_bytes`",
                 nhsd(NhsdError::TooLarge {
                     header: H,

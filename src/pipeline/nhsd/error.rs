@@ -57,6 +57,16 @@ pub enum NhsdError {
         field: &'static str,
     },
 
+    /// A field of the wrong JSON type: the header "doesn't adhere to the schema", which
+    /// the BaRS failure scenarios code `structure` (`value` is for a well-typed value
+    /// that is wrong). `reason` is produced by this module, never copied from the input.
+    #[error("Header {header} has an invalid {field}: {reason}")]
+    WrongType {
+        header: &'static str,
+        field: &'static str,
+        reason: String,
+    },
+
     /// `reason` is produced by this module, never copied from the input.
     #[error("Header {header} has an invalid {field}: {reason}")]
     InvalidValue {
@@ -87,6 +97,7 @@ impl NhsdError {
             | NhsdError::Json { header, .. }
             | NhsdError::WrongResourceType { header, .. }
             | NhsdError::MissingField { header, .. }
+            | NhsdError::WrongType { header, .. }
             | NhsdError::InvalidValue { header, .. }
             | NhsdError::NotAllowed { header, .. } => header,
         }
@@ -136,7 +147,9 @@ impl NhsdError {
                 "invalid"
             }
             NhsdError::TooLarge { .. } => "too-long",
-            NhsdError::Json { .. } | NhsdError::WrongResourceType { .. } => "structure",
+            NhsdError::Json { .. }
+            | NhsdError::WrongResourceType { .. }
+            | NhsdError::WrongType { .. } => "structure",
             NhsdError::InvalidValue { .. } => "value",
             NhsdError::NotAllowed { .. } => "forbidden",
         }
@@ -153,6 +166,7 @@ impl NhsdError {
             NhsdError::Json { .. } => "nhsd_json",
             NhsdError::WrongResourceType { .. } => "nhsd_resource_type",
             NhsdError::MissingField { .. } => "nhsd_missing_field",
+            NhsdError::WrongType { .. } => "nhsd_wrong_type",
             NhsdError::InvalidValue { .. } => "nhsd_invalid_value",
             NhsdError::NotAllowed { .. } => "nhsd_not_allowed",
         }

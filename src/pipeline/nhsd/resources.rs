@@ -254,6 +254,15 @@ impl Cx {
         }
     }
 
+    /// A field of the wrong JSON type (`structure`, not `value`: see [`NhsdError::WrongType`]).
+    fn wrong_type(&self, field: &'static str, reason: impl Into<String>) -> NhsdError {
+        NhsdError::WrongType {
+            header: self.header,
+            field,
+            reason: reason.into(),
+        }
+    }
+
     fn invalid(&self, field: &'static str, reason: impl Into<String>) -> NhsdError {
         NhsdError::InvalidValue {
             header: self.header,
@@ -275,7 +284,7 @@ impl Cx {
                 expected,
                 found: excerpt(s),
             }),
-            Some(other) => Err(self.invalid(
+            Some(other) => Err(self.wrong_type(
                 "resourceType",
                 format!("must be a string, not {}", kind(other)),
             )),
@@ -340,7 +349,7 @@ impl Cx {
                 Ok(Some(s))
             }
             Some(other) => {
-                Err(self.invalid(field, format!("must be a string, not {}", kind(other))))
+                Err(self.wrong_type(field, format!("must be a string, not {}", kind(other))))
             }
         }
     }
@@ -363,7 +372,7 @@ impl Cx {
     ) -> Result<&'a Map<String, Value>, NhsdError> {
         match v {
             Value::Object(m) => Ok(m),
-            other => Err(self.invalid(field, format!("must be an object, not {}", kind(other)))),
+            other => Err(self.wrong_type(field, format!("must be an object, not {}", kind(other)))),
         }
     }
 
@@ -381,7 +390,7 @@ impl Cx {
             }
             Some(Value::Array(a)) => Ok(Some(a)),
             Some(other) => {
-                Err(self.invalid(field, format!("must be an array, not {}", kind(other))))
+                Err(self.wrong_type(field, format!("must be an array, not {}", kind(other))))
             }
         }
     }
@@ -400,7 +409,7 @@ impl Cx {
                 let items = self.optional_array(obj, key, key)?.unwrap_or_default();
                 items.iter().map(|v| self.object(v, key)).collect()
             }
-            Some(other) => Err(self.invalid(
+            Some(other) => Err(self.wrong_type(
                 key,
                 format!(
                     "must be an object or an array of objects, not {}",

@@ -72,9 +72,9 @@ fn refuse_with(m: &HeaderMap, p: &NhsdPolicy) -> NhsdError {
 
 fn field_of(e: &NhsdError) -> Option<&'static str> {
     match e {
-        NhsdError::MissingField { field, .. } | NhsdError::InvalidValue { field, .. } => {
-            Some(field)
-        }
+        NhsdError::MissingField { field, .. }
+        | NhsdError::WrongType { field, .. }
+        | NhsdError::InvalidValue { field, .. } => Some(field),
         _ => None,
     }
 }
@@ -328,6 +328,10 @@ fn malformed_cases() -> Vec<Case> {
     const JSON: &str = "nhsd_json";
     const MISSING_FIELD: &str = "nhsd_missing_field";
     const INVALID: &str = "nhsd_invalid_value";
+    // BaRS failure scenarios: "400 | REC_BAD_REQUEST | structure | The
+    // NHSD-Target-Identifier header doesn't adhere to the schema"; a field of the wrong
+    // JSON type is that, not a bad `value`.
+    const WRONG_TYPE: &str = "nhsd_wrong_type";
     const ODS: Option<&str> = Some("identifier (ods-organization-code)");
 
     // An organisation whose standard encoding contains '+' or '/', so URL-safe differs.
@@ -515,7 +519,7 @@ fn malformed_cases() -> Vec<Case> {
             "numeric resourceType",
             edit(ORG, |v| v["resourceType"] = json!(7)),
             ORG,
-            INVALID,
+            WRONG_TYPE,
             Some("resourceType"),
         ),
         case(
@@ -531,7 +535,7 @@ fn malformed_cases() -> Vec<Case> {
                 v["identifier"] = json!({"system": ODS_SYSTEM, "value": "A1001"})
             }),
             ORG,
-            INVALID,
+            WRONG_TYPE,
             Some("identifier"),
         ),
         case(
@@ -617,7 +621,7 @@ fn malformed_cases() -> Vec<Case> {
             "identifier value not a string",
             edit(ORG, |v| v["identifier"][0]["value"] = json!(1001)),
             ORG,
-            INVALID,
+            WRONG_TYPE,
             Some("identifier.value"),
         ),
         case(
@@ -652,7 +656,7 @@ fn malformed_cases() -> Vec<Case> {
             "name not a string",
             edit(ORG, |v| v["name"] = json!(["x"])),
             ORG,
-            INVALID,
+            WRONG_TYPE,
             Some("name"),
         ),
         // PractitionerRole
@@ -699,7 +703,7 @@ fn malformed_cases() -> Vec<Case> {
             "code not an array",
             edit(PRAC, |v| v["code"] = json!({"coding": []})),
             PRAC,
-            INVALID,
+            WRONG_TYPE,
             Some("code"),
         ),
         // Device
@@ -714,7 +718,7 @@ fn malformed_cases() -> Vec<Case> {
             "deviceName a string",
             edit(SOFT, |v| v["deviceName"] = json!("Product")),
             SOFT,
-            INVALID,
+            WRONG_TYPE,
             Some("deviceName"),
         ),
         case(
@@ -1375,7 +1379,7 @@ fn readme_refusal_table_matches_the_issue_codes_sent() {
             },
         ),
         (
-            "or to the wrong resource",
+            "to the wrong resource",
             NhsdError::WrongResourceType {
                 header: h,
                 expected: "Organization",
@@ -1387,6 +1391,14 @@ fn readme_refusal_table_matches_the_issue_codes_sent() {
             NhsdError::TooLarge {
                 header: h,
                 limit: 1,
+            },
+        ),
+        (
+            "a field of the wrong JSON type",
+            NhsdError::WrongType {
+                header: h,
+                field: "x",
+                reason: String::new(),
             },
         ),
         (
