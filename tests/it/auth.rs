@@ -596,6 +596,63 @@ async fn jwt_mode_validates_locally_with_jwks_rotation() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
+/// OpenID Connect Core 1.0 §10.1: "The verifier knows to go back to the jwks_uri
+/// location to re-retrieve the keys when it sees an unfamiliar kid value." Junk kids
+/// that keep the `jwks_min_refetch` window busy must not lock a newly rotated key's
+/// tokens out beyond that window: an unfamiliar kid refused within it is remembered only
+/// until the key set may be fetched again, not for `negative_ttl` (30 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_mode_junk_kids_cannot_lock_out_a_rotated_key() {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    let (k1, jwk1) = es256_key("k1");
+    let (k2, jwk2) = es256_key("k2");
+    stub.set_jwks(serde_json::json!({"keys": [jwk1.clone()]}));
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = format!(
+        "auth:\n  mode: jwt\n  jwks_uri: http://{}/jwks\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n  jwks_min_refetch: 1s\n",
+        stub.addr
+    );
+    o.routes = ROUTES.into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    let claims = serde_json::json!({"iss": "https://as.example", "aud": "fhirgate", "exp": now() + 600, "iat": now(), "jti": "t-1", "client_id": "bars-jwt", "sub": "bars-jwt", "scope": "system/*.*"});
+    let get = |t: &str| with_token(http::Method::GET, "/Patient/1", Some(t));
+    let good = mint(&k1, "k1", claims.clone());
+    assert_eq!(
+        send(&c, addr, get(&good)).await.unwrap().status,
+        StatusCode::OK
+    );
+
+    // A junk kid once the window has passed: the set is fetched, the kid is not in it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fetches = stub.jwks_fetches();
+    send(&c, addr, get(&mint(&k1, "junk", claims.clone())))
+        .await
+        .unwrap()
+        .assert_outcome(403, "REC_FORBIDDEN");
+    assert_eq!(stub.jwks_fetches(), fetches + 1);
+
+    // The server rotates to k2 just after that fetch: its first token, within the
+    // window, is refused on the set just fetched (no fetch: the throttle holds)...
+    stub.set_jwks(serde_json::json!({"keys": [jwk1, jwk2]}));
+    let rotated = mint(&k2, "k2", claims);
+    send(&c, addr, get(&rotated))
+        .await
+        .unwrap()
+        .assert_outcome(403, "REC_FORBIDDEN");
+    assert_eq!(stub.jwks_fetches(), fetches + 1);
+    // ... and the same token verifies once the window has passed, not 30 s later.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        send(&c, addr, get(&rotated)).await.unwrap().status,
+        StatusCode::OK
+    );
+    assert_eq!(stub.jwks_fetches(), fetches + 2);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
 /// RFC 8705 certificate-bound tokens work only over a connection with that certificate;
 /// proof-of-possession tokens the gateway cannot verify (DPoP) are refused.
 #[tokio::test]

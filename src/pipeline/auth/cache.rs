@@ -42,6 +42,9 @@ pub enum CachedToken {
         ttl: Duration,
     },
     Inactive,
+    /// Refused on evidence that may change sooner than `negative_ttl` (a JWT whose `kid`
+    /// is not in the key set held, which may be fetched again after `ttl`).
+    InactiveFor(Duration),
 }
 
 /// How long a positive result may be cached: up to `exp` (never past it), at most
@@ -103,7 +106,10 @@ pub fn entry_from(
     token_hash: String,
 ) -> CachedToken {
     if !i.active {
-        return CachedToken::Inactive;
+        return match i.holds_for {
+            Some(t) if t < cfg.cache.negative_ttl => CachedToken::InactiveFor(t),
+            _ => CachedToken::Inactive,
+        };
     }
     let bound_cert_sha256 = match binding(i) {
         Binding::None => None,
@@ -160,6 +166,7 @@ impl Expiry<TokenKey, Arc<CachedToken>> for PerEntry {
         Some(match &**v {
             CachedToken::Active { ttl, .. } => *ttl,
             CachedToken::Inactive => self.negative,
+            CachedToken::InactiveFor(ttl) => *ttl,
         })
     }
 }

@@ -83,6 +83,10 @@ pub struct Introspection {
     /// client certificate, RFC 9449 `jkt` for DPoP).
     #[serde(default)]
     pub cnf: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Set by `jwt` mode when the answer rests on a key set that may be fetched again
+    /// sooner than `negative_ttl`: the verdict is cached no longer than this.
+    #[serde(skip)]
+    pub holds_for: Option<std::time::Duration>,
 }
 
 /// NumericDate: seconds, possibly with a fraction (RFC 7519 §2).

@@ -186,6 +186,17 @@ impl JwtVerifier {
             .unwrap_or(true)
     }
 
+    /// How long until the key set held may be fetched again for an unknown `kid`.
+    fn until_refetch(&self) -> Duration {
+        self.keys_at
+            .lock()
+            .ok()
+            .and_then(|k| *k)
+            .map_or(Duration::ZERO, |t| {
+                self.min_refetch.saturating_sub(t.elapsed())
+            })
+    }
+
     /// Whether a fetch is under way or was tried within `min_refetch` (a stale set is
     /// then used as it is, without waiting).
     fn fetching_or_fetched_recently(&self) -> bool {
@@ -246,7 +257,18 @@ impl JwtVerifier {
         }
         let keys = self.keys.load();
         let Some(key) = keys.get(&kid) else {
-            return Ok(inactive);
+            // The kid is not in a key set fetched within `min_refetch` (a lookup that
+            // could not consult one returned the error above). A verdict, but only on
+            // that set: a key published after it (a rotation, a JWKS behind a CDN
+            // catching up) is seen by the next fetch, which the throttle allows once
+            // `min_refetch` has passed. So the refusal is cached until then, not for
+            // `negative_ttl`: junk kids keeping the window busy can hold back a newly
+            // rotated key by at most `min_refetch` (as a key published just after any
+            // fetch is), never lock its tokens out beyond it.
+            return Ok(Introspection {
+                holds_for: Some(self.until_refetch()),
+                ..inactive
+            });
         };
         let mut v = Validation::new(header.alg);
         v.leeway = 30;
@@ -285,6 +307,7 @@ impl JwtVerifier {
             aud: c.aud.map(OneOrMany::list).unwrap_or_default(),
             token_type: None,
             cnf: c.cnf,
+            holds_for: None,
         })
     }
 }

@@ -690,7 +690,7 @@ impl Authoriser {
             }
         };
         let (facts, granted) = match &*entry {
-            CachedToken::Inactive => {
+            CachedToken::Inactive | CachedToken::InactiveFor(_) => {
                 return Err(AuthError::InvalidToken("inactive, expired or unknown"))
             }
             CachedToken::Active { facts, granted, .. } => (facts, granted),
