@@ -444,7 +444,7 @@ async fn jwt_mode_validates_locally_with_jwks_rotation() {
     let (gw, addr) = gateway(&pki, &o).await;
     let c = tls_client(&pki, Some("client"), H1);
     let exp = now() + 600;
-    let claims = |iss: &str, aud: &str, exp: u64, scope: &str| serde_json::json!({"iss": iss, "aud": aud, "exp": exp, "iat": now(), "client_id": "bars-jwt", "sub": "bars-jwt", "scope": scope});
+    let claims = |iss: &str, aud: &str, exp: u64, scope: &str| serde_json::json!({"iss": iss, "aud": aud, "exp": exp, "iat": now(), "jti": format!("{scope} {exp}"), "client_id": "bars-jwt", "sub": "bars-jwt", "scope": scope});
     let good = mint(
         &k1,
         "k1",
@@ -461,7 +461,7 @@ async fn jwt_mode_validates_locally_with_jwks_rotation() {
     let several = mint(
         &k1,
         "k1",
-        serde_json::json!({"iss": "https://as.example", "aud": ["billing", "fhirgate"], "exp": exp, "client_id": "bars-jwt", "scope": "system/*.*"}),
+        serde_json::json!({"iss": "https://as.example", "aud": ["billing", "fhirgate"], "exp": exp, "iat": now(), "jti": "several", "client_id": "bars-jwt", "sub": "bars-jwt", "scope": "system/*.*"}),
     );
     assert_eq!(
         send(&c, addr, get(several)).await.unwrap().status,
@@ -504,18 +504,18 @@ async fn jwt_mode_validates_locally_with_jwks_rotation() {
         mint(
             &k1,
             "k1",
-            serde_json::json!({"iss": "https://as.example", "exp": exp, "client_id": "other-api", "scope": "system/*.*"}),
+            serde_json::json!({"iss": "https://as.example", "exp": exp, "iat": now(), "jti": "no-aud", "client_id": "other-api", "sub": "other-api", "scope": "system/*.*"}),
         ),
         // "... MUST validate that the iss claim exactly matches": none is no match.
         mint(
             &k1,
             "k1",
-            serde_json::json!({"aud": "fhirgate", "exp": exp, "client_id": "other-api", "scope": "system/*.*"}),
+            serde_json::json!({"aud": "fhirgate", "exp": exp, "iat": now(), "jti": "no-iss", "client_id": "other-api", "sub": "other-api", "scope": "system/*.*"}),
         ),
         mint(
             &k1,
             "k1",
-            serde_json::json!({"iss": "https://as.example", "aud": ["other-api", "billing"], "exp": exp, "client_id": "other-api", "scope": "system/*.*"}),
+            serde_json::json!({"iss": "https://as.example", "aud": ["other-api", "billing"], "exp": exp, "iat": now(), "jti": "other-aud", "client_id": "other-api", "sub": "other-api", "scope": "system/*.*"}),
         ),
     ];
     for t in bad {
@@ -714,7 +714,7 @@ async fn jwt_mode_checks_the_rfc9068_typ() {
             stub.addr
         )
     };
-    let claims = serde_json::json!({"iss": "https://as.example", "aud": "fhirgate", "exp": now() + 600, "client_id": "bars-jwt", "scope": "system/*.*"});
+    let claims = serde_json::json!({"iss": "https://as.example", "aud": "fhirgate", "exp": now() + 600, "iat": now(), "jti": "typ-1", "client_id": "bars-jwt", "sub": "bars-jwt", "scope": "system/*.*"});
     let token = |typ: Option<&str>| mint_typ(&k1, "k1", typ, claims.clone());
     let get = |t: String| with_token(http::Method::GET, "/Patient/1", Some(t.as_str()));
     let c = tls_client(&pki, Some("client"), H1);
@@ -750,6 +750,71 @@ async fn jwt_mode_checks_the_rfc9068_typ() {
         .await
         .unwrap()
         .assert_outcome(403, "REC_FORBIDDEN");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// RFC 9068 §2.2 lists the JWT access token's claims: "sub REQUIRED", "client_id
+/// REQUIRED", "iat REQUIRED", "jti REQUIRED" (with iss, exp and aud). A token missing
+/// one is refused as invalid_token; `accept_legacy_jwt_typ`, for issuers that predate
+/// RFC 9068, admits such tokens as it admits their `typ`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_mode_requires_the_rfc9068_claims() {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    let (k1, jwk1) = es256_key("k1");
+    stub.set_jwks(serde_json::json!({"keys": [jwk1]}));
+    let (up, seen) = upstream(UpstreamMode::Echo).await;
+    let auth = |extra: &str| {
+        format!(
+            "auth:\n  mode: jwt\n  jwks_uri: http://{}/jwks\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n{extra}",
+            stub.addr
+        )
+    };
+    let full = serde_json::json!({"iss": "https://as.example", "aud": "fhirgate", "exp": now() + 600, "iat": now(), "jti": "c-1", "client_id": "bars-jwt", "sub": "bars-jwt", "scope": "system/*.*"});
+    let without = |claim: &str| {
+        let mut c = full.clone();
+        if let Some(o) = c.as_object_mut() {
+            o.remove(claim);
+        }
+        mint(&k1, "k1", c)
+    };
+    let get = |t: String| with_token(http::Method::GET, "/Patient/1", Some(t.as_str()));
+    let c = tls_client(&pki, Some("client"), H1);
+    let missing = ["sub", "client_id", "iat", "jti"];
+
+    let mut o = Opts::new(up);
+    o.routes = ROUTES.into();
+    o.auth = auth("");
+    let (gw, addr) = gateway(&pki, &o).await;
+    let got = send(&c, addr, get(mint(&k1, "k1", full.clone())))
+        .await
+        .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    for claim in missing {
+        let got = send(&c, addr, get(without(claim))).await.unwrap();
+        got.assert_outcome(403, "REC_FORBIDDEN");
+        got.assert_challenge("invalid_token");
+    }
+    gw.shutdown(Duration::from_secs(2)).await;
+
+    // An older issuer names the client in `azp` and mints no `jti`.
+    o.auth = auth("  accept_legacy_jwt_typ: true\n");
+    let (gw, addr) = gateway(&pki, &o).await;
+    for claim in missing {
+        let got = send(&c, addr, get(without(claim))).await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "legacy, without {claim}");
+    }
+    let mut legacy = full.clone();
+    if let Some(m) = legacy.as_object_mut() {
+        m.remove("client_id");
+        m.remove("jti");
+        m.insert("azp".into(), "older-client".into());
+    }
+    let got = send(&c, addr, get(mint_typ(&k1, "k1", Some("JWT"), legacy)))
+        .await
+        .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(seen.last().1["x-fhirgate-client-id"], "older-client");
     gw.shutdown(Duration::from_secs(2)).await;
 }
 

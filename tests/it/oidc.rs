@@ -145,6 +145,17 @@ impl Provider {
         let t = j["access_token"].as_str().expect("access_token").to_owned();
         let h = jsonwebtoken::decode_header(&t).expect("a JWT access token");
         assert_eq!(h.typ.as_deref(), Some("at+jwt"));
+        // The claims RFC 9068 §2.2 marks REQUIRED, which `mode: jwt` insists on.
+        let payload = t.split('.').nth(1).expect("a payload");
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .expect("base64url"),
+        )
+        .expect("JSON claims");
+        for c in ["iss", "exp", "aud", "sub", "client_id", "iat", "jti"] {
+            assert!(claims.get(c).is_some(), "{c} missing from {claims}");
+        }
         t
     }
 

@@ -51,6 +51,11 @@ struct Claims {
     sub: Option<String>,
     #[serde(default)]
     exp: Option<i64>,
+    /// NumericDate, possibly with a fraction (RFC 7519 §2).
+    #[serde(default)]
+    iat: Option<f64>,
+    #[serde(default)]
+    jti: Option<String>,
     #[serde(default)]
     iss: Option<String>,
     /// One audience or several (RFC 7519 §4.1.3).
@@ -293,13 +298,23 @@ impl JwtVerifier {
             return Ok(inactive);
         };
         let c = data.claims;
+        // RFC 9068 §2.2 makes iss, exp, aud, sub, client_id, iat and jti REQUIRED (exp,
+        // and iss and aud when configured, are required above): a token without them is
+        // not an RFC 9068 access token. Issuers that predate it, admitted by
+        // `accept_legacy_jwt_typ`, often mint no `jti` and name the client in `azp`:
+        // the same switch admits their claims too, or it would admit none of their tokens.
+        if !self.accept_legacy_typ
+            && (c.sub.is_none() || c.client_id.is_none() || c.iat.is_none() || c.jti.is_none())
+        {
+            return Ok(inactive);
+        }
         Ok(Introspection {
             active: true,
             scope: c.scope.or(c.scp).map(OneOrMany::joined),
             client_id: c.client_id.or(c.azp),
             sub: c.sub,
             exp: c.exp,
-            iat: None,
+            iat: c.iat.filter(|f| f.is_finite()).map(|f| f.floor() as i64),
             nbf: None,
             iss: c.iss,
             // The token's own audiences, so the shared check after this one sees what

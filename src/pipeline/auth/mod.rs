@@ -137,8 +137,9 @@ pub struct AuthConfig {
     /// When set, the introspection `aud` must contain it.
     #[serde(default)]
     pub expected_audience: Option<String>,
-    /// `jwt` mode: also accept tokens whose JOSE `typ` is `JWT` or absent (issuers that
-    /// predate RFC 9068). Off: only `at+jwt` / `application/at+jwt` are accepted.
+    /// `jwt` mode: also accept tokens whose JOSE `typ` is `JWT` or absent, and without
+    /// the RFC 9068 §2.2 claims `sub`, `client_id`, `iat`, `jti` (issuers that predate
+    /// RFC 9068). Off: only `at+jwt` / `application/at+jwt` tokens carrying them.
     #[serde(default)]
     pub accept_legacy_jwt_typ: bool,
     /// Status for invalid, inactive or expired tokens: 403 (regional IUA guide) or 401.
