@@ -653,6 +653,69 @@ async fn jwt_mode_junk_kids_cannot_lock_out_a_rotated_key() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
+/// RFC 9068 §4: "The resource server MUST use the keys provided by the authorization
+/// server". A key withdrawn from the set stops verifying once the set is fetched again
+/// (`jwks_max_age`), for a token already verified and cached with it too; a refresh that
+/// fails keeps the last good set in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_mode_a_withdrawn_key_stops_verifying_cached_tokens() {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    let (k1, jwk1) = es256_key("k1");
+    let (k2, jwk2) = es256_key("k2");
+    stub.set_jwks(serde_json::json!({"keys": [jwk1.clone(), jwk2.clone()]}));
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let mut o = Opts::new(up);
+    o.auth = format!(
+        "auth:\n  mode: jwt\n  jwks_uri: http://{}/jwks\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n  jwks_min_refetch: 1s\n  jwks_max_age: 1s\n",
+        stub.addr
+    );
+    o.routes = ROUTES.into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let c = tls_client(&pki, Some("client"), H1);
+    let claims = |jti: &str| serde_json::json!({"iss": "https://as.example", "aud": "fhirgate", "exp": now() + 600, "iat": now(), "jti": jti, "client_id": "bars-jwt", "sub": "bars-jwt", "scope": "system/*.*"});
+    let get = |t: &str| with_token(http::Method::GET, "/Patient/1", Some(t));
+    let t1 = mint(&k1, "k1", claims("t1"));
+    let t2 = mint(&k2, "k2", claims("t2"));
+    for t in [&t1, &t2] {
+        assert_eq!(send(&c, addr, get(t)).await.unwrap().status, StatusCode::OK);
+    }
+
+    // A refresh that fails (a key set that is not one) keeps the keys held: both still
+    // verify.
+    stub.set_jwks(serde_json::json!({"keys": "not a key set"}));
+    let fetches = stub.jwks_fetches();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for t in [&t1, &t2] {
+        assert_eq!(send(&c, addr, get(t)).await.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(
+        stub.jwks_fetches(),
+        fetches + 1,
+        "the aged set fetched again"
+    );
+
+    // k1 withdrawn: the same t1, verified and cached before, is refused once the set
+    // is fetched again; t2 still verifies.
+    stub.set_jwks(serde_json::json!({"keys": [jwk2]}));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fetches = stub.jwks_fetches();
+    assert_eq!(
+        send(&c, addr, get(&t2)).await.unwrap().status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        stub.jwks_fetches(),
+        fetches + 1,
+        "the aged set fetched again"
+    );
+    send(&c, addr, get(&t1))
+        .await
+        .unwrap()
+        .assert_outcome(403, "REC_FORBIDDEN");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
 /// RFC 8705 certificate-bound tokens work only over a connection with that certificate;
 /// proof-of-possession tokens the gateway cannot verify (DPoP) are refused.
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! Token cache: keyed by SHA-256 of the token, one introspection per token per TTL.
 //!
-//! Positive entries live until `min(exp, now + max_ttl)`; negative ones for
+//! Positive entries live until `min(exp, now + max_ttl)` (in `jwt` mode no longer than
+//! the key set they were verified with is used); negative ones for
 //! `negative_ttl`; errors are not cached. Concurrent misses for one token share a single
 //! introspection (moka's `try_get_with`).
 
@@ -132,6 +133,7 @@ pub fn entry_from(
     match positive_ttl(i.exp, now, cfg.cache.max_ttl) {
         None => CachedToken::Inactive,
         Some(ttl) => {
+            let ttl = i.holds_for.map_or(ttl, |h| ttl.min(h));
             let scope = i.scope.clone().unwrap_or_default();
             CachedToken::Active {
                 granted: super::scope::parse_scope_list(&scope),

@@ -83,8 +83,8 @@ pub struct Introspection {
     /// client certificate, RFC 9449 `jkt` for DPoP).
     #[serde(default)]
     pub cnf: Option<serde_json::Map<String, serde_json::Value>>,
-    /// Set by `jwt` mode when the answer rests on a key set that may be fetched again
-    /// sooner than `negative_ttl`: the verdict is cached no longer than this.
+    /// Set by `jwt` mode, whose answer rests on the key set held, which may be fetched
+    /// again sooner than the cache would keep it: the verdict is cached no longer.
     #[serde(skip)]
     pub holds_for: Option<std::time::Duration>,
 }

@@ -191,15 +191,13 @@ impl JwtVerifier {
             .unwrap_or(true)
     }
 
-    /// How long until the key set held may be fetched again for an unknown `kid`.
-    fn until_refetch(&self) -> Duration {
+    /// How long until the key set held is `after` old (zero with none held).
+    fn keys_younger_by(&self, after: Duration) -> Duration {
         self.keys_at
             .lock()
             .ok()
             .and_then(|k| *k)
-            .map_or(Duration::ZERO, |t| {
-                self.min_refetch.saturating_sub(t.elapsed())
-            })
+            .map_or(Duration::ZERO, |t| after.saturating_sub(t.elapsed()))
     }
 
     /// Whether a fetch is under way or was tried within `min_refetch` (a stale set is
@@ -271,7 +269,7 @@ impl JwtVerifier {
             // rotated key by at most `min_refetch` (as a key published just after any
             // fetch is), never lock its tokens out beyond it.
             return Ok(Introspection {
-                holds_for: Some(self.until_refetch()),
+                holds_for: Some(self.keys_younger_by(self.min_refetch)),
                 ..inactive
             });
         };
@@ -322,7 +320,11 @@ impl JwtVerifier {
             aud: c.aud.map(OneOrMany::list).unwrap_or_default(),
             token_type: None,
             cnf: c.cnf,
-            holds_for: None,
+            // A verdict on the key set held, which is fetched again once `max_age`
+            // old: cached no longer, so a key withdrawn by then stops verifying the
+            // tokens it signed, cached ones included (RFC 9068 §4). While the set
+            // cannot be fetched again, the keys held still verify, uncached.
+            holds_for: Some(self.keys_younger_by(self.max_age)),
         })
     }
 }
