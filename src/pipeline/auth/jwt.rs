@@ -185,10 +185,7 @@ impl JwtVerifier {
 
     /// Whether the keys held are older than `max_age` (or there are none).
     fn keys_stale(&self) -> bool {
-        self.keys_at
-            .lock()
-            .map(|k| k.is_none_or(|t| t.elapsed() >= self.max_age))
-            .unwrap_or(true)
+        self.keys_younger_by(self.max_age).is_zero()
     }
 
     /// How long until the key set held is `after` old (zero with none held).
