@@ -264,8 +264,9 @@ impl CrlInfo {
     > {
         // The verifier's parser first: what it refuses (e.g. a version 1 CRL) must
         // never replace a CRL it can use.
-        webpki::OwnedCertRevocationList::from_der(der)
-            .map_err(|e| format!("refused by the verifier: {e}"))?;
+        if let Some(why) = crate::tls::verifier_refuses_crl(der) {
+            return Err(format!("refused by the verifier: {why}"));
+        }
         let crl = match x509_parser::parse_x509_crl(der) {
             Ok(([], crl)) => crl,
             Ok(_) => return Err("trailing data after the CRL".into()),

@@ -219,60 +219,51 @@ pub fn parse_crl(field: &str, source: &str, der: Vec<u8>) -> Result<LoadedCrl, C
         revoked: crl.iter_revoked_certificates().count(),
         der: CertificateRevocationListDer::from(der.clone()),
     };
-    if let Err(e) = webpki_accepts_crl(&loaded.der) {
+    if let Some(e) = verifier_refuses_crl(&loaded.der) {
         return Err(err(field, format!("{source}: {e}")));
     }
     Ok(loaded)
 }
 
-/// Asks webpki to parse one CRL (it does so when a verifier is built).
-fn webpki_accepts_crl(crl: &CertificateRevocationListDer<'static>) -> Result<(), String> {
-    use rustls::server::VerifierBuilderError as V;
-    use rustls::CertRevocationListError as C;
-    // Any anchor will do: only the CRL's own encoding is examined at build time. This
-    // one is the issuer of the placeholder CRL (crate::revocation), a fixed certificate
-    // whose key was discarded, so no certificate generator is needed at run time.
-    static DUMMY: std::sync::OnceLock<Option<Arc<RootCertStore>>> = std::sync::OnceLock::new();
-    let Some(roots) = DUMMY.get_or_init(|| {
-        let mut r = RootCertStore::empty();
-        r.add(CertificateDer::from(
-            &include_bytes!("placeholder-ca.der")[..],
-        ))
-        .ok()?;
-        Some(Arc::new(r))
-    }) else {
-        return Ok(());
-    };
-    match WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-        .with_crls([crl.clone()])
-        .build()
-    {
-        Ok(_) => Ok(()),
-        Err(V::InvalidCrl(c)) => Err(match c {
-            C::UnsupportedCrlVersion => {
-                "version 1 CRLs are not supported (RFC 5280 requires v2)".into()
+/// Why the handshake's verifier would refuse this CRL, in words an operator can act on;
+/// `None` when it can use it. rustls parses a verifier's CRLs with exactly this call
+/// (`with_crls`), and only then, so a CRL it would refuse is caught here with its file
+/// named rather than at the next reload.
+pub fn verifier_refuses_crl(der: &[u8]) -> Option<String> {
+    use webpki::Error as E;
+    let e = webpki::OwnedCertRevocationList::from_der(der).err()?;
+    Some(
+        match e {
+            E::UnsupportedCrlVersion => "version 1 CRLs are not supported (RFC 5280 requires v2)",
+            E::UnsupportedDeltaCrl => {
+                "delta CRLs are not supported: configure the CA's full (base) CRL"
             }
-            C::UnsupportedDeltaCrl => {
-                "delta CRLs are not supported: configure the CA's full (base) CRL".into()
+            E::UnsupportedIndirectCrl => {
+                "indirect CRLs (entries for another CA's certificates) are not supported: \
+                 configure the CRL the certificate's own CA signs"
             }
-            C::UnsupportedIndirectCrl => {
-                "indirect CRLs (entries for another CA's certificates) are not supported".into()
+            E::UnsupportedRevocationReasonsPartitioning => {
+                "CRLs that cover only some revocation reasons (Issuing Distribution Point \
+                 onlySomeReasons) are not supported: configure the CA's CRL for all reasons"
             }
-            C::UnsupportedCriticalExtension => {
+            E::UnsupportedCrlIssuingDistributionPoint => {
+                "its Issuing Distribution Point names no distribution point URI, so the \
+                 verifier cannot tell which certificates it covers: configure a CRL whose \
+                 Issuing Distribution Point has a fullName URI, or one without that extension"
+            }
+            E::UnsupportedCriticalExtension => {
                 "the CRL, or an entry in it, has a critical extension the verifier does not support"
-                    .into()
             }
-            C::UnsupportedRevocationReason => {
-                "an entry has a revocation reason RFC 5280 §5.3.1 does not define".into()
+            E::UnsupportedRevocationReason => {
+                "an entry has a revocation reason RFC 5280 §5.3.1 does not define"
             }
-            C::InvalidCrlNumber => "the CRL number is not a valid positive integer".into(),
-            C::InvalidRevokedCertSerialNumber => {
-                "an entry has an invalid certificate serial number".into()
-            }
-            _ => "not a CRL the verifier can use (malformed RFC 5280 CertificateList)".into(),
-        }),
-        Err(_) => Ok(()),
-    }
+            E::InvalidCrlNumber => "the CRL number is not a valid positive integer",
+            E::InvalidSerialNumber => "an entry has an invalid certificate serial number",
+            E::MalformedExtensions => "an extension of the CRL is malformed (RFC 5280 §5.2)",
+            _ => "not a CRL the verifier can use (malformed RFC 5280 CertificateList)",
+        }
+        .to_owned(),
+    )
 }
 
 /// Reads CRLs from a PEM file (one or more `X509 CRL` blocks) or a single DER file.

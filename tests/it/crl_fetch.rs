@@ -304,8 +304,22 @@ fetch_timeout: 2s\n    max_crl_bytes: 100000\n    cache_dir: {}\n",
     // URL (were it taken, the SubCA's CRL held for that URL would be gone), then the
     // SubCA's older CRL, which must not un-revoke bob. RFC 5280 §5.2.3: CRL numbers are
     // "monotonically increasing"; a URL's issuer does not change under it.
-    let cases: [(&str, (u16, Vec<u8>)); 7] = [
+    // A delta CRL of the SubCA, the newest by number: it holds only the changes since a
+    // base CRL (RFC 5280 §5.2.4), so taken as the URL's CRL it would stand in for the
+    // base; the verifier cannot use one, and the fetch refuses it as unparseable.
+    let delta = {
+        use crate::harness::pki::{CrlTimes, Kind};
+        let pem = pki.pki.crl_with(
+            &pki.sub,
+            CrlTimes::Hours(24 * 7),
+            "2.5.29.27 = critical, DER:02:01:01",
+            "",
+        );
+        std::fs::read(pki.pki.der(&pem, Kind::Crl)).unwrap()
+    };
+    let cases: [(&str, (u16, Vec<u8>)); 8] = [
         ("parse", (200, b"this is not a CRL".to_vec())),
+        ("parse", (200, delta)),
         ("bad_signature", (200, pki.crl(&evil))),
         ("unknown_issuer", (200, pki.crl(&other))),
         ("issuer_changed", (200, pki.crl(&pki.root))),

@@ -919,6 +919,57 @@ fn unusable_certificate_key_and_crl_files_get_clear_errors_naming_file_and_field
         "{e}"
     );
 
+    // CRLs a CA may publish that the handshake's verifier (webpki) cannot use: each is
+    // refused at load with its file and what to configure instead, never taken as if
+    // it revoked nothing. RFC 5280 §5.2.4: a delta CRL holds only changes "since the
+    // issuance of a referenced base CRL"; §5.2.5: the Issuing Distribution Point's
+    // onlySomeReasons and indirectCRL narrow or widen what the CRL covers.
+    let kinds = [
+        (
+            "a delta CRL",
+            // deltaCRLIndicator (2.5.29.27), base CRL number 1: openssl has no text form.
+            "2.5.29.27 = critical, DER:02:01:01",
+            "",
+            "delta CRLs are not supported: configure the CA's full (base) CRL",
+        ),
+        (
+            "an indirect CRL",
+            "issuingDistributionPoint = critical, @idp",
+            "[ idp ]\nfullname = URI:http://crl.invalid/a.crl\nindirectCRL = TRUE\n",
+            "indirect CRLs (entries for another CA's certificates) are not supported",
+        ),
+        (
+            "a CRL for some reasons only",
+            "issuingDistributionPoint = critical, @idp",
+            "[ idp ]\nfullname = URI:http://crl.invalid/a.crl\nonlysomereasons = keyCompromise\n",
+            "onlySomeReasons) are not supported",
+        ),
+        (
+            "an Issuing Distribution Point without a name",
+            "issuingDistributionPoint = critical, @idp",
+            "[ idp ]\nonlyuser = TRUE\n",
+            "names no distribution point URI",
+        ),
+    ];
+    for (i, (what, ext, sections, says)) in kinds.into_iter().enumerate() {
+        let crl = n.pki.crl_with(&n.sub_a, CrlTimes::Hours(24), ext, sections);
+        let der = n.pki.der(&crl, Kind::Crl);
+        for (form, file) in [("PEM", &crl), ("DER", &der)] {
+            let e = check(
+                &format!("kind-{i}.yaml"),
+                &n.server,
+                &cas,
+                &[&n.root_crl, file],
+            );
+            assert!(
+                e.contains("tls.trust_bundles[0].crl_files[1]:")
+                    && e.contains(&p(file))
+                    && e.contains(says),
+                "{what} ({form}): {e}"
+            );
+        }
+    }
+
     // Garbage CRLs: text, and bytes that start like DER.
     let junk = n.pki.path("junk.crl");
     std::fs::write(&junk, "this is not a CRL\n").unwrap();

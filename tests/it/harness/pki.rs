@@ -515,18 +515,27 @@ impl OpensslPki {
     /// certificates (onlyContainsUserCerts, RFC 5280 §5.2.5), PEM, as a CA that splits
     /// its CRL by scope publishes it.
     pub fn crl_only_user(&self, ca: &Ca, times: CrlTimes) -> PathBuf {
+        let url = format!("http://crl.invalid/{}-users.crl", ca.name.replace(' ', "_"));
+        self.crl_with(
+            ca,
+            times,
+            "issuingDistributionPoint = critical, @idp",
+            &format!("[ idp ]\nfullname = URI:{url}\nonlyuser = TRUE\n"),
+        )
+    }
+
+    /// A v2 CRL of `ca` with one more CRL extension (`ext`, an openssl config line, whose
+    /// sections are `sections`), PEM: the kinds of CRL a CA may publish.
+    pub fn crl_with(&self, ca: &Ca, times: CrlTimes, ext: &str, sections: &str) -> PathBuf {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cnf = std::fs::read_to_string(ca.dir.join("ca.cnf")).expect("ca.cnf");
         let aki = "[ crl_ext ]\nauthorityKeyIdentifier = keyid:always\n";
         assert!(cnf.contains(aki), "ca.cnf has a crl_ext section");
-        let cnf = cnf.replace(
-            aki,
-            &format!("{aki}issuingDistributionPoint = critical, @idp\n"),
-        ) + &format!(
-            "[ idp ]\nfullname = URI:http://crl.invalid/{}-users.crl\nonlyuser = TRUE\n",
-            ca.name.replace(' ', "_")
-        );
-        std::fs::write(ca.dir.join("ca-idp.cnf"), cnf).expect("cnf");
-        self.gencrl(ca, times, "ca-idp.cnf")
+        let cnf = cnf.replace(aki, &format!("{aki}{ext}\n")) + sections;
+        let name = format!("ca-ext-{n}.cnf");
+        std::fs::write(ca.dir.join(&name), cnf).expect("cnf");
+        self.gencrl(ca, times, &name)
     }
 
     /// A version 1 CRL (no extensions, no CRL number), PEM.
