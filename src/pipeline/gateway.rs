@@ -832,7 +832,7 @@ fn check_host<B>(req: &Request<B>) -> Result<(), Rejection> {
             }
             if req.version() == http::Version::HTTP_2 {
                 if let Some(a) = req.uri().authority() {
-                    if !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()) {
+                    if !same_origin_host(a, h) {
                         return Err(Rejection::bad_host(
                             "The Host header differs from the :authority pseudo-header",
                         ));
@@ -848,6 +848,30 @@ fn check_host<B>(req: &Request<B>) -> Result<(), Rejection> {
         None => {}
     }
     Ok(())
+}
+
+/// Whether `host` names the entity `authority` does on this https listener: host names
+/// compare case-insensitively and an absent (or empty) port is https's 443 (RFC 9110
+/// §4.2.3: with the default port omitted or given, the URIs are equivalent).
+fn same_origin_host(authority: &http::uri::Authority, host: &http::HeaderValue) -> bool {
+    use http::uri::Authority;
+    // The port as written: `port_u16` would read an out-of-range one as no port.
+    fn port(a: &Authority) -> Option<u32> {
+        let s = a.as_str();
+        let host_port = s.rsplit_once('@').map_or(s, |(_, hp)| hp);
+        let written = host_port.get(a.host().len()..)?;
+        match written.strip_prefix(':') {
+            None if written.is_empty() => Some(443),
+            Some("") => Some(443),
+            Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok(),
+            _ => None,
+        }
+    }
+    let Ok(host) = Authority::try_from(host.as_bytes()) else {
+        return false;
+    };
+    authority.host().eq_ignore_ascii_case(host.host())
+        && port(authority).is_some_and(|p| port(&host) == Some(p))
 }
 
 /// The size of the request's header section as its protocol counts it: HTTP/1.1 the
@@ -1020,6 +1044,37 @@ fn log_safe_str(s: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_and_authority_name_one_entity_with_https_default_port() {
+        let same = [
+            ("localhost", "localhost"),
+            ("localhost", "LocalHost"),
+            ("localhost:443", "localhost"),
+            ("localhost", "localhost:443"),
+            ("localhost", "localhost:"),
+            ("localhost:0443", "localhost"),
+            ("[::1]:443", "[::1]"),
+            ("gw.example.nhs.uk:8443", "GW.example.nhs.uk:8443"),
+        ];
+        let different = [
+            ("localhost", "localhost:8443"),
+            ("localhost:8443", "localhost"),
+            ("localhost", "localhost:99999"),
+            ("localhost:99999", "localhost:34463"),
+            ("localhost", "evil.example"),
+            ("localhost", "localhost.evil.example"),
+            ("[::1]", "[::2]"),
+            ("[::1]:443", "[::1]:80"),
+        ];
+        for (cases, want) in [(&same, true), (&different, false)] {
+            for (a, h) in cases {
+                let a = http::uri::Authority::from_static(a);
+                let h = http::HeaderValue::from_static(h);
+                assert_eq!(same_origin_host(&a, &h), want, "{a} / {h:?}");
+            }
+        }
+    }
 
     #[test]
     fn redacted_paths_keep_types_and_operations_only() {
