@@ -426,6 +426,26 @@ fn mint_typ(
     jsonwebtoken::encode(&h, &claims, &k).unwrap()
 }
 
+/// A JWT-mode `auth:` block: keys from `stub`'s JWKS, the issuer and audience of
+/// [`at_claims`], then `extra` lines.
+fn jwt_auth(stub: &StubAs, extra: &str) -> String {
+    format!(
+        "auth:\n  mode: jwt\n  jwks_uri: http://{}/jwks\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n{extra}",
+        stub.addr
+    )
+}
+
+/// Every claim RFC 9068 §2.2 requires, for [`jwt_auth`]'s issuer and audience, valid for
+/// ten minutes, with `system/*.*`.
+fn at_claims(jti: &str) -> serde_json::Value {
+    serde_json::json!({"iss": "https://as.example", "aud": "fhirgate", "exp": now() + 600, "iat": now(), "jti": jti, "client_id": "bars-jwt", "sub": "bars-jwt", "scope": "system/*.*"})
+}
+
+/// `GET /Patient/1` with bearer token `t`.
+fn read_with(t: &str) -> Request<Full<Bytes>> {
+    with_token(http::Method::GET, "/Patient/1", Some(t))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_mode_validates_locally_with_jwks_rotation() {
     let pki = Pki::new();
@@ -610,15 +630,12 @@ async fn jwt_mode_junk_kids_cannot_lock_out_a_rotated_key() {
     stub.set_jwks(serde_json::json!({"keys": [jwk1.clone()]}));
     let (up, _) = upstream(UpstreamMode::Echo).await;
     let mut o = Opts::new(up);
-    o.auth = format!(
-        "auth:\n  mode: jwt\n  jwks_uri: http://{}/jwks\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n  jwks_min_refetch: 1s\n",
-        stub.addr
-    );
+    o.auth = jwt_auth(&stub, "  jwks_min_refetch: 1s\n");
     o.routes = ROUTES.into();
     let (gw, addr) = gateway(&pki, &o).await;
     let c = tls_client(&pki, Some("client"), H1);
-    let claims = serde_json::json!({"iss": "https://as.example", "aud": "fhirgate", "exp": now() + 600, "iat": now(), "jti": "t-1", "client_id": "bars-jwt", "sub": "bars-jwt", "scope": "system/*.*"});
-    let get = |t: &str| with_token(http::Method::GET, "/Patient/1", Some(t));
+    let claims = at_claims("t-1");
+    let get = read_with;
     let good = mint(&k1, "k1", claims.clone());
     assert_eq!(
         send(&c, addr, get(&good)).await.unwrap().status,
@@ -666,17 +683,13 @@ async fn jwt_mode_a_withdrawn_key_stops_verifying_cached_tokens() {
     stub.set_jwks(serde_json::json!({"keys": [jwk1.clone(), jwk2.clone()]}));
     let (up, _) = upstream(UpstreamMode::Echo).await;
     let mut o = Opts::new(up);
-    o.auth = format!(
-        "auth:\n  mode: jwt\n  jwks_uri: http://{}/jwks\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n  jwks_min_refetch: 1s\n  jwks_max_age: 1s\n",
-        stub.addr
-    );
+    o.auth = jwt_auth(&stub, "  jwks_min_refetch: 1s\n  jwks_max_age: 1s\n");
     o.routes = ROUTES.into();
     let (gw, addr) = gateway(&pki, &o).await;
     let c = tls_client(&pki, Some("client"), H1);
-    let claims = |jti: &str| serde_json::json!({"iss": "https://as.example", "aud": "fhirgate", "exp": now() + 600, "iat": now(), "jti": jti, "client_id": "bars-jwt", "sub": "bars-jwt", "scope": "system/*.*"});
-    let get = |t: &str| with_token(http::Method::GET, "/Patient/1", Some(t));
-    let t1 = mint(&k1, "k1", claims("t1"));
-    let t2 = mint(&k2, "k2", claims("t2"));
+    let get = read_with;
+    let t1 = mint(&k1, "k1", at_claims("t1"));
+    let t2 = mint(&k2, "k2", at_claims("t2"));
     for t in [&t1, &t2] {
         assert_eq!(send(&c, addr, get(t)).await.unwrap().status, StatusCode::OK);
     }
@@ -771,20 +784,14 @@ async fn jwt_mode_checks_the_rfc9068_typ() {
     let (k1, jwk1) = es256_key("k1");
     stub.set_jwks(serde_json::json!({"keys": [jwk1]}));
     let (up, _) = upstream(UpstreamMode::Echo).await;
-    let auth = |extra: &str| {
-        format!(
-            "auth:\n  mode: jwt\n  jwks_uri: http://{}/jwks\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n{extra}",
-            stub.addr
-        )
-    };
-    let claims = serde_json::json!({"iss": "https://as.example", "aud": "fhirgate", "exp": now() + 600, "iat": now(), "jti": "typ-1", "client_id": "bars-jwt", "sub": "bars-jwt", "scope": "system/*.*"});
+    let claims = at_claims("typ-1");
     let token = |typ: Option<&str>| mint_typ(&k1, "k1", typ, claims.clone());
-    let get = |t: String| with_token(http::Method::GET, "/Patient/1", Some(t.as_str()));
+    let get = |t: String| read_with(&t);
     let c = tls_client(&pki, Some("client"), H1);
 
     let mut o = Opts::new(up);
     o.routes = ROUTES.into();
-    o.auth = auth("");
+    o.auth = jwt_auth(&stub, "");
     let (gw, addr) = gateway(&pki, &o).await;
     for typ in [
         "at+jwt",
@@ -802,7 +809,7 @@ async fn jwt_mode_checks_the_rfc9068_typ() {
     }
     gw.shutdown(Duration::from_secs(2)).await;
 
-    o.auth = auth("  accept_legacy_jwt_typ: true\n");
+    o.auth = jwt_auth(&stub, "  accept_legacy_jwt_typ: true\n");
     let (gw, addr) = gateway(&pki, &o).await;
     for typ in [Some("at+jwt"), Some("JWT"), None] {
         let got = send(&c, addr, get(token(typ))).await.unwrap();
@@ -827,13 +834,7 @@ async fn jwt_mode_requires_the_rfc9068_claims() {
     let (k1, jwk1) = es256_key("k1");
     stub.set_jwks(serde_json::json!({"keys": [jwk1]}));
     let (up, seen) = upstream(UpstreamMode::Echo).await;
-    let auth = |extra: &str| {
-        format!(
-            "auth:\n  mode: jwt\n  jwks_uri: http://{}/jwks\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n{extra}",
-            stub.addr
-        )
-    };
-    let full = serde_json::json!({"iss": "https://as.example", "aud": "fhirgate", "exp": now() + 600, "iat": now(), "jti": "c-1", "client_id": "bars-jwt", "sub": "bars-jwt", "scope": "system/*.*"});
+    let full = at_claims("c-1");
     let without = |claim: &str| {
         let mut c = full.clone();
         if let Some(o) = c.as_object_mut() {
@@ -841,13 +842,13 @@ async fn jwt_mode_requires_the_rfc9068_claims() {
         }
         mint(&k1, "k1", c)
     };
-    let get = |t: String| with_token(http::Method::GET, "/Patient/1", Some(t.as_str()));
+    let get = |t: String| read_with(&t);
     let c = tls_client(&pki, Some("client"), H1);
     let missing = ["sub", "client_id", "iat", "jti"];
 
     let mut o = Opts::new(up);
     o.routes = ROUTES.into();
-    o.auth = auth("");
+    o.auth = jwt_auth(&stub, "");
     let (gw, addr) = gateway(&pki, &o).await;
     let got = send(&c, addr, get(mint(&k1, "k1", full.clone())))
         .await
@@ -861,7 +862,7 @@ async fn jwt_mode_requires_the_rfc9068_claims() {
     gw.shutdown(Duration::from_secs(2)).await;
 
     // An older issuer names the client in `azp` and mints no `jti`.
-    o.auth = auth("  accept_legacy_jwt_typ: true\n");
+    o.auth = jwt_auth(&stub, "  accept_legacy_jwt_typ: true\n");
     let (gw, addr) = gateway(&pki, &o).await;
     for claim in missing {
         let got = send(&c, addr, get(without(claim))).await.unwrap();
