@@ -165,7 +165,7 @@ impl Observer {
             let mut added = false;
             for u in new {
                 if self.learner.add(bundle, u) {
-                    tracing::info!(%bundle, url = %u, issuer = %cert.issuer(), "CRL URL learned from a client certificate");
+                    tracing::info!(%bundle, url = %u, issuer = %crate::logging::Escaped(&cert.issuer().to_string()), "CRL URL learned from a client certificate");
                     added = true;
                 }
             }

@@ -7,7 +7,7 @@
 //! issue 14). Every other event, and the access line in JSON or colour, goes through
 //! `tracing` as usual, so operators' parsers see one format.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The target of the one-per-request access line.
@@ -45,13 +45,13 @@ impl AccessLine<'_> {
     pub fn emit(&self) {
         tracing::info!(
             target: ACCESS,
-            method = %self.method,
-            path = %self.path,
+            method = %Escaped(self.method),
+            path = %Escaped(self.path),
             status = self.status,
             latency_ms = self.latency_ms,
-            client_subject = %self.client_subject,
-            client_fingerprint = %self.client_fingerprint,
-            bundle = %self.bundle,
+            client_subject = %Escaped(self.client_subject),
+            client_fingerprint = %Escaped(self.client_fingerprint),
+            bundle = %Escaped(self.bundle),
             peer = %self.peer,
             route = self.route,
             ods_code = self.ods_code,
@@ -171,12 +171,16 @@ impl Text<'_> {
         }
     }
 
-    /// ` name=value`: a `name = %value` field.
+    /// ` name=value`: a `name = %Escaped(value)` field.
     fn shown(&mut self, name: &str, value: &str) {
         self.0.push(' ');
         self.0.push_str(name);
         self.0.push('=');
-        self.0.push_str(value);
+        if has_control(value) {
+            let _ = write!(self.0, "{}", Escaped(value));
+        } else {
+            self.0.push_str(value);
+        }
     }
 
     /// A `name = value` string field: quoted, escaped as `Debug` escapes it.
@@ -214,6 +218,36 @@ impl Text<'_> {
             let _ = write!(self.0, "{value:?}");
         }
     }
+}
+
+/// A log field value that may come from a client (a certificate's subject or issuer: any
+/// self-signed certificate reaches the "handshake refused" line), written with its
+/// control characters (C0, DEL, C1) escaped as Rust writes them (`\n`, `\u{1b}`), so it
+/// cannot end the line and forge the next one, nor drive a terminal (CWE-117, OWASP
+/// Logging Cheat Sheet). tracing-subscriber escapes only some of them, and only in the
+/// message, not in `%` fields; JSON logs escape them anyway.
+pub struct Escaped<'a>(pub &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !has_control(self.0) {
+            return f.write_str(self.0);
+        }
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `value` holds a control character: printable ASCII (nearly every value) is
+/// told by its bytes alone.
+fn has_control(value: &str) -> bool {
+    !value.bytes().all(|b| (0x20..0x7f).contains(&b)) && value.chars().any(char::is_control)
 }
 
 /// A string whose `Debug` form is itself in quotes: printable ASCII without `"` or `\`.
@@ -299,6 +333,39 @@ mod tests {
         // A clock past what the default timer writes is left to it.
         let far = UNIX_EPOCH + std::time::Duration::from_secs(LAST_FOUR_DIGIT_SECOND + 1);
         assert!(line.write_text(far, &mut String::new()).is_none());
+    }
+
+    /// CWE-117: a client certificate's subject is the client's text. Written either way
+    /// (directly or by `tracing`), its CR, LF, ESC, DEL and C1 characters are escaped:
+    /// the line stays one line, and no terminal sequence reaches the log.
+    #[test]
+    fn control_characters_in_shown_fields_cannot_forge_lines() {
+        let subject = "CN=x\r\n2026-12-01T00:00:00.000000Z  INFO fhirgate::access: request forged\u{1b}[2J\u{7f}\u{9b}";
+        let mut line = awkward_line(subject);
+        line.bundle = "nhs\n-int";
+        let mut ours = String::new();
+        line.write_text(SystemTime::now(), &mut ours).unwrap();
+        assert_eq!(ours.matches('\n').count(), 1, "{ours}");
+        assert!(ours.ends_with('\n'));
+        assert!(
+            !ours.contains(['\r', '\u{1b}', '\u{7f}', '\u{9b}']),
+            "{ours}"
+        );
+        assert!(
+            ours.contains(r"client_subject=CN=x\r\n2026-12-01T00:00:00.000000Z  INFO fhirgate::access: request forged\u{1b}[2J\u{7f}\u{9b} "),
+            "{ours}"
+        );
+        assert!(ours.contains(r" bundle=nhs\n-int "), "{ours}");
+
+        let buf = Buf::default();
+        let w = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || line.emit());
+        let theirs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(without_time(&ours), without_time(&theirs));
     }
 
     /// The timestamp and the peer, written without `core::fmt`, are what humantime and

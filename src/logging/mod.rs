@@ -20,7 +20,7 @@ use std::time::Duration;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 mod format;
-pub use format::{AccessLine, ACCESS};
+pub use format::{AccessLine, Escaped, ACCESS};
 
 /// How long the log thread gathers lines before writing them.
 const BATCH_WINDOW: Duration = Duration::from_millis(5);

@@ -51,7 +51,7 @@ impl ConnInfo {
     pub fn certificate_still_valid(&self) -> Result<(), Rejection> {
         self.chain.check().map_err(|(lapsed, first)| {
             if first {
-                tracing::warn!(target: "fhirgate::tls", peer = %self.peer, subject = %self.identity.subject, serial = %self.identity.serial, kind = %lapsed.0, "client certificate no longer valid on an open connection: its requests are refused");
+                tracing::warn!(target: "fhirgate::tls", peer = %self.peer, subject = %crate::logging::Escaped(&self.identity.subject), serial = %self.identity.serial, kind = %lapsed.0, "client certificate no longer valid on an open connection: its requests are refused");
             }
             lapsed.into()
         })

@@ -36,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::logging::Escaped;
 use crate::metrics::Metrics;
 use crate::pipeline::identity::{ClientChain, ClientIdentity, TrustInForce};
 use crate::pipeline::outcome::Rejection;
@@ -82,8 +83,8 @@ impl Snapshot {
                         %peer,
                         kind,
                         error = %e,
-                        subject = %c.subject,
-                        issuer = %c.issuer,
+                        subject = %Escaped(&c.subject),
+                        issuer = %Escaped(&c.issuer),
                         serial = %c.serial,
                         not_after = %c.not_after,
                         "handshake refused"
@@ -140,7 +141,7 @@ impl Snapshot {
                     let kind = lapsed.0.as_str();
                     metrics.handshake(kind);
                     let c = PresentedCert::from_der(leaf).unwrap_or_default();
-                    tracing::warn!(target: "fhirgate::tls", %peer, kind, subject = %c.subject, issuer = %c.issuer, serial = %c.serial, not_after = %c.not_after, "resumed session refused: its certificate no longer verifies");
+                    tracing::warn!(target: "fhirgate::tls", %peer, kind, subject = %Escaped(&c.subject), issuer = %Escaped(&c.issuer), serial = %c.serial, not_after = %c.not_after, "resumed session refused: its certificate no longer verifies");
                     return;
                 }
             }
@@ -156,7 +157,7 @@ impl Snapshot {
             let Some(bundle) = bundle else {
                 metrics.handshake(HandshakeKind::UnknownCa.as_str());
                 let c = PresentedCert::from_der(leaf).unwrap_or_default();
-                tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::UnknownCa.as_str(), subject = %c.subject, issuer = %c.issuer, serial = %c.serial, not_after = %c.not_after, "verified chain matches no bundle");
+                tracing::warn!(target: "fhirgate::tls", %peer, kind = HandshakeKind::UnknownCa.as_str(), subject = %Escaped(&c.subject), issuer = %Escaped(&c.issuer), serial = %c.serial, not_after = %c.not_after, "verified chain matches no bundle");
                 return;
             };
             chain.admit(bundle);
@@ -165,11 +166,11 @@ impl Snapshot {
         };
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         metrics.handshake(HandshakeKind::Ok.as_str());
-        tracing::debug!(target: "fhirgate::tls", %peer, subject = %identity.subject, bundle = %identity.bundle, "handshake ok");
+        tracing::debug!(target: "fhirgate::tls", %peer, subject = %Escaped(&identity.subject), bundle = %identity.bundle, "handshake ok");
         let max_per_client = self.limits.max_connections_per_client;
         let Some(_slot) = clients.open(&identity.fingerprint_sha256, max_per_client) else {
             metrics.connections_over_client_cap.inc();
-            tracing::warn!(target: "fhirgate::tls", %peer, subject = %identity.subject, fingerprint = %identity.fingerprint_sha256, max_per_client, "client over its connection cap: answering 429 and closing");
+            tracing::warn!(target: "fhirgate::tls", %peer, subject = %Escaped(&identity.subject), fingerprint = %identity.fingerprint_sha256, max_per_client, "client over its connection cap: answering 429 and closing");
             Box::pin(self.refuse_over_cap(h2, tls, max_per_client)).await;
             return;
         };

@@ -270,3 +270,110 @@ async fn with_nhsd_checks_a_missing_request_id_is_still_refused() {
     assert_eq!(seen.count(), 0);
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// Writes `name.crt`/`name.key` into the PKI directory: a clientAuth leaf whose subject
+/// CN is `cn`, signed by the dev SubCA (`issued`) or by itself.
+fn leaf_named(pki: &Pki, name: &str, cn: &str, issued: bool) {
+    use rcgen::{
+        CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let mut p =
+        CertificateParams::new(vec!["bars-forged.fhirgate-dev.nhs.uk".to_owned()]).expect("params");
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CountryName, "GB");
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.use_authority_key_identifier_extension = issued;
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(1);
+    p.not_after = now + time::Duration::days(30);
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let cert = if issued {
+        p.signed_by(&key, &dev_issuer("fhirgate DEV SubCA", &pki.pki.sub_ca.key))
+    } else {
+        p.self_signed(&key)
+    }
+    .expect("sign");
+    std::fs::write(pki.path(&format!("{name}.crt")), cert.pem()).unwrap();
+    std::fs::write(pki.path(&format!("{name}.key")), key.serialize_pem()).unwrap();
+}
+
+/// CWE-117 (OWASP Logging Cheat Sheet: encode CR, LF and delimiters in untrusted data): a
+/// certificate subject is text its holder chose. Neither a self-signed certificate (its
+/// subject and issuer are on the "handshake refused" line, anyone can send one) nor an
+/// accepted one (its subject is on every access line) may end a log line and forge the
+/// next, or put a terminal escape in the log: CR, LF, ESC, DEL and C1 are escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_subjects_cannot_forge_log_lines() {
+    let pki = Pki::new();
+    let (up, _seen) = upstream(UpstreamMode::Echo).await;
+    let gw = free_addr();
+    let yaml = config_yaml(&pki, &Opts::new(up)).replace("127.0.0.1:0", &gw.to_string());
+    let forged =
+        "2026-12-01T00:00:00.000000Z  INFO fhirgate::access: request method=GET path=/forged";
+    let cn = format!("x\r\n{forged}\u{1b}[2J\u{9b}31m");
+    leaf_named(&pki, "forger", &cn, true);
+    leaf_named(&pki, "self-forger", &cn, false);
+    let log_path = pki.path("forged.log");
+    let mut child = start_binary(&pki, &yaml, gw, &log_path);
+
+    let got = send(&tls_client(&pki, Some("forger"), H1), gw, get("/Patient/1"))
+        .await
+        .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(send(
+        &tls_client(&pki, Some("self-forger"), H1),
+        gw,
+        get("/Patient/1")
+    )
+    .await
+    .is_err());
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&child.0, "-TERM");
+    wait_exit(&mut child, Duration::from_secs(10)).expect("exits");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+
+    let escaped = format!(r"CN=x\r\n{forged}\u{{1b}}[2J\u{{9b}}31m");
+    // Lines by the target the gateway wrote them under (the forged text names one too).
+    let by = |target: &str| -> Vec<&str> {
+        log.lines()
+            .filter(|l| {
+                l.split_once(' ').is_some_and(|(_, r)| {
+                    r.trim_start()
+                        .split_once(' ')
+                        .is_some_and(|(_, t)| t.starts_with(target))
+                })
+            })
+            .collect()
+    };
+    let access = by("fhirgate::access:");
+    assert_eq!(access.len(), 1, "{log}");
+    assert!(access[0].contains(&escaped), "{}", access[0]);
+    let refused: Vec<_> = by("fhirgate::tls:")
+        .into_iter()
+        .filter(|l| l.contains("kind=\"unknown_ca\""))
+        .collect();
+    assert_eq!(refused.len(), 1, "{log}");
+    assert!(
+        refused[0].contains(&format!("subject=C=GB, {escaped}")),
+        "{}",
+        refused[0]
+    );
+    assert!(
+        refused[0].contains(&format!("issuer=C=GB, {escaped}")),
+        "{}",
+        refused[0]
+    );
+    // Every line is one the gateway began: none starts with the forged text.
+    for l in log.lines() {
+        assert!(
+            !l.contains("path=/forged") || l.contains(&escaped),
+            "forged line: {l:?}"
+        );
+    }
+    assert!(!log.contains(['\r', '\u{1b}', '\u{9b}']), "{log:?}");
+}
