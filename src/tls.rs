@@ -1542,17 +1542,17 @@ pub struct RevocationConfig {
     /// `environment: development` ([`Config::from_yaml`] fills it in).
     pub enforce_crl_expiry: Option<bool>,
     /// Warn (log, `check`, `/readyz`) this long before a CRL's nextUpdate.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub warn_before: Duration,
     /// Also fetch the CRLs named in the CRL Distribution Points of the bundle's CAs and
     /// of the client certificates they issued.
     pub fetch_distribution_points: bool,
     /// How often fetched CRLs are refreshed (default 1h); they are also fetched again
     /// shortly before a held CRL's nextUpdate.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub refresh_interval: Duration,
     /// Time allowed for one CRL download, connect to last byte (default 10s).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub fetch_timeout: Duration,
     /// Largest CRL accepted (default 10 MiB).
     pub max_crl_bytes: u64,

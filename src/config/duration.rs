@@ -12,3 +12,18 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
     humantime_serde::re::humantime::parse_duration(s.trim())
         .map_err(|_| de::Error::invalid_value(de::Unexpected::Str(&s), &EXPECTED))
 }
+
+/// An optional duration (`response_timeout: 5s`; absent or `null`: none), with the same
+/// forms and error as [`deserialize`].
+pub mod option {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(s) => humantime_serde::re::humantime::parse_duration(s.trim())
+                .map(Some)
+                .map_err(|_| de::Error::invalid_value(de::Unexpected::Str(&s), &EXPECTED)),
+        }
+    }
+}

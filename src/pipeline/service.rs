@@ -55,7 +55,7 @@ pub enum LimitKey {
 pub struct RateLimitConfig {
     /// Requests allowed per `per`, sustained.
     pub rate: u32,
-    #[serde(default = "default_per", with = "humantime_serde")]
+    #[serde(default = "default_per", with = "crate::config::duration")]
     pub per: Duration,
     /// Requests allowed at once before the rate applies (bucket size); default `rate`.
     #[serde(default)]
@@ -77,7 +77,7 @@ pub struct ServiceLevelsConfig {
     /// Total time the gateway may take for a request, token check and upstream included,
     /// until the response headers. Absent: no budget (only `upstream.response_timeout`,
     /// answered 504).
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "crate::config::duration::option::deserialize")]
     pub response_timeout: Option<Duration>,
     /// Status when the budget runs out: 408 (default; BaRS), 503 or 504.
     pub timeout_status: Option<u16>,

@@ -21,9 +21,9 @@ pub struct TelemetryConfig {
     /// `service.name` of the exported spans.
     pub service_name: String,
     /// How often queued spans are sent.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub export_interval: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub export_timeout: Duration,
 }
 

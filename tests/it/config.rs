@@ -274,6 +274,100 @@ fn durations_take_humantime_forms_and_errors_name_the_field_with_an_example() {
     }
 }
 
+/// README, Configuration: a duration that is not one "is refused as `limits.idle_timeout:
+/// expected a duration like 10s, 500ms or 1h, got …`", and every validation error names
+/// the field path. That holds for every duration of every section, the CRL, service
+/// level, rate-limit and telemetry ones too (they were parsed apart and reported as
+/// `(yaml)` with serde's bare "expected a duration").
+#[test]
+fn every_duration_error_names_its_field() {
+    let pki = Pki::new();
+    let b = base(&pki);
+    let tls = |kv: &str| {
+        b.replace(
+            "handshake_timeout: 2s\n",
+            &format!("handshake_timeout: 2s\n  revocation: {{{kv}}}\n"),
+        )
+    };
+    let top = |section: &str| {
+        b.replace(
+            "environment: development\n",
+            &format!("environment: development\n{section}\n"),
+        )
+    };
+    let route = |kv: &str| {
+        b.replace(
+            "path_prefix: /\n",
+            &format!("path_prefix: /\n    service_levels: {{{kv}}}\n"),
+        )
+    };
+    for (yaml, field) in [
+        (tls("warn_before: a day"), "tls.revocation.warn_before"),
+        (
+            tls("refresh_interval: hourly"),
+            "tls.revocation.refresh_interval",
+        ),
+        (tls("fetch_timeout: 10"), "tls.revocation.fetch_timeout"),
+        (
+            top("service_levels: {response_timeout: 5 secs please}"),
+            "service_levels.response_timeout",
+        ),
+        (
+            route("response_timeout: five"),
+            "routes[0].service_levels.response_timeout",
+        ),
+        (
+            route("rate_limit: {rate: 1, per: often}"),
+            "routes[0].service_levels.rate_limit.per",
+        ),
+        (
+            top("telemetry: {export_interval: 5x}"),
+            "telemetry.export_interval",
+        ),
+        (
+            top("telemetry: {export_timeout: 1}"),
+            "telemetry.export_timeout",
+        ),
+    ] {
+        let e = load_err(&yaml);
+        assert!(
+            e.starts_with(&format!(
+                "{field}: expected a duration like 10s, 500ms or 1h, got "
+            )),
+            "{field}: {e}"
+        );
+    }
+    // The same forms as every other duration; an optional one may be absent or null.
+    let ok = |yaml: &str| {
+        Config::from_yaml(yaml, Path::new("/")).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+    };
+    let c = ok(&top(
+        "service_levels: {response_timeout: 1m 30s, rate_limit: {rate: 2, per: 500ms}}",
+    ));
+    assert_eq!(
+        c.service_levels.response_timeout,
+        Some(std::time::Duration::from_secs(90))
+    );
+    assert_eq!(
+        c.service_levels.rate_limit.as_ref().map(|r| r.per),
+        Some(std::time::Duration::from_millis(500))
+    );
+    assert_eq!(
+        ok(&top("service_levels: {response_timeout: ~}"))
+            .service_levels
+            .response_timeout,
+        None
+    );
+    assert_eq!(ok(&b).service_levels.response_timeout, None);
+    let c = ok(&tls(
+        "warn_before: 2h, refresh_interval: 30m, fetch_timeout: 3s",
+    ));
+    assert_eq!(
+        c.tls.revocation.warn_before,
+        std::time::Duration::from_secs(7200)
+    );
+}
+
 fn check_cmd(cfg: &Path, extra: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
         .args(["check", "--config"])
