@@ -368,6 +368,35 @@ fn every_duration_error_names_its_field() {
     );
 }
 
+/// Intervals that bound how often the gateway calls the authorisation server cannot be
+/// zero: `discovery_refresh: 0s` re-ran discovery in a loop without pause (a busy task
+/// and a request stream at the server), `jwks_min_refetch: 0s` let every token naming an
+/// unknown `kid` fetch the JWKS (the load the setting exists to bound, jwt.rs), and
+/// `jwks_max_age: 0s` made every key set stale as soon as fetched, so no verdict was
+/// ever cached and each request waited on a fetch.
+#[test]
+fn auth_intervals_of_zero_are_refused() {
+    let pki = Pki::new();
+    let jwt = |kv: &str| {
+        base(&pki).replace(
+            "auth:\n  mode: development\n",
+            &format!(
+                "auth:\n  mode: jwt\n  issuer: https://as.example\n  expected_issuer: https://as.example\n  expected_audience: fhirgate\n{kv}"
+            ),
+        )
+    };
+    Config::from_yaml(&jwt(""), Path::new("/")).expect("jwt mode with the defaults");
+    for field in ["discovery_refresh", "jwks_min_refetch", "jwks_max_age"] {
+        let e = load_err(&jwt(&format!("  {field}: 0s\n")));
+        assert!(
+            e.starts_with(&format!("auth.{field}: must be greater than zero")),
+            "{field}: {e}"
+        );
+        Config::from_yaml(&jwt(&format!("  {field}: 1s\n")), Path::new("/"))
+            .unwrap_or_else(|e| panic!("{field}: 1s: {e}"));
+    }
+}
+
 fn check_cmd(cfg: &Path, extra: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
         .args(["check", "--config"])

@@ -380,6 +380,23 @@ impl AuthConfig {
         if self.cache.max_ttl.is_zero() {
             return Err(err("auth.cache.max_ttl", "must be greater than zero"));
         }
+        // These bound how often the authorisation server is called: zero would mean
+        // without pause (discovery in a loop, a JWKS fetch per unknown kid or request).
+        for (field, d, default) in [
+            ("auth.discovery_refresh", self.discovery_refresh, "1h"),
+            ("auth.jwks_min_refetch", self.jwks_min_refetch, "10s"),
+            ("auth.jwks_max_age", self.jwks_max_age, "5m"),
+        ] {
+            if d.is_zero() {
+                return Err(err(
+                    field,
+                    format!(
+                        "must be greater than zero (0 calls the authorisation server without \
+                         pause); remove it for the default, {default}"
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
