@@ -204,7 +204,7 @@ pub fn check_url(u: &str) -> Result<(), String> {
     if uri.host().is_none_or(str::is_empty) {
         return Err("must include a host".into());
     }
-    Ok(())
+    crate::config::error::no_userinfo(&uri)
 }
 
 /// Why a fetch was refused: a closed set, used as a metric label.

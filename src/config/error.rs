@@ -27,3 +27,18 @@ pub(crate) fn err(field: impl Into<String>, reason: impl Into<String>) -> Config
         reason: reason.into(),
     }
 }
+
+/// Refuses a URL with credentials in it (`https://user:secret@host/`). RFC 9110 §4.2.4
+/// forbids sending userinfo in an http(s) target URI, so nothing here would use them; they
+/// would only sit in the config and be printed (by `fhirgate check`, in logs) where a
+/// secret must not be. Credentials live in files (`client_secret_file`, client keys).
+pub(crate) fn no_userinfo(uri: &http::Uri) -> Result<(), String> {
+    match uri.authority() {
+        Some(a) if a.as_str().contains('@') => Err(
+            "must not contain user:password@ (RFC 9110 §4.2.4: userinfo is never sent); \
+             remove it and put credentials in a file (client certificate, client_secret_file)"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}

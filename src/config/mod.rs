@@ -364,6 +364,7 @@ impl Config {
         if uri.authority().is_none() {
             return Err(err("upstream.url", "must include a host"));
         }
+        error::no_userinfo(&uri).map_err(|r| err("upstream.url", r))?;
         if uri.query().is_some() {
             return Err(err("upstream.url", "must not include a query"));
         }

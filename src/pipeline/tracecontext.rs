@@ -58,6 +58,7 @@ impl TelemetryConfig {
                 "must be an http:// URL with a host (a local collector or sidecar)",
             ));
         }
+        crate::config::error::no_userinfo(&uri).map_err(|r| err("telemetry.otlp_endpoint", r))?;
         if self.service_name.trim().is_empty() {
             return Err(err("telemetry.service_name", "must not be empty"));
         }

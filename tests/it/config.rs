@@ -397,6 +397,58 @@ fn auth_intervals_of_zero_are_refused() {
     }
 }
 
+/// RFC 9110 §4.2.4: a sender MUST NOT generate userinfo in an http(s) target URI, so
+/// `user:password@` in a configured URL is never sent (the upstream or authorisation
+/// server never sees it) and only puts a secret where `fhirgate check` prints it
+/// (`upstream: …`, `auth: … via …`) and logs show it. Each URL field refuses it, naming
+/// the field, without repeating the secret.
+#[test]
+fn urls_with_credentials_are_refused() {
+    let pki = Pki::new();
+    let b = base(&pki);
+    let auth = |kv: &str| {
+        b.replace(
+            "auth:\n  mode: development\n",
+            &format!("auth:\n  mode: jwt\n{kv}"),
+        )
+    };
+    for (yaml, field) in [
+        (
+            b.replace("url: http://127.0.0.1:9", "url: http://fhir:S3cret@127.0.0.1:9"),
+            "upstream.url",
+        ),
+        (
+            auth("  issuer: https://gw:S3cret@as.example\n"),
+            "auth.issuer",
+        ),
+        (
+            auth("  jwks_uri: https://gw:S3cret@as.example/jwks\n"),
+            "auth.jwks_uri",
+        ),
+        (
+            b.replace(
+                "      crl_files:",
+                "      crl_urls: [\"http://u:S3cret@crl.example/sub.crl\"]\n      crl_files:",
+            ),
+            "tls.trust_bundles[0].crl_urls[0]",
+        ),
+        (
+            b.replace(
+                "environment: development\n",
+                "environment: development\ntelemetry: {otlp_endpoint: \"http://u:S3cret@127.0.0.1:4318/v1/traces\"}\n",
+            ),
+            "telemetry.otlp_endpoint",
+        ),
+    ] {
+        let e = load_err(&yaml);
+        assert!(
+            e.starts_with(&format!("{field}: must not contain user:password@")),
+            "{field}: {e}"
+        );
+        assert!(!e.contains("S3cret"), "{e}");
+    }
+}
+
 fn check_cmd(cfg: &Path, extra: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
         .args(["check", "--config"])

@@ -406,6 +406,7 @@ impl AuthConfig {
 /// MUST travel over TLS). For configured URLs and those discovery learns alike.
 pub(crate) fn secure_url(u: &str) -> Result<(), String> {
     let uri: http::Uri = u.parse().map_err(|e| format!("not a URL: {e}"))?;
+    crate::config::error::no_userinfo(&uri)?;
     match uri.scheme_str() {
         Some("https") => Ok(()),
         Some("http") if is_loopback(&uri) => Ok(()),
