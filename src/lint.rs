@@ -150,6 +150,19 @@ pub fn lint(cfg: &Config) -> Vec<Lint> {
         }
     }
 
+    // The development default, chosen outside development: SECURITY.md ("What the access
+    // log holds") promises NHS numbers in paths stay out of the logs there.
+    if cfg.logging.redact_paths == Some(false) {
+        out.push(warn(
+            "logging.redact_paths",
+            format!(
+                "false logs request paths as sent in {env}, with the patient identifiers \
+                 (NHS numbers) they carry"
+            ),
+            "remove it (paths are then logged as /Patient/{id}, ids replaced)",
+        ));
+    }
+
     for (field, path) in config_paths(cfg) {
         if looks_like_development(&path) {
             out.push(warn(
@@ -393,6 +406,35 @@ mod tests {
             )
         });
         assert_eq!(lint(&c), vec![], "distribution points");
+    }
+
+    /// SECURITY.md, "What the access log holds": outside development the access log keeps
+    /// NHS numbers in paths out (`redact_paths`, default on there). Turning that off in
+    /// integration or production is a development relaxation, flagged like the others.
+    #[test]
+    fn unredacted_paths_outside_development_are_flagged() {
+        for env in ["integration", "production"] {
+            let (_d, c) = cfg(
+                &format!("environment: {env}\nlogging: {{redact_paths: false}}"),
+                |y| y,
+            );
+            assert_eq!(fields(&c), ["logging.redact_paths"], "{env}");
+            let l = &lint(&c)[0];
+            assert!(
+                l.risk.contains("NHS numbers") && l.risk.contains(env),
+                "{l}"
+            );
+            let (_d, c) = cfg(
+                &format!("environment: {env}\nlogging: {{redact_paths: true}}"),
+                |y| y,
+            );
+            assert_eq!(lint(&c), vec![], "{env}: explicit true");
+        }
+        let (_d, c) = cfg(
+            "environment: development\nlogging: {redact_paths: false}",
+            |y| y,
+        );
+        assert_eq!(lint(&c), vec![], "development");
     }
 
     #[test]
