@@ -282,6 +282,25 @@ pub fn secret_mode_risk(mode: u32, owner: u32, group: u32, me: (u32, &[u32])) ->
     None
 }
 
+/// Whether a file the gateway trusts without it being secret (the config, CA and CRL
+/// files, certificates) with `mode` and group `group` may be rewritten by a user other
+/// than the gateway's and root: writable by all, or by a group the gateway is not in.
+/// sshd's StrictModes refuses such files for the same reason: whoever can write a trust
+/// anchor or the config decides who is let in, and `reload.watch_files` applies the change
+/// at once. A group of the gateway's own (Kubernetes `fsGroup`) is its own access.
+pub fn writable_mode_risk(mode: u32, group: u32, groups: &[u32]) -> Option<String> {
+    let mode = mode & 0o777;
+    if mode & 0o002 != 0 {
+        return Some(format!("is writable by every user (mode {mode:04o})"));
+    }
+    if mode & 0o020 != 0 && !groups.contains(&group) {
+        return Some(format!(
+            "is writable by group {group}, which the gateway is not in (mode {mode:04o})"
+        ));
+    }
+    None
+}
+
 /// This process's user and groups (real, effective and supplementary), from
 /// /proc/self/status; `None` elsewhere.
 fn my_ids() -> Option<(u32, Vec<u32>)> {
@@ -303,8 +322,9 @@ fn my_ids() -> Option<(u32, Vec<u32>)> {
     Some((uid, groups))
 }
 
-/// Secret and key files that other users can read, in integration and production (the
-/// development PKI is throwaway). Missing files are left to validation.
+/// Secret and key files that other users can read, and trusted files (CAs, CRLs,
+/// certificates) they can write, in integration and production (the development PKI is
+/// throwaway). Missing files are left to validation.
 pub fn file_modes(cfg: &Config) -> Vec<Lint> {
     use std::os::unix::fs::MetadataExt;
     if cfg.environment == Environment::Development {
@@ -312,7 +332,23 @@ pub fn file_modes(cfg: &Config) -> Vec<Lint> {
     }
     let (uid, groups) = my_ids().unwrap_or((u32::MAX, Vec::new()));
     let mut out = Vec::new();
-    for (field, path) in secret_paths(cfg) {
+    let secrets = secret_paths(cfg);
+    let trusted = config_paths(cfg)
+        .into_iter()
+        .filter(|(f, _)| !secrets.iter().any(|(s, _)| s == f));
+    for (field, path) in trusted {
+        let Ok(m) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if let Some(risk) = writable_mode_risk(m.mode(), m.gid(), &groups) {
+            out.push(warn(
+                field,
+                format!("{} {risk}", path.display()),
+                format!("chmod go-w {}", path.display()),
+            ));
+        }
+    }
+    for (field, path) in secrets {
         let Ok(m) = std::fs::metadata(&path) else {
             continue;
         };
@@ -328,6 +364,23 @@ pub fn file_modes(cfg: &Config) -> Vec<Lint> {
         }
     }
     out
+}
+
+/// The config file itself, as [`file_modes`] checks the files it names: whoever can
+/// write it chooses the trust bundles. Named by its path (also what `--allow` takes).
+pub fn config_file_mode(cfg: &Config, path: &Path) -> Option<Lint> {
+    use std::os::unix::fs::MetadataExt;
+    if cfg.environment == Environment::Development {
+        return None;
+    }
+    let groups = my_ids().map(|(_, g)| g).unwrap_or_default();
+    let m = std::fs::metadata(path).ok()?;
+    let risk = writable_mode_risk(m.mode(), m.gid(), &groups)?;
+    Some(warn(
+        path.display().to_string(),
+        format!("the config file {risk}"),
+        format!("chmod go-w {}", path.display()),
+    ))
 }
 
 #[cfg(test)]
@@ -573,6 +626,68 @@ mod tests {
         )
         .unwrap();
         assert_eq!(file_modes(&c), vec![], "development keys are throwaway");
+    }
+
+    #[test]
+    fn writable_modes() {
+        let groups = [1000u32, 27];
+        assert_eq!(writable_mode_risk(0o100644, 1000, &groups), None);
+        assert_eq!(writable_mode_risk(0o100444, 0, &groups), None);
+        // Kubernetes fsGroup / root:fhirgate: the group is the gateway's own.
+        assert_eq!(writable_mode_risk(0o100664, 27, &groups), None);
+        for (mode, group) in [(0o100666, 1000), (0o100646, 27), (0o100664, 0)] {
+            assert!(
+                writable_mode_risk(mode, group, &groups).is_some(),
+                "{mode:o} group {group}"
+            );
+        }
+        assert!(writable_mode_risk(0o100666, 0, &groups)
+            .unwrap()
+            .contains("0666"));
+    }
+
+    /// sshd's StrictModes refuses key files others may write. Whoever can write a CA file,
+    /// a CRL or the config decides which clients are let in (and `reload.watch_files`
+    /// applies the change at once), so outside development those are flagged too.
+    #[test]
+    fn trusted_files_writable_by_others_are_flagged() {
+        use std::os::unix::fs::PermissionsExt;
+        let (d, c) = cfg("environment: production", |y| y);
+        let set = |f: &str, m: u32| {
+            std::fs::set_permissions(d.path().join(f), std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        for f in ["server.key", "secret"] {
+            set(f, 0o600);
+        }
+        let yaml = d.path().join("config.yaml");
+        std::fs::write(&yaml, "x").unwrap();
+        set("config.yaml", 0o644);
+        assert_eq!(file_modes(&c), vec![]);
+        assert_eq!(config_file_mode(&c, &yaml), None);
+        set("ca.crt", 0o666);
+        set("ca.crl", 0o646);
+        set("config.yaml", 0o666);
+        let l = file_modes(&c);
+        let f: Vec<&str> = l.iter().map(|l| l.field.as_str()).collect();
+        assert_eq!(
+            f,
+            [
+                "tls.trust_bundles[0].ca_files[0]",
+                "tls.trust_bundles[0].crl_files[0]"
+            ]
+        );
+        assert!(l[0].risk.contains("writable by every user"), "{}", l[0]);
+        assert!(l[0].fix.starts_with("chmod go-w "), "{}", l[0]);
+        let w = config_file_mode(&c, &yaml).expect("config file flagged");
+        assert_eq!(w.field, yaml.display().to_string());
+        assert!(w.risk.starts_with("the config file is writable"), "{w}");
+        let (d, c) = cfg("", |y| y);
+        std::fs::set_permissions(
+            d.path().join("ca.crt"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        assert_eq!(file_modes(&c), vec![], "development");
     }
 
     #[test]

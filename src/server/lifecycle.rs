@@ -41,6 +41,7 @@ pub fn check(path: &Path, strict: bool, allow: &[String]) -> anyhow::Result<()> 
     };
     let mut warnings = crate::lint::lint(&cfg);
     warnings.extend(crate::lint::file_modes(&cfg));
+    warnings.extend(crate::lint::config_file_mode(&cfg, path));
     warnings.retain(|w| !allowed(&w.field));
     // A finding the linter also made (with its fix) is said once.
     let trust: Vec<&String> = inv
@@ -82,6 +83,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     for w in crate::lint::lint(&cfg)
         .into_iter()
         .chain(crate::lint::file_modes(&cfg))
+        .chain(crate::lint::config_file_mode(&cfg, path))
     {
         tracing::warn!(field = %w.field, fix = %w.fix, "risky setting: {}", w.risk);
     }
