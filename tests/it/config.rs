@@ -449,6 +449,38 @@ fn urls_with_credentials_are_refused() {
     }
 }
 
+/// `auth.realm` goes into every 401's `WWW-Authenticate: Bearer realm="…"`, a
+/// quoted-string (RFC 9110 §11.2, §5.6.4), and RFC 9110 §15.5.2 says a 401 MUST carry
+/// that challenge. A realm with a quote, backslash or control character is refused in
+/// every auth mode: with `auth.mode: none` (BaRS) the NHSD allow-list's
+/// `refusal: unauthorized` sends it too, and a control character used to drop the
+/// header from every 401 silently.
+#[test]
+fn realm_must_fit_its_quoted_string_in_every_mode() {
+    let pki = Pki::new();
+    let with = |mode: &str, realm: &str| {
+        base(&pki)
+            .replace(
+                "auth:\n  mode: development\n",
+                &format!("auth:\n  mode: {mode}\n  realm: {realm}\n"),
+            )
+            .replace("path_prefix: /\n", "path_prefix: /\n    token: none\n")
+    };
+    for mode in ["none", "development"] {
+        for realm in [r#""a\"b""#, r#""a\\b""#, r#""a\nb""#, r#""a\u0007b""#] {
+            let e = load_err(&with(mode, realm));
+            assert!(
+                e.starts_with("auth.realm: must not contain quotes, backslashes or control"),
+                "{mode} {realm}: {e}"
+            );
+        }
+        for realm in ["fhirgate", r#""NHS Trust \u00e9""#, r#""a\tb""#] {
+            Config::from_yaml(&with(mode, realm), Path::new("/"))
+                .unwrap_or_else(|e| panic!("{mode} {realm}: {e}"));
+        }
+    }
+}
+
 fn check_cmd(cfg: &Path, extra: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
         .args(["check", "--config"])

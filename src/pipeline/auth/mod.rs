@@ -214,6 +214,19 @@ fn default_discovery_refresh() -> Duration {
 
 impl AuthConfig {
     pub fn validate(&self, production: bool) -> Result<(), ConfigError> {
+        // Checked in every mode: NHSD allow-list refusals (`refusal: unauthorized`) carry
+        // the challenge with `auth.mode: none` too. It is written into a quoted-string
+        // (RFC 9110 §11.2, §5.6.4), and a value outside one made every 401 go without its
+        // WWW-Authenticate, which RFC 9110 §15.5.2 says it MUST carry.
+        if self.realm.contains(['"', '\\'])
+            || self.realm.chars().any(|c| c.is_control() && c != '\t')
+        {
+            return Err(err(
+                "auth.realm",
+                "must not contain quotes, backslashes or control characters (it is sent as \
+                 WWW-Authenticate: Bearer realm=\"…\")",
+            ));
+        }
         if self.mode == AuthMode::None {
             return Ok(());
         }
@@ -350,9 +363,6 @@ impl AuthConfig {
         }
         if !(500..=599).contains(&self.unavailable_status) {
             return Err(err("auth.unavailable_status", "must be a 5xx status"));
-        }
-        if self.realm.contains('"') || self.realm.contains('\\') {
-            return Err(err("auth.realm", "must not contain quotes or backslashes"));
         }
         if self.contexts.is_empty() {
             return Err(err(
