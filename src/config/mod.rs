@@ -675,10 +675,12 @@ struct EnvironmentProbe {
     environment: Option<serde::de::IgnoredAny>,
 }
 
-/// A YAML/serde error as a [`ConfigError`]. Duration errors are reported with the
-/// field's dotted path (from `serde_path_to_error`), like every other config error.
+/// A YAML/serde error as a [`ConfigError`], named by the field's dotted path (from
+/// `serde_path_to_error`) like every other config error, in the YAML's words rather than
+/// Rust's (`u64`, socket address syntax). Errors outside any field stay `(yaml)`.
 fn yaml_error(e: &serde_saphyr::Error, path: Option<&str>) -> ConfigError {
     let msg = e.to_string();
+    let path = path.filter(|p| !p.is_empty() && *p != ".");
     match path {
         Some(path) if msg.contains(duration::EXPECTED) => {
             let got = msg
@@ -688,6 +690,32 @@ fn yaml_error(e: &serde_saphyr::Error, path: Option<&str>) -> ConfigError {
                 .unwrap_or_default();
             err(path, format!("expected {}, got {got}", duration::EXPECTED))
         }
-        _ => err("(yaml)", msg),
+        Some(path) => err(path, yaml_words(&msg)),
+        None => err("(yaml)", yaml_words(&msg)),
     }
+}
+
+/// serde's and the YAML parser's names for Rust types, in the words the config uses.
+fn yaml_words(msg: &str) -> String {
+    const WORDS: [(&str, &str); 10] = [
+        ("invalid boolean", "expected true or false"),
+        ("invalid u64", "expected a whole number (0 or more)"),
+        ("invalid u32", "expected a whole number (0 or more)"),
+        ("invalid u16", "expected a whole number (0 or more)"),
+        ("invalid usize", "expected a whole number (0 or more)"),
+        ("expected u64", "expected a whole number (0 or more)"),
+        ("expected u32", "expected a whole number (0 or more)"),
+        ("expected u16", "expected a whole number (0 or more)"),
+        ("expected usize", "expected a whole number (0 or more)"),
+        (
+            "invalid socket address syntax",
+            "expected an IP address and port such as 127.0.0.1:8443 or '[::1]:8443' \
+             (not a host name)",
+        ),
+    ];
+    let mut out = msg.replace("expected sequence start", "expected a list such as [a, b]");
+    for (rust, words) in WORDS {
+        out = out.replace(rust, words);
+    }
+    out
 }

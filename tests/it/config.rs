@@ -481,6 +481,69 @@ fn realm_must_fit_its_quoted_string_in_every_mode() {
     }
 }
 
+/// README, Configuration: "every validation error names the field path". A value of the
+/// wrong type was reported as `(yaml): … invalid u64` or `invalid socket address
+/// syntax`: no field, and Rust's type names instead of the config's words.
+#[test]
+fn type_errors_name_the_field_in_the_configs_words() {
+    let pki = Pki::new();
+    let b = base(&pki);
+    for (from, to, field, words) in [
+        (
+            "handshake_timeout: 2s\n",
+            "handshake_timeout: 2s\n  verify_depth: four\n",
+            "tls.verify_depth",
+            "expected a whole number",
+        ),
+        (
+            "limits:\n",
+            "limits:\n  max_headers: -1\n",
+            "limits.max_headers",
+            "expected a whole number",
+        ),
+        (
+            "  - address: 127.0.0.1:0",
+            "  - address: localhost:8443",
+            "listeners[0].address",
+            "expected an IP address and port such as 127.0.0.1:8443",
+        ),
+        (
+            "      ca_files: [",
+            "      ca_files: x\n      x: [",
+            "tls.trust_bundles[0].ca_files",
+            "expected a list such as [a, b]",
+        ),
+        (
+            "connect_timeout: 1s\n",
+            "connect_timeout: 1s\n  http2: maybe\n",
+            "upstream.http2",
+            "expected true or false",
+        ),
+    ] {
+        let yaml = b.replacen(from, to, 1);
+        assert_ne!(yaml, b, "{from}");
+        let e = load_err(&yaml);
+        assert!(e.starts_with(&format!("{field}: ")), "{field}: {e}");
+        assert!(e.contains(words), "{field}: {e}");
+        for rust in [
+            "u64",
+            "u32",
+            "u16",
+            "usize",
+            "socket address syntax",
+            "sequence start",
+        ] {
+            assert!(!e.contains(rust), "{field}: {e}");
+        }
+    }
+    // An unknown key is named with its path too.
+    let e = load_err(&b.replace("connect_timeout: 1s\n", "connect_timeout: 1s\n  bogus: 1\n"));
+    assert!(
+        e.starts_with("upstream.bogus: ") && e.contains("unknown field `bogus`"),
+        "{e}"
+    );
+}
+
 fn check_cmd(cfg: &Path, extra: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
         .args(["check", "--config"])
