@@ -399,8 +399,18 @@ impl Config {
         let mut seen = HashSet::new();
         for (i, n) in self.identity_headers.names().iter().enumerate() {
             let f = format!("identity_headers.{}", IDENTITY_FIELDS[i]);
-            if http::HeaderName::from_bytes(n.as_bytes()).is_err() {
+            let Ok(name) = http::HeaderName::from_bytes(n.as_bytes()) else {
                 return Err(err(f, format!("{n:?} is not a valid header name")));
+            };
+            if crate::pipeline::forward::is_taken_name(&name) {
+                return Err(err(
+                    f,
+                    format!(
+                        "{n:?} already has a meaning (HTTP framing, routing or credentials, or \
+                         a header the gateway sets or checks itself); use a name of its own, \
+                         such as X-Client-Cert-*"
+                    ),
+                ));
             }
             if !seen.insert(n.to_ascii_lowercase()) {
                 return Err(err(f, format!("{n:?} is used twice")));

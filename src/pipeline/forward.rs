@@ -310,6 +310,32 @@ impl Default for IdentityHeaders {
     }
 }
 
+/// Whether `name` already means something to HTTP or to the gateway, so that carrying a
+/// certificate field under it would change the request rather than describe the client:
+/// message framing and routing (`Content-Length`, `Host`, hop-by-hop fields, RFC 9110
+/// §7.6.1), credentials (`Authorization`, `Cookie`), and what the gateway sets or checks
+/// itself (forwarding, `X-Fhirgate-*`, `NHSD-*`, the request ids, trace context).
+pub fn is_taken_name(name: &HeaderName) -> bool {
+    const TAKEN: [&str; 11] = [
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "authorization",
+        "cookie",
+        "expect",
+        "x-request-id",
+        "x-correlation-id",
+        "traceparent",
+        "tracestate",
+    ];
+    HOP_BY_HOP.contains(name)
+        || FORWARDING.contains(name)
+        || TAKEN.contains(&name.as_str())
+        || name.as_str().starts_with(RESERVED_PREFIX)
+        || name.as_str().starts_with("nhsd-")
+}
+
 impl IdentityHeaders {
     /// The names as header names, for stripping client-sent copies.
     pub fn parsed(&self) -> IdentityNames {

@@ -544,6 +544,45 @@ fn type_errors_name_the_field_in_the_configs_words() {
     );
 }
 
+/// An identity header is set upstream after the client's copies are removed, so its name
+/// must not be one HTTP or the gateway already gives a meaning to: under `Content-Length`,
+/// `Transfer-Encoding` or `Host` a certificate field would reframe or reroute the request
+/// to the upstream (RFC 9110 §7.6.1, §8.6, §7.2), under `Authorization` it would pose as a
+/// credential, and under `X-Forwarded-For`, `X-Fhirgate-*`, `NHSD-*` or `X-Request-ID` it
+/// would clash with a value the gateway sets or checks.
+#[test]
+fn identity_header_names_must_be_their_own() {
+    let pki = Pki::new();
+    for taken in [
+        "Content-Length",
+        "Transfer-Encoding",
+        "Host",
+        "Connection",
+        "Authorization",
+        "Cookie",
+        "X-Forwarded-For",
+        "Forwarded",
+        "X-Fhirgate-Ods-Code",
+        "NHSD-Target-Identifier",
+        "X-Request-ID",
+        "traceparent",
+    ] {
+        let yaml = format!("{}identity_headers: {{serial: {taken}}}\n", base(&pki));
+        let e = load_err(&yaml);
+        assert!(
+            e.starts_with(&format!(
+                "identity_headers.serial: \"{taken}\" already has a meaning"
+            )),
+            "{taken}: {e}"
+        );
+    }
+    let yaml = format!(
+        "{}identity_headers: {{serial: X-SSL-Client-Serial}}\n",
+        base(&pki)
+    );
+    Config::from_yaml(&yaml, Path::new("/")).expect("a name of its own");
+}
+
 fn check_cmd(cfg: &Path, extra: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
         .args(["check", "--config"])
