@@ -175,26 +175,29 @@ pub fn lint(cfg: &Config) -> Vec<Lint> {
     out
 }
 
-/// Whether requests under `prefix` get NHSD header checks (a `nhsd` section, the path not
-/// exempt, and at least one header not ignored).
+/// Whether requests under `prefix` get NHSD header checks (a `nhsd` section, at least one
+/// header not ignored, and the route's own block, or the default on a path not exempt),
+/// decided as the gateway decides it (`Gateway::check_nhsd`, `prefix_covers`): an exempt
+/// path `/` exempts every route, and a route's own block applies on exempt paths too.
 fn nhsd_checks(cfg: &Config, prefix: &str) -> bool {
     let Some(n) = &cfg.nhsd else {
         return false;
     };
-    let exempt = n.exempt_paths.iter().any(|e| {
-        prefix == e
-            || prefix
-                .strip_prefix(e.as_str())
-                .is_some_and(|r| r.starts_with('/'))
-    });
-    let route_policy = cfg
+    let own = cfg
         .routes
         .iter()
         .find(|r| r.path_prefix == prefix)
-        .and_then(|r| r.nhsd.as_ref())
-        .unwrap_or(&n.headers);
-    let p = route_policy;
-    let any = [
+        .and_then(|r| r.nhsd.as_ref());
+    let exempt = n
+        .exempt_paths
+        .iter()
+        .any(|e| crate::pipeline::policy::prefix_covers(e, prefix));
+    let p = match own {
+        Some(own) => own,
+        None if exempt => return false,
+        None => &n.headers,
+    };
+    [
         p.request_id,
         p.correlation_id,
         p.target_identifier,
@@ -203,8 +206,7 @@ fn nhsd_checks(cfg: &Config, prefix: &str) -> bool {
         p.requesting_practitioner,
     ]
     .iter()
-    .any(|h| *h != HeaderRequirement::Ignored);
-    !exempt && any
+    .any(|h| *h != HeaderRequirement::Ignored)
 }
 
 /// Every file path the configuration names, with its field path.
@@ -531,6 +533,15 @@ mod tests {
             none,
         );
         assert_eq!(fields(&c), ["routes"]);
+        // An exempt path `/` covers every path, as the gateway matches it: no header is
+        // required anywhere, so this is flagged too (it used to pass as checked).
+        let (_d, c) = cfg("environment: production\nnhsd: {exempt_paths: [/]}", none);
+        assert_eq!(fields(&c), ["routes"]);
+        // A route's own block applies on an exempt path too, as the gateway applies it.
+        let (_d, c) = cfg("environment: production\nnhsd: {exempt_paths: [/]}", |y| {
+            none(y).replace("token: none\n", "token: none\n    nhsd: {}\n")
+        });
+        assert_eq!(lint(&c), vec![]);
     }
 
     #[test]
