@@ -539,6 +539,55 @@ fn manifests_run_the_built_image_as_its_user_with_directory_mounts() {
     }
 }
 
+/// Kubernetes runs each container's preStop hook, then sends SIGTERM to every container
+/// of the pod "at different times and in an arbitrary order" (Pod Lifecycle, "Termination
+/// of Pods"). In the sidecar pod the FHIR server is fhirgate's upstream: stopped at once,
+/// it would fail every request fhirgate still takes during its preStop delay and drains
+/// afterwards (502s). So every other container waits out fhirgate's preStop delay and
+/// drain before its own SIGTERM, and still has time to stop within the grace period.
+#[test]
+fn sidecar_upstream_outlives_the_gateway_drain() {
+    let docs = manifests();
+    let file = "fhirgate-sidecar.yaml";
+    let pod = &kind(&docs, file, "Deployment")[0]["spec"]["template"]["spec"];
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("grace period");
+    let containers = pod["containers"].as_array().expect("containers");
+    let pre_stop = |c: &Value| c["lifecycle"]["preStop"]["sleep"]["seconds"].as_u64();
+    let gw = containers
+        .iter()
+        .find(|c| c["name"] == "fhirgate")
+        .expect("fhirgate container");
+    let cm = kind(&docs, file, "ConfigMap")[0];
+    let cfg: Value = serde_saphyr::from_str(cm["data"]["config.yaml"].as_str().expect("config"))
+        .expect("embedded yaml");
+    let drain: u64 = cfg["limits"]["drain_timeout"]
+        .as_str()
+        .and_then(|d| d.strip_suffix('s'))
+        .and_then(|s| s.parse().ok())
+        .expect("drain_timeout in seconds");
+    let gateway_done = pre_stop(gw).expect("fhirgate preStop sleep") + drain;
+    let others: Vec<_> = containers
+        .iter()
+        .filter(|c| c["name"] != "fhirgate")
+        .collect();
+    assert!(!others.is_empty(), "the sidecar pod has the FHIR server");
+    for c in others {
+        let name = &c["name"];
+        let sleep = pre_stop(c).unwrap_or(0);
+        assert!(
+            sleep >= gateway_done,
+            "{file}: {name} gets SIGTERM after {sleep} s, while fhirgate forwards to it for {gateway_done} s"
+        );
+        assert!(
+            sleep + 5 <= grace,
+            "{file}: {name} has {} s to stop after its {sleep} s preStop",
+            grace.saturating_sub(sleep)
+        );
+    }
+}
+
 #[test]
 fn dockerfile_builds_the_same_layout_as_the_buildah_script() {
     let docker = read("Dockerfile");
