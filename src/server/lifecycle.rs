@@ -79,6 +79,7 @@ pub fn check(path: &Path, strict: bool, allow: &[String]) -> anyhow::Result<()> 
 
 pub async fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
+    raise_open_files_limit(cfg.limits.max_connections);
     // The same warnings as `fhirgate check`, in the log of every start.
     for w in crate::lint::lint(&cfg)
         .into_iter()
@@ -269,5 +270,66 @@ fn reload(running: &super::Running, path: &Path, started: &Config) -> Option<Con
             );
             None
         }
+    }
+}
+
+/// Open files `limits.max_connections` can need: each client connection and the upstream
+/// connection its request goes out on, and room for the listeners, the files read at a
+/// reload, CRL and token-endpoint fetches and the admin listener.
+pub fn open_files_needed(max_connections: usize) -> u64 {
+    u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(2)
+        .saturating_add(256)
+}
+
+/// Raises the soft RLIMIT_NOFILE to what `max_connections` needs, up to the hard limit
+/// (getrlimit(2): an unprivileged process may raise its soft limit that far). Linux
+/// starts processes at 1024, and containerd 2.x (unlike 1.x) leaves containers there, so
+/// without this accept fails with EMFILE long before `max_connections`. The limit is
+/// left alone when it is already enough (systemd's `LimitNOFILE=` sets both), and a hard
+/// limit too low for `max_connections` is logged once, at start.
+fn raise_open_files_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let needed = open_files_needed(max_connections);
+    let Rlimit {
+        current: soft,
+        maximum: hard,
+    } = getrlimit(Resource::Nofile);
+    // None is unlimited.
+    let Some(soft) = soft else { return };
+    if soft >= needed {
+        return;
+    }
+    let target = hard.map_or(needed, |h| h.min(needed));
+    let mut now = soft;
+    if target > soft {
+        let raised = Rlimit {
+            current: Some(target),
+            maximum: hard,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                now = target;
+                tracing::info!(
+                    from = soft,
+                    to = target,
+                    max_connections,
+                    "raised the soft open-files limit (RLIMIT_NOFILE) for limits.max_connections"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+        }
+    }
+    if now < needed {
+        tracing::warn!(
+            limit = now,
+            hard = hard.map_or_else(|| "unlimited".to_owned(), |h| h.to_string()),
+            needed,
+            max_connections,
+            "open-files limit {now} is below the {needed} limits.max_connections {max_connections} \
+             needs: connections past it wait unaccepted (EMFILE); raise LimitNOFILE (systemd) \
+             or the container's nofile ulimit, or lower limits.max_connections"
+        );
     }
 }

@@ -376,4 +376,106 @@ async fn certificate_subjects_cannot_forge_log_lines() {
         );
     }
     assert!(!log.contains(['\r', '\u{1b}', '\u{9b}']), "{log:?}");
+
+/// Starts `fhirgate run` on `yaml` under `sh -c 'ulimit ULIMIT && exec fhirgate …'`
+/// (same pid), logging to `log`; waits until the listener at `gw` accepts TCP.
+fn start_binary_under_ulimit(
+    pki: &Pki,
+    yaml: &str,
+    gw: SocketAddr,
+    log: &std::path::Path,
+    ulimit: &str,
+) -> KillOnDrop {
+    let cfg_path = pki.path("config.yaml");
+    std::fs::write(&cfg_path, yaml).unwrap();
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit {ulimit} && exec \"$0\" run --config \"$1\""
+        ))
+        .arg(env!("CARGO_BIN_EXE_fhirgate"))
+        .arg(&cfg_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let child = KillOnDrop(child);
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(gw).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!(
+        "gateway did not start:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// Every connection costs an open file (and its upstream connection another), but Linux
+/// starts processes with a soft RLIMIT_NOFILE of 1024, and containerd 2.x no longer raises
+/// it for containers: unraised, `limits.max_connections: 10000` stops at about 500 open
+/// clients, the rest wait in the kernel's backlog while accept fails with EMFILE. So the
+/// gateway raises its soft limit (up to the hard one, as getrlimit(2) allows an
+/// unprivileged process) to what `max_connections` needs, and says so in the log when
+/// even the hard limit is too low. Here the soft limit is 64 and 100 clients hold a
+/// connection open at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_soft_open_files_limit_is_raised_for_max_connections() {
+    let pki = Pki::new();
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let gw = free_addr();
+    let mut o = Opts::new(up);
+    o.limits = "  max_connections: 300\n".into();
+    let yaml = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw.to_string());
+    let log = pki.path("nofile.log");
+    let _child = start_binary_under_ulimit(&pki, &yaml, gw, &log, "-Sn 64");
+    let c = tls_client(&pki, Some("client"), H1);
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    for i in 0..100 {
+        let opened = tokio::time::timeout(Duration::from_secs(5), async {
+            let (mut tx, task) = open_h1(&c, gw).await?;
+            let resp = tx
+                .send_request(h1_get("/metadata"))
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((resp.status(), tx, task))
+        })
+        .await;
+        match opened {
+            Ok(Ok((status, tx, task))) if status == StatusCode::OK => held.push((tx, task)),
+            other => {
+                refused.push(format!(
+                    "connection {i}: {:?}",
+                    other.map(|r| r.map(|t| t.0))
+                ));
+                break;
+            }
+        }
+    }
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(refused.is_empty(), "{refused:?}\n{log_text}");
+    assert_eq!(held.len(), 100);
+    assert!(
+        log_text.contains("raised the soft open-files limit"),
+        "{log_text}"
+    );
+    drop(held);
+
+    // A hard limit below what max_connections needs cannot be raised: said at start.
+    let gw = free_addr();
+    o.limits = "  max_connections: 10000\n".into();
+    let yaml = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw.to_string());
+    let log = pki.path("nofile-hard.log");
+    let _child = start_binary_under_ulimit(&pki, &yaml, gw, &log, "-n 256");
+    still_serves_h1(&pki, gw).await;
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let line = log_text
+        .lines()
+        .find(|l| l.contains("open-files limit"))
+        .unwrap_or_else(|| panic!("no warning:\n{log_text}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("limits.max_connections"), "{line}");
+    assert!(line.contains("256"), "{line}");
 }
