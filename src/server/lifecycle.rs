@@ -101,6 +101,18 @@ pub async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow:
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
 
+    // reload.watch_files: a changed file reloads exactly as SIGHUP does. The watch takes
+    // its first reading before certificates, keys and CRLs are read, so a file changed
+    // during start-up (a Secret rotated while the pod starts, or during the wait for
+    // OAuth discovery below) is reloaded once start-up is done, not taken as the
+    // starting state and never applied.
+    let mut watched = None;
+    if cfg.reload.watch_files {
+        match crate::watch::spawn(path, cfg.reload.debounce) {
+            Ok(rx) => watched = Some(rx),
+            Err(e) => tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP"),
+        }
+    }
     let running = super::start(cfg).await?;
     for a in &running.addrs {
         tracing::info!(address = %a, "listening (TLS-MA)");
@@ -178,14 +190,6 @@ pub async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow:
         });
     }
 
-    // reload.watch_files: a changed file reloads exactly as SIGHUP does.
-    let mut watched = None;
-    if cfg.reload.watch_files {
-        match crate::watch::spawn(path, cfg.reload.debounce) {
-            Ok(rx) => watched = Some(rx),
-            Err(e) => tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP"),
-        }
-    }
     // The last configuration applied (for drain_timeout); settings fixed at start are
     // compared with `cfg`, the one the process started with.
     let mut current = cfg.clone();

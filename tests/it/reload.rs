@@ -511,3 +511,93 @@ async fn reload_failures_are_counted_and_restart_only_changes_named() {
     let status = child.0.wait().unwrap();
     assert!(status.success());
 }
+
+/// A file that changes while the gateway starts (a Secret rotated while a pod comes up,
+/// here while it waits for OAuth discovery) is reloaded once start-up is done: the file
+/// watch starts before anything is read, so the change is not folded into its first
+/// reading and lost, leaving the old server certificate in force until the next change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_changed_during_start_up_is_reloaded() {
+    let pki = Pki::new();
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let gw_addr = free_addr();
+    // The authorisation server is not up yet: start-up waits for discovery.
+    let as_addr = free_addr();
+    std::fs::write(pki.path("gw-secret"), "secret\n").unwrap();
+    let mut o = Opts::new(up);
+    o.auth = format!(
+        "auth:\n  mode: introspection\n  issuer: http://{as_addr}\n  client_auth:\n    method: client_secret_basic\n    client_id: gw\n    client_secret_file: {}\n",
+        pki.path("gw-secret").display()
+    );
+    o.routes.push_str("reload:\n  debounce: 100ms\n");
+    let cfg_path = pki.path("config.yaml");
+    let yaml = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw_addr.to_string());
+    std::fs::write(&cfg_path, &yaml).unwrap();
+    let log_path = pki.path("gateway.log");
+    let _child = run_gateway(&cfg_path, &log_path, &[]);
+    let new_pki = DevPki::generate().unwrap();
+    let good = client(&pki, &new_pki.root.cert, "client", false);
+    let mut old_cert = None;
+    for _ in 0..100 {
+        if let Ok(c) = server_cert_of(&good, gw_addr).await {
+            old_cert = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let old_cert = old_cert.expect("gateway serves while discovery is pending");
+
+    // Rotated during start-up.
+    std::fs::write(pki.path("server.crt"), &new_pki.server.cert).unwrap();
+    std::fs::write(pki.path("server.key"), &new_pki.server.key).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Now the authorisation server comes up and start-up completes.
+    let listener = tokio::net::TcpListener::bind(as_addr).await.unwrap();
+    let meta = serde_json::json!({
+        "issuer": format!("http://{as_addr}"),
+        "introspection_endpoint": format!("http://{as_addr}/introspect"),
+    })
+    .to_string();
+    let as_task = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = listener.accept().await {
+            let meta = meta.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = 0;
+                while !buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf[got..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{meta}",
+                    meta.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+
+    let expected = CertificateDer::from_pem_slice(new_pki.server.cert.as_bytes())
+        .unwrap()
+        .to_vec();
+    let mut shown = old_cert.clone();
+    for _ in 0..100 {
+        shown = server_cert_of(&good, gw_addr).await.unwrap_or_default();
+        if shown == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    as_task.abort();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        log.contains("discovered authorisation server endpoints"),
+        "start-up completed: {log}"
+    );
+    assert_ne!(shown, old_cert, "the rotation was lost: {log}");
+    assert_eq!(shown, expected, "{log}");
+}
