@@ -651,6 +651,13 @@ impl Config {
         if self.limits.max_connections != new.limits.max_connections {
             out.push("limits.max_connections".to_owned());
         }
+        // The file watch is started once, at start, with its debounce.
+        if self.reload.watch_files != new.reload.watch_files {
+            out.push("reload.watch_files".to_owned());
+        }
+        if self.reload.debounce != new.reload.debounce {
+            out.push("reload.debounce".to_owned());
+        }
         out
     }
 }
