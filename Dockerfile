@@ -1,7 +1,8 @@
 # fhirgate container image for people with Docker: build with the Rust toolchain, run on
 # distroless as the non-root user 65532.
 #   docker build -t fhirgate:0.1.0 .
-#   docker run --read-only -v /srv/fhirgate:/etc/fhirgate:ro -p 8443:8443 fhirgate:0.1.0
+#   docker run --read-only --stop-timeout 35 -v /srv/fhirgate:/etc/fhirgate:ro -p 8443:8443 fhirgate:0.1.0
+# (--stop-timeout: docker stop's SIGKILL comes after 10 s otherwise, inside the 30 s drain.)
 # CI does not use this file (no Docker engine there, and the base images cannot be
 # pulled): deploy/container/build makes the same layout with buildah from scratch (the
 # binary, the libraries ldd lists, CA certificates, user 65532, the same ports, paths,

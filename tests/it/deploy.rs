@@ -588,6 +588,36 @@ fn sidecar_upstream_outlives_the_gateway_drain() {
     }
 }
 
+/// `docker stop` and `podman stop` send SIGTERM, then SIGKILL after 10 s unless the
+/// container was run with `--stop-timeout` (docker container run / podman-run(1)), which
+/// an image cannot set: the documented run lines give the drain its time.
+#[test]
+fn container_run_lines_give_the_drain_its_time() {
+    let drain = fhirgate::config::Limits::default().drain_timeout.as_secs();
+    let mut seen = 0;
+    for file in ["README.md", "Dockerfile"] {
+        for line in read(file).lines() {
+            if !(line.contains("docker run") || line.contains("podman run")) {
+                continue;
+            }
+            seen += 1;
+            let stop: Option<u64> = line
+                .split_whitespace()
+                .skip_while(|w| *w != "--stop-timeout")
+                .nth(1)
+                .and_then(|n| n.parse().ok());
+            assert!(
+                stop.is_some_and(|s| s > drain),
+                "{file}: `{line}` needs --stop-timeout above the {drain} s drain_timeout"
+            );
+        }
+    }
+    assert!(
+        seen >= 2,
+        "the README and the Dockerfile show how to run the image"
+    );
+}
+
 #[test]
 fn dockerfile_builds_the_same_layout_as_the_buildah_script() {
     let docker = read("Dockerfile");
