@@ -354,6 +354,12 @@ impl Gateway {
         })
     }
 
+    /// Takes over the endpoints `previous` discovered for the same issuer (see
+    /// [`Authoriser::inherit_endpoints`]); for a pipeline rebuilt at a reload.
+    pub fn inherit_discovery(&self, previous: &Gateway) {
+        self.auth.inherit_endpoints(&previous.auth);
+    }
+
     /// Whether tokens can be verified: `(ok, detail)`, for `/readyz` and start-up.
     pub fn auth_status(&self) -> (bool, String) {
         if self.auth.is_development() {

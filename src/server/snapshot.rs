@@ -69,7 +69,13 @@ impl Snapshot {
         let gateway_key = gateway_key(cfg);
         let gateway = match previous {
             Some(p) if p.gateway_key == gateway_key => p.gateway.clone(),
-            _ => Arc::new(Gateway::with_limiters(cfg, metrics.clone(), limiters)?),
+            _ => {
+                let g = Gateway::with_limiters(cfg, metrics.clone(), limiters)?;
+                if let Some(p) = previous {
+                    g.inherit_discovery(&p.gateway);
+                }
+                Arc::new(g)
+            }
         };
         let limits = cfg.limits.clone();
         // The HTTP libraries' own limits are twice the configured ones: a request a little

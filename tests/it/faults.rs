@@ -374,3 +374,45 @@ async fn crl_replaced_with_garbage_keeps_the_old_configuration() {
     still_serves(&pki, addr).await;
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// A reload that rebuilds the request pipeline (here a new route) while the authorisation
+/// server is down keeps the endpoints discovery found for the same issuer: every replica
+/// gets a ConfigMap change at about the same time, and a pipeline that started discovery
+/// afresh would fail `/readyz` (Kubernetes takes every pod out of the Service) and answer
+/// every token it has not cached with 503 until the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_discovered_endpoints_while_the_authorisation_server_is_down() {
+    let pki = Pki::new();
+    let stub = StubAs::start().await;
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    std::fs::write(pki.path("gw-secret"), "s3cret\n").unwrap();
+    let mut o = Opts::new(up);
+    o.auth = format!(
+        "auth:\n  mode: introspection\n  issuer: http://{}\n  client_auth:\n    method: client_secret_basic\n    client_id: fhirgate-gw\n    client_secret_file: {}\n  timeout: 1s\n",
+        stub.addr,
+        pki.path("gw-secret").display()
+    );
+    let (gw, _addr) = gateway(&pki, &o).await;
+    let started = Instant::now();
+    while !gw.server().auth_status().0 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        gw.server().auth_status().0,
+        "{:?}",
+        gw.server().auth_status()
+    );
+
+    stub.stop();
+    o.routes = format!(
+        "  - name: metadata\n    path_prefix: /metadata\n    token: none\n{}",
+        o.routes
+    );
+    let yaml = config_yaml(&pki, &o);
+    let cfg = Config::from_yaml(&yaml, Path::new("/")).expect("config");
+    gw.server().reload(&cfg).expect("reload");
+    // Past the new pipeline's first discovery attempt, which fails.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (ok, detail) = gw.server().auth_status();
+    assert!(ok, "readiness lost at a reload: {detail}");
+}

@@ -656,6 +656,29 @@ impl Authoriser {
         &self.cfg
     }
 
+    /// A pipeline rebuilt at a reload starts with the endpoints the one it replaces
+    /// discovered for the same issuer, while its own discovery runs: otherwise every
+    /// replica, reloaded together, fails `/readyz` and answers uncached tokens with 503
+    /// until the authorisation server answers again. Discovery replaces them when it
+    /// succeeds; endpoints that were configured, not discovered, are not carried over.
+    pub fn inherit_endpoints(&self, previous: &Authoriser) {
+        let discovered = |c: &AuthConfig| {
+            c.issuer.is_some() && c.introspection_endpoint.is_none() && c.jwks_uri.is_none()
+        };
+        if !discovered(&self.cfg)
+            || !discovered(&previous.cfg)
+            || self.cfg.issuer != previous.cfg.issuer
+        {
+            return;
+        }
+        let Some(found) = previous.endpoints.load_full() else {
+            return;
+        };
+        // Only into an empty slot: a discovery that already answered is newer.
+        self.endpoints
+            .rcu(|now| now.clone().or_else(|| Some(found.clone())));
+    }
+
     pub fn is_development(&self) -> bool {
         self.cfg.mode == AuthMode::Development
     }
