@@ -155,19 +155,34 @@ pub async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow:
     // authorisation server stays unreachable, report ready after a minute anyway (below
     // systemd's default start timeout, as a restart would not help): requests with
     // unknown tokens are refused with 503 until discovery succeeds.
-    let waited = std::time::Instant::now();
-    let discovery = async {
-        while !running.server().auth_status().0 && waited.elapsed() < Duration::from_secs(60) {
-            let _ = sd_notify::notify(&[NotifyState::Status("waiting for OAuth discovery")]);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
+    // The last configuration applied (for drain_timeout); settings fixed at start are
+    // compared with `cfg`, the one the process started with.
+    let mut current = cfg.clone();
     // SIGTERM/SIGINT must work from the first moment, also while discovery is pending
-    // (otherwise `systemctl stop` or a rollout waits for the minute, then SIGKILLs).
-    let stopped_early = tokio::select! {
-        _ = discovery => false,
-        _ = int.recv() => true,
-        _ = term.recv() => true,
+    // (otherwise `systemctl stop` or a rollout waits for the minute, then SIGKILLs), and
+    // a reload is applied at once (a revocation must not wait on the authorisation
+    // server), without telling systemd RELOADING=1 / READY=1 before start-up is over.
+    let stopped_early = {
+        let waited = std::time::Instant::now();
+        let discovery = async {
+            while !running.server().auth_status().0 && waited.elapsed() < Duration::from_secs(60) {
+                let _ = sd_notify::notify(&[NotifyState::Status("waiting for OAuth discovery")]);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        tokio::pin!(discovery);
+        loop {
+            tokio::select! {
+                _ = &mut discovery => break false,
+                _ = int.recv() => break true,
+                _ = term.recv() => break true,
+                _ = hup.recv() => {}
+                Some(()) = next_change(&mut watched) => {}
+            }
+            if let Some(new) = reload(&running, path, cfg, false) {
+                current = new;
+            }
+        }
     };
     if !stopped_early {
         let (auth_ok, detail) = running.server().auth_status();
@@ -190,9 +205,6 @@ pub async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow:
         });
     }
 
-    // The last configuration applied (for drain_timeout); settings fixed at start are
-    // compared with `cfg`, the one the process started with.
-    let mut current = cfg.clone();
     if !stopped_early {
         loop {
             // SIGHUP or a watched file changed: both reload the same way.
@@ -200,14 +212,9 @@ pub async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow:
                 _ = int.recv() => break,
                 _ = term.recv() => break,
                 _ = hup.recv() => {}
-                Some(()) = async {
-                    match &mut watched {
-                        Some(rx) => rx.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => {}
+                Some(()) = next_change(&mut watched) => {}
             }
-            if let Some(new) = reload(&running, path, cfg) {
+            if let Some(new) = reload(&running, path, cfg, true) {
                 current = new;
             }
         }
@@ -226,16 +233,28 @@ pub async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow:
     Ok(())
 }
 
+/// The next change the file watch reports; never, without a watch (or once it ended).
+async fn next_change(watched: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option<()> {
+    match watched {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Re-reads the config; on any error the running configuration stays in force. Returns
 /// the new configuration when it was applied; settings that differ from `started` but
 /// are fixed at start are named in a warning. Every refusal counts in
 /// `fhirgate_reloads_total{result="error"}`, a file that cannot be read or parsed too.
-fn reload(running: &super::Running, path: &Path, started: &Config) -> Option<Config> {
-    let mut states = vec![NotifyState::Reloading];
-    if let Ok(now) = NotifyState::monotonic_usec_now() {
-        states.push(now);
+/// `notify`: tell systemd RELOADING=1, then READY=1 (only once READY=1 was sent: before
+/// that, READY=1 would end the start-up).
+fn reload(running: &super::Running, path: &Path, started: &Config, notify: bool) -> Option<Config> {
+    if notify {
+        let mut states = vec![NotifyState::Reloading];
+        if let Ok(now) = NotifyState::monotonic_usec_now() {
+            states.push(now);
+        }
+        let _ = sd_notify::notify(&states);
     }
-    let _ = sd_notify::notify(&states);
     let result = match Config::load(path) {
         // Building the new snapshot counts its own result (ok or error).
         Ok(cfg) => running
@@ -248,7 +267,9 @@ fn reload(running: &super::Running, path: &Path, started: &Config) -> Option<Con
             Err(e.to_string())
         }
     };
-    let _ = sd_notify::notify(&[NotifyState::Ready]);
+    if notify {
+        let _ = sd_notify::notify(&[NotifyState::Ready]);
+    }
     match result {
         Ok(cfg) => {
             let fixed = started.restart_required_changes(&cfg);

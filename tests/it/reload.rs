@@ -521,9 +521,9 @@ async fn reload_failures_are_counted_and_restart_only_changes_named() {
 }
 
 /// A file that changes while the gateway starts (a Secret rotated while a pod comes up,
-/// here while it waits for OAuth discovery) is reloaded once start-up is done: the file
-/// watch starts before anything is read, so the change is not folded into its first
-/// reading and lost, leaving the old server certificate in force until the next change.
+/// here while it waits for OAuth discovery) is reloaded: the file watch starts before
+/// anything is read, so the change is not folded into its first reading and lost,
+/// leaving the old server certificate in force until the next change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_changed_during_start_up_is_reloaded() {
     let pki = Pki::new();
@@ -592,8 +592,20 @@ async fn a_file_changed_during_start_up_is_reloaded() {
     let expected = CertificateDer::from_pem_slice(new_pki.server.cert.as_bytes())
         .unwrap()
         .to_vec();
-    let mut shown = old_cert.clone();
+    let mut log = String::new();
     for _ in 0..100 {
+        log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains("discovered authorisation server endpoints") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        log.contains("discovered authorisation server endpoints"),
+        "start-up completed: {log}"
+    );
+    let mut shown = old_cert.clone();
+    for _ in 0..30 {
         shown = server_cert_of(&good, gw_addr).await.unwrap_or_default();
         if shown == expected {
             break;
@@ -602,10 +614,88 @@ async fn a_file_changed_during_start_up_is_reloaded() {
     }
     as_task.abort();
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    assert!(
-        log.contains("discovered authorisation server endpoints"),
-        "start-up completed: {log}"
-    );
     assert_ne!(shown, old_cert, "the rotation was lost: {log}");
     assert_eq!(shown, expected, "{log}");
+}
+
+/// SIGHUP while start-up waits (up to a minute) for OAuth discovery is applied at once,
+/// not when the wait ends: an operator revoking a partner or rotating the certificate
+/// during an authorisation-server outage should not wait on that server. systemd is not
+/// told READY=1 by it: RELOADING=1 / READY=1 are for a service that has started
+/// (sd_notify(3)), and READY=1 would end the start-up early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_during_the_discovery_wait_is_applied_at_once() {
+    let pki = Pki::new();
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let gw_addr = free_addr();
+    let dead = free_addr();
+    std::fs::write(pki.path("gw-secret"), "secret\n").unwrap();
+    let mut o = Opts::new(up);
+    o.auth = format!(
+        "auth:\n  mode: introspection\n  issuer: http://{dead}\n  client_auth:\n    method: client_secret_basic\n    client_id: gw\n    client_secret_file: {}\n",
+        pki.path("gw-secret").display()
+    );
+    o.routes.push_str("reload:\n  watch_files: false\n");
+    let cfg_path = pki.path("config.yaml");
+    let yaml = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw_addr.to_string());
+    std::fs::write(&cfg_path, &yaml).unwrap();
+
+    // Read as it comes (the gateway's sends block on a full socket queue).
+    let notify_path = pki.path("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let collector = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut notes = Vec::new();
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(n) = notify.recv(&mut buf) {
+                    notes.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            }
+            notes.join("|")
+        })
+    };
+    let log_path = pki.path("gateway.log");
+    let notify_env = notify_path.to_str().expect("UTF-8 temp path");
+    let child = run_gateway(&cfg_path, &log_path, &[("NOTIFY_SOCKET", notify_env)]);
+    let new_pki = DevPki::generate().unwrap();
+    let good = client(&pki, &new_pki.root.cert, "client", false);
+    let mut old_cert = None;
+    for _ in 0..100 {
+        if let Ok(c) = server_cert_of(&good, gw_addr).await {
+            old_cert = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let old_cert = old_cert.expect("gateway serves while discovery is pending");
+
+    std::fs::write(pki.path("server.crt"), &new_pki.server.cert).unwrap();
+    std::fs::write(pki.path("server.key"), &new_pki.server.key).unwrap();
+    signal(&child.0, "-HUP");
+    let expected = CertificateDer::from_pem_slice(new_pki.server.cert.as_bytes())
+        .unwrap()
+        .to_vec();
+    let mut shown = old_cert.clone();
+    for _ in 0..50 {
+        shown = server_cert_of(&good, gw_addr).await.unwrap_or_default();
+        if shown == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert_eq!(shown, expected, "not applied within 5 s: {log}");
+    assert!(log.contains("configuration reloaded"), "{log}");
+
+    stop.store(true, Ordering::Relaxed);
+    let notes = collector.join().unwrap();
+    assert!(notes.contains("waiting for OAuth discovery"), "{notes}");
+    assert!(!notes.contains("READY=1"), "start-up is not over: {notes}");
+    assert!(!notes.contains("RELOADING=1"), "{notes}");
 }
