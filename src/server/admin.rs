@@ -109,11 +109,17 @@ pub fn wants_openmetrics(accept: &str) -> bool {
 
 fn route(req: &Request<Incoming>, ready: &Readiness, metrics: &Metrics) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(
+        let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
             "GET only\n".into(),
             "text/plain",
         );
+        // RFC 9110 §15.5.6: a 405 MUST carry Allow.
+        r.headers_mut().insert(
+            http::header::ALLOW,
+            http::HeaderValue::from_static("GET, HEAD"),
+        );
+        return r;
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),

@@ -699,3 +699,39 @@ async fn sighup_during_the_discovery_wait_is_applied_at_once() {
     assert!(!notes.contains("READY=1"), "start-up is not over: {notes}");
     assert!(!notes.contains("RELOADING=1"), "{notes}");
 }
+
+/// The admin listener answers a method it does not serve with 405 and the `Allow` header
+/// RFC 9110 §15.5.6 requires ("The origin server MUST generate an Allow header field in
+/// a 405 response"), as the gateway's own 405 does.
+#[tokio::test]
+async fn admin_405_names_the_allowed_methods() {
+    use fhirgate::server::admin;
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let addr = admin::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(admin::Readiness::default()),
+        Arc::new(fhirgate::metrics::Metrics::new()),
+        rx,
+    )
+    .await
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut s = StdTcp::connect(addr).unwrap();
+        s.write_all(
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert!(out.starts_with("HTTP/1.1 405"), "{out}");
+    let allow = out
+        .lines()
+        .find_map(|l| l.strip_prefix("allow: "))
+        .unwrap_or_else(|| panic!("no Allow header: {out}"));
+    assert_eq!(allow.trim(), "GET, HEAD");
+}
