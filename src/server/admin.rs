@@ -171,7 +171,16 @@ pub async fn start(
                 a = listener.accept() => a,
                 _ = shutdown.changed() => return,
             };
-            let Ok((tcp, _)) = accepted else { continue };
+            let tcp = match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // EMFILE and friends fail at once while a probe waits in the backlog:
+                    // back off as the TLS-MA listener does, instead of spinning a core.
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
             let ready = ready.clone();
             let metrics = metrics.clone();
             tokio::spawn(async move {

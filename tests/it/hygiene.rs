@@ -479,3 +479,71 @@ async fn a_low_soft_open_files_limit_is_raised_for_max_connections() {
     assert!(line.contains("limits.max_connections"), "{line}");
     assert!(line.contains("256"), "{line}");
 }
+
+/// CPU time (user + system) of process `pid`, from /proc/PID/stat, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name in parentheses; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// Out of file descriptors, accept fails with EMFILE at once, again and again, while a
+/// connection waits in the backlog. The TLS-MA listener backs off 50 ms; the admin
+/// listener must too: a kubelet probe or a Prometheus scrape arriving then would
+/// otherwise spin a core at 100% until a descriptor frees, starving the connections
+/// that are being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_accept_out_of_files_backs_off() {
+    let pki = Pki::new();
+    let (up, _) = upstream(UpstreamMode::Echo).await;
+    let gw = free_addr();
+    let admin = free_addr();
+    let mut o = Opts::new(up);
+    // Idle connections are kept through the measurement.
+    o.limits = "  max_connections: 300\n  idle_timeout: 60s\n".into();
+    o.routes.push_str(&format!("admin:\n  address: {admin}\n"));
+    let yaml = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw.to_string());
+    let log = pki.path("emfile.log");
+    let child = start_binary_under_ulimit(&pki, &yaml, gw, &log, "-n 64");
+    let pid = child.0.id();
+    // Hold connections until the gateway runs out of descriptors (a handshake stalls).
+    let c = tls_client(&pki, Some("client"), H1);
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let opened = tokio::time::timeout(Duration::from_secs(2), async {
+            let (mut tx, task) = open_h1(&c, gw).await?;
+            tx.send_request(h1_get("/metadata"))
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((tx, task))
+        })
+        .await;
+        match opened {
+            Ok(Ok(h)) => held.push(h),
+            _ => break,
+        }
+    }
+    assert!(held.len() < 64, "the gateway never ran out of descriptors");
+    // A probe now waits in the admin listener's backlog.
+    let _probe = tokio::net::TcpStream::connect(admin).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = cpu_ticks(pid);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(pid).saturating_sub(before);
+    // Clock ticks are 100 a second on Linux: a spinning loop uses about 200 here.
+    let secs = started.elapsed().as_secs_f64();
+    let share = used as f64 / 100.0 / secs;
+    assert!(
+        share < 0.3,
+        "{:.0}% of a core while out of descriptors ({} held)",
+        share * 100.0,
+        held.len()
+    );
+    drop(held);
+}
