@@ -376,6 +376,7 @@ async fn certificate_subjects_cannot_forge_log_lines() {
         );
     }
     assert!(!log.contains(['\r', '\u{1b}', '\u{9b}']), "{log:?}");
+}
 
 /// Starts `fhirgate run` on `yaml` under `sh -c 'ulimit ULIMIT && exec fhirgate …'`
 /// (same pid), logging to `log`; waits until the listener at `gw` accepts TCP.
