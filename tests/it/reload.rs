@@ -520,6 +520,29 @@ async fn reload_failures_are_counted_and_restart_only_changes_named() {
     assert!(status.success());
 }
 
+/// A config whose start-up waits for OAuth discovery at `issuer` (nothing listens there
+/// yet), on a free port, with `reload` lines, written to `config.yaml`: its path and
+/// the gateway's address.
+fn awaiting_discovery(
+    pki: &Pki,
+    up: SocketAddr,
+    issuer: SocketAddr,
+    reload: &str,
+) -> (std::path::PathBuf, SocketAddr) {
+    let gw_addr = free_addr();
+    std::fs::write(pki.path("gw-secret"), "secret\n").unwrap();
+    let mut o = Opts::new(up);
+    o.auth = format!(
+        "auth:\n  mode: introspection\n  issuer: http://{issuer}\n  client_auth:\n    method: client_secret_basic\n    client_id: gw\n    client_secret_file: {}\n",
+        pki.path("gw-secret").display()
+    );
+    o.routes.push_str(reload);
+    let cfg_path = pki.path("config.yaml");
+    let yaml = config_yaml(pki, &o).replace("127.0.0.1:0", &gw_addr.to_string());
+    std::fs::write(&cfg_path, &yaml).unwrap();
+    (cfg_path, gw_addr)
+}
+
 /// A file that changes while the gateway starts (a Secret rotated while a pod comes up,
 /// here while it waits for OAuth discovery) is reloaded: the file watch starts before
 /// anything is read, so the change is not folded into its first reading and lost,
@@ -528,19 +551,9 @@ async fn reload_failures_are_counted_and_restart_only_changes_named() {
 async fn a_file_changed_during_start_up_is_reloaded() {
     let pki = Pki::new();
     let (up, _) = upstream(UpstreamMode::Echo).await;
-    let gw_addr = free_addr();
     // The authorisation server is not up yet: start-up waits for discovery.
     let as_addr = free_addr();
-    std::fs::write(pki.path("gw-secret"), "secret\n").unwrap();
-    let mut o = Opts::new(up);
-    o.auth = format!(
-        "auth:\n  mode: introspection\n  issuer: http://{as_addr}\n  client_auth:\n    method: client_secret_basic\n    client_id: gw\n    client_secret_file: {}\n",
-        pki.path("gw-secret").display()
-    );
-    o.routes.push_str("reload:\n  debounce: 100ms\n");
-    let cfg_path = pki.path("config.yaml");
-    let yaml = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw_addr.to_string());
-    std::fs::write(&cfg_path, &yaml).unwrap();
+    let (cfg_path, gw_addr) = awaiting_discovery(&pki, up, as_addr, "reload:\n  debounce: 100ms\n");
     let log_path = pki.path("gateway.log");
     let _child = run_gateway(&cfg_path, &log_path, &[]);
     let new_pki = DevPki::generate().unwrap();
@@ -627,18 +640,8 @@ async fn a_file_changed_during_start_up_is_reloaded() {
 async fn sighup_during_the_discovery_wait_is_applied_at_once() {
     let pki = Pki::new();
     let (up, _) = upstream(UpstreamMode::Echo).await;
-    let gw_addr = free_addr();
     let dead = free_addr();
-    std::fs::write(pki.path("gw-secret"), "secret\n").unwrap();
-    let mut o = Opts::new(up);
-    o.auth = format!(
-        "auth:\n  mode: introspection\n  issuer: http://{dead}\n  client_auth:\n    method: client_secret_basic\n    client_id: gw\n    client_secret_file: {}\n",
-        pki.path("gw-secret").display()
-    );
-    o.routes.push_str("reload:\n  watch_files: false\n");
-    let cfg_path = pki.path("config.yaml");
-    let yaml = config_yaml(&pki, &o).replace("127.0.0.1:0", &gw_addr.to_string());
-    std::fs::write(&cfg_path, &yaml).unwrap();
+    let (cfg_path, gw_addr) = awaiting_discovery(&pki, up, dead, "reload:\n  watch_files: false\n");
 
     // Read as it comes (the gateway's sends block on a full socket queue).
     let notify_path = pki.path("notify.sock");
