@@ -339,16 +339,12 @@ pub fn file_modes(cfg: &Config) -> Vec<Lint> {
         .into_iter()
         .filter(|(f, _)| !secrets.iter().any(|(s, _)| s == f));
     for (field, path) in trusted {
-        let Ok(m) = std::fs::metadata(&path) else {
-            continue;
-        };
-        if let Some(risk) = writable_mode_risk(m.mode(), m.gid(), &groups) {
-            out.push(warn(
-                field,
-                format!("{} {risk}", path.display()),
-                format!("chmod go-w {}", path.display()),
-            ));
-        }
+        out.extend(writable_lint(
+            field,
+            &path.display().to_string(),
+            &path,
+            &groups,
+        ));
     }
     for (field, path) in secrets {
         let Ok(m) = std::fs::metadata(&path) else {
@@ -371,16 +367,22 @@ pub fn file_modes(cfg: &Config) -> Vec<Lint> {
 /// The config file itself, as [`file_modes`] checks the files it names: whoever can
 /// write it chooses the trust bundles. Named by its path (also what `--allow` takes).
 pub fn config_file_mode(cfg: &Config, path: &Path) -> Option<Lint> {
-    use std::os::unix::fs::MetadataExt;
     if cfg.environment == Environment::Development {
         return None;
     }
     let groups = my_ids().map(|(_, g)| g).unwrap_or_default();
+    writable_lint(path.display().to_string(), "the config file", path, &groups)
+}
+
+/// The lint for `path` (config field `field`, said as `what`) when users other than the
+/// gateway's may write it ([`writable_mode_risk`]); none for a missing file.
+fn writable_lint(field: String, what: &str, path: &Path, groups: &[u32]) -> Option<Lint> {
+    use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
-    let risk = writable_mode_risk(m.mode(), m.gid(), &groups)?;
+    let risk = writable_mode_risk(m.mode(), m.gid(), groups)?;
     Some(warn(
-        path.display().to_string(),
-        format!("the config file {risk}"),
+        field,
+        format!("{what} {risk}"),
         format!("chmod go-w {}", path.display()),
     ))
 }

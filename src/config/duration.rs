@@ -8,9 +8,13 @@ use serde::{de, Deserialize, Deserializer};
 pub(crate) const EXPECTED: &str = "a duration like 10s, 500ms or 1h";
 
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
+    parse(&String::deserialize(d)?)
+}
+
+/// One duration, or the error with [`EXPECTED`] that `yaml_error` names the field with.
+fn parse<E: de::Error>(s: &str) -> Result<Duration, E> {
     humantime_serde::re::humantime::parse_duration(s.trim())
-        .map_err(|_| de::Error::invalid_value(de::Unexpected::Str(&s), &EXPECTED))
+        .map_err(|_| E::invalid_value(de::Unexpected::Str(s), &EXPECTED))
 }
 
 /// An optional duration (`response_timeout: 5s`; absent or `null`: none), with the same
@@ -19,11 +23,8 @@ pub mod option {
     use super::*;
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        match Option::<String>::deserialize(d)? {
-            None => Ok(None),
-            Some(s) => humantime_serde::re::humantime::parse_duration(s.trim())
-                .map(Some)
-                .map_err(|_| de::Error::invalid_value(de::Unexpected::Str(&s), &EXPECTED)),
-        }
+        Option::<String>::deserialize(d)?
+            .map(|s| parse(&s))
+            .transpose()
     }
 }
