@@ -174,10 +174,7 @@ pub async fn start(
             let tcp = match accepted {
                 Ok((tcp, _)) => tcp,
                 Err(e) => {
-                    // EMFILE and friends fail at once while a probe waits in the backlog:
-                    // back off as the TLS-MA listener does, instead of spinning a core.
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    super::accept_failed("admin accept failed", &e).await;
                     continue;
                 }
             };

@@ -233,11 +233,7 @@ impl Server {
                         drop(permit);
                     });
                 }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(e) => accept_failed("accept failed", &e).await,
             }
         }
     }
@@ -307,4 +303,11 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         server,
         tasks,
     })
+}
+
+/// An `accept` that failed: EMFILE and friends fail at once while a client waits in the
+/// backlog, so each listener logs `what` and backs off instead of spinning a core.
+async fn accept_failed(what: &str, e: &std::io::Error) {
+    tracing::warn!(error = %e, "{what}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }
