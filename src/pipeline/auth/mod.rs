@@ -393,16 +393,29 @@ impl AuthConfig {
         // These bound how often the authorisation server is called: zero would mean
         // without pause (discovery in a loop, a JWKS fetch per unknown kid or request).
         for (field, d, default) in [
-            ("auth.discovery_refresh", self.discovery_refresh, "1h"),
-            ("auth.jwks_min_refetch", self.jwks_min_refetch, "10s"),
-            ("auth.jwks_max_age", self.jwks_max_age, "5m"),
+            (
+                "auth.discovery_refresh",
+                self.discovery_refresh,
+                default_discovery_refresh(),
+            ),
+            (
+                "auth.jwks_min_refetch",
+                self.jwks_min_refetch,
+                default_min_refetch(),
+            ),
+            (
+                "auth.jwks_max_age",
+                self.jwks_max_age,
+                default_jwks_max_age(),
+            ),
         ] {
             if d.is_zero() {
                 return Err(err(
                     field,
                     format!(
                         "must be greater than zero (0 calls the authorisation server without \
-                         pause); remove it for the default, {default}"
+                         pause); remove it for the default, {}",
+                        humantime_serde::re::humantime::format_duration(default)
                     ),
                 ));
             }
