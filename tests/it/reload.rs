@@ -520,6 +520,17 @@ async fn reload_failures_are_counted_and_restart_only_changes_named() {
     assert!(status.success());
 }
 
+/// The server certificate the gateway at `addr` shows, once it serves (within 5 s).
+async fn serving_cert(c: &tokio_rustls::TlsConnector, addr: SocketAddr) -> Vec<u8> {
+    for _ in 0..100 {
+        if let Ok(cert) = server_cert_of(c, addr).await {
+            return cert;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("gateway serves while discovery is pending");
+}
+
 /// A config whose start-up waits for OAuth discovery at `issuer` (nothing listens there
 /// yet), on a free port, with `reload` lines, written to `config.yaml`: its path and
 /// the gateway's address.
@@ -558,15 +569,7 @@ async fn a_file_changed_during_start_up_is_reloaded() {
     let _child = run_gateway(&cfg_path, &log_path, &[]);
     let new_pki = DevPki::generate().unwrap();
     let good = client(&pki, &new_pki.root.cert, "client", false);
-    let mut old_cert = None;
-    for _ in 0..100 {
-        if let Ok(c) = server_cert_of(&good, gw_addr).await {
-            old_cert = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let old_cert = old_cert.expect("gateway serves while discovery is pending");
+    let old_cert = serving_cert(&good, gw_addr).await;
 
     // Rotated during start-up.
     std::fs::write(pki.path("server.crt"), &new_pki.server.cert).unwrap();
@@ -668,15 +671,7 @@ async fn sighup_during_the_discovery_wait_is_applied_at_once() {
     let child = run_gateway(&cfg_path, &log_path, &[("NOTIFY_SOCKET", notify_env)]);
     let new_pki = DevPki::generate().unwrap();
     let good = client(&pki, &new_pki.root.cert, "client", false);
-    let mut old_cert = None;
-    for _ in 0..100 {
-        if let Ok(c) = server_cert_of(&good, gw_addr).await {
-            old_cert = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let old_cert = old_cert.expect("gateway serves while discovery is pending");
+    let old_cert = serving_cert(&good, gw_addr).await;
 
     std::fs::write(pki.path("server.crt"), &new_pki.server.cert).unwrap();
     std::fs::write(pki.path("server.key"), &new_pki.server.key).unwrap();
