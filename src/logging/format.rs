@@ -274,6 +274,19 @@ mod tests {
         }
     }
 
+    /// `line` as `tracing`'s default formatter writes it, without colour.
+    fn by_default_formatter(line: &AccessLine<'_>) -> String {
+        let buf = Buf::default();
+        let w = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || line.emit());
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        out
+    }
+
     /// Everything after the timestamp, which differs between two lines.
     fn without_time(line: &str) -> &str {
         line.split_once(' ').unwrap().1
@@ -309,16 +322,9 @@ mod tests {
     /// parsers cannot tell which path wrote it.
     #[test]
     fn direct_access_line_is_the_default_formatters_line() {
-        let buf = Buf::default();
-        let w = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || w.clone())
-            .finish();
         let subject = "CN=client.example,O=NHS Trust \u{fc}";
         let line = awkward_line(subject);
-        tracing::subscriber::with_default(subscriber, || line.emit());
-        let theirs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let theirs = by_default_formatter(&line);
         let mut ours = String::new();
         line.write_text(SystemTime::now(), &mut ours).unwrap();
         assert_eq!(without_time(&ours), without_time(&theirs));
@@ -357,14 +363,7 @@ mod tests {
         );
         assert!(ours.contains(r" bundle=nhs\n-int "), "{ours}");
 
-        let buf = Buf::default();
-        let w = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || w.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, || line.emit());
-        let theirs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let theirs = by_default_formatter(&line);
         assert_eq!(without_time(&ours), without_time(&theirs));
     }
 
