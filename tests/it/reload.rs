@@ -687,7 +687,7 @@ async fn sighup_during_the_discovery_wait_is_applied_at_once() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let log = log_once_it_has(&log_path, "configuration reloaded");
     assert_eq!(shown, expected, "not applied within 5 s: {log}");
     assert!(log.contains("configuration reloaded"), "{log}");
 

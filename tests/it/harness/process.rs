@@ -43,6 +43,20 @@ pub fn run_gateway(cfg: &Path, log: &Path, env: &[(&str, &str)]) -> KillOnDrop {
     KillOnDrop(child)
 }
 
+/// The log at `path` once it contains `needle`, waiting up to 5 s: a change is applied
+/// before the line reporting it is written, so a test that has just seen the change
+/// can read the log a moment too early.
+pub fn log_once_it_has(path: &Path, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.contains(needle) || std::time::Instant::now() >= deadline {
+            return log;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Sends `sig` (`-HUP`, `-TERM`, …) to `child` with kill(1).
 pub fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
