@@ -648,3 +648,37 @@ fn dockerfile_builds_the_same_layout_as_the_buildah_script() {
         assert!(build.contains(want), "deploy/container/build lacks {want}");
     }
 }
+
+/// Under the shipped unit (`ProtectSystem=strict`) the only directory the service may write
+/// is its `CacheDirectory=` under /var/cache, so every `cache_dir` the shipped systemd
+/// configuration and the operator's guide suggest must be that directory: another path
+/// would make every CRL cache write fail at run time.
+#[test]
+fn suggested_crl_cache_dirs_are_writable_under_the_systemd_unit() {
+    let unit = read("systemd/fhirgate.service");
+    assert!(unit.contains("ProtectSystem=strict"), "{unit}");
+    let dir = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CacheDirectory="))
+        .expect("the unit sets CacheDirectory=");
+    let writable = format!("/var/cache/{}", dir.trim());
+    for file in [
+        "config.yaml",
+        "certs/README.md",
+        "examples/bars-receiver-prod.yaml",
+    ] {
+        let text = read(file);
+        let suggested: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split("cache_dir:").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .collect();
+        assert!(!suggested.is_empty(), "{file} suggests no cache_dir");
+        for path in suggested {
+            assert_eq!(
+                path, writable,
+                "{file}: cache_dir {path} is read-only under the unit"
+            );
+        }
+    }
+}
