@@ -531,7 +531,7 @@ async fn revoked_after_file_swap(swap: Swap) {
     .await;
     eprintln!("{swap:?}: revoked client refused {took:?} after the file swap");
     assert!(accepted(&alice, gw).await);
-    let log = log_once_it_has(&log_path, "configuration reloaded");
+    let log = log_once_it_has(&log_path, "configuration reloaded", Duration::from_secs(5)).await;
     assert!(log.contains("watched file changed"), "{log}");
     assert!(log.contains("configuration reloaded"), "{log}");
 }

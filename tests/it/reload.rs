@@ -436,14 +436,7 @@ async fn reload_failures_are_counted_and_restart_only_changes_named() {
         + "logging:\n  format: json\nreload:\n  watch_files: false\n  debounce: 2s\n";
     std::fs::write(&cfg_path, changed).unwrap();
     signal(&child.0, "-HUP");
-    let mut log = String::new();
-    for _ in 0..50 {
-        log = std::fs::read_to_string(&log_path).unwrap();
-        if log.contains("need a restart") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let log = log_once_it_has(&log_path, "need a restart", Duration::from_millis(2500)).await;
     let warn = log
         .lines()
         .find(|l| l.contains("need a restart"))
@@ -608,14 +601,12 @@ async fn a_file_changed_during_start_up_is_reloaded() {
     let expected = CertificateDer::from_pem_slice(new_pki.server.cert.as_bytes())
         .unwrap()
         .to_vec();
-    let mut log = String::new();
-    for _ in 0..100 {
-        log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if log.contains("discovered authorisation server endpoints") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let log = log_once_it_has(
+        &log_path,
+        "discovered authorisation server endpoints",
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(
         log.contains("discovered authorisation server endpoints"),
         "start-up completed: {log}"
@@ -687,7 +678,7 @@ async fn sighup_during_the_discovery_wait_is_applied_at_once() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let log = log_once_it_has(&log_path, "configuration reloaded");
+    let log = log_once_it_has(&log_path, "configuration reloaded", Duration::from_secs(5)).await;
     assert_eq!(shown, expected, "not applied within 5 s: {log}");
     assert!(log.contains("configuration reloaded"), "{log}");
 

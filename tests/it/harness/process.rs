@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 /// Runs `fhirgate ARGS`; returns (exit status success, stdout, stderr).
 pub fn fhirgate(args: &[&str]) -> (bool, String, String) {
@@ -43,17 +44,17 @@ pub fn run_gateway(cfg: &Path, log: &Path, env: &[(&str, &str)]) -> KillOnDrop {
     KillOnDrop(child)
 }
 
-/// The log at `path` once it contains `needle`, waiting up to 5 s: a change is applied
-/// before the line reporting it is written, so a test that has just seen the change
-/// can read the log a moment too early.
-pub fn log_once_it_has(path: &Path, needle: &str) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+/// The log at `path` once it contains `needle`, waiting up to `within` (then as it is):
+/// a change is applied before the line reporting it is written, so a test that has just
+/// seen the change can read the log a moment too early.
+pub async fn log_once_it_has(path: &Path, needle: &str, within: Duration) -> String {
+    let deadline = std::time::Instant::now() + within;
     loop {
         let log = std::fs::read_to_string(path).unwrap_or_default();
         if log.contains(needle) || std::time::Instant::now() >= deadline {
             return log;
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
