@@ -117,6 +117,16 @@ pub async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow:
     for a in &running.addrs {
         tracing::info!(address = %a, "listening (TLS-MA)");
     }
+    let rt = tokio::runtime::Handle::current();
+    let scheduler = match rt.runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => "current-thread",
+        _ => "multi-thread",
+    };
+    tracing::info!(
+        scheduler,
+        workers = rt.metrics().num_workers(),
+        "async runtime"
+    );
     let ready = Arc::new(admin::Readiness::default());
     let (admin_stop, admin_rx) = tokio::sync::watch::channel(false);
     if let Some(a) = &cfg.admin {
@@ -179,7 +189,7 @@ pub async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow:
                 _ = hup.recv() => {}
                 Some(()) = next_change(&mut watched) => {}
             }
-            if let Some(new) = reload(&running, path, cfg, false) {
+            if let Some(new) = reload_off_thread(running.server(), path, cfg, false).await {
                 current = new;
             }
         }
@@ -214,7 +224,7 @@ pub async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow:
                 _ = hup.recv() => {}
                 Some(()) = next_change(&mut watched) => {}
             }
-            if let Some(new) = reload(&running, path, cfg, true) {
+            if let Some(new) = reload_off_thread(running.server(), path, cfg, true).await {
                 current = new;
             }
         }
@@ -241,13 +251,31 @@ async fn next_change(watched: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> O
     }
 }
 
+/// `reload` on tokio's blocking threads: it reads files and parses certificates and
+/// CRLs, which on the current-thread runtime (one CPU) would otherwise hold up every
+/// connection until it is done.
+async fn reload_off_thread(
+    server: &Arc<super::Server>,
+    path: &Path,
+    started: &Config,
+    notify: bool,
+) -> Option<Config> {
+    let (server, path, started) = (server.clone(), path.to_owned(), started.clone());
+    tokio::task::spawn_blocking(move || reload(&server, &path, &started, notify))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "reload failed; previous configuration still serving");
+            None
+        })
+}
+
 /// Re-reads the config; on any error the running configuration stays in force. Returns
 /// the new configuration when it was applied; settings that differ from `started` but
 /// are fixed at start are named in a warning. Every refusal counts in
 /// `fhirgate_reloads_total{result="error"}`, a file that cannot be read or parsed too.
 /// `notify`: tell systemd RELOADING=1, then READY=1 (only once READY=1 was sent: before
 /// that, READY=1 would end the start-up).
-fn reload(running: &super::Running, path: &Path, started: &Config, notify: bool) -> Option<Config> {
+fn reload(server: &super::Server, path: &Path, started: &Config, notify: bool) -> Option<Config> {
     if notify {
         let mut states = vec![NotifyState::Reloading];
         if let Ok(now) = NotifyState::monotonic_usec_now() {
@@ -257,13 +285,9 @@ fn reload(running: &super::Running, path: &Path, started: &Config, notify: bool)
     }
     let result = match Config::load(path) {
         // Building the new snapshot counts its own result (ok or error).
-        Ok(cfg) => running
-            .server()
-            .reload(&cfg)
-            .map(|()| cfg)
-            .map_err(|e| e.to_string()),
+        Ok(cfg) => server.reload(&cfg).map(|()| cfg).map_err(|e| e.to_string()),
         Err(e) => {
-            running.server().metrics().reload(false);
+            server.metrics().reload(false);
             Err(e.to_string())
         }
     };
@@ -273,7 +297,7 @@ fn reload(running: &super::Running, path: &Path, started: &Config, notify: bool)
     match result {
         Ok(cfg) => {
             let fixed = started.restart_required_changes(&cfg);
-            running.server().log_trust_warnings();
+            server.log_trust_warnings();
             if fixed.is_empty() {
                 tracing::info!(config = %path.display(), "configuration reloaded");
             } else {

@@ -77,6 +77,21 @@ async fn server_cert_of(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
+    sighup_reload_and_drain("2", "scheduler=\"multi-thread\" workers=2").await;
+}
+
+/// The same on one CPU (`TOKIO_WORKER_THREADS=1`, as `available_parallelism` gives a
+/// sidecar limited to one CPU): the current-thread runtime, where a reload runs beside
+/// the connections on tokio's blocking threads and must not fail a request either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_cpu_the_current_thread_runtime_reloads_and_drains_the_same_way() {
+    sighup_reload_and_drain("1", "scheduler=\"current-thread\" workers=1").await;
+}
+
+/// SIGHUP swaps certificates and CRLs while a stream of requests runs, a broken config is
+/// refused, SIGTERM drains; `workers` is TOKIO_WORKER_THREADS, `runtime_line` what the
+/// start-up log must say of the runtime.
+async fn sighup_reload_and_drain(workers: &str, runtime_line: &str) {
     let pki = Pki::new();
     let (up, _) = upstream(UpstreamMode::Echo).await;
     let gw_addr = free_addr();
@@ -120,7 +135,11 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
     let mut child = run_gateway(
         &cfg_path,
         &log_path,
-        &[("NOTIFY_SOCKET", notify), ("WATCHDOG_USEC", "200000")],
+        &[
+            ("NOTIFY_SOCKET", notify),
+            ("WATCHDOG_USEC", "200000"),
+            ("TOKIO_WORKER_THREADS", workers),
+        ],
     );
     let mut up_ok = false;
     for _ in 0..100 {
@@ -261,6 +280,7 @@ async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
     let status = child.0.wait().unwrap();
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(status.success(), "exit status {status:?}\n{log}");
+    assert!(log.contains(runtime_line), "{log}");
     assert!(log.contains("configuration reloaded"), "{log}");
     assert!(log.contains("reload refused"), "{log}");
     assert!(log.contains("tls.trust_bundles[0].crl_files[0]"), "{log}");
