@@ -107,7 +107,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The async runtime: tokio's current-thread scheduler when the process has one CPU,
 /// one worker per CPU otherwise. On one CPU the multi-thread scheduler adds only
 /// hand-offs between tasks (its LIFO slot and wake-ups): the current-thread one served
-/// the same requests with 2-9% less CPU (bench/README.md, eighteenth pass).
+/// the same requests with up to 10% less CPU (HTTP/2; bench/README.md, eighteenth pass).
 /// `available_parallelism` counts the CPUs this process may run on (affinity and cgroup
 /// CPU quota), so a sidecar or pod limited to one CPU gets the former;
 /// `TOKIO_WORKER_THREADS` overrides the count, as it does for tokio itself.
