@@ -104,20 +104,12 @@ fn json_logs(path: &std::path::Path) -> bool {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The async runtime: tokio's current-thread scheduler when the process has one CPU,
-/// one worker per CPU otherwise. On one CPU the multi-thread scheduler adds only
-/// hand-offs between tasks (its LIFO slot and wake-ups): the current-thread one served
-/// the same requests with up to 10% less CPU (HTTP/2; bench/README.md, eighteenth pass).
-/// `available_parallelism` counts the CPUs this process may run on (affinity and cgroup
-/// CPU quota), so a sidecar or pod limited to one CPU gets the former;
-/// `TOKIO_WORKER_THREADS` overrides the count, as it does for tokio itself.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let workers = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-        .unwrap_or(1);
+/// The async runtime for `workers` threads ([`worker_count`]): tokio's current-thread
+/// scheduler for one, the multi-thread one with that many workers otherwise. On one CPU
+/// the multi-thread scheduler adds only hand-offs between tasks (its LIFO slot and
+/// wake-ups): the current-thread one served the same requests with up to 10% less CPU
+/// (HTTP/2; bench/README.md, eighteenth pass).
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -126,6 +118,27 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         b
     };
     builder.enable_all().build()
+}
+
+/// The runtime's thread count: `TOKIO_WORKER_THREADS` (its value `env`) when set, else
+/// one per CPU this process may run on (`available_parallelism` counts CPU affinity and a
+/// cgroup CPU quota, so a sidecar or pod limited to one CPU gets one). A value that is
+/// not a positive whole number is refused, as tokio refuses it (with a panic), so an
+/// operator's typo is seen at start rather than ignored.
+fn worker_count(env: Option<std::ffi::OsString>) -> Result<usize, String> {
+    let Some(v) = env else {
+        return Ok(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    };
+    v.to_str()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            format!(
+                "TOKIO_WORKER_THREADS={:?} is not a positive whole number: set it to the \
+                 number of runtime threads (for example 2), or unset it for one per CPU",
+                v.to_string_lossy()
+            )
+        })
 }
 
 fn main() -> ExitCode {
@@ -140,7 +153,14 @@ fn main() -> ExitCode {
         };
     // Flushed when dropped: after the runtime, before the final error line.
     let log = fhirgate::logging::init(json);
-    let rt = match runtime() {
+    let workers = match worker_count(std::env::var_os("TOKIO_WORKER_THREADS")) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("fhirgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match runtime(workers) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fhirgate: cannot start runtime: {e}");
@@ -192,6 +212,26 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("fhirgate: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_count;
+
+    #[test]
+    fn worker_count_takes_a_positive_number_and_refuses_anything_else() {
+        assert_eq!(worker_count(Some("3".into())), Ok(3));
+        assert_eq!(worker_count(Some(" 1 ".into())), Ok(1));
+        assert!(worker_count(None).is_ok_and(|n| n >= 1));
+        for bad in ["0", "two", "", "-1", "1.5"] {
+            let e = worker_count(Some(bad.into())).expect_err(bad);
+            assert!(
+                e.starts_with(&format!("TOKIO_WORKER_THREADS={bad:?} is not a positive")),
+                "{e}"
+            );
+            assert!(e.contains("unset it for one per CPU"), "{e}");
         }
     }
 }

@@ -405,3 +405,37 @@ routes:
     assert!(!ok);
     assert!(err.contains("alert certificate revoked"), "{err}");
 }
+
+/// `TOKIO_WORKER_THREADS` sets the runtime's thread count (README, Operations, "CPUs").
+/// tokio itself panics on a value that is not a number; the gateway refuses it at start
+/// with a line naming the variable and the fix, instead of running on a default the
+/// operator did not ask for.
+#[test]
+fn a_worker_count_that_is_not_a_positive_number_stops_the_start_with_the_fix() {
+    let run = |v: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+            .args(["nhsd", "example"])
+            .env("TOKIO_WORKER_THREADS", v)
+            .output()
+            .expect("fhirgate runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for bad in ["two", "0", ""] {
+        let (ok, err) = run(bad);
+        assert!(!ok, "TOKIO_WORKER_THREADS={bad:?} must stop the start");
+        assert!(
+            err.contains(&format!(
+                "TOKIO_WORKER_THREADS={bad:?} is not a positive whole number"
+            )) && err.contains("unset it for one per CPU"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "a line, not a panic: {err}");
+    }
+    for good in ["1", "2"] {
+        let (ok, err) = run(good);
+        assert!(ok, "TOKIO_WORKER_THREADS={good}: {err}");
+    }
+}
