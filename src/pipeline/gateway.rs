@@ -37,8 +37,8 @@ pub struct ConnInfo {
     /// The identity and forwarding headers every request on the connection carries
     /// upstream ([`Gateway::connection_headers`]).
     pub headers: ConnectionHeaders,
-    /// An HTTP/1.1 connection's place for its own upstream connection
-    /// ([`Gateway::pinned_slot`]); `None` for HTTP/2 or with pinning off.
+    /// The connection's place for upstream connections of its own
+    /// ([`Gateway::pinned_slot`]); `None` with pinning off.
     pub upstream: Option<Arc<PinnedSlot>>,
     /// The certificate chain the handshake verified, checked again per request (shared
     /// with the connection's next binding after a reload).
@@ -153,9 +153,10 @@ impl Gateway {
         ConnectionHeaders::new(&self.identity_names, identity, peer)
     }
 
-    /// A new HTTP/1.1 connection's slot for an upstream connection of its own.
-    pub fn pinned_slot(&self) -> Option<Arc<PinnedSlot>> {
-        self.upstream.pinned_slot()
+    /// A new client connection's slot for upstream connections of its own
+    /// ([`Upstream::pinned_slot`]).
+    pub fn pinned_slot(&self, h2: bool) -> Option<Arc<PinnedSlot>> {
+        self.upstream.pinned_slot(h2)
     }
 
     /// One request, start to finish. Its body comes boxed (by the connection, which

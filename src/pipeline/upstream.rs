@@ -4,11 +4,11 @@
 //! connector, and a response-header timeout around each request. TLS to the upstream uses
 //! only the CA bundle named in the config (internal services rarely chain to public CAs).
 //!
-//! A busy HTTP/1.1 client connection also gets an upstream connection of its own
-//! ([`PinnedSlot`]), driven inside the client connection's task, as nginx runs an upstream
-//! socket in the client's event loop: hyper-util's pool drives each connection in a task
-//! of its own, so every request and its response cross between tasks (bench/README.md,
-//! eighth pass: 8–16% of CPU per request on keep-alive GET).
+//! A busy client connection also gets upstream connections of its own ([`PinnedSlot`]),
+//! each driven inside the task of the request using it, as nginx runs an upstream socket
+//! in the client's event loop: hyper-util's pool drives each connection in a task of its
+//! own, so every request and its response cross between tasks (bench/README.md, eighth
+//! pass: 8–16% of CPU per request on keep-alive GET; nineteenth pass: 9–12% on HTTP/2).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -125,10 +125,21 @@ impl Upstream {
         })
     }
 
-    /// A slot for an HTTP/1.1 client connection's own upstream connection, or `None` when
-    /// pinning is off.
-    pub fn pinned_slot(&self) -> Option<Arc<PinnedSlot>> {
-        (self.max_pinned > 0).then(|| Arc::new(PinnedSlot::default()))
+    /// A slot for a client connection's own upstream connections, or `None` when pinning
+    /// is off. HTTP/2 clients get one only on tokio's current-thread runtime (one CPU):
+    /// there each stream's task drives its upstream connection on the thread that runs
+    /// everything else, 9–12% less CPU per request than the pool; on the multi-thread
+    /// runtime the streams' tasks move between workers and pinning measured 3% worse
+    /// (bench/README.md, nineteenth pass), so they keep the pool.
+    pub fn pinned_slot(&self, h2: bool) -> Option<Arc<PinnedSlot>> {
+        if self.max_pinned == 0 {
+            return None;
+        }
+        let one_thread = || {
+            tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+        };
+        (!h2 || one_thread()).then(|| Arc::new(PinnedSlot::default()))
     }
 
     /// The upstream URI for a request path (+ query) as the client sent it.
@@ -155,8 +166,8 @@ impl Upstream {
     /// refusal a client should see: timeouts are 504, a body over the limit is 413, any
     /// other failure to reach the upstream is 502.
     ///
-    /// `slot` is the client connection's [`PinnedSlot`] (HTTP/1.1 clients): its own
-    /// upstream connection when it has one or may open one, else the shared pool.
+    /// `slot` is the client connection's [`PinnedSlot`]: one of its own upstream
+    /// connections when it has one free or may open one, else the shared pool.
     /// `sent`: when the caller started sending, which the response timeout counts from
     /// (the caller's clock read, not a second one).
     pub async fn send(
@@ -194,10 +205,10 @@ impl Upstream {
         }
     }
 
-    /// The request on the client connection's own upstream connection: the one it
-    /// keeps, or a new one for a client connection's second and later requests since it
-    /// was last idle (the first goes through the pool, whose warm connection costs no
-    /// connect), while fewer than `max_pinned` are open.
+    /// The request on one of the client connection's own upstream connections: a free
+    /// one it keeps, or a new one for a client connection's second and later requests
+    /// since it was last idle (the first goes through the pool, whose warm connection
+    /// costs no connect), while fewer than `max_pinned` are open.
     async fn send_pinned(
         &self,
         slot: &Arc<PinnedSlot>,
@@ -217,7 +228,10 @@ impl Upstream {
                 // otherwise take 2.4 KB of every request's future, which hyper moves per
                 // request (and tokio allocates per HTTP/2 stream).
                 match Box::pin(self.open_pinned(count)).await {
-                    Ok(c) => c,
+                    Ok(c) => {
+                        slot.opened.notify_one();
+                        c
+                    }
                     // A timeout is answered (the pool would wait as long again); any
                     // other failure goes to the pool, whose warm connections may still
                     // work when an upstream at its connection limit refuses new ones.
@@ -288,11 +302,19 @@ enum Pinned {
     NotSent(Request<UpstreamBody>),
 }
 
-/// One HTTP/1.1 client connection's place for its own upstream connection. Requests on
-/// an HTTP/1.1 connection come one at a time, so one upstream connection serves them
-/// all, and a response can only ever reach the client connection that asked for it.
+/// One client connection's place for its own upstream connections, free ones waiting
+/// here between requests. Requests on an HTTP/1.1 connection come one at a time, so one
+/// upstream connection serves them all; an HTTP/2 client's concurrent streams take one
+/// each, a connection serving one request at a time and coming back when its response
+/// body ends. Nothing is shared between client connections, so a response can only
+/// ever reach the client connection that asked for it.
 #[derive(Default)]
-pub struct PinnedSlot(Mutex<SlotState>);
+pub struct PinnedSlot {
+    state: Mutex<SlotState>,
+    /// Told when a connection is opened, so an HTTP/2 client connection starts watching
+    /// for the quiet that gives its connections up ([`PinnedSlot::opened`]).
+    opened: tokio::sync::Notify,
+}
 
 impl std::fmt::Debug for PinnedSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -302,39 +324,51 @@ impl std::fmt::Debug for PinnedSlot {
 
 #[derive(Default)]
 struct SlotState {
-    conn: Option<PinnedConn>,
+    /// Free connections, the last one back on top (the likeliest to be warm).
+    free: Vec<PinnedConn>,
     /// Requests since the client connection opened or was last idle.
     burst: u32,
 }
 
 impl PinnedSlot {
     fn take(&self) -> (Option<PinnedConn>, u32) {
-        match self.0.lock() {
+        match self.state.lock() {
             Ok(mut s) => {
                 s.burst = s.burst.saturating_add(1);
-                (s.conn.take(), s.burst)
+                (s.free.pop(), s.burst)
             }
             Err(_) => (None, 0),
         }
     }
 
     fn put(&self, conn: PinnedConn) {
-        if let Ok(mut s) = self.0.lock() {
-            s.conn = Some(conn);
+        if let Ok(mut s) = self.state.lock() {
+            s.free.push(conn);
         }
     }
 
-    /// The client connection went idle: its upstream connection is closed, so idle
-    /// clients hold none (the next burst starts on the pool again).
+    /// The client connection went idle: its free upstream connections are closed, so
+    /// idle clients hold none (the next burst starts on the pool again). A connection
+    /// still in use by a request comes back afterwards and waits for the next release.
     pub fn release(&self) {
-        let conn = match self.0.lock() {
+        let free = match self.state.lock() {
             Ok(mut s) => {
                 s.burst = 0;
-                s.conn.take()
+                std::mem::take(&mut s.free)
             }
-            Err(_) => None,
+            Err(_) => Vec::new(),
         };
-        drop(conn);
+        drop(free);
+    }
+
+    /// Completes once a connection has been opened since the last call (or ever).
+    pub async fn opened(&self) {
+        self.opened.notified().await;
+    }
+
+    /// Whether it holds a free connection (what [`PinnedSlot::release`] would close).
+    pub fn holds(&self) -> bool {
+        self.state.lock().is_ok_and(|s| !s.free.is_empty())
     }
 }
 
@@ -584,9 +618,10 @@ pub struct UpstreamConfig {
     /// Speak HTTP/2 (prior knowledge for http, ALPN for https) to the upstream.
     #[serde(default)]
     pub http2: bool,
-    /// Most upstream connections held by busy HTTP/1.1 client connections for their own
-    /// use (see [`PinnedSlot`]); beyond it, and for HTTP/2 clients, the shared pool.
-    /// 0 turns pinning off. Not used with `http2: true`.
+    /// Most upstream connections held by busy client connections for their own use (see
+    /// [`PinnedSlot`]; HTTP/2 clients only on the current-thread runtime, see
+    /// [`Upstream::pinned_slot`]); beyond it, the shared pool. 0 turns pinning off. Not
+    /// used with `http2: true`.
     #[serde(default = "default_max_pinned")]
     pub max_pinned_connections: usize,
 }

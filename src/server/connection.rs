@@ -8,8 +8,10 @@
 //! moved for `idle_timeout` (a client that stopped reading its response, a stalled
 //! stream), or that was asked to close an `idle_timeout` ago and has not, is dropped.
 //! All of these are checked on the connection's tick (a quarter of `idle_timeout`, at
-//! most 250 ms for HTTP/1.1), so they happen up to a tick after the time is up, never
-//! before it.
+//! most 250 ms for HTTP/1.1 and for HTTP/2 while it holds upstream connections of its
+//! own), so they happen up to a tick after the time is up, never before it. A client
+//! connection quiet for 250 ms gives its own upstream connections up: HTTP/1.1 by
+//! parking, HTTP/2 on that tick.
 
 use super::Snapshot;
 use std::convert::Infallible;
@@ -41,6 +43,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::identity::{ClientChain, ClientIdentity, TrustInForce};
 use crate::pipeline::outcome::Rejection;
 use crate::pipeline::service::ClientConnections;
+use crate::pipeline::upstream::PinnedSlot;
 use crate::pipeline::{ConnInfo, Gateway};
 use crate::tls::{handshake_failure_kind, HandshakeKind, PresentedCert, REFUSED_CERT};
 
@@ -212,10 +215,11 @@ impl Snapshot {
             }
         };
         let idle = self.limits.idle_timeout;
-        let mut every = (idle / 4).max(Duration::from_millis(50));
-        if !h2 {
-            every = every.min(PARK_AFTER);
-        }
+        let slow = (idle / 4).max(Duration::from_millis(50));
+        let fast = slow.min(PARK_AFTER);
+        // HTTP/1.1 ticks fast (it parks); HTTP/2 only while it holds upstream connections
+        // of its own, so an idle HTTP/2 connection does not wake four times a second.
+        let mut every = if h2 { slow } else { fast };
         let mut tick = tokio::time::interval(every);
         let mut closing: Option<Instant> = None;
         // HTTP/2 if the TLS handshake chose `h2` by ALPN (RFC 9113 §3.2), HTTP/1.1 otherwise.
@@ -254,6 +258,14 @@ impl Snapshot {
                             close_gracefully(&mut served);
                             closing = Some(Instant::now());
                         }
+                        if h2 {
+                            let want = release_when_quiet(&binding.load(), &activity, fast, slow);
+                            if want != every {
+                                every = want;
+                                let first = tokio::time::Instant::now() + every;
+                                tick = tokio::time::interval_at(first, every);
+                            }
+                        }
                         // A request being handled is bounded by the upstream timeouts.
                         if activity.handling() > 0 {
                             continue;
@@ -279,6 +291,12 @@ impl Snapshot {
                     _ = shutdown.changed(), if closing.is_none() => {
                         close_gracefully(&mut served);
                         closing = Some(Instant::now());
+                    }
+                    // An HTTP/2 connection that just opened an upstream connection of its
+                    // own ticks fast from now, to give it up soon after going quiet.
+                    () = opened(binding.load().conn.upstream.clone()), if h2 && every != fast => {
+                        every = fast;
+                        tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                     }
                 }
             };
@@ -339,6 +357,42 @@ impl Snapshot {
     }
 }
 
+/// Completes when `slot` opens a connection; never without a slot.
+async fn opened(slot: Option<Arc<PinnedSlot>>) {
+    match slot {
+        Some(s) => s.opened().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// An HTTP/2 connection's own upstream connections, on its tick: given up once no request
+/// started or ended for `PARK_AFTER` and none is being handled or sent, as a parked
+/// HTTP/1.1 connection's are. Returns the tick the connection needs next: `fast` while it
+/// still holds some, so they are given up within a tick of going quiet, else `slow`
+/// (until it opens one again: [`PinnedSlot::opened`]).
+fn release_when_quiet(
+    bound: &Bound,
+    activity: &Activity,
+    fast: Duration,
+    slow: Duration,
+) -> Duration {
+    let Some(pinned) = &bound.conn.upstream else {
+        return slow;
+    };
+    if activity.handling() == 0
+        && activity.streaming() == 0
+        // Stamps are tick times, give or take the timer's millisecond (as in `parkable`).
+        && activity.requests_idle_for() + Duration::from_millis(10) >= PARK_AFTER
+    {
+        pinned.release();
+    }
+    if pinned.holds() {
+        fast
+    } else {
+        slow
+    }
+}
+
 /// What the server has in force, which open connections follow.
 pub(super) struct InForce {
     /// The verifier in force, and its generation when the connection was accepted.
@@ -365,9 +419,7 @@ impl Bound {
         h2: bool,
     ) -> Bound {
         let headers = gateway.connection_headers(&identity, peer);
-        // HTTP/2 clients use the shared pool: pinning per stream measured slower
-        // (bench/README.md, eighth pass).
-        let upstream = if h2 { None } else { gateway.pinned_slot() };
+        let upstream = gateway.pinned_slot(h2);
         let conn = Arc::new(ConnInfo {
             identity,
             peer,

@@ -1,7 +1,8 @@
-//! A busy HTTP/1.1 client connection's own upstream connection
+//! A busy client connection's own upstream connections
 //! (`upstream.max_pinned_connections`, src/pipeline/upstream.rs): which upstream
-//! connection each request arrives on, what happens when the upstream closes one, and
-//! that a response only ever reaches the client connection that asked for it.
+//! connection each request arrives on, what happens when the upstream closes one, that
+//! a response only ever reaches the client connection (and HTTP/2 stream) that asked
+//! for it, and that a quiet client gives them up.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -49,10 +50,10 @@ async fn recording_upstream() -> (SocketAddr, Log) {
     recording_upstream_on(None).await
 }
 
-/// An HTTP/1.1 upstream that answers with the client CN it was sent (so each client can
-/// check the answer is its own), and by path: `/close…` with `Connection: close`,
-/// `/empty…` 204 with no body, `/big…` a 256 KiB body, `/slow…` after 3 s. With `tls`,
-/// over TLS.
+/// An HTTP/1.1 upstream that answers with the client CN and the path it was sent (so
+/// each client and stream can check the answer is its own), and by path: `/close…` with
+/// `Connection: close`, `/empty…` 204 with no body, `/big…` a 256 KiB body, `/slow…`
+/// after 3 s, `/lag…` after 50 ms. With `tls`, over TLS.
 async fn recording_upstream_on(tls: Option<tokio_rustls::TlsAcceptor>) -> (SocketAddr, Log) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -104,13 +105,18 @@ where
             hits.lock().expect("lock").push(hit.clone());
             if hit.path.starts_with("/slow") {
                 tokio::time::sleep(Duration::from_secs(3)).await;
+            } else if hit.path.starts_with("/lag") {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let body = if hit.path.starts_with("/big") {
                 Bytes::from(vec![b'b'; 256 * 1024])
             } else if hit.path.starts_with("/empty") {
                 Bytes::new()
             } else {
-                Bytes::from(format!("{{\"cn\":\"{}\"}}", hit.cn))
+                Bytes::from(format!(
+                    "{{\"cn\":\"{}\",\"path\":\"{}\"}}",
+                    hit.cn, hit.path
+                ))
             };
             let mut r = Response::new(Full::new(body));
             if hit.path.starts_with("/empty") {
@@ -469,5 +475,176 @@ async fn an_upstream_refusing_new_connections_is_still_reached_through_the_pool(
     }
     assert_eq!(served.load(Ordering::SeqCst), 3);
     assert_eq!(metric(&gw, "fhirgate_upstream_pinned_connections"), 0.0);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+type Sender2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// An HTTP/2 client connection presenting `cert`.
+async fn client_h2(
+    pki: &Pki,
+    cert: &str,
+    addr: SocketAddr,
+) -> (Sender2, tokio::task::JoinHandle<()>) {
+    open_h2(&tls_client(pki, Some(cert), H2), addr)
+        .await
+        .unwrap_or_else(|e| panic!("{cert}: {e}"))
+}
+
+/// `n` GETs at once on one HTTP/2 connection (`{prefix}/{i}`, each held 50 ms by the
+/// upstream so they overlap): each answer with the path it asked for.
+async fn streams(tx: &Sender2, prefix: &str, n: usize) -> Vec<(String, StatusCode, String)> {
+    let all = (0..n).map(|i| {
+        let mut tx = tx.clone();
+        let path = format!("/lag{prefix}/{i}");
+        async move {
+            let req = Request::get(format!("https://localhost{path}"))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let answer = tokio::time::timeout(Duration::from_secs(20), async {
+                tx.ready().await.expect("client connection ready");
+                let resp = tx.send_request(req).await.expect("response");
+                let status = resp.status();
+                let body = resp.into_body().collect().await.expect("body").to_bytes();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            })
+            .await
+            .expect("answered in time");
+            (path, answer.0, answer.1)
+        }
+    });
+    futures_util::future::join_all(all).await
+}
+
+const CN_A: &str = "BaRS-X26.fhirgate-dev.nhs.uk";
+const CN_B: &str = "BaRS-RX1.other-trust-dev.nhs.uk";
+
+/// HTTP/2 streams on tokio's current-thread runtime (what `fhirgate run` uses on one
+/// CPU, and `#[tokio::test]`'s runtime, which the in-process gateway runs on): each
+/// stream in flight takes one of its client connection's own upstream connections,
+/// which serve the next streams once their responses end, and answers never cross
+/// streams or clients.
+#[tokio::test]
+async fn http2_streams_get_upstream_connections_of_their_own_and_only_their_own_answers() {
+    let pki = Pki::new();
+    let (gw, addr, log) = recorded_gateway(&pki, "", "").await;
+    let (a, _ta) = client_h2(&pki, "client", addr).await;
+    let (b, _tb) = client_h2(&pki, "second-client", addr).await;
+    for round in 0..4 {
+        let (pa, pb) = (format!("/a/{round}"), format!("/b/{round}"));
+        let (ra, rb) = tokio::join!(streams(&a, &pa, 8), streams(&b, &pb, 8));
+        for ((path, status, body), cn) in ra
+            .iter()
+            .map(|r| (r, CN_A))
+            .chain(rb.iter().map(|r| (r, CN_B)))
+        {
+            assert_eq!(*status, StatusCode::OK, "{path}: {body}");
+            assert!(
+                body.contains(&format!("\"cn\":\"{cn}\"")),
+                "{path} got another client's answer: {body}"
+            );
+            assert!(
+                body.contains(&format!("\"path\":\"{path}\"")),
+                "{path} got another stream's answer: {body}"
+            );
+        }
+    }
+    let hits = log.hits();
+    assert_eq!(hits.len(), 64, "{hits:?}");
+    // After the first round (whose first stream took the pool's warm connection), every
+    // request is on its client connection's own upstream connections: none of a's is
+    // ever b's, and they are reused (8 streams at a time need at most 8 each).
+    let later = |p: &str| -> std::collections::BTreeSet<u16> {
+        hits.iter()
+            .filter(|h| h.path.starts_with(p) && !h.path.contains("/0/"))
+            .map(|h| h.port)
+            .collect()
+    };
+    let (pa, pb) = (later("/lag/a/"), later("/lag/b/"));
+    assert!(
+        pa.is_disjoint(&pb),
+        "clients shared a connection: {pa:?} {pb:?}"
+    );
+    assert!((1..=8).contains(&pa.len()), "a used {pa:?}");
+    assert!((1..=8).contains(&pb.len()), "b used {pb:?}");
+    let pinned = metric(&gw, "fhirgate_upstream_pinned_connections");
+    assert!((2.0..=16.0).contains(&pinned), "{pinned} pinned");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// HTTP/2 connections are not parked, but a quiet one gives its own upstream
+/// connections up within a tick (250 ms) of going quiet, as a parked HTTP/1.1 one does
+/// (with the default `idle_timeout` of 60 s its tick is otherwise 15 s), and keeps its
+/// client connection: its next burst starts on the pool and pins again.
+#[tokio::test]
+async fn a_quiet_http2_client_gives_its_upstream_connections_up_and_keeps_its_connection() {
+    let pki = Pki::new();
+    // The default idle timeout (the harness's is 5 s), so the slow tick is 15 s.
+    let (gw, addr, log) = recorded_gateway(&pki, "", "  idle_timeout: 60s\n").await;
+    let (a, _ta) = client_h2(&pki, "client", addr).await;
+    let pinned = "fhirgate_upstream_pinned_connections";
+    streams(&a, "/a/0", 4).await;
+    streams(&a, "/a/1", 4).await;
+    let held = metric(&gw, pinned);
+    assert!(held >= 1.0, "{held} pinned after two bursts");
+    let open = log.open();
+    assert!(
+        open as f64 > held,
+        "{open} upstream connections, {held} pinned"
+    );
+
+    let quiet = tokio::time::Instant::now();
+    while metric(&gw, pinned) > 0.0 && quiet.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(&gw, pinned),
+        0.0,
+        "still held {:?} after going quiet",
+        quiet.elapsed()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while log.open() > open - held as usize && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        log.open(),
+        open - held as usize,
+        "pinned connections closed"
+    );
+
+    // The same client connection goes on, and pins again in its next burst.
+    for (path, status, body) in streams(&a, "/a/2", 4).await {
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    assert!(metric(&gw, pinned) >= 1.0, "the next burst pinned again");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// On the multi-thread runtime (`fhirgate run` with more than one CPU) an HTTP/2 stream's
+/// task may run on any worker, and pinning measured slower than the pool there
+/// (bench/README.md, nineteenth pass): HTTP/2 clients keep the pool, HTTP/1.1 ones
+/// still pin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_multi_thread_runtime_http2_clients_use_the_pool() {
+    let pki = Pki::new();
+    let (gw, addr, _log) = recorded_gateway(&pki, "", "").await;
+    let (a, _ta) = client_h2(&pki, "client", addr).await;
+    for round in 0..3 {
+        for (path, status, body) in streams(&a, &format!("/a/{round}"), 4).await {
+            assert_eq!(status, StatusCode::OK, "{path}: {body}");
+            assert!(body.contains(CN_A), "{path}: {body}");
+        }
+    }
+    let pinned = "fhirgate_upstream_pinned_connections";
+    assert_eq!(
+        metric(&gw, pinned),
+        0.0,
+        "HTTP/2 pinned on the multi-thread runtime"
+    );
+    let (mut h1, _t1) = client_h1(&pki, "client", addr).await;
+    get_on(&mut h1, "/h1/0").await;
+    get_on(&mut h1, "/h1/1").await;
+    assert_eq!(metric(&gw, pinned), 1.0, "HTTP/1.1 still pins");
     gw.shutdown(Duration::from_secs(2)).await;
 }

@@ -242,6 +242,31 @@ pub async fn open_h1(
     Ok((tx, task))
 }
 
+/// An open HTTP/2 connection over mTLS (ALPN `h2`), for tests that need streams on one
+/// connection.
+pub async fn open_h2(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+) -> Result<
+    (
+        hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+        tokio::task::JoinHandle<()>,
+    ),
+    String,
+> {
+    let tls = connect(connector, addr).await?;
+    if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return Err("the server did not choose h2".into());
+    }
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("h2 handshake: {e}"))?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((tx, task))
+}
+
 pub fn h1_get(path: &str) -> Request<Full<Bytes>> {
     Request::get(path)
         .header("host", "localhost")
