@@ -260,11 +260,7 @@ impl Snapshot {
                         }
                         if h2 {
                             let want = release_when_quiet(&binding.load(), &activity, fast, slow);
-                            if want != every {
-                                every = want;
-                                let first = tokio::time::Instant::now() + every;
-                                tick = tokio::time::interval_at(first, every);
-                            }
+                            retick(&mut tick, &mut every, want);
                         }
                         // A request being handled is bounded by the upstream timeouts.
                         if activity.handling() > 0 {
@@ -295,8 +291,7 @@ impl Snapshot {
                     // An HTTP/2 connection that just opened an upstream connection of its
                     // own ticks fast from now, to give it up soon after going quiet.
                     () = opened(binding.load().conn.upstream.clone()), if h2 && every != fast => {
-                        every = fast;
-                        tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                        retick(&mut tick, &mut every, fast);
                     }
                 }
             };
@@ -357,6 +352,14 @@ impl Snapshot {
     }
 }
 
+/// The connection's tick changed to every `want`, the first one `want` from now.
+fn retick(tick: &mut tokio::time::Interval, every: &mut Duration, want: Duration) {
+    if *every != want {
+        *every = want;
+        *tick = tokio::time::interval_at(tokio::time::Instant::now() + want, want);
+    }
+}
+
 /// Completes when `slot` opens a connection; never without a slot.
 async fn opened(slot: Option<Arc<PinnedSlot>>) {
     match slot {
@@ -381,8 +384,7 @@ fn release_when_quiet(
     };
     if activity.handling() == 0
         && activity.streaming() == 0
-        // Stamps are tick times, give or take the timer's millisecond (as in `parkable`).
-        && activity.requests_idle_for() + Duration::from_millis(10) >= PARK_AFTER
+        && activity.requests_idle_for() + STAMP_SLACK >= PARK_AFTER
     {
         pinned.release();
     }
@@ -635,6 +637,10 @@ fn connection_error_kind(e: &(dyn std::error::Error + 'static)) -> ConnectionKin
 /// connections the rebuild between back-to-back requests.
 const PARK_AFTER: Duration = Duration::from_millis(250);
 
+/// Activity times are stamped at ticks, give or take the timer's millisecond: a time
+/// compared with PARK_AFTER gets this much slack, so one quiet tick period is enough.
+const STAMP_SLACK: Duration = Duration::from_millis(10);
+
 /// Last I/O time, last request start or end, requests being handled and responses
 /// being sent on one connection, and what parking needs to know about hyper's state.
 ///
@@ -736,9 +742,8 @@ impl Activity {
             && !self.abandoned.load(Ordering::Relaxed)
             && !self.read_since_request.load(Ordering::Relaxed)
             && !self.write_blocked.load(Ordering::Relaxed)
-            // Stamps are tick times and ticks are PARK_AFTER apart, give or take the
-            // timer's millisecond: one quiet tick period is enough.
-            && self.idle_for() + Duration::from_millis(10) >= PARK_AFTER
+            // Ticks are PARK_AFTER apart: one quiet tick period is enough.
+            && self.idle_for() + STAMP_SLACK >= PARK_AFTER
     }
 }
 
