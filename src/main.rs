@@ -2,11 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use fhirgate::config::{Config, LogFormat};
 use fhirgate::pipeline::nhsd::{self, NhsdCmd};
-use fhirgate::server::lifecycle;
+use fhirgate::server::{lifecycle, Shards};
 #[cfg(feature = "tools")]
 use fhirgate::tools::{demo, devauth, inspect, pki, sender};
 
@@ -104,20 +105,29 @@ fn json_logs(path: &std::path::Path) -> bool {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The async runtime for `workers` threads ([`worker_count`]): tokio's current-thread
-/// scheduler for one, the multi-thread one with that many workers otherwise. On one CPU
-/// the multi-thread scheduler adds only hand-offs between tasks (its LIFO slot and
-/// wake-ups): the current-thread one served the same requests with up to 10% less CPU
-/// (HTTP/2; bench/README.md, eighteenth pass).
-fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
-        b
-    };
-    builder.enable_all().build()
+/// The process's runtime and, for a gateway on more than one CPU, the runtimes that
+/// serve its connections. One CPU: tokio's current-thread scheduler runs everything (it
+/// served the same requests with up to 10% less CPU than the multi-thread one with one
+/// worker; bench/README.md, eighteenth pass). More: one current-thread runtime per CPU
+/// serves connections (`Shards`: 15–22% less CPU per HTTP/2 request than the multi-thread
+/// scheduler on two CPUs; twentieth pass) and a current-thread one runs the rest. Other
+/// commands get the multi-thread scheduler with `workers` threads.
+fn runtimes(
+    workers: usize,
+    serving: bool,
+) -> std::io::Result<(tokio::runtime::Runtime, Option<Arc<Shards>>)> {
+    if workers == 1 || serving {
+        let shards = (workers > 1).then(|| Shards::start(workers)).transpose()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        return Ok((rt, shards));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?;
+    Ok((rt, None))
 }
 
 /// The runtime's thread count: `TOKIO_WORKER_THREADS` (its value `env`) when set, else
@@ -160,8 +170,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let rt = match runtime(workers) {
-        Ok(rt) => rt,
+    let serving = match &cli.cmd {
+        Cmd::Run { .. } => true,
+        #[cfg(feature = "tools")]
+        Cmd::Demo { .. } => true,
+        _ => false,
+    };
+    let (rt, shards) = match runtimes(workers, serving) {
+        Ok(rts) => rts,
         Err(e) => {
             eprintln!("fhirgate: cannot start runtime: {e}");
             return ExitCode::FAILURE;
@@ -169,7 +185,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.cmd {
-            Cmd::Run { config } => lifecycle::run(&config).await,
+            Cmd::Run { config } => lifecycle::run(&config, shards.clone()).await,
             Cmd::Check {
                 config,
                 strict,
@@ -177,7 +193,7 @@ fn main() -> ExitCode {
             } => lifecycle::check(&config, strict, &allow),
             Cmd::Nhsd { cmd } => nhsd::command(cmd),
             #[cfg(feature = "tools")]
-            Cmd::Demo { config } => demo::run(&config).await,
+            Cmd::Demo { config } => demo::run(&config, shards.clone()).await,
             #[cfg(feature = "tools")]
             Cmd::Client(args) => sender::run(*args).await,
             #[cfg(feature = "tools")]
@@ -206,6 +222,10 @@ fn main() -> ExitCode {
         }
     });
     drop(rt);
+    // After the drain: stops the connection runtimes (and whatever they still serve).
+    if let Some(s) = shards {
+        s.stop();
+    }
     drop(log);
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use super::admin;
+use super::{admin, Shards};
 use crate::config::Config;
 
 /// `fhirgate check`: validate a config the way `run` would load it, print the effective
@@ -77,7 +77,9 @@ pub fn check(path: &Path, strict: bool, allow: &[String]) -> anyhow::Result<()> 
     Ok(())
 }
 
-pub async fn run(path: &Path) -> anyhow::Result<()> {
+/// `fhirgate run`: connections are served on `shards` (one runtime per CPU) if given,
+/// else on this runtime.
+pub async fn run(path: &Path, shards: Option<Arc<Shards>>) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     raise_open_files_limit(cfg.limits.max_connections);
     // The same warnings as `fhirgate check`, in the log of every start.
@@ -88,12 +90,17 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     {
         tracing::warn!(field = %w.field, fix = %w.fix, "risky setting: {}", w.risk);
     }
-    serve(&cfg, path, None).await
+    serve(&cfg, path, None, shards).await
 }
 
 /// Runs the gateway until SIGTERM/SIGINT; SIGHUP reloads `path`. `banner` is printed to
-/// stdout once the gateway is ready.
-pub async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow::Result<()> {
+/// stdout once the gateway is ready. Connections are served on `shards` if given.
+pub async fn serve(
+    cfg: &Config,
+    path: &Path,
+    banner: Option<String>,
+    shards: Option<Arc<Shards>>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     // Handlers are installed before anything else, so a signal during start-up is
     // queued rather than killing the process (SIGINT's default) or being lost.
@@ -113,17 +120,20 @@ pub async fn serve(cfg: &Config, path: &Path, banner: Option<String>) -> anyhow:
             Err(e) => tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP"),
         }
     }
-    let running = super::start(cfg).await?;
+    let running = super::start_on(cfg, shards).await?;
     for a in &running.addrs {
         tracing::info!(address = %a, "listening (TLS-MA)");
     }
     let rt = tokio::runtime::Handle::current();
-    let scheduler = match rt.runtime_flavor() {
-        tokio::runtime::RuntimeFlavor::CurrentThread => "current-thread",
-        _ => "multi-thread",
+    // `runtimes` serve connections, each with `workers` threads.
+    let (scheduler, runtimes) = match (running.shards(), rt.runtime_flavor()) {
+        (Some(s), _) => ("current-thread", s.len()),
+        (None, tokio::runtime::RuntimeFlavor::CurrentThread) => ("current-thread", 1),
+        (None, _) => ("multi-thread", 1),
     };
     tracing::info!(
         scheduler,
+        runtimes,
         workers = rt.metrics().num_workers(),
         "async runtime"
     );

@@ -11,10 +11,12 @@
 pub mod admin;
 mod connection;
 pub mod lifecycle;
+mod shards;
 mod snapshot;
 
 pub use connection::ConnectionKind;
 use connection::InForce;
+pub use shards::Shards;
 pub use snapshot::Snapshot;
 
 use std::net::SocketAddr;
@@ -193,11 +195,13 @@ impl Server {
         self.current.load().gateway.auth_status()
     }
 
-    /// Accepts connections on `listener` until `shutdown` turns true.
+    /// Accepts connections on `listener` until `shutdown` turns true, and serves each on
+    /// one of `shards` if given, else on this runtime.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         mut shutdown: watch::Receiver<bool>,
+        shards: Option<Arc<Shards>>,
     ) {
         loop {
             let permit = tokio::select! {
@@ -224,14 +228,25 @@ impl Server {
                     let metrics = self.metrics.clone();
                     let shutdown = shutdown.clone();
                     let clients = self.client_connections.clone();
-                    tokio::spawn(async move {
+                    let serve = move |tcp| async move {
                         metrics.open_connections.inc();
                         snapshot
                             .connection(tcp, peer, &metrics, shutdown, &clients, in_force)
                             .await;
                         metrics.open_connections.dec();
                         drop(permit);
-                    });
+                    };
+                    match &shards {
+                        // On failure the connection and its permit are dropped.
+                        Some(shards) => {
+                            if let Err(e) = shards.spawn(tcp, serve) {
+                                tracing::warn!(error = %e, "cannot hand a connection to a runtime");
+                            }
+                        }
+                        None => {
+                            tokio::spawn(serve(tcp));
+                        }
+                    }
                 }
                 Err(e) => accept_failed("accept failed", &e).await,
             }
@@ -255,11 +270,17 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     server: Arc<Server>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    shards: Option<Arc<Shards>>,
 }
 
 impl Running {
     pub fn server(&self) -> &Arc<Server> {
         &self.server
+    }
+
+    /// The runtimes serving connections, if not this one.
+    pub fn shards(&self) -> Option<&Arc<Shards>> {
+        self.shards.as_ref()
     }
 
     /// Stops accepting, asks open connections to finish, and waits for them up to
@@ -281,8 +302,14 @@ impl Running {
     }
 }
 
-/// Binds every configured listener and starts serving.
+/// Binds every configured listener and starts serving on this runtime.
 pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
+    start_on(cfg, None).await
+}
+
+/// Binds every configured listener and starts serving: accept loops and the CRL fetcher
+/// on this runtime, connections on `shards` if given (one runtime per CPU), else here.
+pub async fn start_on(cfg: &Config, shards: Option<Arc<Shards>>) -> anyhow::Result<Running> {
     let server = Server::from_config(cfg, Arc::new(Metrics::new()))?;
     // Fetch CRLs before serving (each fetch is bounded by fetch_timeout), so that the
     // first clients are judged on fresh revocation data.
@@ -295,13 +322,15 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
             anyhow::anyhow!("listeners[{i}].address: cannot bind {}: {e}", l.address)
         })?;
         addrs.push(listener.local_addr()?);
-        tasks.push(tokio::spawn(server.clone().serve(listener, rx.clone())));
+        let serve = server.clone().serve(listener, rx.clone(), shards.clone());
+        tasks.push(tokio::spawn(serve));
     }
     Ok(Running {
         addrs,
         shutdown: tx,
         server,
         tasks,
+        shards,
     })
 }
 

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::server::Shards;
 use crate::tools::{client, devauth, devstack, pki};
 
 /// `host:port` of a loopback URL, for the built-in development services.
@@ -75,7 +76,8 @@ fn sq(s: &str) -> String {
     }
 }
 
-pub async fn run(path: &Path) -> anyhow::Result<()> {
+/// Runs the demo; connections are served on `shards` if given (see `fhirgate run`).
+pub async fn run(path: &Path, shards: Option<Arc<Shards>>) -> anyhow::Result<()> {
     // Check before writing anything: run elsewhere, demo would leave certs/dev behind.
     if !path.is_file() {
         let here = std::env::current_dir()
@@ -232,5 +234,5 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         ));
     }
     b.push_str("# --- end ---\nCtrl-C stops the gateway and the development services.\n");
-    crate::server::lifecycle::serve(&cfg, path, Some(b)).await
+    crate::server::lifecycle::serve(&cfg, path, Some(b), shards).await
 }

@@ -621,10 +621,10 @@ async fn a_quiet_http2_client_gives_its_upstream_connections_up_and_keeps_its_co
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
-/// On the multi-thread runtime (`fhirgate run` with more than one CPU) an HTTP/2 stream's
-/// task may run on any worker, and pinning measured slower than the pool there
-/// (bench/README.md, nineteenth pass): HTTP/2 clients keep the pool, HTTP/1.1 ones
-/// still pin.
+/// On a multi-thread runtime (a library user's; `fhirgate run` serves connections on
+/// current-thread runtimes) an HTTP/2 stream's task may run on any worker, and pinning
+/// measured slower than the pool there (bench/README.md, nineteenth pass): HTTP/2
+/// clients keep the pool, HTTP/1.1 ones still pin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_the_multi_thread_runtime_http2_clients_use_the_pool() {
     let pki = Pki::new();
@@ -647,4 +647,77 @@ async fn on_the_multi_thread_runtime_http2_clients_use_the_pool() {
     get_on(&mut h1, "/h1/1").await;
     assert_eq!(metric(&gw, pinned), 1.0, "HTTP/1.1 still pins");
     gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// `fhirgate run` on more than one CPU serves connections on one current-thread runtime
+/// per CPU (`server::Shards`; bench/README.md, twentieth pass). A new connection goes to
+/// the runtime with the fewest open; each HTTP/2 client's streams pin upstream
+/// connections on its own runtime and get only their own answers, as HTTP/1.1 clients
+/// do; a closed connection leaves its runtime's count; the drain and the runtimes' stop
+/// then end promptly.
+#[tokio::test]
+async fn on_one_runtime_per_cpu_connections_spread_evenly_and_answers_stay_their_own() {
+    let pki = Pki::new();
+    let (up, log) = recording_upstream().await;
+    let shards = fhirgate::server::Shards::start(2).expect("runtimes");
+    let (gw, addr) = gateway_on(&pki, &Opts::new(up), Some(shards.clone())).await;
+    let (a, ta) = client_h2(&pki, "client", addr).await;
+    let (b, tb) = client_h2(&pki, "second-client", addr).await;
+    assert_eq!(shards.open(), vec![1, 1], "two clients, two runtimes");
+    let mut h1 = Vec::new();
+    for _ in 0..4 {
+        h1.push(client_h1(&pki, "client", addr).await);
+    }
+    assert_eq!(shards.open(), vec![3, 3]);
+    for round in 0..3 {
+        let (pa, pb) = (format!("/a/{round}"), format!("/b/{round}"));
+        let (ra, rb) = tokio::join!(streams(&a, &pa, 8), streams(&b, &pb, 8));
+        for ((path, status, body), cn) in ra
+            .iter()
+            .map(|r| (r, CN_A))
+            .chain(rb.iter().map(|r| (r, CN_B)))
+        {
+            assert_eq!(*status, StatusCode::OK, "{path}: {body}");
+            assert!(body.contains(&format!("\"cn\":\"{cn}\"")), "{path}: {body}");
+            assert!(
+                body.contains(&format!("\"path\":\"{path}\"")),
+                "{path}: {body}"
+            );
+        }
+    }
+    // Both HTTP/2 clients pinned upstream connections on their runtimes.
+    let pinned = metric(&gw, "fhirgate_upstream_pinned_connections");
+    assert!((2.0..=16.0).contains(&pinned), "{pinned} pinned");
+    for (i, (tx, _)) in h1.iter_mut().enumerate() {
+        for j in 0..2 {
+            let (status, body) = get_on(tx, &format!("/h1/{i}/{j}")).await;
+            assert_eq!(status, StatusCode::OK);
+            let body = String::from_utf8_lossy(&body);
+            assert!(
+                body.contains(&format!("\"path\":\"/h1/{i}/{j}\"")),
+                "{body}"
+            );
+        }
+    }
+    assert_eq!(log.hits().len(), 3 * 16 + 4 * 2);
+    drop((a, b));
+    ta.abort();
+    tb.abort();
+    h1.clear();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while shards.open() != vec![0, 0] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "closed connections still counted: {:?}",
+            shards.open()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.shutdown(Duration::from_secs(2)).await, 0);
+    let stopping = std::time::Instant::now();
+    shards.stop();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "runtimes stopped"
+    );
 }

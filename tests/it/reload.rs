@@ -75,17 +75,19 @@ async fn server_cert_of(
     Ok(certs[0].to_vec())
 }
 
+/// On two CPUs (`TOKIO_WORKER_THREADS=2`): one runtime per CPU serves connections, the
+/// process's own runtime reloads and drains them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_certs_and_crls_without_dropping_requests() {
-    sighup_reload_and_drain("2", "scheduler=\"multi-thread\" workers=2").await;
+    sighup_reload_and_drain("2", "scheduler=\"current-thread\" runtimes=2 workers=1").await;
 }
 
 /// The same on one CPU (`TOKIO_WORKER_THREADS=1`, as `available_parallelism` gives a
-/// sidecar limited to one CPU): the current-thread runtime, where a reload runs beside
+/// sidecar limited to one CPU): one runtime for everything, where a reload runs beside
 /// the connections on tokio's blocking threads and must not fail a request either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_one_cpu_the_current_thread_runtime_reloads_and_drains_the_same_way() {
-    sighup_reload_and_drain("1", "scheduler=\"current-thread\" workers=1").await;
+    sighup_reload_and_drain("1", "scheduler=\"current-thread\" runtimes=1 workers=1").await;
 }
 
 /// SIGHUP swaps certificates and CRLs while a stream of requests runs, a broken config is

@@ -96,10 +96,20 @@ routes:\n{routes}",
 }
 
 pub async fn gateway(pki: &Pki, o: &Opts) -> (Running, SocketAddr) {
+    gateway_on(pki, o, None).await
+}
+
+/// [`gateway`] with its connections served on `shards` (as `fhirgate run` does on more
+/// than one CPU) if given.
+pub async fn gateway_on(
+    pki: &Pki,
+    o: &Opts,
+    shards: Option<std::sync::Arc<server::Shards>>,
+) -> (Running, SocketAddr) {
     let yaml = config_yaml(pki, o);
     let cfg =
         Config::from_yaml(&yaml, Path::new("/")).unwrap_or_else(|e| panic!("config: {e}\n{yaml}"));
-    let running = server::start(&cfg).await.expect("start gateway");
+    let running = server::start_on(&cfg, shards).await.expect("start gateway");
     let addr = running.addrs[0];
     (running, addr)
 }
