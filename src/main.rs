@@ -109,7 +109,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// serve its connections. One CPU: tokio's current-thread scheduler runs everything (it
 /// served the same requests with up to 10% less CPU than the multi-thread one with one
 /// worker; bench/README.md, eighteenth pass). More: one current-thread runtime per CPU
-/// serves connections (`Shards`: 15–22% less CPU per HTTP/2 request than the multi-thread
+/// serves connections (`Shards`: 16–22% less CPU per HTTP/2 request than the multi-thread
 /// scheduler on two CPUs; twentieth pass) and a current-thread one runs the rest. Other
 /// commands get the multi-thread scheduler with `workers` threads.
 fn runtimes(
