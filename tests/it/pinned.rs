@@ -519,8 +519,30 @@ async fn streams(tx: &Sender2, prefix: &str, n: usize) -> Vec<(String, StatusCod
 const CN_A: &str = "BaRS-X26.fhirgate-dev.nhs.uk";
 const CN_B: &str = "BaRS-RX1.other-trust-dev.nhs.uk";
 
-/// HTTP/2 streams on tokio's current-thread runtime (what `fhirgate run` uses on one
-/// CPU, and `#[tokio::test]`'s runtime, which the in-process gateway runs on): each
+/// One round of 8 streams at once on each of two HTTP/2 clients (`a` presenting
+/// [`CN_A`], `b` [`CN_B`]): every answer is OK, its own client's and its own stream's.
+async fn both_clients_round(a: &Sender2, b: &Sender2, round: usize) {
+    let (pa, pb) = (format!("/a/{round}"), format!("/b/{round}"));
+    let (ra, rb) = tokio::join!(streams(a, &pa, 8), streams(b, &pb, 8));
+    for ((path, status, body), cn) in ra
+        .iter()
+        .map(|r| (r, CN_A))
+        .chain(rb.iter().map(|r| (r, CN_B)))
+    {
+        assert_eq!(*status, StatusCode::OK, "{path}: {body}");
+        assert!(
+            body.contains(&format!("\"cn\":\"{cn}\"")),
+            "{path} got another client's answer: {body}"
+        );
+        assert!(
+            body.contains(&format!("\"path\":\"{path}\"")),
+            "{path} got another stream's answer: {body}"
+        );
+    }
+}
+
+/// HTTP/2 streams on tokio's current-thread runtime (what `fhirgate run` serves every
+/// connection on, and `#[tokio::test]`'s runtime, which the in-process gateway runs on): each
 /// stream in flight takes one of its client connection's own upstream connections,
 /// which serve the next streams once their responses end, and answers never cross
 /// streams or clients.
@@ -531,23 +553,7 @@ async fn http2_streams_get_upstream_connections_of_their_own_and_only_their_own_
     let (a, _ta) = client_h2(&pki, "client", addr).await;
     let (b, _tb) = client_h2(&pki, "second-client", addr).await;
     for round in 0..4 {
-        let (pa, pb) = (format!("/a/{round}"), format!("/b/{round}"));
-        let (ra, rb) = tokio::join!(streams(&a, &pa, 8), streams(&b, &pb, 8));
-        for ((path, status, body), cn) in ra
-            .iter()
-            .map(|r| (r, CN_A))
-            .chain(rb.iter().map(|r| (r, CN_B)))
-        {
-            assert_eq!(*status, StatusCode::OK, "{path}: {body}");
-            assert!(
-                body.contains(&format!("\"cn\":\"{cn}\"")),
-                "{path} got another client's answer: {body}"
-            );
-            assert!(
-                body.contains(&format!("\"path\":\"{path}\"")),
-                "{path} got another stream's answer: {body}"
-            );
-        }
+        both_clients_round(&a, &b, round).await;
     }
     let hits = log.hits();
     assert_eq!(hits.len(), 64, "{hits:?}");
@@ -670,20 +676,7 @@ async fn on_one_runtime_per_cpu_connections_spread_evenly_and_answers_stay_their
     }
     assert_eq!(shards.open(), vec![3, 3]);
     for round in 0..3 {
-        let (pa, pb) = (format!("/a/{round}"), format!("/b/{round}"));
-        let (ra, rb) = tokio::join!(streams(&a, &pa, 8), streams(&b, &pb, 8));
-        for ((path, status, body), cn) in ra
-            .iter()
-            .map(|r| (r, CN_A))
-            .chain(rb.iter().map(|r| (r, CN_B)))
-        {
-            assert_eq!(*status, StatusCode::OK, "{path}: {body}");
-            assert!(body.contains(&format!("\"cn\":\"{cn}\"")), "{path}: {body}");
-            assert!(
-                body.contains(&format!("\"path\":\"{path}\"")),
-                "{path}: {body}"
-            );
-        }
+        both_clients_round(&a, &b, round).await;
     }
     // Both HTTP/2 clients pinned upstream connections on their runtimes.
     let pinned = metric(&gw, "fhirgate_upstream_pinned_connections");
