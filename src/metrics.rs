@@ -40,6 +40,12 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+/// One of the runtimes serving connections (`server::Shards`, one per CPU).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuntimeLabel {
+    pub runtime: u32,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FileLabel {
     pub file: String,
@@ -102,6 +108,9 @@ pub struct Metrics {
     pub handshakes: Family<ResultLabel, Counter>,
     pub connection_errors: Family<KindLabel, Counter>,
     pub open_connections: Gauge,
+    /// Only with more than one CPU: a runtime serving far more than the others shows an
+    /// uneven spread of busy connections.
+    pub runtime_connections: Family<RuntimeLabel, Gauge>,
     /// Idle HTTP/1.1 connections whose HTTP buffers are released (server/connection.rs).
     pub parked_connections: Gauge,
     /// Upstream connections held by busy HTTP/1.1 client connections (pipeline/upstream.rs).
@@ -142,6 +151,7 @@ impl Metrics {
             handshakes: Family::default(),
             connection_errors: Family::default(),
             open_connections: Gauge::default(),
+            runtime_connections: Family::default(),
             parked_connections: Gauge::default(),
             pinned_upstream_connections: Gauge::default(),
             reloads: Family::default(),
@@ -222,6 +232,11 @@ impl Metrics {
             "open_connections",
             "Client connections currently open",
             m.open_connections.clone(),
+        );
+        registry.register(
+            "runtime_connections",
+            "Client connections each runtime serves now (one runtime per CPU; absent on one CPU)",
+            m.runtime_connections.clone(),
         );
         registry.register(
             "parked_connections",

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::{Config, ConfigError};
-use crate::metrics::{FileLabel, Metrics};
+use crate::metrics::{FileLabel, Metrics, RuntimeLabel};
 use crate::pipeline::identity::TrustInForce;
 use crate::pipeline::service::{ClientConnections, Limiters};
 use crate::revocation::CrlStore;
@@ -228,23 +228,36 @@ impl Server {
                     let metrics = self.metrics.clone();
                     let shutdown = shutdown.clone();
                     let clients = self.client_connections.clone();
-                    let serve = move |tcp| async move {
+                    let serve = move |tcp, runtime: Option<usize>| async move {
+                        // Looked up once per connection, not per request.
+                        let on_runtime = runtime.map(|r| {
+                            let label = RuntimeLabel {
+                                runtime: u32::try_from(r).unwrap_or(u32::MAX),
+                            };
+                            metrics.runtime_connections.get_or_create(&label).clone()
+                        });
                         metrics.open_connections.inc();
+                        if let Some(g) = &on_runtime {
+                            g.inc();
+                        }
                         snapshot
                             .connection(tcp, peer, &metrics, shutdown, &clients, in_force)
                             .await;
                         metrics.open_connections.dec();
+                        if let Some(g) = &on_runtime {
+                            g.dec();
+                        }
                         drop(permit);
                     };
                     match &shards {
                         // On failure the connection and its permit are dropped.
                         Some(shards) => {
-                            if let Err(e) = shards.spawn(tcp, serve) {
+                            if let Err(e) = shards.spawn(tcp, move |tcp, i| serve(tcp, Some(i))) {
                                 tracing::warn!(error = %e, "cannot hand a connection to a runtime");
                             }
                         }
                         None => {
-                            tokio::spawn(serve(tcp));
+                            tokio::spawn(serve(tcp, None));
                         }
                     }
                 }

@@ -84,11 +84,11 @@ impl Shards {
     }
 
     /// Moves an accepted connection to the runtime with the fewest open and serves it
-    /// there with `serve`. An error (the socket could not leave this runtime's reactor)
-    /// drops the connection and `serve` unrun.
+    /// there with `serve` (given the runtime's index). An error (the socket could not
+    /// leave this runtime's reactor) drops the connection and `serve` unrun.
     pub(super) fn spawn<F, Fut>(&self, tcp: TcpStream, serve: F) -> std::io::Result<()>
     where
-        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        F: FnOnce(TcpStream, usize) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let i = self
@@ -103,7 +103,7 @@ impl Shards {
             // Counted until the task ends, or is dropped when the runtime stops.
             let _counted = counted;
             match TcpStream::from_std(tcp) {
-                Ok(tcp) => serve(tcp).await,
+                Ok(tcp) => serve(tcp, i).await,
                 Err(e) => tracing::warn!(error = %e, "cannot serve an accepted connection"),
             }
         });

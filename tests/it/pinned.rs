@@ -675,6 +675,11 @@ async fn on_one_runtime_per_cpu_connections_spread_evenly_and_answers_stay_their
         h1.push(client_h1(&pki, "client", addr).await);
     }
     assert_eq!(shards.open(), vec![3, 3]);
+    for r in 0..2 {
+        let sample = format!("fhirgate_runtime_connections{{runtime=\"{r}\"}}");
+        wait_metric(&gw, &sample, 3.0).await;
+        assert_eq!(metric(&gw, &sample), 3.0, "{sample}");
+    }
     for round in 0..3 {
         both_clients_round(&a, &b, round).await;
     }
@@ -705,6 +710,10 @@ async fn on_one_runtime_per_cpu_connections_spread_evenly_and_answers_stay_their
             shards.open()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for r in 0..2 {
+        let sample = format!("fhirgate_runtime_connections{{runtime=\"{r}\"}}");
+        assert_eq!(metric(&gw, &sample), 0.0, "{sample}");
     }
     assert_eq!(gw.shutdown(Duration::from_secs(2)).await, 0);
     let stopping = std::time::Instant::now();
