@@ -6,9 +6,10 @@
 //! pinned upstream connections) then move between workers, and every wake-up may cross
 //! threads. On one runtime per CPU a connection and everything it drives stay on one
 //! thread: on two CPUs that cost 16–22% less CPU per request on HTTP/2, 4–14% less on
-//! keep-alive GETs and 6–7% less on 16 KiB POSTs (bench/README.md, twentieth pass). The price is nginx's too: a connection
-//! never moves, so one very busy connection gets at most one CPU; new connections go to
-//! the runtime with the fewest open, so long-lived ones spread evenly.
+//! keep-alive GETs and 6–7% less on 16 KiB POSTs (bench/README.md, twentieth pass).
+//! The price is nginx's too: a connection never moves, so one very busy connection gets
+//! at most one CPU; new connections go to the runtime with the fewest open, so
+//! long-lived ones spread evenly.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
