@@ -3,7 +3,7 @@
 //! Label values are always from small fixed sets (route names from config, status codes,
 //! refusal kinds), never from client input, so cardinality stays bounded.
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -108,9 +108,6 @@ pub struct Metrics {
     pub handshakes: Family<ResultLabel, Counter>,
     pub connection_errors: Family<KindLabel, Counter>,
     pub open_connections: Gauge,
-    /// Only with more than one CPU: a runtime serving far more than the others shows an
-    /// uneven spread of busy connections.
-    pub runtime_connections: Family<RuntimeLabel, Gauge>,
     /// Idle HTTP/1.1 connections whose HTTP buffers are released (server/connection.rs).
     pub parked_connections: Gauge,
     /// Upstream connections held by busy HTTP/1.1 client connections (pipeline/upstream.rs).
@@ -151,7 +148,6 @@ impl Metrics {
             handshakes: Family::default(),
             connection_errors: Family::default(),
             open_connections: Gauge::default(),
-            runtime_connections: Family::default(),
             parked_connections: Gauge::default(),
             pinned_upstream_connections: Gauge::default(),
             reloads: Family::default(),
@@ -232,11 +228,6 @@ impl Metrics {
             "open_connections",
             "Client connections currently open",
             m.open_connections.clone(),
-        );
-        registry.register(
-            "runtime_connections",
-            "Client connections each runtime serves now (one runtime per CPU; absent on one CPU)",
-            m.runtime_connections.clone(),
         );
         registry.register(
             "parked_connections",
@@ -426,6 +417,13 @@ impl Metrics {
         openmetrics_to_prometheus(&self.encode())
     }
 
+    /// Reports `fhirgate_runtime_connections{runtime}` from the connection runtimes' own
+    /// counts (`server::Shards`, one per CPU), read at each scrape.
+    pub fn count_runtimes(&mut self, open: Vec<Arc<AtomicUsize>>) {
+        self.registry
+            .register_collector(Box::new(RuntimeConnections(open)));
+    }
+
     /// OpenMetrics 1.0 text (`application/openmetrics-text; version=1.0.0`).
     pub fn encode(&self) -> String {
         let mut s = String::new();
@@ -455,6 +453,36 @@ impl prometheus_client::collector::Collector for LogLinesDropped {
             counter.metric_type(),
         )?;
         counter.encode(metric)
+    }
+}
+
+/// `fhirgate_runtime_connections{runtime}`: see [`Metrics::count_runtimes`]. A runtime
+/// serving far more than the others shows an uneven spread of busy connections.
+#[derive(Debug)]
+struct RuntimeConnections(Vec<Arc<AtomicUsize>>);
+
+impl prometheus_client::collector::Collector for RuntimeConnections {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let mut metric = encoder.encode_descriptor(
+            "runtime_connections",
+            "Client connections each runtime serves now (one runtime per CPU; absent on one CPU)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (i, open) in self.0.iter().enumerate() {
+            let n =
+                i64::try_from(open.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX);
+            let label = RuntimeLabel {
+                runtime: u32::try_from(i).unwrap_or(u32::MAX),
+            };
+            prometheus_client::metrics::gauge::ConstGauge::new(n)
+                .encode(metric.encode_family(&label)?)?;
+        }
+        Ok(())
     }
 }
 

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::{Config, ConfigError};
-use crate::metrics::{FileLabel, Metrics, RuntimeLabel};
+use crate::metrics::{FileLabel, Metrics};
 use crate::pipeline::identity::TrustInForce;
 use crate::pipeline::service::{ClientConnections, Limiters};
 use crate::revocation::CrlStore;
@@ -228,36 +228,23 @@ impl Server {
                     let metrics = self.metrics.clone();
                     let shutdown = shutdown.clone();
                     let clients = self.client_connections.clone();
-                    let serve = move |tcp, runtime: Option<usize>| async move {
-                        // Looked up once per connection, not per request.
-                        let on_runtime = runtime.map(|r| {
-                            let label = RuntimeLabel {
-                                runtime: u32::try_from(r).unwrap_or(u32::MAX),
-                            };
-                            metrics.runtime_connections.get_or_create(&label).clone()
-                        });
+                    let serve = move |tcp| async move {
                         metrics.open_connections.inc();
-                        if let Some(g) = &on_runtime {
-                            g.inc();
-                        }
                         snapshot
                             .connection(tcp, peer, &metrics, shutdown, &clients, in_force)
                             .await;
                         metrics.open_connections.dec();
-                        if let Some(g) = &on_runtime {
-                            g.dec();
-                        }
                         drop(permit);
                     };
                     match &shards {
                         // On failure the connection and its permit are dropped.
                         Some(shards) => {
-                            if let Err(e) = shards.spawn(tcp, move |tcp, i| serve(tcp, Some(i))) {
+                            if let Err(e) = shards.spawn(tcp, serve) {
                                 tracing::warn!(error = %e, "cannot hand a connection to a runtime");
                             }
                         }
                         None => {
-                            tokio::spawn(serve(tcp, None));
+                            tokio::spawn(serve(tcp));
                         }
                     }
                 }
@@ -323,7 +310,11 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
 /// Binds every configured listener and starts serving: accept loops and the CRL fetcher
 /// on this runtime, connections on `shards` if given (one runtime per CPU), else here.
 pub async fn start_on(cfg: &Config, shards: Option<Arc<Shards>>) -> anyhow::Result<Running> {
-    let server = Server::from_config(cfg, Arc::new(Metrics::new()))?;
+    let mut metrics = Metrics::new();
+    if let Some(s) = &shards {
+        metrics.count_runtimes(s.counters());
+    }
+    let server = Server::from_config(cfg, Arc::new(metrics))?;
     // Fetch CRLs before serving (each fetch is bounded by fetch_timeout), so that the
     // first clients are judged on fresh revocation data.
     server.refresh_crls(true).await;

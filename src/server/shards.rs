@@ -84,12 +84,17 @@ impl Shards {
             .collect()
     }
 
+    /// Each runtime's count of open connections, shared (for the metrics).
+    pub fn counters(&self) -> Vec<Arc<AtomicUsize>> {
+        self.shards.iter().map(|s| s.open.clone()).collect()
+    }
+
     /// Moves an accepted connection to the runtime with the fewest open and serves it
-    /// there with `serve` (given the runtime's index). An error (the socket could not
-    /// leave this runtime's reactor) drops the connection and `serve` unrun.
+    /// there with `serve`. An error (the socket could not leave this runtime's reactor)
+    /// drops the connection and `serve` unrun.
     pub(super) fn spawn<F, Fut>(&self, tcp: TcpStream, serve: F) -> std::io::Result<()>
     where
-        F: FnOnce(TcpStream, usize) -> Fut + Send + 'static,
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let i = self
@@ -104,7 +109,7 @@ impl Shards {
             // Counted until the task ends, or is dropped when the runtime stops.
             let _counted = counted;
             match TcpStream::from_std(tcp) {
-                Ok(tcp) => serve(tcp, i).await,
+                Ok(tcp) => serve(tcp).await,
                 Err(e) => tracing::warn!(error = %e, "cannot serve an accepted connection"),
             }
         });
