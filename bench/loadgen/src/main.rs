@@ -285,32 +285,27 @@ impl Stats {
 
 #[allow(clippy::too_many_arguments)]
 async fn worker(
-    id: usize,
     c: TlsConnector,
     t: Arc<Target>,
     token: Option<String>,
     body: Bytes,
-    start: Instant,
     end: Instant,
     new_conn: bool,
-    slot: Option<(Duration, usize)>,
+    mut slots: Option<tokio::sync::mpsc::UnboundedReceiver<Instant>>,
     (extra, any_status): (Arc<Vec<(String, String)>>, bool),
     shared: Option<Sender>,
 ) -> Stats {
     let mut s = Stats::new();
     let mut tx: Option<Sender> = shared;
-    let mut n: u64 = 0;
     loop {
-        // Open loop: this worker owns every `stride`-th slot of the global schedule.
-        let scheduled = match slot {
-            Some((interval, stride)) => {
-                let at = start + interval * (id as u32 + (n as u32) * stride as u32);
-                if at >= end {
-                    break;
-                }
-                tokio::time::sleep_until(at.into()).await;
-                at
-            }
+        // Open loop: this worker's slots of the global schedule, each handed over by the
+        // pacer at its time; one that comes while a request is still out waits, and its
+        // latency counts from its slot.
+        let scheduled = match slots.as_mut() {
+            Some(rx) => match rx.recv().await {
+                Some(at) => at,
+                None => break,
+            },
             None => {
                 let now = Instant::now();
                 if now >= end {
@@ -319,7 +314,6 @@ async fn worker(
                 now
             }
         };
-        n += 1;
         if new_conn || tx.is_none() {
             match open(&c, &t).await {
                 Ok(x) => tx = Some(x),
@@ -407,19 +401,29 @@ async fn load(a: LoadArgs) -> Result<(), AnyErr> {
     };
     let start = Instant::now() + Duration::from_millis(200);
     let end = start + Duration::from_secs_f64(seconds);
-    let slot = rate.map(|r| (Duration::from_secs_f64(1.0 / r.max(1.0)), concurrency));
+    // Open loop: one channel per worker, fed by the pacer thread.
+    let mut slots = match rate {
+        Some(r) => {
+            let (txs, rxs): (Vec<_>, Vec<_>) = (0..concurrency)
+                .map(|_| tokio::sync::mpsc::unbounded_channel())
+                .unzip();
+            let interval = Duration::from_secs_f64(1.0 / r.max(1.0));
+            std::thread::spawn(move || pace(&txs, start, end, interval));
+            rxs
+        }
+        None => Vec::new(),
+    }
+    .into_iter();
     let mut tasks = Vec::new();
     for id in 0..concurrency {
         tasks.push(tokio::spawn(worker(
-            id,
             c.clone(),
             t.clone(),
             token.clone(),
             body.clone(),
-            start,
             end,
             new_conn,
-            slot,
+            slots.next(),
             (extra.clone(), any_status),
             own.pop()
                 .or_else(|| conns.get(id % conns.len().max(1)).and_then(Sender::share)),
@@ -444,6 +448,32 @@ async fn load(a: LoadArgs) -> Result<(), AnyErr> {
         all.hist.max()
     );
     Ok(())
+}
+
+/// The open loop's clock: slot k is due at `start + k * interval` and belongs to worker
+/// k mod n. tokio's timer wakes on millisecond ticks, which would send a millisecond's
+/// slots at once (26 requests in one burst at 26,000 req/s) and measure the queue that
+/// burst makes; a thread of its own sleeps to each slot (to within the kernel's timer
+/// slack, 50 µs) instead.
+fn pace(
+    workers: &[tokio::sync::mpsc::UnboundedSender<Instant>],
+    start: Instant,
+    end: Instant,
+    interval: Duration,
+) {
+    let mut k: u64 = 0;
+    loop {
+        let at = start + interval.mul_f64(k as f64);
+        if at >= end {
+            return;
+        }
+        let now = Instant::now();
+        if at > now {
+            std::thread::sleep(at - now);
+        }
+        let _ = workers[(k % workers.len() as u64) as usize].send(at);
+        k += 1;
+    }
 }
 
 async fn open_many(
