@@ -3,7 +3,7 @@
 # bench/run and bench/half-ab; each step is best effort and undone by `restore_cpu`.
 #
 # Why (bench/README.md, twenty-first pass): this VM's kernel threads (kdamond, the memory
-# monitor, ran 1-53 ms at a time every 0.5 s) settle on the idler CPU, which is the
+# monitor, ran 0.6-5 ms every 0.5 s, once 53 ms) settle on the idler CPU, which is the
 # gateway's, so they stall the gateway's requests and never the direct path's (all on the
 # other CPU); and an idle vCPU halts at once (the kernel command line sets
 # haltpoll.guest_halt_poll_ns=0), so each request that wakes the gateway's CPU pays a VM
