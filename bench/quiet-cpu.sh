@@ -1,6 +1,7 @@
 # The measured CPU kept for the gateway while a benchmark runs, as latency benchmarks set a
 # host up anywhere (tuned's latency-performance profile, isolcpus housekeeping). Sourced by
-# bench/run and bench/half-ab; each step is best effort and undone by `restore_cpu`.
+# bench/run, bench/ab and bench/half-ab; each step is best effort and undone by
+# `restore_cpu` (the PM QoS holder also ends by itself once the benchmark's shell is gone).
 #
 # Why (bench/README.md, twenty-first pass): this VM's kernel threads (kdamond, the memory
 # monitor, ran 0.6-5 ms every 0.5 s, once 53 ms) settle on the idler CPU, which is the
@@ -16,8 +17,8 @@ quiet_cpu() { # measured-cpu housekeeping-cpu
   # Kernel threads (children of kthreadd) that may run on the measured CPU and may be
   # moved; per-CPU ones refuse, and stay.
   for p in $(ps -eo pid=,ppid= | awk '$2 == 2 { print $1 }'); do
-    mask=$(taskset -pc "$p" 2>/dev/null | awk '{ print $NF }') || continue
-    [ -n "$mask" ] || continue
+    mask=$(taskset -p "$p" 2>/dev/null | awk '{ print $NF }') || continue
+    [[ "$mask" =~ ^[0-9a-f]+$ ]] && (((16#$mask >> cpu) & 1)) || continue
     if taskset -pc "$hk" "$p" >/dev/null 2>&1; then QUIET_MOVED+=("$p:$mask"); n=$((n + 1)); fi
   done
   # Unbound workqueues' workers.
@@ -28,7 +29,8 @@ quiet_cpu() { # measured-cpu housekeeping-cpu
   # No CPU halts while the request holds (PM QoS: wake-up latency 0 us, so the idle loop
   # polls); the request lasts while the file stays open, here by a sleeping holder.
   if [ -w /dev/cpu_dma_latency ]; then
-    (exec 3>/dev/cpu_dma_latency && printf 0 >&3 && exec sleep 100000) 2>/dev/null &
+    (exec 3>/dev/cpu_dma_latency && printf 0 >&3 &&
+      while kill -0 $$ 2>/dev/null; do sleep 2 3>&-; done) 2>/dev/null &
     QUIET_QOS=$!
   fi
   local wq="left where they were" idle="halt (no /dev/cpu_dma_latency)"
@@ -39,7 +41,7 @@ quiet_cpu() { # measured-cpu housekeeping-cpu
 
 restore_cpu() {
   local e
-  for e in "${QUIET_MOVED[@]}"; do taskset -pc "${e#*:}" "${e%%:*}" >/dev/null 2>&1 || true; done
+  for e in "${QUIET_MOVED[@]}"; do taskset -p "${e#*:}" "${e%%:*}" >/dev/null 2>&1 || true; done
   QUIET_MOVED=()
   [ -n "$QUIET_WQ" ] && echo "$QUIET_WQ" >/sys/devices/virtual/workqueue/cpumask 2>/dev/null || true
   QUIET_WQ=
