@@ -1,7 +1,8 @@
 # The measured CPU kept for the gateway while a benchmark runs, as latency benchmarks set a
 # host up anywhere (tuned's latency-performance profile, isolcpus housekeeping). Sourced by
 # bench/run, bench/ab and bench/half-ab; each step is best effort and undone by
-# `restore_cpu` (the PM QoS holder also ends by itself once the benchmark's shell is gone).
+# `restore_cpu` (the PM QoS holder also ends by itself once the benchmark's shell is gone);
+# BENCH_QUIET=0 makes `quiet_cpu` leave the host as it is.
 #
 # Why (bench/README.md, twenty-first pass): this VM's kernel threads (kdamond, the memory
 # monitor, ran 0.6-5 ms every 0.5 s, once 53 ms) settle on the idler CPU, which is the
@@ -12,8 +13,9 @@
 # to every gateway measured alike.
 QUIET_MOVED=() QUIET_WQ= QUIET_QOS=
 
-quiet_cpu() { # measured-cpu housekeeping-cpu
+quiet_cpu() { # measured-cpu housekeeping-cpu; BENCH_QUIET=0 leaves the host as it is
   local cpu=$1 hk=$2 p mask n=0
+  if [ "${BENCH_QUIET:-1}" != 1 ]; then echo "host: as it is (BENCH_QUIET=0)"; return; fi
   # Kernel threads (children of kthreadd) that may run on the measured CPU and may be
   # moved; per-CPU ones refuse, and stay.
   for p in $(ps -eo pid=,ppid= | awk '$2 == 2 { print $1 }'); do
