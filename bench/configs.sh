@@ -38,6 +38,10 @@ events { worker_connections 10000; }
 http {
   access_log $d/access.log;
   proxy_cache_path $d/cache keys_zone=tokens:10m;
+  # What fhirgate forwards besides the subject (bench/README.md, "The jobs"): the CN out
+  # of the subject, and an X-Request-ID made up when the client sent none.
+  map \$ssl_client_s_dn \$client_cn { ~CN=(?<cn>[^,]+) \$cn; default ""; }
+  map \$http_x_request_id \$req_id { "" \$request_id; default \$http_x_request_id; }
   upstream fhir { server 127.0.0.1:$UP; keepalive 128; }
   upstream authz { server 127.0.0.1:$AS; keepalive 16; }
   server {
@@ -61,8 +65,19 @@ http {
       $auth
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      # fhirgate's identity and forwarding headers, as far as nginx has them (not its
+      # traceparent nor the token's verified facts), and no bearer token upstream.
       proxy_set_header X-Client-Cert-Subject \$ssl_client_s_dn;
+      proxy_set_header X-Client-Cert-Issuer \$ssl_client_i_dn;
       proxy_set_header X-Client-Cert-Fingerprint \$ssl_client_fingerprint;
+      proxy_set_header X-Client-Cert-Serial \$ssl_client_serial;
+      proxy_set_header X-Client-Cert-CN \$client_cn;
+      proxy_set_header X-Client-Cert-Bundle nhs-int;
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$http_host;
+      proxy_set_header X-Request-ID \$req_id;
+      proxy_set_header Authorization "";
       proxy_pass http://fhir;
     }
     location = /_introspect {

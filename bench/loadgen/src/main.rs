@@ -84,6 +84,8 @@ struct LoadArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// A fast upstream: 200 with a small FHIR JSON body, request bodies drained.
+    /// `GET /_headers` answers with the names of the request's headers instead, one per
+    /// line, so bench/run can check that every gateway forwards the same set.
     Upstream {
         #[arg(long)]
         listen: SocketAddr,
@@ -584,6 +586,11 @@ async fn serve(listen: SocketAddr, introspect: bool) -> Result<(), AnyErr> {
                 async move {
                     if introspect {
                         return Ok::<_, Infallible>(stub_service(req, calls).await);
+                    }
+                    if req.uri().path() == "/_headers" {
+                        let names: String =
+                            req.headers().keys().map(|k| format!("{k}\n")).collect();
+                        return Ok(Response::new(Full::new(Bytes::from(names))));
                     }
                     let _ = req.into_body().collect().await;
                     let mut r = Response::new(Full::new(patient));
