@@ -427,8 +427,8 @@ impl PinnedConn {
         }
         // Written after the runtime's other ready tasks have run: their requests then
         // reach the upstream together and wake it once, not once each, as the pool's
-        // connection tasks write (5-11% less CPU per request on keep-alive GETs and 16 KiB
-        // POSTs; bench/README.md, twenty-third pass).
+        // connection tasks write (less CPU per request for the gateway and the upstream;
+        // bench/README.md, twenty-third pass).
         tokio::task::yield_now().await;
         let mut response = std::pin::pin!(self.sender.try_send_request(req));
         let mut open = true;
