@@ -324,9 +324,17 @@ impl Snapshot {
                     }
                 };
             drop(parting);
-            io = parts.io;
-            let svc = parts.service;
-            if parts.read_buf.is_empty() {
+            let hyper::server::conn::http1::Parts {
+                io: parted,
+                read_buf,
+                service: svc,
+                ..
+            } = parts;
+            io = parted;
+            if read_buf.is_empty() {
+                // Empty, but it still holds hyper's whole read buffer (8 KiB or more):
+                // dropped here, or the parked connection would keep it while it waits.
+                drop(read_buf);
                 metrics.parked_connections.inc();
                 activity.stamp();
                 let left = idle.saturating_sub(activity.requests_idle_for());
@@ -344,7 +352,7 @@ impl Snapshot {
                 // read to its end): served at once by a fresh connection, which reads
                 // these bytes first, and not parked again before that request starts.
                 activity.read_since_request.store(true, Ordering::Relaxed);
-                io.inner_mut().unread = parts.read_buf;
+                io.inner_mut().unread = read_buf;
             }
             tick.reset();
             served = Served::H1(Box::pin(self.http1.serve_connection(io, svc)));
