@@ -5,8 +5,10 @@
 //! each request, so one that expires or is revoked while its connection is open stops
 //! there.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use arc_swap::ArcSwap;
 use rustls::server::danger::ClientCertVerifier as _;
@@ -92,6 +94,41 @@ pub struct TrustInForce {
     /// where enforced), and so does a configured SubCA that expired, which a client that
     /// sends only its leaf never showed the connection's own notAfter check.
     next_stale: AtomicI64,
+    /// One copy of each client chain for all the open connections that present it.
+    chains: Mutex<SharedChains>,
+}
+
+/// The chains [`ClientChain`]s hold, by a keyed hash of their bytes. A sender's
+/// connections present the same chain, and rustls already keeps a copy per connection;
+/// a second copy each was 1.8 KB of every idle connection's heap with an RSA leaf and
+/// SubCA (bench/README.md, twenty-sixth pass).
+#[derive(Default)]
+struct SharedChains {
+    by_hash: HashMap<u64, Weak<[CertificateDer<'static>]>>,
+    hasher: RandomState,
+    /// Entries left after the last sweep of closed connections' chains.
+    live_at_sweep: usize,
+}
+
+impl SharedChains {
+    fn share(&mut self, chain: &[CertificateDer<'static>]) -> Arc<[CertificateDer<'static>]> {
+        let key = self.hasher.hash_one(chain);
+        if let Some(held) = self.by_hash.get(&key).and_then(Weak::upgrade) {
+            // Equal bytes, not only an equal hash: a collision gets a copy of its own.
+            if *held == *chain {
+                return held;
+            }
+        }
+        let shared: Arc<[CertificateDer<'static>]> = chain.into();
+        self.by_hash.insert(key, Arc::downgrade(&shared));
+        // Entries of chains no connection holds any more go once the map has doubled
+        // since the last sweep: amortised O(1) per handshake, bounded by the chains in use.
+        if self.by_hash.len() > 2 * self.live_at_sweep + 64 {
+            self.by_hash.retain(|_, held| held.strong_count() > 0);
+            self.live_at_sweep = self.by_hash.len();
+        }
+        shared
+    }
 }
 
 impl TrustInForce {
@@ -100,6 +137,16 @@ impl TrustInForce {
             generation: AtomicU64::new(0),
             next_stale: AtomicI64::new(verifier.next_change_from(i64::MIN)),
             verifier: ArcSwap::new(verifier),
+            chains: Mutex::default(),
+        }
+    }
+
+    /// The one copy of `chain` the open connections share.
+    fn share_chain(&self, chain: &[CertificateDer<'static>]) -> Arc<[CertificateDer<'static>]> {
+        match self.chains.lock() {
+            Ok(mut chains) => chains.share(chain),
+            // A panic while the map was held: it may be inconsistent, so no sharing.
+            Err(_) => chain.into(),
         }
     }
 
@@ -141,7 +188,7 @@ impl TrustInForce {
 /// by [`ClientChain::check`] before each request: against the time (notAfter), and
 /// against the trust in force whenever that has changed since the last check.
 pub struct ClientChain {
-    chain: Box<[CertificateDer<'static>]>,
+    chain: Arc<[CertificateDer<'static>]>,
     /// The earliest notAfter of the certificates the client sent (Unix seconds).
     not_after: i64,
     trust: Arc<TrustInForce>,
@@ -191,7 +238,7 @@ impl ClientChain {
             .map(|(_, c)| c.validity().not_after.timestamp())
             .fold(leaf_not_after, i64::min);
         ClientChain {
-            chain: chain.into(),
+            chain: trust.share_chain(chain),
             not_after,
             trust,
             bundle: None,
@@ -356,6 +403,45 @@ mod tests {
         // A resumed session takes its bundle from the trust in force, not from the
         // snapshot its connection was accepted under (which still says nhs-int).
         assert_eq!(unadmitted.bundle_in_force().as_deref(), Some("nhs-prod"));
+    }
+
+    #[test]
+    fn connections_presenting_one_chain_share_one_copy_of_it() {
+        let (pki, dir) = crate::tls::dev::pki_dir();
+        let trust = Arc::new(TrustInForce::new(verifier(dir.path(), "sub-ca.crl")));
+        let first = chain_of(&pki.client.cert, &trust);
+        let again = chain_of(&pki.client.cert, &trust);
+        let other = chain_of(&pki.second_client.cert, &trust);
+        assert!(Arc::ptr_eq(&first.chain, &again.chain));
+        assert!(!Arc::ptr_eq(&first.chain, &other.chain));
+        let leaf = CertificateDer::from_pem_slice(pki.client.cert.as_bytes()).expect("pem");
+        let sub_ca = CertificateDer::from_pem_slice(pki.sub_ca.cert.as_bytes()).expect("pem");
+        // The same leaf sent with its SubCA is another chain, kept as sent.
+        let longer = ClientChain::new(
+            &[leaf.clone(), sub_ca.clone()],
+            i64::MAX,
+            trust.clone(),
+            None,
+        );
+        assert!(!Arc::ptr_eq(&first.chain, &longer.chain));
+        assert_eq!(&*longer.chain, &[leaf.clone(), sub_ca][..]);
+        assert_eq!(&*first.chain, &[leaf][..]);
+        // Shared bytes, separate verdicts: one connection's refusal is its own.
+        let mut admitted = chain_of(&pki.client.cert, &trust);
+        admitted.admit("nhs-int");
+        trust.publish(verifier_named(dir.path(), "sub-ca.crl", "nhs-prod"));
+        assert!(admitted.check().is_err());
+        assert_eq!(first.check(), Ok(()));
+
+        // Chains no open connection holds leave the map: it stays the size of what is in
+        // use, not of every chain ever seen.
+        drop((first, again, other, longer, admitted));
+        for i in 0..1000u32 {
+            let der = CertificateDer::from(i.to_be_bytes().to_vec());
+            drop(ClientChain::new(&[der], i64::MAX, trust.clone(), None));
+        }
+        let held = trust.chains.lock().expect("lock").by_hash.len();
+        assert!(held <= 65, "{held} entries for no open connection");
     }
 
     #[test]
