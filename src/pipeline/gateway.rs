@@ -202,6 +202,11 @@ impl Gateway {
                 response.headers_mut().insert(name.clone(), v.clone());
             }
         }
+        if version >= http::Version::HTTP_2 {
+            // HPACK keeps what it indexes for the connection's life: values that are
+            // slices of the buffers their messages were read into would keep those alive.
+            forward::detach_values(response.headers_mut());
+        }
         // An oversized HTTP/1.1 header section ends the connection, as the parser's own
         // refusal would: what follows on it is not worth reading. So does a missing,
         // repeated or malformed Host (RFC 9112 §3.2), the mark of a request smuggled or

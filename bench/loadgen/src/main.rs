@@ -111,6 +111,9 @@ enum Cmd {
         conns: usize,
         #[arg(long, default_value_t = 15)]
         hold_seconds: u64,
+        /// HTTP/2 (ALPN h2): one connection per `--conns`, each with one request made.
+        #[arg(long)]
+        http2: bool,
     },
     /// N connections, then N concurrent requests at once with one token; prints statuses.
     Burst {
@@ -624,9 +627,12 @@ fn main() -> Result<(), AnyErr> {
                 token,
                 conns,
                 hold_seconds,
+                http2,
             } => {
-                let t = Arc::new(parse_url(&url)?);
-                let c = connector(&tls, true, false)?;
+                let mut t = parse_url(&url)?;
+                t.h2 = http2;
+                let t = Arc::new(t);
+                let c = connector(&tls, true, http2)?;
                 let held = open_many(&t, &c, token.as_deref(), conns, true).await?;
                 println!("ready {}", held.len());
                 tokio::time::sleep(Duration::from_secs(hold_seconds)).await;

@@ -1,13 +1,22 @@
-//! What an idle HTTP/1.1 keep-alive connection holds on the gateway's heap once it is
-//! parked (issue 14's memory target: ≤ 24 KB per idle TLS connection). A parked
-//! connection keeps its TLS session and the wait for the client's next bytes; hyper's
-//! connection, with its read buffer (8 KiB or more), is released. The bench measures
-//! this in RSS with 5,000 connections on every full run; this test guards it in every
-//! `cargo test` run, with a heap count that does not depend on the page cache.
+//! What connections hold on the gateway's heap, counted (issue 14's memory target: ≤ 24 KB
+//! per idle TLS connection):
+//!
+//! - an idle HTTP/1.1 keep-alive connection, once parked, keeps its TLS session and the
+//!   wait for the client's next bytes; hyper's connection, with its read buffer (8 KiB or
+//!   more), is released. The bench measures this in RSS with 5,000 connections on every
+//!   full run; this guards it in every `cargo test` run, with a count that does not
+//!   depend on the page cache;
+//! - an HTTP/2 connection keeps the response header fields its HPACK encoder indexed
+//!   (RFC 7541 §2.3.2: the dynamic table lives as long as the connection). They must not
+//!   keep alive the buffers they were parsed from: each upstream response's head is read
+//!   into an upstream connection's read buffer (8 KiB and more), and a field that is new
+//!   on each response (`Date` once a second, a `Last-Modified`, an echoed
+//!   `X-Request-ID`) would keep one such buffer per table entry.
 //!
 //! Its own test binary because it counts every allocation in the process: the gateway
-//! runs here, the clients in a separate process (Python's `ssl` and `http.client`,
-//! OpenSSL underneath), so their memory is not counted.
+//! runs here, the clients in separate processes (Python's `ssl` and `http.client`, and
+//! curl, OpenSSL and nghttp2 underneath), so their memory is not counted. The tests take
+//! turns ([`SERIAL`]) because the count is process-wide.
 
 #[path = "it/harness/mod.rs"]
 mod harness;
@@ -16,7 +25,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -68,6 +78,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// One measurement at a time: the count is process-wide.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Idle connections held by the client process.
 const CONNECTIONS: usize = 200;
 /// Heap per parked connection this test accepts. Measured (requested bytes, TLS 1.3) at
@@ -75,22 +88,42 @@ const CONNECTIONS: usize = 200;
 /// hyper's read buffer while parked held 19.5 KiB (ECDSA), so this fails for that.
 const MAX_PER_CONNECTION: isize = 16 * 1024;
 
-/// An upstream that records nothing (a recording one would grow with every request).
-async fn quiet_upstream() -> std::net::SocketAddr {
+/// An upstream that records nothing (a recording one would grow with every request) and
+/// counts what it answered: each answer carries a `Last-Modified` of its own, as a FHIR
+/// server's reads of resources changed at different times do; `/slow` is answered after 5 s.
+async fn quiet_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            let seen = counter.clone();
             tokio::spawn(async move {
-                let svc = service_fn(|_req| async {
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .header("content-type", "application/fhir+json")
-                            .body(Full::new(Bytes::from_static(
-                                br#"{"resourceType":"CapabilityStatement"}"#,
-                            )))
-                            .expect("response"),
-                    )
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let n = seen.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        if req.uri().path() == "/slow" {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .header("content-type", "application/fhir+json")
+                                .header(
+                                    "last-modified",
+                                    format!(
+                                        "Mon, 01 Jan 2024 {:02}:{:02}:{:02} GMT",
+                                        n / 3600 % 24,
+                                        n / 60 % 60,
+                                        n % 60
+                                    ),
+                                )
+                                .body(Full::new(Bytes::from_static(
+                                    br#"{"resourceType":"Patient","id":"1"}"#,
+                                )))
+                                .expect("response"),
+                        )
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)
@@ -98,7 +131,7 @@ async fn quiet_upstream() -> std::net::SocketAddr {
             });
         }
     });
-    addr
+    (addr, seen)
 }
 
 /// Opens `n` keep-alive connections one after another, sends one GET on each, reads its
@@ -239,7 +272,8 @@ async fn per_parked_connection(what: &str, gw: &Running, port: u16, files: &Clie
 /// One test, not two: the count is process-wide, so the measurements must not overlap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_connection_holds_its_tls_session_not_hyper_buffers() {
-    let upstream = quiet_upstream().await;
+    let _serial = SERIAL.lock().await;
+    let (upstream, _) = quiet_upstream().await;
     let limits = "  idle_timeout: 120s\n";
 
     // The development PKI (rcgen): an ECDSA P-256 leaf issued by the SubCA, as bench/run's.
@@ -292,4 +326,92 @@ routes:\n  - name: all\n    path_prefix: /\n",
         key: p(&client.key),
     };
     per_parked_connection("RSA-2048 leaf + SubCA", &gw, gw.addrs[0].port(), &files).await;
+}
+
+/// Requests on the one HTTP/2 connection of the curl test.
+const H2_REQUESTS: usize = 300;
+/// Heap the process may hold for that connection while its last request waits. Measured
+/// at about 150 KiB: the connection (hyper's and h2's buffers, the TLS session, the
+/// identity), the waiting request, its upstream connection and the in-process upstream's
+/// end of it. With the response header values left in the upstream's read buffers, 575
+/// KiB, and more with more requests until HPACK's table is full.
+const MAX_H2_CONNECTION: isize = 300 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_response_headers_keep_no_upstream_buffer_alive() {
+    let _serial = SERIAL.lock().await;
+    let (upstream, seen) = quiet_upstream().await;
+    let pki = Pki::new();
+    let mut o = Opts::new(upstream);
+    o.limits = "  idle_timeout: 120s\n".into();
+    o.upstream_extra = "  response_timeout: 10s\n".into();
+    let (gw, addr) = gateway(&pki, &o).await;
+    let file = |n: &str| pki.path(n).display().to_string();
+
+    // One curl run: H2_REQUESTS GETs one after another on one HTTP/2 connection, each
+    // with an X-Request-ID of its own (the gateway echoes it, RFC-less but BaRS-required),
+    // then one whose answer takes 5 s, so the connection is still open when counted.
+    let mut config = String::new();
+    for i in 0..=H2_REQUESTS {
+        let path = if i == H2_REQUESTS {
+            "slow".to_owned()
+        } else {
+            format!("Patient/{i}")
+        };
+        config.push_str(&format!(
+            "url = \"https://localhost:{port}/{path}\"\nhttp2\ncacert = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\nheader = \"X-Request-ID: {i:08x}-0000-4000-8000-{i:012x}\"\noutput = \"/dev/null\"\nsilent\nwrite-out = \"%{{http_code}} %{{http_version}} %{{num_connects}}\\n\"\nnext\n",
+            port = addr.port(),
+            ca = file("root-ca.crt"),
+            cert = file("client.crt"),
+            key = file("client.key"),
+        ));
+    }
+    let cfg = pki.path("curl-h2.cfg");
+    std::fs::write(&cfg, config).expect("write curl config");
+
+    let before = settled().await;
+    let curl = Command::new("curl")
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl runs");
+    // Every request answered and the slow one at the upstream: count then.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.load(Ordering::SeqCst) < H2_REQUESTS + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream saw {} of {} requests",
+            seen.load(Ordering::SeqCst),
+            H2_REQUESTS + 1
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let during = settled().await;
+    let out = tokio::task::spawn_blocking(move || curl.wait_with_output())
+        .await
+        .expect("join")
+        .expect("curl output");
+    let out = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), H2_REQUESTS + 1, "one line per request: {out}");
+    assert!(
+        lines.iter().all(|l| l.starts_with("200 2 ")),
+        "every request answered 200 over HTTP/2: {out}"
+    );
+    let connects: usize = lines
+        .iter()
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<usize>().ok())
+        .sum();
+    assert_eq!(connects, 1, "all on one connection: {out}");
+
+    let held = during - before;
+    eprintln!("HTTP/2: heap held for one connection after {H2_REQUESTS} requests {held} bytes");
+    assert!(
+        held <= MAX_H2_CONNECTION,
+        "one HTTP/2 connection holds {held} bytes of the gateway's heap after \
+         {H2_REQUESTS} requests, more than {MAX_H2_CONNECTION}: are response header \
+         values (kept by HPACK's table) keeping the buffers they were parsed from alive?"
+    );
+    drop(gw);
 }
