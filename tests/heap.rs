@@ -349,7 +349,7 @@ async fn http2_response_headers_keep_no_upstream_buffer_alive() {
     let file = |n: &str| pki.path(n).display().to_string();
 
     // One curl run: H2_REQUESTS GETs one after another on one HTTP/2 connection, each
-    // with an X-Request-ID of its own (the gateway echoes it, RFC-less but BaRS-required),
+    // with an X-Request-ID of its own (which the gateway echoes, as BaRS asks),
     // then one whose answer takes 5 s, so the connection is still open when counted.
     let mut config = String::new();
     for i in 0..=H2_REQUESTS {
