@@ -10,8 +10,8 @@
 //!   (RFC 7541 §2.3.2: the dynamic table lives as long as the connection). They must not
 //!   keep alive the buffers they were parsed from: each upstream response's head is read
 //!   into an upstream connection's read buffer (8 KiB and more), and a field that is new
-//!   on each response (`Date` once a second, a `Last-Modified`, an echoed
-//!   `X-Request-ID`) would keep one such buffer per table entry.
+//!   on each response (`Date` once a second, a `Last-Modified`, an upstream's own
+//!   request id) would keep one such buffer per table entry.
 //!
 //! Its own test binary because it counts every allocation in the process: the gateway
 //! runs here, the clients in separate processes (Python's `ssl` and `http.client`, and

@@ -199,8 +199,8 @@ pub fn client_response_headers(headers: &mut HeaderMap) {
 /// the connection's read buffer (an upstream's: 8 KiB and more), and an HTTP/2
 /// connection's HPACK encoder keeps the values it indexes in its dynamic table for the
 /// connection's life (RFC 7541 §2.3.2), so a value that is new on each response (`Date`
-/// once a second, a `Last-Modified`, an echoed `X-Request-ID`) would keep a whole read
-/// buffer alive per table entry: 0.6 MB for one connection in `tests/heap.rs`.
+/// once a second, a `Last-Modified`, an upstream's own request id) would keep a whole
+/// read buffer alive per table entry: 0.6 MB for one connection in `tests/heap.rs`.
 pub fn detach_values(headers: &mut HeaderMap) {
     let len = headers.values().map(HeaderValue::len).sum();
     let mut store = bytes::BytesMut::with_capacity(len);
