@@ -23,7 +23,7 @@ mod harness;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -211,7 +211,7 @@ impl Clients {
 impl Drop for Clients {
     fn drop(&mut self) {
         // Closing its stdin ends the client; killed in case it does not.
-        drop(self.0.stdin.take().map(|mut s| s.flush()));
+        drop(self.0.stdin.take());
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
