@@ -28,6 +28,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
+mod floor;
+
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -115,6 +117,9 @@ enum Cmd {
         #[arg(long)]
         http2: bool,
     },
+    /// A bare TLS-terminating proxy on the gateway's TLS stack, one current-thread
+    /// runtime: a lower bound for the proxy job (bench/README.md, thirty-second pass).
+    Floor(floor::FloorArgs),
     /// N connections, then N concurrent requests at once with one token; prints statuses.
     Burst {
         #[arg(long)]
@@ -613,6 +618,10 @@ async fn serve(listen: SocketAddr, introspect: bool) -> Result<(), AnyErr> {
 
 fn main() -> Result<(), AnyErr> {
     let cli = Cli::parse();
+    let cli = match cli.cmd {
+        Cmd::Floor(a) => return floor::run(a),
+        cmd => Cli { cmd },
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -621,6 +630,7 @@ fn main() -> Result<(), AnyErr> {
             Cmd::Upstream { listen } => serve(listen, false).await,
             Cmd::Introspect { listen } => serve(listen, true).await,
             Cmd::Load(a) => load(a).await,
+            Cmd::Floor(_) => Ok(()),
             Cmd::Idle {
                 url,
                 tls,
