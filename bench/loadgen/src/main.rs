@@ -630,6 +630,7 @@ fn main() -> Result<(), AnyErr> {
             Cmd::Upstream { listen } => serve(listen, false).await,
             Cmd::Introspect { listen } => serve(listen, true).await,
             Cmd::Load(a) => load(a).await,
+            // Run above, on a current-thread runtime of its own.
             Cmd::Floor(_) => Ok(()),
             Cmd::Idle {
                 url,
