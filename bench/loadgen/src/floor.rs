@@ -90,8 +90,9 @@ fn acceptor(a: &FloorArgs) -> Result<TlsAcceptor, AnyErr> {
 }
 
 /// The identity and forwarding headers, built once per connection from the verified leaf,
-/// as fhirgate builds its own (their values here are a digest of the certificate, not its
-/// names: the floor has no X.509 parser, and per request the cost is the same bytes).
+/// as fhirgate builds its own (their values here come from the certificate's signature
+/// bytes, not its names: the floor has no X.509 parser, and per request the cost is the
+/// same bytes copied).
 fn identity(
     c: &tokio_rustls::server::TlsStream<TcpStream>,
     peer: SocketAddr,
@@ -326,8 +327,7 @@ async fn via_hyper(
     up: SocketAddr,
 ) -> Result<(), AnyErr> {
     let c = tls.accept(tcp).await?;
-    let extra = identity(&c, peer)?;
-    let extra = std::rc::Rc::new(extra);
+    let extra = std::rc::Rc::new(identity(&c, peer)?);
     let u = TcpStream::connect(up).await?;
     let _ = u.set_nodelay(true);
     let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(u)).await?;
